@@ -1,0 +1,6 @@
+"""`python -m lmlab` is the `lmlab` command."""
+import sys
+
+from lmlab.cli import main
+
+sys.exit(main())

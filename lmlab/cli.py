@@ -1,0 +1,123 @@
+"""The `lmlab` command: one verb per stage.
+
+    lmlab corpus     --config configs/stages/corpus.yaml  sources.0.kind=stdlib
+    lmlab tokenizer  --config ...   vocab_size=8192
+    lmlab pack | pretrain | eval | generate | report | export | bench | pipeline
+
+Each verb has a `Config` (pydantic) in its module; `lmlab VERB --help` lists every option
+with its type, default and meaning. Overrides are `key.sub=value` (values read as YAML).
+User errors print one line and exit 2; Ctrl-C stops cleanly with exit 130 and the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from lmlab.errors import UserError
+
+# verb -> (module, one-line summary)
+STAGES: dict[str, tuple[str, str]] = {
+    "corpus": ("lmlab.data.corpus", "collect, clean, deduplicate and shard raw text"),
+    "tokenizer": ("lmlab.data.tokenizer", "train (or import) the tokenizer once, fingerprinted"),
+    "pack": ("lmlab.data.pack", "tokenize a corpus and pack it into fixed-length memmap shards"),
+    "pretrain": ("lmlab.train.pretrain", "train the LLaMA-style model on packed data"),
+    "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte on held-out data and text files, sample generations"),
+    "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),
+    "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
+    "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
+    "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
+    "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
+}
+
+
+def _load_stage(name: str):
+    return importlib.import_module(STAGES[name][0])
+
+
+def build_stage_parser(name: str, module) -> argparse.ArgumentParser:
+    from lmlab.config import describe
+
+    doc = (module.__doc__ or "").strip()
+    epilog = "options (set in --config YAML or as key.sub=value overrides):\n" + "\n".join(describe(module.Config))
+    p = argparse.ArgumentParser(
+        prog=f"lmlab {name}", description=doc, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with option values (overrides follow it)")
+    for flag, (field, value, help_text) in getattr(module, "FLAGS", {}).items():
+        p.add_argument(flag, dest="flag_" + field, action="store_const", const=value, help=help_text)
+    positional = getattr(module, "POSITIONAL", None)
+    if positional:
+        field, help_text = positional
+        p.add_argument("positional", nargs="?", metavar=field.upper().lstrip("-"), help=help_text)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order")
+    return p
+
+
+def run_stage(name: str, argv: list[str]):
+    """Parse `argv` for stage `name`, build its config and run it. Returns the stage's result."""
+    from lmlab.config import load_config
+
+    module = _load_stage(name)
+    parser = build_stage_parser(name, module)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    config_file = args.config
+    positional = getattr(module, "POSITIONAL", None)
+    if positional and args.positional is not None:
+        if "=" in args.positional:
+            overrides.insert(0, args.positional)
+        elif positional[0] == "--config":
+            if config_file:
+                raise UserError(f"give the config either as an argument or with --config, not both")
+            config_file = args.positional
+        else:
+            overrides.insert(0, f"{positional[0]}={args.positional}")
+    for flag, (field, _value, _h) in getattr(module, "FLAGS", {}).items():
+        v = getattr(args, "flag_" + field)
+        if v is not None:
+            overrides.append(f"{field}={v}")
+    cfg = load_config(module.Config, config_file, overrides)
+    return module.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="lmlab",
+        description="lmlab: train small language models end to end.\n\nverbs:\n" + "\n".join(
+            f"  {k:<10} {v[1]}" for k, v in STAGES.items()) + "\n\nRun `lmlab VERB --help` for a verb's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="store_true", help="print the version and exit")
+    top.add_argument("verb", nargs="?", choices=list(STAGES), metavar="VERB")
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in STAGES:
+        ns = top.parse_args(argv[:1])
+        if ns.version:
+            from lmlab import __version__
+            print(__version__)
+            return 0
+        top.print_help()
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        run_stage(argv[0], argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped cleanly; run the same command again to continue.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # e.g. `lmlab generate ... | head`; not an error worth a traceback.
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+`UserError` is raised for anything the user can fix (a missing file, a bad config value, a
+tokenizer mismatch). The CLI prints its message on one line, without a traceback, and exits
+with code 2. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input, with a message that names the problem and the fix."""
+
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C: the stage stopped cleanly; re-running the same command continues it."""
+
+    exit_code = 130
