@@ -1,0 +1,95 @@
+"""Run a list of stages from one YAML file: `lmlab pipeline configs/pipelines/cpu.yaml`.
+
+A pipeline file names a `root` directory and a list of stages; each stage entry gives the
+verb, an optional `config_file` and inline `config` values. Every string in a stage's config
+may use `{root}`, so one override moves the whole run:
+
+    lmlab pipeline configs/pipelines/smoke.yaml root=/tmp/smoke
+    lmlab pipeline configs/pipelines/cpu.yaml stages.3.config.train.steps=200 only='[pretrain]'
+
+Stages whose inputs and config did not change are no-ops, so re-running a pipeline after an
+interruption continues where it stopped (pretraining resumes from its last checkpoint).
+`speedrun.sh` is a thin wrapper around this command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmlab.config import Strict, load_config
+from lmlab.errors import UserError
+
+StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "eval", "generate", "report", "export", "bench"]
+
+POSITIONAL = ("--config", "the pipeline YAML file, e.g. configs/pipelines/cpu.yaml")
+
+
+class StageEntry(Strict):
+    stage: StageName = Field(description="the verb to run")
+    config_file: str | None = Field(None, description="a stage config YAML to start from")
+    config: dict[str, Any] = Field(default_factory=dict, description="inline option values (may use {root})")
+
+
+class Config(Strict):
+    name: str = Field("pipeline", description="a label printed in logs")
+    root: str = Field("runs/default", description="directory that holds every artifact of this pipeline")
+    stages: list[StageEntry] = Field(default_factory=list, description="the stages, run in order")
+    only: list[str] = Field(default_factory=list, description="run only these verbs (default: all)")
+
+
+def _substitute(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{root}", root)
+    if isinstance(value, list):
+        return [_substitute(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, root) for k, v in value.items()}
+    return value
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def run(cfg: Config) -> Path | None:
+    from lmlab.cli import STAGES
+
+    if not cfg.stages:
+        raise UserError("the pipeline has no stages; list them under `stages:` (see configs/pipelines/cpu.yaml)")
+    unknown = [s for s in cfg.only if s not in STAGES]
+    if unknown:
+        raise UserError(f"only= names unknown verbs {unknown}; valid: {', '.join(s.stage for s in cfg.stages)}")
+    Path(cfg.root).mkdir(parents=True, exist_ok=True)
+    # Validate every stage's config before running any, so a typo in the last stage does
+    # not surface after twenty minutes of training.
+    plan = []
+    for i, entry in enumerate(cfg.stages):
+        module = importlib.import_module(STAGES[entry.stage][0])
+        try:
+            stage_cfg = load_config(module.Config, entry.config_file, base=_substitute(entry.config, cfg.root))
+        except UserError as e:
+            raise UserError(f"pipeline stage {i} ({entry.stage}): {e}") from None
+        plan.append((entry.stage, module, stage_cfg))
+
+    timings: list[tuple[str, float]] = []
+    last_report: Path | None = None
+    t_all = time.perf_counter()
+    for i, (name, module, stage_cfg) in enumerate(plan):
+        if cfg.only and name not in cfg.only:
+            continue
+        print(f"\n=== [{cfg.name}] stage {i + 1}/{len(plan)}: {name} ===", flush=True)
+        t0 = time.perf_counter()
+        result = module.run(stage_cfg)
+        timings.append((name, time.perf_counter() - t0))
+        if name == "report" and result is not None:
+            last_report = Path(result)
+    total = time.perf_counter() - t_all
+    print(f"\n=== [{cfg.name}] done in {_fmt_s(total)}: " + ", ".join(f"{n} {_fmt_s(t)}" for n, t in timings))
+    if last_report is not None:
+        print(f"report: {last_report}")
+    return last_report

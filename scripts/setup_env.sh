@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Creates or reuses .venv and installs lmlab into it. Sourced by speedrun.sh and test.sh.
+#
+# torch comes first and explicitly: on a machine without an NVIDIA GPU we install the CPU
+# build (torch==2.13.0 resolves to a local CPU wheel on our machines; elsewhere we ask the
+# PyTorch CPU index), so pip never pulls several GB of CUDA packages. With a GPU we install
+# the normal (CUDA) build. lmlab's own `torch>=2.2` requirement is then already satisfied.
+set -euo pipefail
+
+LMLAB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LMLAB_VENV:-$LMLAB_ROOT/.venv}"
+PY="${PYTHON:-python3}"
+TORCH_CPU_VERSION="${LMLAB_TORCH_CPU_VERSION:-2.13.0}"
+
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+  echo "lmlab needs Python >= 3.10; found $("$PY" --version 2>&1). Set PYTHON=/path/to/python3.x" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip install --disable-pip-version-check -q)
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if ! "$VPY" -c 'import torch' >/dev/null 2>&1; then
+  if has_gpu; then
+    echo "[setup] NVIDIA GPU found: installing the CUDA build of torch"
+    "${PIP[@]}" torch
+  else
+    echo "[setup] no GPU: installing the CPU build of torch ($TORCH_CPU_VERSION)"
+    "${PIP[@]}" "torch==$TORCH_CPU_VERSION" 2>/dev/null \
+      || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+# Reinstall lmlab only when its metadata changed (editable install: code edits need nothing).
+stamp="$VENV/.lmlab-installed"
+want="$(cat "$LMLAB_ROOT/pyproject.toml" | "$VPY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c 'import lmlab' >/dev/null 2>&1; then
+  echo "[setup] installing lmlab and its dependencies into $VENV"
+  "${PIP[@]}" -e "$LMLAB_ROOT[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

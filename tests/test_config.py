@@ -1,0 +1,108 @@
+"""Config loading: YAML + overrides, validation messages, --help rendering, pipeline substitution."""
+
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+from pydantic import Field
+
+from lmlab.config import Strict, describe, load_config, parse_override
+from lmlab.errors import UserError
+
+
+class Inner(Strict):
+    steps: int = Field(10, description="how many steps")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="lr schedule")
+
+
+class Item(Strict):
+    path: str
+    weight: float = 1.0
+
+
+class Outer(Strict):
+    name: str = Field("x", description="a name")
+    train: Inner = Field(default_factory=Inner, description="training options")
+    data: list[Item] = Field(default_factory=list)
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: fromfile\ntrain:\n  steps: 5\n")
+    cfg = load_config(Outer, f, ["train.steps=7", "data=[{path: a}, {path: b, weight: 2}]", "data.1.weight=0.5"])
+    assert cfg.name == "fromfile" and cfg.train.steps == 7 and cfg.train.schedule == "cosine"
+    assert [d.path for d in cfg.data] == ["a", "b"] and cfg.data[1].weight == 0.5
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=hello world") == (["a"], "hello world")
+    with pytest.raises(UserError, match="key.sub=value"):
+        parse_override("novalue")
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(UserError) as e:
+        load_config(Outer, None, ["train.stpes=3"])
+    msg = str(e.value)
+    assert "unknown config key 'train.stpes'" in msg and "schedule, steps" in msg
+
+
+def test_wrong_type_and_choices_are_named():
+    with pytest.raises(UserError, match=r"'train.steps'.*valid integer.*'abc'"):
+        load_config(Outer, None, ["train.steps=abc"])
+    with pytest.raises(UserError) as e:
+        load_config(Outer, None, ["train.schedule=linear"])
+    assert "'cosine'" in str(e.value) and "'wsd'" in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(Outer, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(Outer, lst)
+
+
+def test_describe_lists_every_option():
+    lines = "\n".join(describe(Outer))
+    for key in ("name", "train.steps", "train.schedule", "data"):
+        assert f"  {key}  " in lines
+    assert "how many steps" in lines and "'cosine' | 'wsd'" in lines
+
+
+def test_pipeline_substitutes_root_and_validates_every_stage_first(tmp_path):
+    from lmlab import pipeline
+
+    cfg = load_config(pipeline.Config, None, [
+        f"root={tmp_path}",
+        "stages=[{stage: corpus, config: {out: '{root}/corpus', bogus_key: 1}}]",
+    ])
+    with pytest.raises(UserError, match=r"stage 0 \(corpus\).*unknown config key 'bogus_key'"):
+        pipeline.run(cfg)
+
+
+def _lmlab(*args):
+    return subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_and_unknown_verb():
+    r = _lmlab("--help")
+    assert r.returncode == 0
+    for verb in ("corpus", "tokenizer", "pack", "pretrain", "eval", "generate", "report", "export", "pipeline", "bench"):
+        assert verb in r.stdout
+    assert _lmlab("frobnicate").returncode == 2
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    r = _lmlab("pipeline", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: config file not found") and "Traceback" not in r.stderr
