@@ -1,0 +1,305 @@
+"""Evaluate a trained model: perplexity and bits per byte, a unigram baseline, sample generations.
+
+    lmlab eval runs/smoke/model
+    lmlab eval runs/smoke/model packed='[runs/smoke/packed]' max_batches=20
+    lmlab eval runs/smoke/model texts='[/work/shared/data/wikitext-2/valid.txt]' max_text_bytes=200000
+    lmlab eval --config configs/stages/eval.yaml model=runs/cpu/model
+
+What it measures (all written to `OUT/eval.json`):
+
+* packed: for each packed artifact in `packed`, the model's mean loss, perplexity and bits
+  per byte on its val split (rows scored as training scores them), next to the unigram
+  baseline's bits per byte on the same split (lmlab/eval/baseline.py). A packed artifact
+  made with another tokenizer is refused, naming both sha256s.
+* texts: for each UTF-8 `.txt` file, the whole file is one document scored with
+  lm-evaluation-harness's rolling windows (lmlab/eval/perplexity.py) and reported as
+  `word_perplexity`, `byte_perplexity` and `bits_per_byte`, as lm-eval reports WikiText.
+* generations: every prompt in `prompts`, greedy and with one sampled setting, written to
+  `OUT/generations.jsonl` via lmlab.infer.engine.generate.
+
+`out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
+the pipeline layout. The artifact is fingerprinted over this config, the model's
+fingerprint, the packed artifacts' fingerprints and the text files' sha256, so re-running
+with nothing changed is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.errors import UserError
+from lmlab.eval import perplexity
+from lmlab.runtime import pick_device, progress, seed_everything
+
+POSITIONAL = ("model", "the model run directory to evaluate (written by `lmlab pretrain`)")
+
+DEFAULT_PROMPTS = [
+    "The os module provides",
+    "def ",
+    "Return the",
+    "This function",
+    "import ",
+]
+
+
+class Config(Strict):
+    model: str = Field("", description="model run directory (kind 'model') to evaluate")
+    out: str = Field("", description="output directory; default: 'eval' next to the model directory")
+    packed: list[str] = Field(default_factory=list,
+                              description="packed artifacts whose val split is scored (perplexity, bits per byte, unigram baseline)")
+    max_batches: int = Field(50, ge=0, description="batches of val rows scored per packed artifact (0 = the whole split)")
+    batch_size: int = Field(8, ge=1, description="rows (packed) or windows (texts) per forward pass")
+    texts: list[str] = Field(default_factory=list,
+                             description="UTF-8 .txt files scored with lm-eval rolling windows (word/byte perplexity, bits per byte)")
+    max_text_bytes: int = Field(0, ge=0,
+                                description="score only the first N bytes of each text file, cut at a whitespace (0 = whole file)")
+    prefix_token: str = Field("auto", pattern="^(auto|bos|eos)$",
+                              description="token that starts the first rolling window: auto = bos if the tokenizer has one, else eos (lm-eval's rule)")
+    baseline: bool = Field(True, description="compute the unigram baseline's bits per byte for each packed artifact")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS),
+                               description="prompts for sample generations (greedy and one sampled setting each)")
+    max_new_tokens: int = Field(48, ge=0, description="tokens generated per prompt (0 = no generations)")
+    temperature: float = Field(0.8, gt=0, description="temperature of the sampled generation setting")
+    top_k: int = Field(50, ge=0, description="top-k of the sampled setting (0 = off)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the sampled setting (1 = off)")
+    seed: int = Field(0, description="seed of the sampled generations")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def default_out(model_dir: str | Path) -> Path:
+    """runs/x/model -> runs/x/eval: the pipeline layout the report stage discovers."""
+    return Path(model_dir).resolve().parent / "eval"
+
+
+def read_text_file(path: str | Path, max_bytes: int = 0) -> tuple[str, bool]:
+    """The text of a UTF-8 file, optionally cut to at most `max_bytes` at a whitespace. Returns (text, truncated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"text file not found: {p} (fix the path in `texts`)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"text file {p} is not UTF-8 (bad byte at offset {e.start}); "
+                        f"convert it, e.g. `iconv -f latin1 -t utf-8 {p.name}`, or drop it from `texts`") from None
+    if max_bytes and len(raw) > max_bytes:
+        # Cut at a whitespace so no word is split: word and byte counts then describe exactly
+        # the text the model scored.
+        cut = raw[:max_bytes].decode("utf-8", errors="ignore")
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        return (cut[:space] if space > 0 else cut), True
+    return text, False
+
+
+def check_packed_tokenizer(packed_dir: str | Path, model_sha: str) -> None:
+    """Refuse a packed artifact tokenized with a different tokenizer than the model's."""
+    m = artifacts.require_artifact(packed_dir, "packed", "packed artifact")
+    packed_sha = m.get("tokenizer_sha256")
+    if packed_sha and model_sha and packed_sha != model_sha:
+        raise UserError(f"tokenizer mismatch: packed artifact {packed_dir} was made with tokenizer sha256 "
+                        f"{packed_sha}, but the model uses tokenizer sha256 {model_sha}; evaluate on data "
+                        f"packed with the model's tokenizer (`lmlab pack` with tokenizer=<the model's tokenizer>)")
+
+
+def resolve_prefix_token(tokenizer, choice: str) -> int:
+    bos = getattr(tokenizer, "bos_id", None)
+    eos = getattr(tokenizer, "eos_id", None)
+    has_bos = bos is not None and bos >= 0
+    if choice == "bos" or (choice == "auto" and has_bos):
+        if not has_bos:
+            raise UserError("prefix_token=bos but the tokenizer has no bos token; use prefix_token=eos or auto")
+        return int(bos)
+    if eos is None or eos < 0:
+        raise UserError("the tokenizer has neither a bos nor an eos token to start the first rolling window")
+    return int(eos)
+
+
+# ------------------------------------------------------------------------------- stage
+
+def run(cfg: Config) -> Path:
+    if not cfg.model:
+        raise UserError("no model given: pass the model run directory, e.g. `lmlab eval runs/smoke/model`")
+    model_dir = Path(cfg.model)
+    if not model_dir.exists():
+        raise UserError(f"model directory not found: {model_dir} (train one with `lmlab pretrain`, or fix the path)")
+    model_manifest = artifacts.require_artifact(model_dir, "model", "model")
+    out = Path(cfg.out) if cfg.out else default_out(model_dir)
+
+    # Fingerprint everything the numbers depend on: config (minus where they go and which
+    # device computes them), the model, the packed artifacts and the text files' contents.
+    fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
+    inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
+    model_sha = model_manifest.get("tokenizer_sha256")
+    for i, p in enumerate(cfg.packed):
+        pm = artifacts.require_artifact(p, "packed", "packed artifact")
+        check_packed_tokenizer(p, model_sha)
+        inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
+    texts = []
+    for i, p in enumerate(cfg.texts):
+        text, truncated = read_text_file(p, cfg.max_text_bytes)
+        texts.append((p, text, truncated))
+        inputs[f"text_{i}"] = {"path": str(p), "fingerprint": artifacts.sha256_file(p)}
+    fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"eval: up to date ({out}), nothing to do")
+        return out
+
+    from lmlab.models import load_model
+
+    timer = artifacts.Timer()
+    device = pick_device(cfg.device)
+    with timer("load"):
+        model, tokenizer, _ = load_model(model_dir, device=str(device))
+        model.eval()
+    tok_sha = getattr(tokenizer, "sha256", None) or model_sha
+    for p in cfg.packed:  # the model's own tokenizer copy is the final word
+        check_packed_tokenizer(p, tok_sha)
+    max_seq_len = int(model.cfg.max_seq_len)
+
+    results: dict = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint"),
+                               "tokenizer_sha256": tok_sha, "max_seq_len": max_seq_len,
+                               **{k: model_manifest.get("stats", {}).get(k) for k in ("params", "flops_per_token", "tokens")}},
+                     "packed": [], "texts": []}
+
+    with timer("packed"):
+        for p in cfg.packed:
+            results["packed"].append(_eval_packed(model, p, cfg, device, max_seq_len, tokenizer))
+    with timer("texts"):
+        for path, text, truncated in texts:
+            results["texts"].append(_eval_text(model, tokenizer, path, text, truncated, cfg, device, max_seq_len))
+    with timer("generate"):
+        generations = _generate(model, tokenizer, cfg, device)
+    results["generations"] = len(generations)
+
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            artifacts.write_json_atomic(tmp / "eval.json", results)
+            with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
+                for g in generations:
+                    f.write(json.dumps(g, ensure_ascii=False) + "\n")
+            artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs,
+                                     tokenizer_sha256=tok_sha, timings=timer.total(), stats=summary_stats(results))
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    _print_summary(results, out)
+    return out
+
+
+def _eval_packed(model, packed_dir, cfg: Config, device, max_seq_len: int, tokenizer) -> dict:
+    from lmlab.data.loader import PackedDataset
+
+    ds = PackedDataset(packed_dir, "val")
+    if len(ds) == 0:
+        raise UserError(f"packed artifact {packed_dir} has an empty val split; re-pack with a val fraction > 0")
+    if ds.seq_len - 1 > max_seq_len:
+        raise UserError(f"packed artifact {packed_dir} has rows of {ds.seq_len} tokens, longer than the model's "
+                        f"max_seq_len {max_seq_len} + 1; pack with seq_len <= {max_seq_len + 1}")
+    stats = ds.manifest.get("stats", {})
+    n_batches = math.ceil(len(ds) / cfg.batch_size)
+    if cfg.max_batches:
+        n_batches = min(n_batches, cfg.max_batches)
+    with progress(n_batches, f"eval {Path(packed_dir).name} val", "batch") as bar:
+        nll, count, rows = perplexity.packed_nll(model, ds, cfg.batch_size, cfg.max_batches, device, bar)
+    loss = nll / count
+    tokens, n_bytes = int(stats["val_tokens"]), int(stats["val_bytes"])
+    res = {
+        "path": str(packed_dir),
+        "split": "val",
+        "rows": rows,
+        "rows_total": len(ds),
+        "tokens_scored": count,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": perplexity.bits_per_byte(loss, tokens, n_bytes),
+        "tokens_per_byte": tokens / n_bytes,
+    }
+    if cfg.baseline:
+        from lmlab.eval.baseline import unigram_baseline
+
+        base = unigram_baseline(packed_dir, int(tokenizer.vocab_size))
+        res["unigram_bits_per_byte"] = base["bits_per_byte"]
+        res["unigram_nats_per_token"] = base["nats_per_token"]
+        res["unigram_train_tokens"] = base["train_tokens"]
+        # How much of the unigram's cost the model removes: 1 - model/unigram.
+        res["improvement_over_unigram"] = 1.0 - res["bits_per_byte"] / base["bits_per_byte"]
+    return res
+
+
+def _eval_text(model, tokenizer, path, text: str, truncated: bool, cfg: Config, device, max_seq_len: int) -> dict:
+    tokens = tokenizer.encode(text)
+    if not tokens:
+        raise UserError(f"text file {path} is empty; remove it from `texts`")
+    prefix = resolve_prefix_token(tokenizer, cfg.prefix_token)
+    n_windows = len(perplexity.rolling_windows(tokens, prefix, max_seq_len))
+    with progress(n_windows, f"eval {Path(path).name}", "window") as bar:
+        nll, predicted, windows = perplexity.text_nll(model, tokens, prefix, max_seq_len, cfg.batch_size, device, bar)
+    words, n_bytes = perplexity.count_words(text), perplexity.count_bytes(text)
+    return {
+        "path": str(path),
+        "name": Path(path).name,
+        "truncated": truncated,
+        "bytes": n_bytes,
+        "words": words,
+        "tokens": predicted,
+        "windows": windows,
+        "nll": nll,
+        **perplexity.text_metrics(nll, words, n_bytes),
+    }
+
+
+def _generate(model, tokenizer, cfg: Config, device) -> list[dict]:
+    if not cfg.prompts or cfg.max_new_tokens == 0:
+        return []
+    from lmlab.infer.engine import generate
+
+    settings = [
+        {"setting": "greedy", "temperature": 0.0, "top_k": 0, "top_p": 1.0},
+        {"setting": "sampled", "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
+    ]
+    out = []
+    with progress(len(settings), "generate", "setting") as bar:
+        for s in settings:
+            seed_everything(cfg.seed)
+            completions = generate(model, tokenizer, list(cfg.prompts), max_new_tokens=cfg.max_new_tokens,
+                                   temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                   seed=cfg.seed, device=device)
+            for prompt, completion in zip(cfg.prompts, completions):
+                out.append({"prompt": prompt, **s, "seed": cfg.seed, "completion": completion})
+            bar.update(1)
+    return out
+
+
+def summary_stats(results: dict) -> dict:
+    """The headline numbers for the manifest (the report reads them without opening eval.json)."""
+    stats: dict = {}
+    if results["packed"]:
+        first = results["packed"][0]
+        stats["val_loss"] = first["loss"]
+        stats["val_bpb"] = first["bits_per_byte"]
+        if "unigram_bits_per_byte" in first:
+            stats["unigram_bpb"] = first["unigram_bits_per_byte"]
+    for t in results["texts"]:
+        stats[f"{t['name']}_bits_per_byte"] = t["bits_per_byte"]
+        stats[f"{t['name']}_word_perplexity"] = t["word_perplexity"]
+    stats["generations"] = results.get("generations", 0)
+    return stats
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    for p in results["packed"]:
+        base = f", unigram {p['unigram_bits_per_byte']:.3f}" if "unigram_bits_per_byte" in p else ""
+        print(f"eval {p['path']} val: loss {p['loss']:.4f}, ppl {p['perplexity']:.2f}, "
+              f"bits/byte {p['bits_per_byte']:.4f}{base}")
+    for t in results["texts"]:
+        print(f"eval {t['name']}: word ppl {t['word_perplexity']:.2f}, byte ppl {t['byte_perplexity']:.4f}, "
+              f"bits/byte {t['bits_per_byte']:.4f} ({t['tokens']} tokens, {t['windows']} windows)")
+    print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")
