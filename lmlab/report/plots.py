@@ -1,0 +1,87 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed).
+
+Each function takes plain numbers and writes one PNG; lmlab/report/report.py decides what
+to plot. Kept free of artifact parsing so a notebook can call them directly:
+
+    from lmlab.report.plots import loss_curves
+    loss_curves([(1, 9.1), (2, 8.7)], [(2, 8.9)], "loss.png")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: reports are written on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGSIZE = (7.0, 3.8)
+DPI = 110
+
+
+def ema(values: list[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard smooths curves)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Path(path)
+
+
+def stage_times(stages: list[tuple[str, float]], path: str | Path) -> Path:
+    """Horizontal bars: wall-clock seconds per stage, in pipeline order (first at the top)."""
+    names = [n for n, _ in stages][::-1]
+    secs = [s for _, s in stages][::-1]
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 0.45 * len(stages) + 1.2))
+    bars = ax.barh(names, secs, color="#4c72b0")
+    unit, scale = ("min", 60.0) if max(secs, default=0) >= 300 else ("s", 1.0)
+    for bar, s in zip(bars, secs):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s / scale:.1f} {unit}", va="center", fontsize=8)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_title("time per stage")
+    ax.margins(x=0.15)
+    return _save(fig, path)
+
+
+def loss_curves(train: list[tuple[float, float]], val: list[tuple[float, float]], path: str | Path,
+                smoothing: float = 0.9, xlabel: str = "step") -> Path:
+    """Train loss (raw, faint; smoothed, solid) and val loss points against the step."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    if train:
+        xs, ys = zip(*train)
+        ax.plot(xs, ys, color="#4c72b0", alpha=0.25, linewidth=0.8, label="train (raw)")
+        ax.plot(xs, ema(list(ys), smoothing), color="#4c72b0", linewidth=1.6, label=f"train (EMA {smoothing})")
+    if val:
+        xs, ys = zip(*val)
+        ax.plot(xs, ys, "o-", color="#dd8452", markersize=4, linewidth=1.0, label="val")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def val_bpb(val: list[tuple[float, float]], unigram_bpb: float | None, path: str | Path,
+            xlabel: str = "step") -> Path:
+    """Val bits per byte over training against the unigram baseline's horizontal line."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    if val:
+        xs, ys = zip(*val)
+        ax.plot(xs, ys, "o-", color="#dd8452", markersize=4, label="model (val)")
+    if unigram_bpb is not None:
+        ax.axhline(unigram_bpb, color="#55a868", linestyle="--", label=f"unigram baseline ({unigram_bpb:.3f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("bits per byte")
+    ax.set_title("validation bits per byte (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,515 @@
+"""Write a pipeline's report: `report.md` with numbers, tables and PNG plots.
+
+    lmlab report runs/smoke                      # a pipeline root: subdirs found by manifest kind
+    lmlab report inputs='[runs/smoke/eval]'      # or artifact dirs; their inputs are followed
+    lmlab report --config configs/stages/report.yaml out=runs/smoke/report
+
+The report opens with a one-paragraph summary (val bits per byte against the unigram
+baseline, tokens trained, training time, hardware), then: time per stage, data (corpus per
+source, tokenizer, packed token counts), model (parameters, FLOPs per token), training
+curves from `metrics.jsonl`, the evaluation table, sample generations, and every stage's
+resolved config in a collapsed block. A piece that is missing (say, no eval artifact yet)
+is named in the report instead of stopping it. The output is written atomically; `run`
+prints and returns the path of report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import Field
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.errors import UserError
+from lmlab.report import plots
+from lmlab.runtime import hardware_summary
+
+POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
+
+STAGE_ORDER = ["corpus", "tokenizer", "packed", "model", "eval", "hf_export", "export"]
+STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "model": "pretrain",
+              "eval": "eval", "hf_export": "export", "export": "export"}
+
+
+class Config(Strict):
+    root: str = Field("", description="pipeline root directory; every subdirectory with a manifest.json is included")
+    inputs: list[str] = Field(default_factory=list, description="artifact directories to include (besides those under root)")
+    follow_inputs: bool = Field(True, description="also include the artifacts each included manifest names as its inputs")
+    out: str = Field("", description="output directory; default: ROOT/report, or 'report' next to the first input")
+    title: str = Field("", description="report title; default: the root directory's name")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="EMA factor for the train loss curve (0 = raw)")
+    max_generations: int = Field(12, ge=0, description="sample generations shown in the report")
+
+
+# ------------------------------------------------------------------------- formatting
+
+def fmt_count(n: float | None) -> str:
+    """12345678 -> '12.3M'; small numbers stay exact."""
+    if n is None:
+        return "–"
+    n = float(n)
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.3g}{suffix}" if v < 100 else f"{v:.0f}{suffix}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.3g}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+
+
+def fmt_num(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 1e4:
+        return f"{x:,.0f}"
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------- discovery
+
+def discover(root: str, inputs: list[str], follow: bool = True, skip: Path | None = None) -> dict[str, list[tuple[Path, dict]]]:
+    """Artifacts by kind: the subdirectories of `root`, the `inputs`, and (if `follow`) their inputs."""
+    queue: list[Path] = []
+    if root:
+        r = Path(root)
+        if not r.is_dir():
+            raise UserError(f"report root not found: {r} (run the pipeline first, or fix the path)")
+        if artifacts.read_manifest(r) is not None:
+            queue.append(r)
+        queue.extend(sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    for p in inputs:
+        if not Path(p).exists():
+            raise UserError(f"report input not found: {p} (fix the path in `inputs`)")
+        queue.append(Path(p))
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    seen: set[Path] = set()
+    while queue:
+        p = queue.pop(0)
+        rp = p.resolve()
+        if rp in seen or (skip is not None and rp == skip.resolve()):
+            continue
+        seen.add(rp)
+        m = artifacts.read_manifest(p)
+        if m is None or m.get("kind") == "report":
+            continue
+        found.setdefault(m.get("kind", "?"), []).append((p, m))
+        if follow:
+            for inp in (m.get("inputs") or {}).values():
+                ip = inp.get("path") if isinstance(inp, dict) else None
+                if ip and Path(ip).is_dir():
+                    queue.append(Path(ip))
+    return found
+
+
+def read_metrics(model_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train lines, eval lines) of a model's metrics.jsonl; unreadable lines are skipped."""
+    train, val = [], []
+    path = model_dir / "metrics.jsonl"
+    if not path.is_file():
+        return train, val
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        if "val_loss" in rec:
+            val.append(rec)
+        elif "loss" in rec:
+            train.append(rec)
+    return train, val
+
+
+def _total_seconds(m: dict) -> float | None:
+    t = m.get("timings") or {}
+    if "total_s" in t:
+        return float(t["total_s"])
+    vals = [v for v in t.values() if isinstance(v, (int, float))]
+    return float(sum(vals)) if vals else None
+
+
+def _first(found, kind):
+    items = found.get(kind) or []
+    return items[0] if items else (None, None)
+
+
+def _load_json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _hardware_line(hw: dict) -> str:
+    if hw.get("gpu"):
+        n = hw.get("gpu_count", 1)
+        return f"{n}× {hw['gpu']}" if n and n > 1 else str(hw["gpu"])
+    cores = hw.get("cpu_count")
+    return f"{cores} CPU cores" if cores else (hw.get("cpu") or "CPU")
+
+
+# ----------------------------------------------------------------------------- stage
+
+def run(cfg: Config) -> Path:
+    if not cfg.root and not cfg.inputs:
+        raise UserError("nothing to report on: pass a pipeline root (`lmlab report runs/smoke`) or inputs='[DIR, ...]'")
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.root:
+        out = Path(cfg.root) / "report"
+    else:
+        out = Path(cfg.inputs[0]).resolve().parent / "report"
+    found = discover(cfg.root, cfg.inputs, cfg.follow_inputs, skip=out)
+    if not found:
+        raise UserError(f"no lmlab artifacts (directories with manifest.json) found in {cfg.root or cfg.inputs}; "
+                        f"run the pipeline first")
+
+    # The report depends on every artifact it shows; the model's metrics.jsonl grows while
+    # training continues, so its size is part of the fingerprint too.
+    deps = {}
+    for kind, items in found.items():
+        for p, m in items:
+            metrics = p / "metrics.jsonl"
+            deps[str(p.resolve())] = [m.get("fingerprint"), m.get("created"),
+                                      metrics.stat().st_size if metrics.is_file() else None]
+    fp = artifacts.stage_fingerprint("report", cfg.model_dump(mode="json", exclude={"out"}), deps)
+    if artifacts.is_up_to_date(out, fp):
+        print(f"report: up to date ({out}), nothing to do")
+        print(out / "report.md")
+        return out / "report.md"
+
+    timer = artifacts.Timer()
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            with timer("write"):
+                text = build_report(found, cfg, tmp)
+                (tmp / "report.md").write_text(text, encoding="utf-8")
+            artifacts.write_manifest(tmp, "report", cfg.model_dump(mode="json"), fp,
+                                     inputs={f"{k}_{i}": {"path": str(p), "fingerprint": m.get("fingerprint")}
+                                             for k, items in found.items() for i, (p, m) in enumerate(items)},
+                                     timings=timer.total(),
+                                     stats={"plots": sorted(x.name for x in tmp.glob("*.png"))})
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    path = out / "report.md"
+    print(path)
+    return path
+
+
+def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir: Path) -> str:
+    """The markdown text; PNGs are written into `out_dir` next to it."""
+    missing: list[str] = []
+    model_dir, model_m = _first(found, "model")
+    eval_dir, eval_m = _first(found, "eval")
+    packed_dir, packed_m = _first(found, "packed")
+    tok_dir, tok_m = _first(found, "tokenizer")
+    corpus_dir, corpus_m = _first(found, "corpus")
+    eval_json = _load_json(eval_dir / "eval.json") if eval_dir else None
+    train, val = read_metrics(model_dir) if model_dir else ([], [])
+
+    title = cfg.title or (Path(cfg.root).resolve().name if cfg.root else "lmlab run")
+    parts = [f"# lmlab report: {title}", "", summary(model_m, eval_json, train, val, tok_m), ""]
+
+    # --- run
+    commits = sorted({m.get("git_commit") for items in found.values() for _, m in items if m.get("git_commit")})
+    hw = (model_m or {}).get("stats", {}).get("hardware") or {}
+    here = hardware_summary()
+    parts += ["## Run", "", table(["", ""], [
+        ["git commit", ", ".join(f"`{c}`" for c in commits) or "–"],
+        ["lmlab version", ", ".join(sorted({str(m.get("lmlab_version")) for it in found.values() for _, m in it})) or "–"],
+        ["trained on", _hardware_line(hw) if hw else (str((model_m or {}).get("stats", {}).get("device", "–")))],
+        ["report written on", f"{_hardware_line(here)}, {here.get('platform')}, Python {here.get('python')}, torch {here.get('torch')}"],
+        ["artifacts", ", ".join(f"{k} (`{p}`)" for k in _ordered(found) for p, _ in found[k])],
+    ]), ""]
+
+    # --- time per stage
+    times = [(k if len(found[k]) == 1 else f"{k} {i}", _total_seconds(m))
+             for k in _ordered(found) for i, (_, m) in enumerate(found[k])]
+    times = [(n, s) for n, s in times if s is not None]
+    parts += ["## Time per stage", ""]
+    if times:
+        rows = [[n, fmt_duration(s), f"{100 * s / max(sum(t for _, t in times), 1e-9):.0f}%"] for n, s in times]
+        rows.append(["**total**", f"**{fmt_duration(sum(s for _, s in times))}**", ""])
+        parts += [table(["stage", "wall clock", "share"], rows), ""]
+        plots.stage_times(times, out_dir / "stage_times.png")
+        parts += ["![time per stage](stage_times.png)", ""]
+    else:
+        parts += ["_No stage recorded timings._", ""]
+
+    # --- data
+    parts += ["## Data", ""]
+    parts += corpus_section(corpus_dir, corpus_m, missing)
+    parts += tokenizer_section(tok_dir, tok_m, missing)
+    parts += packed_section(found.get("packed") or [], missing)
+
+    # --- model + training
+    parts += ["## Model", ""]
+    if model_m:
+        parts += model_section(model_dir, model_m, train, val)
+    else:
+        missing.append("model (run `lmlab pretrain`)")
+        parts += ["_No model artifact found._", ""]
+
+    parts += ["## Training curves", ""]
+    if train or val:
+        plots.loss_curves([(r["step"], r["loss"]) for r in train], [(r["step"], r["val_loss"]) for r in val],
+                          out_dir / "loss.png", smoothing=cfg.smoothing)
+        parts += ["![train and val loss](loss.png)", ""]
+        bpb_points = [(r["step"], r["val_bpb"]) for r in val if r.get("val_bpb") is not None]
+        unigram = _unigram_bpb(eval_json)
+        if bpb_points or unigram is not None:
+            plots.val_bpb(bpb_points, unigram, out_dir / "val_bpb.png")
+            parts += ["![val bits per byte vs unigram baseline](val_bpb.png)", ""]
+        if unigram is None:
+            parts += ["_The unigram baseline line needs an eval artifact with `packed` data._", ""]
+    else:
+        if model_m:
+            missing.append(f"training metrics ({model_dir}/metrics.jsonl)")
+        parts += ["_No training metrics found._", ""]
+
+    # --- eval
+    parts += ["## Evaluation", ""]
+    if eval_json:
+        parts += eval_section(eval_dir, eval_json)
+    else:
+        missing.append("evaluation (run `lmlab eval MODEL_DIR`)")
+        parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
+
+    parts += ["## Sample generations", ""]
+    gens = _read_generations(eval_dir) if eval_dir else []
+    if gens:
+        parts += generations_section(gens, cfg.max_generations)
+    else:
+        parts += ["_No generations recorded._", ""]
+
+    # --- configs
+    parts += ["## Resolved configs", ""]
+    for kind in _ordered(found):
+        for p, m in found[kind]:
+            body = json.dumps(m.get("config", {}), indent=2, sort_keys=True)
+            parts += [f"<details><summary>{kind} — <code>{p}</code></summary>", "", "```json", body, "```", "",
+                      "</details>", ""]
+
+    if missing:
+        parts += ["## Missing", "", "This report is incomplete; not found:", ""] + [f"- {m}" for m in missing] + [""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _ordered(found: dict) -> list[str]:
+    return [k for k in STAGE_ORDER if k in found] + sorted(k for k in found if k not in STAGE_ORDER)
+
+
+def _unigram_bpb(eval_json) -> float | None:
+    for p in (eval_json or {}).get("packed", []):
+        if p.get("unigram_bits_per_byte") is not None:
+            return float(p["unigram_bits_per_byte"])
+    return None
+
+
+def summary(model_m, eval_json, train, val, tok_m) -> str:
+    """The one paragraph a reader wants first."""
+    bits = []
+    packed = (eval_json or {}).get("packed") or []
+    bpb = packed[0]["bits_per_byte"] if packed else (val[-1].get("val_bpb") if val else None)
+    unigram = _unigram_bpb(eval_json)
+    if bpb is not None:
+        s = f"**val bits per byte {bpb:.3f}**"
+        if unigram is not None:
+            s += f" vs unigram {unigram:.3f} ({100 * (1 - bpb / unigram):.0f}% lower)"
+        bits.append(s)
+    stats = (model_m or {}).get("stats", {})
+    tokens = stats.get("tokens") or (train[-1].get("tokens") if train else None)
+    if tokens:
+        bits.append(f"after {fmt_count(tokens)} tokens")
+    secs = _total_seconds(model_m) if model_m else None
+    if secs:
+        bits.append(f"in {fmt_duration(secs)}")
+    hw = stats.get("hardware")
+    if hw:
+        bits.append(f"on {_hardware_line(hw)}")
+    if stats.get("params"):
+        bits.append(f"({fmt_count(stats['params'])} parameters)")
+    lines = [" ".join(bits) + "." if bits else "_No trained model or evaluation found yet._"]
+    texts = (eval_json or {}).get("texts") or []
+    for t in texts:
+        lines.append(f"On `{t['name']}`: word perplexity {t['word_perplexity']:.1f}, "
+                     f"bits per byte {t['bits_per_byte']:.3f}.")
+    return " ".join(lines)
+
+
+def corpus_section(corpus_dir, m, missing) -> list[str]:
+    out = ["### Corpus", ""]
+    if not m:
+        missing.append("corpus artifact")
+        return out + ["_No corpus artifact found._", ""]
+    stats = m.get("stats", {})
+    per_source = stats.get("sources") or stats.get("per_source")
+    if isinstance(per_source, dict) and per_source and all(isinstance(v, dict) for v in per_source.values()):
+        keys = sorted({k for v in per_source.values() for k in v})
+        out += [table(["source"] + keys, [[name] + [_cell(v.get(k)) for k in keys] for name, v in per_source.items()]), ""]
+    totals = {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
+    if totals:
+        out += [table(["", ""], [[k, _cell(v)] for k, v in totals.items()]), ""]
+    return out + [f"`{corpus_dir}`", ""]
+
+
+def _cell(v) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return fmt_count(v) if isinstance(v, int) and abs(v) >= 10000 else fmt_num(v)
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)[:80]
+    return str(v)
+
+
+def tokenizer_section(tok_dir, m, missing) -> list[str]:
+    out = ["### Tokenizer", ""]
+    if not m:
+        missing.append("tokenizer artifact")
+        return out + ["_No tokenizer artifact found._", ""]
+    meta = _load_json(tok_dir / "tokenizer_meta.json") or {}
+    stats, config = m.get("stats", {}), m.get("config", {})
+
+    def pick(*keys):
+        for src in (meta, stats, config):
+            for k in keys:
+                if isinstance(src, dict) and src.get(k) is not None:
+                    return src[k]
+        return None
+
+    rows = [["type", pick("type", "kind", "algorithm", "model_type") or "–"],
+            ["vocab size", fmt_num(pick("vocab_size"))],
+            ["sha256", f"`{m.get('tokenizer_sha256') or pick('sha256') or '–'}`"]]
+    specials = pick("special_tokens")
+    if specials:
+        rows.append(["special tokens", ", ".join(f"`{k}`={v}" for k, v in specials.items()) if isinstance(specials, dict) else str(specials)])
+    for k in ("bytes_per_token", "chars_per_token", "tokens_per_byte"):
+        if stats.get(k) is not None:
+            rows.append([k.replace("_", " "), fmt_num(stats[k])])
+    return out + [table(["", ""], rows), ""]
+
+
+def packed_section(items, missing) -> list[str]:
+    out = ["### Packed data", ""]
+    if not items:
+        missing.append("packed artifact")
+        return out + ["_No packed artifact found._", ""]
+    rows = []
+    for p, m in items:
+        s = m.get("stats", {})
+        tpb = s["val_tokens"] / s["val_bytes"] if s.get("val_tokens") and s.get("val_bytes") else None
+        rows.append([f"`{p}`", s.get("seq_len", "–"), fmt_count(s.get("train_tokens")), fmt_count(s.get("val_tokens")),
+                     fmt_count(s.get("train_bytes")), fmt_count(s.get("val_bytes")),
+                     f"{1 / tpb:.2f}" if tpb else "–"])
+    return out + [table(["artifact", "seq len", "train tokens", "val tokens", "train bytes", "val bytes", "bytes/token"], rows), ""]
+
+
+def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
+    stats = m.get("stats", {})
+    mcfg = _load_json(model_dir / "model.json") or {}
+    rows = [["parameters", fmt_count(stats.get("params"))]]
+    if stats.get("non_embedding_params"):
+        rows.append(["non-embedding parameters", fmt_count(stats["non_embedding_params"])])
+    rows.append(["FLOPs per token (train, 6N + attention)", fmt_count(stats.get("flops_per_token"))])
+    tokens = stats.get("tokens") or (train[-1].get("tokens") if train else None)
+    rows.append(["tokens trained", fmt_count(tokens)])
+    if tokens and stats.get("flops_per_token"):
+        rows.append(["training compute", f"{fmt_count(tokens * stats['flops_per_token'])}FLOP"])
+    if train:
+        rows.append(["steps", fmt_num(train[-1]["step"])])
+        tps = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+        if tps:
+            rows.append(["throughput (median)", f"{fmt_count(sorted(tps)[len(tps) // 2])} tokens/s"])
+        rows.append(["final train loss", fmt_num(train[-1]["loss"])])
+    if val:
+        rows.append(["final val loss", fmt_num(val[-1]["val_loss"])])
+        if val[-1].get("val_bpb") is not None:
+            rows.append(["final val bits per byte", fmt_num(val[-1]["val_bpb"])])
+    arch = ", ".join(f"{k}={mcfg[k]}" for k in ("preset", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim",
+                                               "vocab_size", "max_seq_len") if k in mcfg)
+    if arch:
+        rows.append(["architecture", arch])
+    return [table(["", ""], rows), "", f"`{model_dir}`", ""]
+
+
+def eval_section(eval_dir: Path, ev: dict) -> list[str]:
+    out = []
+    packed = ev.get("packed") or []
+    if packed:
+        rows = []
+        for p in packed:
+            u = p.get("unigram_bits_per_byte")
+            rows.append([f"`{p['path']}` ({p.get('split', 'val')})", fmt_count(p.get("tokens_scored")), fmt_num(p["loss"]),
+                         fmt_num(p["perplexity"], 2), f"**{p['bits_per_byte']:.4f}**",
+                         f"{u:.4f}" if u is not None else "–",
+                         f"{100 * p['improvement_over_unigram']:.1f}%" if p.get("improvement_over_unigram") is not None else "–"])
+        out += ["### Held-out packed data", "",
+                table(["data", "tokens scored", "loss (nats)", "perplexity", "bits/byte", "unigram bits/byte",
+                       "better than unigram by"], rows), ""]
+    texts = ev.get("texts") or []
+    if texts:
+        rows = [[f"`{t['name']}`" + (" (truncated)" if t.get("truncated") else ""), fmt_count(t["bytes"]),
+                 fmt_count(t["words"]), fmt_count(t["tokens"]), fmt_num(t["word_perplexity"], 2),
+                 fmt_num(t["byte_perplexity"]), f"**{t['bits_per_byte']:.4f}**"] for t in texts]
+        out += ["### Text files (lm-eval rolling windows)", "",
+                table(["file", "bytes", "words", "tokens", "word perplexity", "byte perplexity", "bits/byte"], rows), ""]
+    if not packed and not texts:
+        out += ["_The eval artifact scored no data (set `packed` or `texts`)._", ""]
+    return out + [f"`{eval_dir}`", ""]
+
+
+def _read_generations(eval_dir: Path) -> list[dict]:
+    path = eval_dir / "generations.jsonl"
+    if not path.is_file():
+        return []
+    gens = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            gens.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return gens
+
+
+def generations_section(gens: list[dict], limit: int) -> list[str]:
+    out = []
+    for g in gens[:limit]:
+        setting = g.get("setting", "")
+        if setting == "sampled":
+            setting += f" (T={g.get('temperature')}, top_k={g.get('top_k')}, top_p={g.get('top_p')})"
+        prompt, completion = g.get("prompt", ""), g.get("completion", "")
+        # A fenced block shows the text exactly (code prompts, indentation); the prompt is
+        # marked off so a reader sees where the model took over.
+        fence = "~~~~" if "```" in prompt + completion else "```"
+        out += [f"**{setting}** — prompt `{prompt.strip() or repr(prompt)}`", "", fence,
+                f"{prompt}⟨{completion}⟩", fence, ""]
+    if len(gens) > limit:
+        out += [f"_{len(gens) - limit} more in generations.jsonl._", ""]
+    return out
