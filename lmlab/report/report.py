@@ -371,10 +371,19 @@ def corpus_section(corpus_dir, m, missing) -> list[str]:
         missing.append("corpus artifact")
         return out + ["_No corpus artifact found._", ""]
     stats = m.get("stats", {})
-    per_source = stats.get("sources") or stats.get("per_source")
-    if isinstance(per_source, dict) and per_source and all(isinstance(v, dict) for v in per_source.values()):
-        keys = sorted({k for v in per_source.values() for k in v})
-        out += [table(["source"] + keys, [[name] + [_cell(v.get(k)) for k in keys] for name, v in per_source.items()]), ""]
+    per_source = stats.get("per_source") or stats.get("sources") or []
+    if isinstance(per_source, dict):  # {name: {...}} -> [{"source": name, ...}]
+        per_source = [{"source": k, **v} for k, v in per_source.items() if isinstance(v, dict)]
+    per_source = [s for s in per_source if isinstance(s, dict)]
+    if per_source:
+        preferred = ["documents", "characters", "bytes", "estimated_tokens", "dropped_duplicates", "dropped_empty", "bad_records"]
+        keys = [k for k in preferred if any(k in s for s in per_source)]
+        keys += sorted({k for s in per_source for k in s} - set(keys) - {"source"})
+        rows = [[f"`{s.get('source', '?')}`"] + [_cell(s.get(k)) for k in keys] for s in per_source]
+        if len(per_source) > 1:
+            rows.append(["**total**"] + [_cell(stats.get(k)) if not isinstance(stats.get(k), (dict, list)) else "" for k in keys])
+        out += [table(["source"] + [k.replace("_", " ") for k in keys], rows), ""]
+        return out + [f"`{corpus_dir}`", ""]
     totals = {k: v for k, v in stats.items() if not isinstance(v, (dict, list))}
     if totals:
         out += [table(["", ""], [[k, _cell(v)] for k, v in totals.items()]), ""]
