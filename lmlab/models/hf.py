@@ -1,0 +1,239 @@
+"""Export a model to a Hugging Face directory, and import Llama-family HF checkpoints.
+
+    lmlab export runs/model out=runs/hf_model dtype=bfloat16
+
+writes `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files,
+which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load. Without
+QK-norm the model is exactly `LlamaForCausalLM`; with QK-norm it is exactly
+`Qwen3ForCausalLM` (Qwen3 RMS-normalises each query/key head before RoPE, as we do).
+
+    from lmlab.models.hf import import_hf, to_hf_state_dict
+    model, cfg = import_hf("path/to/hf_llama_dir")   # Llama / Qwen3 layouts, safetensors
+
+The name mapping both ways is in `to_hf_state_dict` / `from_hf_state_dict`: our fused
+q/k/v and gate/up matrices are split into HF's separate projections and stacked back. RoPE
+already uses HF's rotate_half convention, so no weight is permuted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from lmlab.config import Strict
+from lmlab.errors import UserError
+from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
+
+POSITIONAL = ("model", "the model run directory to export (written by `lmlab pretrain`)")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Config(Strict):
+    model: str = Field("", description="model run directory to export (model.safetensors, model.json, tokenizer/)")
+    out: str = Field("", description="output Hugging Face directory (replaced atomically)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the exported weights")
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under HF Llama/Qwen3 names, fused projections split."""
+    cfg, hd = model.cfg, model.head_dim
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = sd[p + "attn.qkv.weight"].split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
+        gate, up = sd[p + "mlp.gate_up.weight"].split(cfg.ffn_dim)
+        out.update({
+            h + "input_layernorm.weight": sd[p + "attn_norm.weight"],
+            h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
+            h + "self_attn.o_proj.weight": sd[p + "attn.o_proj.weight"],
+            h + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
+            h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+            h + "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"],
+        })
+        if cfg.qk_norm:
+            out[h + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"]
+            out[h + "self_attn.k_norm.weight"] = sd[p + "attn.k_norm.weight"]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Llama/Qwen3 names -> ours (q/k/v and gate/up stacked). Raises KeyError naming a missing tensor."""
+    out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    out["lm_head.weight"] = hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out.update({
+            p + "attn_norm.weight": hf[h + "input_layernorm.weight"],
+            p + "attn.qkv.weight": torch.cat([hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"],
+                                              hf[h + "self_attn.v_proj.weight"]]),
+            p + "attn.o_proj.weight": hf[h + "self_attn.o_proj.weight"],
+            p + "mlp_norm.weight": hf[h + "post_attention_layernorm.weight"],
+            p + "mlp.gate_up.weight": torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
+            p + "mlp.down_proj.weight": hf[h + "mlp.down_proj.weight"],
+        })
+        if cfg.qk_norm:
+            out[p + "attn.q_norm.weight"] = hf[h + "self_attn.q_norm.weight"]
+            out[p + "attn.k_norm.weight"] = hf[h + "self_attn.k_norm.weight"]
+    return out
+
+
+def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None, pad_id=None) -> dict:
+    """config.json for LlamaForCausalLM, or Qwen3ForCausalLM when the model uses QK-norm."""
+    hd = cfg.d_model // cfg.n_head
+    d = {
+        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": hd,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    if cfg.qk_norm:
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                 layer_types=["full_attention"] * cfg.n_layer)
+    else:
+        d.update(mlp_bias=False, pretraining_tp=1)
+    return d
+
+
+def model_config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for an HF Llama/Qwen3 config, refusing features we do not implement."""
+    mt = c.get("model_type")
+    if mt not in ("llama", "qwen3"):
+        raise UserError(f"{source}: model_type '{mt}' is not supported; import_hf reads llama and qwen3 checkpoints")
+    problems = []
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("biases")
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={c.get('hidden_act')}")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope scaling '{rope.get('rope_type', rope.get('type'))}'")
+    if c.get("use_sliding_window"):
+        problems.append("sliding-window attention")
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, hidden // heads):
+        problems.append(f"head_dim={c['head_dim']} != hidden_size/num_attention_heads")
+    if problems:
+        raise UserError(f"{source}: cannot import exactly: {', '.join(problems)} not supported by lmlab's transformer")
+    return resolve_model_config({
+        "preset": "micro", "vocab_size": c["vocab_size"], "n_layer": c["num_hidden_layers"], "d_model": hidden,
+        "n_head": heads, "n_kv_head": c.get("num_key_value_heads") or heads, "ffn_dim": c["intermediate_size"],
+        "max_seq_len": c.get("max_position_embeddings", 2048),
+        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "norm_eps": c.get("rms_norm_eps", 1e-6), "qk_norm": mt == "qwen3",
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "init_std": c.get("initializer_range", 0.02),
+    })
+
+
+def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict = {}
+        for f in files:
+            state.update(load_file(str(d / f)))
+        return state
+    raise UserError(f"{d} holds no model.safetensors (or sharded index); import_hf reads safetensors checkpoints only")
+
+
+def import_hf(hf_dir: str | Path, device: str = "cpu") -> tuple[Transformer, ModelConfig]:
+    """A Llama- or Qwen3-layout HF directory -> (our Transformer in float32, its ModelConfig)."""
+    d = Path(hf_dir)
+    cpath = d / "config.json"
+    if not cpath.is_file():
+        raise UserError(f"{cpath} not found; give import_hf a Hugging Face model directory")
+    cfg = model_config_from_hf(json.loads(cpath.read_text()), str(cpath))
+    try:
+        state = from_hf_state_dict(_read_hf_weights(d), cfg)
+    except KeyError as e:
+        raise UserError(f"{d}: tensor {e} is missing from the checkpoint; is it a complete Llama/Qwen3 model?") from None
+    model = Transformer(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokenizer=None) -> None:
+    """Write the HF files (weights, config, generation config, tokenizer) into an existing dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    ids = {"bos_id": None, "eos_id": None, "pad_id": None}
+    if tokenizer is not None:
+        ids = {k: getattr(tokenizer, k, None) for k in ids}
+        ids = {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
+    state = {k: v.to(DTYPES[dtype]).cpu() for k, v in to_hf_state_dict(model).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.cfg, dtype, **ids), indent=2) + "\n")
+    gen = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.export_hf(out)
+
+
+def run(cfg: Config) -> Path:
+    from lmlab import artifacts
+    from lmlab.models import WEIGHTS, load_model
+
+    if not cfg.model:
+        raise UserError("no model given; run `lmlab export RUN_DIR out=DIR`")
+    if not cfg.out:
+        raise UserError("no output directory given; add out=DIR")
+    src, out = Path(cfg.model), Path(cfg.out)
+    if src.resolve() == out.resolve():
+        raise UserError(f"out={out} is the model directory itself; choose another output directory")
+    manifest_in = artifacts.read_manifest(src) or {}
+    in_fp = manifest_in.get("fingerprint") or (artifacts.sha256_file(src / WEIGHTS) if (src / WEIGHTS).is_file() else "")
+    conf = cfg.model_dump(mode="json")
+    fp = artifacts.stage_fingerprint("hf_export", {"dtype": cfg.dtype}, {"model": in_fp})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"export: up to date ({out}), nothing to do")
+        return out
+    timer = artifacts.Timer()
+    with timer("load"):
+        model, tokenizer, _ = load_model(src)
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            with timer("write"):
+                write_hf(model, tmp, cfg.dtype, tokenizer)
+            artifacts.write_manifest(
+                tmp, "hf_export", conf, fp, inputs={"model": {"path": str(src), "fingerprint": in_fp}},
+                tokenizer_sha256=getattr(tokenizer, "sha256", None), timings=timer.total(),
+                stats={"architecture": hf_config(model.cfg)["architectures"][0], "params": model.num_params()})
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    print(f"export: wrote {out} ({hf_config(model.cfg)['architectures'][0]}, {model.num_params():,} params, {cfg.dtype})")
+    return out
