@@ -1,0 +1,388 @@
+"""The one training loop. Objectives (pretraining now; SFT, DPO, ... later) plug into it.
+
+    summary = train(model, objective, cfg, run_dir, total_steps=1000, resume_config={...})
+
+`cfg` is a stage config with the sections defined here: `train` (TrainConfig), `eval`
+(EvalConfig), `checkpoint` (CheckpointConfig), `log` (LogConfig) and `resume`. The loop
+owns everything that is the same for every objective: device and mixed precision, compile,
+AdamW and the LR schedule, gradient accumulation and clipping, eval cadence, checkpoints
+and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its data and loss:
+
+    objective.batch(step, micro) -> batch      # tensors (or dict/tuple of them); must be a
+                                               # pure function of (step, micro): resume needs
+                                               # nothing but the step
+    objective.loss(model, batch) -> (loss, n)  # mean loss (scalar tensor), tokens it covers
+    objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
+                                               # called under no_grad/eval()/autocast
+    objective.epoch_tokens                     # optional: tokens in one pass over the data
+
+Steps: `step` below is the 0-based index of the optimizer step being taken; metrics and
+checkpoints are labelled with `done = step + 1`, the number of finished steps. After step
+`done` the loop logs, evaluates (every `eval.every`), then checkpoints (every
+`checkpoint.every`, at the end, and on Ctrl-C). Because the batch, the LR and the RNG state
+are functions of the step, a run resumed from checkpoint N reproduces an uninterrupted run
+bit for bit on CPU (see docs/training.md for GPU caveats).
+
+Parallelism stays out of this file except for one hook: `wrap_model` (identity today) is
+where a DDP/FSDP wrap goes, next to torch.compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from lmlab.config import Strict
+from lmlab.errors import Interrupted, UserError
+from lmlab.runtime import pick_device, progress
+from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
+                                    save_checkpoint)
+from lmlab.train.logging import MetricsLogger, read_metrics
+from lmlab.train.optim import Schedule, build_optimizer, resolve_warmup, set_lr
+
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(8, ge=1, description="micro-batch: rows per forward/backward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step "
+                                                 "(rows per step = batch_size * grad_accum)")
+    seq_len: int | None = Field(None, ge=2, description="tokens per training row; packed rows are cut to "
+                                "row[:seq_len] (must be <= the packed seq_len; null = the packed seq_len). "
+                                "The model sees seq_len-1 positions (x=row[:-1], y=row[1:])")
+    steps: int | None = Field(None, ge=1, description="run length in optimizer steps (set exactly one of "
+                              "steps and tokens)")
+    tokens: int | Literal["chinchilla"] | None = Field(None, description="run length in training tokens, or "
+                                                       "'chinchilla' for 20 tokens per model parameter "
+                                                       "(rounded up to whole steps)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
+    warmup_steps: int | float = Field(0.02, ge=0, description="linear warmup: a step count (int) or a "
+                                      "fraction of the run (float < 1)")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine decay to min_lr, or wsd: "
+                                               "warmup-stable-decay (constant lr, then a linear decay over "
+                                               "the last decay_frac of the run)")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd only: share of the run spent decaying")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on linear-layer weight matrices "
+                                "(never on norms, biases or embeddings)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
+    seed: int = Field(1337, description="seed for the model init and the data order")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 autocast on "
+                                                          "CUDA (when supported), float32 elsewhere")
+    compile: bool = Field(False, description="torch.compile the model (faster on GPU; slow to start)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError(f"train.steps={self.steps} and train.tokens={self.tokens!r} are both set; set "
+                             f"exactly one (e.g. add train.steps=null to the overrides)")
+        return self
+
+
+class EvalConfig(Strict):
+    every: int = Field(100, ge=0, description="evaluate every N steps (and always at the end; 0 = end only)")
+    batches: int = Field(20, ge=0, description="validation batches (of train.batch_size rows) per "
+                         "evaluation; 0 turns evaluation off")
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(200, ge=0, description="save a checkpoint every N steps (and at the end and on "
+                       "Ctrl-C; 0 = only those)")
+    keep: int = Field(3, ge=1, description="keep the newest K checkpoints")
+
+
+class LogConfig(Strict):
+    every: int = Field(10, ge=1, description="write a metrics.jsonl line (and TensorBoard/W&B) every N steps")
+    tensorboard: bool = Field(False, description="also log to RUN/tensorboard (needs `pip install tensorboard`)")
+    wandb: bool = Field(False, description="also log to Weights & Biases (needs `pip install wandb`)")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="W&B mode; offline writes RUN/wandb")
+    wandb_project: str = Field("lmlab", description="W&B project name")
+
+
+def resolve_total_steps(t: TrainConfig, tokens_per_step: int, n_params: int) -> int:
+    """Steps from train.steps, train.tokens or train.tokens=chinchilla (20 tokens per parameter)."""
+    if t.steps is None and t.tokens is None:
+        raise UserError("set the run length: train.steps=N, train.tokens=N or train.tokens=chinchilla")
+    if t.steps is not None:
+        return t.steps
+    tokens = CHINCHILLA_TOKENS_PER_PARAM * n_params if t.tokens == "chinchilla" else int(t.tokens)
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+# Dense bf16 peak FLOP/s per GPU, for MFU. Matched by substring of the device name; the first
+# match wins, so the more specific names come first. Unknown GPUs get no MFU figure.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A6000", 155e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.dtype on this device (None = plain float32)."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("train.dtype=bfloat16 but this GPU does not support bfloat16; use train.dtype=float32")
+        return torch.bfloat16
+    # auto: bf16 only where it is fast and safe; CPU autocast is slower than fp32 for small models.
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def wrap_model(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    """The module the loop calls forward on. The hook for DDP/FSDP wrapping (lmlab.train.distributed)."""
+    return torch.compile(model) if compile else model
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist(), "python": _jsonable(random.getstate())}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate(_tupled(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def check_same_run(run_dir: Path, resume_config: dict) -> None:
+    """Refuse to resume checkpoints that were trained with different settings (model, data, schedule)."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return
+    try:
+        saved = json.loads((ckpts[-1][1] / "trainer.json").read_text()).get("resume_config")
+    except (OSError, ValueError):
+        return  # unreadable: find_resumable reports it and falls back
+    if saved is None:
+        return
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(resume_config)))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise UserError(f"{run_dir} holds checkpoints of a run with different settings ({shown}); use another "
+                        f"`out`, restore those settings to continue it, or pass resume=never to start over")
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_steps: int,
+          resume_config: dict, flops_per_token: float | None = None, desc: str = "train") -> dict:
+    """Train `model` on `objective` for `total_steps`, resuming from RUN/checkpoints when possible.
+
+    `resume_config` is what must be unchanged for a checkpoint to be resumed (model, data,
+    optimisation settings); it is stored in every checkpoint. Returns a summary for the
+    manifest: steps, tokens, train_time_s, tokens_per_s, final_loss and the last eval metrics.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    device = pick_device(t.device)
+    amp = autocast_dtype(t.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, device)
+    schedule = Schedule(t.schedule, t.lr, total_steps, resolve_warmup(t.warmup_steps, total_steps),
+                        t.min_lr_ratio, t.decay_frac)
+
+    remove_stale_temps(run_dir)
+    start_step, tokens_seen, train_time = 0, 0, 0.0
+    if cfg.resume == "never":
+        if list_checkpoints(run_dir):
+            print(f"warning: resume=never: deleting the checkpoints in {run_dir / CHECKPOINTS} and starting over",
+                  file=sys.stderr)
+            shutil.rmtree(run_dir / CHECKPOINTS)
+    else:
+        check_same_run(run_dir, resume_config)
+        found = find_resumable(run_dir, model, optimizer)
+        if found is not None:
+            path, state = found
+            start_step, tokens_seen, train_time = state["step"], state["tokens"], state.get("train_time_s", 0.0)
+            set_rng_state(state["rng"])
+            print(f"resuming from {path} (step {start_step} of {total_steps})", file=sys.stderr)
+    if start_step > total_steps:
+        raise UserError(f"{run_dir} has a checkpoint at step {start_step}, past this run's {total_steps} steps; "
+                        f"use another `out` or resume=never")
+
+    log = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                        wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
+                        config=cfg.model_dump(mode="json"))
+    forward_model = wrap_model(model, t.compile)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+    peak = peak_flops(device) if amp is not None else None
+    epoch_tokens = getattr(objective, "epoch_tokens", None)
+
+    def state_now(done: int) -> dict:
+        return {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rng_state(),
+                "resume_config": resume_config}
+
+    def evaluate(done: int) -> None:
+        model.eval()
+        with torch.no_grad(), autocast():
+            metrics = objective.evaluate(forward_model, device)
+        model.train()
+        if metrics:
+            log.write({"step": done, **metrics})
+
+    bar = progress(total=total_steps, desc=desc, unit="step", initial=start_step)
+    last_ckpt = start_step if start_step else None
+    done = start_step
+    interval_t0, interval_tokens = time.perf_counter(), 0
+    try:
+        with _StopOnCtrlC() as stop:
+            for step in range(start_step, total_steps):
+                t0 = time.perf_counter()
+                lr = schedule(step)
+                set_lr(optimizer, lr)
+                loss_sum = torch.zeros((), device=device)
+                step_tokens = 0
+                for micro in range(t.grad_accum):
+                    batch = to_device(objective.batch(step, micro), device)
+                    with autocast():
+                        loss, n_tokens = objective.loss(forward_model, batch)
+                    (loss / t.grad_accum).backward()
+                    loss_sum += loss.detach().float()
+                    step_tokens += int(n_tokens)
+                # clip_grad_norm_ with an infinite max still returns the norm and scales by exactly 1.
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                tokens_seen += step_tokens
+                interval_tokens += step_tokens
+                train_time += time.perf_counter() - t0
+                bar.update(1)
+
+                if done % cfg.log.every == 0 or done == total_steps:
+                    loss_value = loss_sum.item() / t.grad_accum  # .item() syncs the GPU: only at log steps
+                    now = time.perf_counter()
+                    tps = interval_tokens / max(now - interval_t0, 1e-9)
+                    interval_t0, interval_tokens = now, 0
+                    rec = {"step": done, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
+                           "tokens_per_s": round(tps, 1), "grad_norm": grad_norm.item(),
+                           "time_s": round(train_time, 2)}
+                    if epoch_tokens:
+                        rec["epochs"] = round(tokens_seen / epoch_tokens, 4)
+                    if peak and flops_per_token:
+                        rec["mfu"] = round(tps * flops_per_token / peak, 4)
+                    log.write(rec)
+                    post = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+                    if "mfu" in rec:
+                        post["mfu"] = f"{rec['mfu']:.1%}"
+                    if "epochs" in rec:
+                        post["ep"] = f"{rec['epochs']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+
+                if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
+                    evaluate(done)
+                if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps \
+                        or stop.requested:
+                    save_checkpoint(run_dir, done, model, optimizer, state_now(done), keep=cfg.checkpoint.keep)
+                    last_ckpt = done
+                if stop.requested:
+                    raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in "
+                                      f"{run_dir / CHECKPOINTS}. Run the same command to continue.")
+    except KeyboardInterrupt:
+        where = f"from the checkpoint at step {last_ckpt}" if last_ckpt else "from the start (no checkpoint yet)"
+        raise Interrupted(f"stopped during step {done + 1} of {total_steps}; run the same command to continue "
+                          f"{where}") from None
+    finally:
+        bar.close()
+        log.close()
+
+    lines = read_metrics(run_dir)
+    train_lines = [r for r in lines if "loss" in r]
+    eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
+    return {
+        "steps": total_steps,
+        "tokens": tokens_seen,
+        "train_time_s": round(train_time, 2),
+        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
+        "final_loss": train_lines[-1]["loss"] if train_lines else None,
+        "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
+    }
