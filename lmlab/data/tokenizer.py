@@ -1,0 +1,362 @@
+"""Train (or import) the tokenizer once; everything after it is tied to its sha256.
+
+    lmlab tokenizer corpus=runs/corpus out=runs/tokenizer vocab_size=8192
+    lmlab tokenizer type=bpe vocab_size=8192                   # byte-level BPE (HF tokenizers)
+    lmlab tokenizer from_file=path/to/tokenizer.model           # import an existing one
+    python -c "from lmlab.data import tokenizer as t; t.run(t.Config(corpus='runs/c', out='runs/t', vocab_size=600))"
+
+Two kinds, both with byte fallback so no input is ever unknown:
+- `sentencepiece`: a SentencePiece BPE model (`tokenizer.model`) with identity normalisation
+  and no dummy prefix, so decode(encode(x)) == x for ordinary text.
+- `bpe`: byte-level BPE from HF `tokenizers` (`tokenizer.json`), as in GPT-2.
+
+Special tokens (ids in `tokenizer_meta.json`, see SPECIAL_TOKENS): `<|bos|>`, `<|eos|>`,
+`<|pad|>`, the chat markers `<|im_start|>`, `<|im_end|>` and spare `<|reserved_0..5|>`; each
+is one id, and the chat/reserved ones also encode to one id when they appear in text.
+The tokenizer's fingerprint is the sha256 of its model file. `Tokenizer` is the class every
+other stage uses: `Tokenizer.load(dir)`, encode/encode_batch/decode, ids, `export_hf(dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.data.corpus import iter_corpus_texts
+from lmlab.errors import UserError
+
+KIND = "tokenizer"
+META = "tokenizer_meta.json"
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+RESERVED = [f"<|reserved_{i}|>" for i in range(6)]
+# Tokens that must survive when written in text (chat templates are rendered as text).
+TEXT_SPECIALS = [IM_START, IM_END] + RESERVED
+SPECIAL_TOKENS = [BOS, EOS, PAD] + TEXT_SPECIALS
+
+
+class Config(Strict):
+    corpus: str = Field("runs/corpus", description="corpus artifact to train on (ignored with from_file)")
+    out: str = Field("runs/tokenizer", description="output tokenizer artifact directory")
+    type: Literal["sentencepiece", "bpe"] = Field("sentencepiece", description="sentencepiece (BPE model, tokenizer.model) or bpe (byte-level BPE, tokenizer.json)")
+    vocab_size: int = Field(32768, ge=300, le=1 << 22, description="vocabulary size including byte and special tokens")
+    input_sentence_size: int = Field(2_000_000, ge=1000, description="at most this many training lines (sampled) for sentencepiece; caps memory and time")
+    max_sentence_length: int = Field(1 << 16, ge=1024, description="longest training line in bytes for sentencepiece (longer lines are skipped)")
+    character_coverage: float = Field(0.9995, gt=0.9, le=1.0, description="share of characters given their own piece (sentencepiece); the rest use byte fallback")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge (bpe)")
+    threads: int = Field(min(4, os.cpu_count() or 1), ge=1, description="training threads")
+    from_file: Optional[str] = Field(None, description="import an existing SentencePiece .model or tokenizer.json instead of training")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Tokenizer every stage uses
+
+
+class Tokenizer:
+    """A trained tokenizer artifact: `Tokenizer.load(dir)`; encode adds no special tokens."""
+
+    def __init__(self, path: Path, meta: dict, backend) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.type: str = meta["type"]
+        self._backend = backend
+        self.special_tokens: dict[str, int] = dict(meta["special_tokens"])
+        self.vocab_size: int = int(meta["vocab_size"])
+        self.bos_id: int = int(meta["bos_id"])
+        self.eos_id: int = int(meta["eos_id"])
+        self.pad_id: int = int(meta["pad_id"])
+        self.sha256: str = meta["sha256"]
+        self.model_file = self.path / (SP_FILE if self.type == "sentencepiece" else HF_FILE)
+        self._threads = min(8, os.cpu_count() or 1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        meta_path = path / META
+        if not meta_path.is_file():
+            raise UserError(f"{path} is not a tokenizer (no {META}); run `lmlab tokenizer` or point at a model run's tokenizer/")
+        meta = json.loads(meta_path.read_text())
+        model_file = path / (SP_FILE if meta["type"] == "sentencepiece" else HF_FILE)
+        if not model_file.is_file():
+            raise UserError(f"tokenizer {path} is missing {model_file.name}; re-run `lmlab tokenizer`")
+        actual = artifacts.sha256_file(model_file)
+        if actual != meta["sha256"]:
+            raise UserError(f"tokenizer {path}: {model_file.name} has sha256 {actual[:12]} but {META} says "
+                            f"{meta['sha256'][:12]}; the file was changed after training. Re-run `lmlab tokenizer`.")
+        if meta["type"] == "sentencepiece":
+            import sentencepiece as spm
+            backend = spm.SentencePieceProcessor(model_file=str(model_file))
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+            backend = HFTokenizer.from_file(str(model_file))
+        return cls(path, meta, backend)
+
+    def encode(self, text: str) -> list[int]:
+        if self.type == "sentencepiece":
+            return self._backend.encode(text, out_type=int)
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.type == "sentencepiece":
+            # sentencepiece >= 0.2 encodes a list on its own C++ thread pool.
+            return self._backend.encode(list(texts), out_type=int, num_threads=self._threads)
+        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.type == "sentencepiece":
+            return self._backend.decode(ids)
+        # bos/eos/pad are "special" and vanish, like sentencepiece control symbols; chat tokens stay.
+        return self._backend.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        if self.type == "sentencepiece":
+            return self._backend.id_to_piece(int(i))
+        return self._backend.id_to_token(int(i))
+
+    def copy_to(self, dest: str | Path) -> Path:
+        """Copy the model file and meta into `dest` (e.g. a model run's tokenizer/)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.model_file, dest / self.model_file.name)
+        shutil.copy2(self.path / META, dest / META)
+        return dest
+
+    def export_hf(self, dest: str | Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for `AutoTokenizer`."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.type == "sentencepiece":
+            hf = sentencepiece_to_hf(self._backend, self.special_tokens)
+            hf.save(str(dest / HF_FILE))
+        else:
+            shutil.copy2(self.model_file, dest / HF_FILE)
+        inverse = {v: k for k, v in self.special_tokens.items()}
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": inverse[self.bos_id], "eos_token": inverse[self.eos_id], "pad_token": inverse[self.pad_id],
+            "additional_special_tokens": TEXT_SPECIALS_IN(self.special_tokens),
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        if self.type == "sentencepiece":
+            cfg["unk_token"] = UNK
+        artifacts.write_json_atomic(dest / "tokenizer_config.json", cfg)
+        artifacts.write_json_atomic(dest / "special_tokens_map.json", {
+            k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "additional_special_tokens", "unk_token") if k in cfg})
+        return dest
+
+
+def TEXT_SPECIALS_IN(special_tokens: dict[str, int]) -> list[str]:
+    return [t for t in TEXT_SPECIALS if t in special_tokens]
+
+
+def sentencepiece_to_hf(sp, special_tokens: dict[str, int]):
+    """An HF `tokenizers.Tokenizer` equal to a SentencePiece BPE model trained as in `train_sentencepiece`.
+
+    SentencePiece BPE picks merges by piece score; HF BPE by merge rank. Ranking the merges by
+    the id of the merged piece (sentencepiece BPE ids are in score order) makes them agree.
+    Whitespace is '▁' in both; there is no dummy prefix, so no Prepend/Strip steps.
+    """
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    normal = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))
+              and sp.id_to_piece(i) not in special_tokens]
+    merges = []
+    for i in normal:
+        piece = sp.id_to_piece(i)
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=UNK,
+                       byte_fallback=True, fuse_unk=True)
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in special_tokens if t not in TEXT_SPECIALS] + [AddedToken(UNK, special=True, normalized=False)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS if t in special_tokens])
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _training_lines(corpus: Path):
+    """SentencePiece trains on lines; documents are split at newlines (blank lines skipped)."""
+    for text in iter_corpus_texts(corpus):
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(cfg: Config, corpus: Path, dest: Path) -> None:
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(corpus),
+            model_prefix=str(dest / "tokenizer"),
+            model_type="bpe",
+            vocab_size=cfg.vocab_size,
+            byte_fallback=True,
+            character_coverage=cfg.character_coverage,
+            # identity + no dummy prefix + keep spaces: decode(encode(x)) == x
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            # Every printable ASCII character gets a piece even when rare in this corpus
+            # (e.g. '!' in documentation), so code and punctuation never fall back to bytes.
+            required_chars="".join(chr(c) for c in range(33, 127)),
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=cfg.max_sentence_length,
+            num_threads=cfg.threads,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            user_defined_symbols=TEXT_SPECIALS,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        if m:
+            raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): it supports at most "
+                            f"~{m.group(2)} tokens; lower vocab_size (e.g. vocab_size={int(m.group(2))}) or add text") from None
+        raise UserError(f"sentencepiece training failed: {e}") from None
+    (dest / "tokenizer.vocab").unlink(missing_ok=True)
+
+
+def train_bpe(cfg: Config, corpus: Path, dest: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size - len(TEXT_SPECIALS), min_frequency=cfg.min_frequency, show_progress=False,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+    )
+    tok.train_from_iterator(iter_corpus_texts(corpus), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS])
+    if tok.get_vocab_size() < cfg.vocab_size:
+        n = tok.get_vocab_size()
+        raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): BPE found merges for only "
+                        f"~{n} tokens; lower vocab_size (e.g. vocab_size={n}) or add text")
+    tok.save(str(dest / HF_FILE))
+
+
+def _write_meta(dest: Path, type_: str) -> dict:
+    model_file = dest / (SP_FILE if type_ == "sentencepiece" else HF_FILE)
+    if type_ == "sentencepiece":
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        size = sp.get_piece_size()
+        specials = {}
+        for name, i in ((BOS, sp.bos_id()), (EOS, sp.eos_id()), (PAD, sp.pad_id())):
+            if i >= 0:
+                specials[sp.id_to_piece(i)] = i
+        for t in TEXT_SPECIALS:
+            i = sp.piece_to_id(t)
+            if i != sp.unk_id():
+                specials[t] = i
+        bos, eos, pad = sp.bos_id(), sp.eos_id(), sp.pad_id()
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(str(model_file))
+        size = tok.get_vocab_size(with_added_tokens=True)
+        specials = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None}
+        bos, eos, pad = specials[BOS], specials[EOS], specials[PAD]
+    if pad < 0:
+        pad = eos  # an imported model without a pad piece: pad positions are masked anyway
+    meta = {"type": type_, "vocab_size": size, "bos_id": bos, "eos_id": eos, "pad_id": pad,
+            "special_tokens": specials, "sha256": artifacts.sha256_file(model_file)}
+    artifacts.write_json_atomic(dest / META, meta)
+    return meta
+
+
+def import_file(path: Path, dest: Path) -> str:
+    """Copy an existing .model / tokenizer.json into `dest`; returns the type."""
+    if not path.is_file():
+        raise UserError(f"from_file not found: {path}")
+    if path.suffix == ".model":
+        import sentencepiece as spm
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{path} is not a SentencePiece model: {e}") from None
+        missing = [t for t in TEXT_SPECIALS[:2] if sp.piece_to_id(t) == sp.unk_id()]
+        if sp.bos_id() < 0 or sp.eos_id() < 0:
+            missing = ["bos", "eos"][int(sp.bos_id() >= 0):] + missing
+        if missing:
+            raise UserError(f"SentencePiece model {path} lacks special tokens {', '.join(missing)}; lmlab needs bos/eos and "
+                            f"{IM_START}/{IM_END} as user-defined symbols. Retrain with `lmlab tokenizer` or use a tokenizer.json "
+                            f"(special tokens are added to those automatically)")
+        shutil.copy2(path, dest / SP_FILE)
+        return "sentencepiece"
+    if path.suffix == ".json":
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise UserError(f"{path} is not a Hugging Face tokenizer.json: {e}") from None
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD)
+                                if tok.token_to_id(t) is None])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS if tok.token_to_id(t) is None])
+        tok.save(str(dest / HF_FILE))
+        return "bpe"
+    raise UserError(f"from_file must be a SentencePiece .model or a tokenizer.json, got {path}")
+
+
+def run(cfg: Config) -> Path:
+    out = Path(cfg.out)
+    config = cfg.model_dump(mode="json", exclude={"threads"})
+    if cfg.from_file:
+        src = Path(cfg.from_file)
+        if not src.is_file():
+            raise UserError(f"from_file not found: {src} (give a SentencePiece .model or a tokenizer.json)")
+        inputs = {"from_file": {"path": str(src), "fingerprint": artifacts.sha256_file(src)}}
+    else:
+        m = artifacts.require_artifact(cfg.corpus, "corpus", what="corpus")
+        inputs = {"corpus": {"path": str(cfg.corpus), "fingerprint": m["fingerprint"]}}
+    fp = artifacts.stage_fingerprint(KIND, config, {k: v["fingerprint"] for k, v in inputs.items()})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"tokenizer: up to date ({out}), nothing to do")
+        return out
+    timer = artifacts.Timer()
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            with timer("train"):
+                if cfg.from_file:
+                    type_ = import_file(Path(cfg.from_file), tmp)
+                else:
+                    print(f"tokenizer: training {cfg.type} vocab_size={cfg.vocab_size} on {cfg.corpus} ...")
+                    (train_sentencepiece if cfg.type == "sentencepiece" else train_bpe)(cfg, Path(cfg.corpus), tmp)
+                    type_ = cfg.type
+            meta = _write_meta(tmp, type_)
+            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, tokenizer_sha256=meta["sha256"],
+                                     timings=timer.total(),
+                                     stats={"type": type_, "vocab_size": meta["vocab_size"], "special_tokens": meta["special_tokens"]})
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    print(f"tokenizer: {type_} vocab {meta['vocab_size']} sha256 {meta['sha256'][:12]} -> {out} "
+          f"({timer.timings['train']:.1f}s)")
+    return out
