@@ -50,7 +50,7 @@ class Config(Strict):
                                    "a list of {path, weight}; rows are drawn from each in proportion to weight. "
                                    "All must share one tokenizer")
     out: str = Field("runs/pretrain", description="run directory (model artifact, checkpoints, metrics)")
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="micro"),
+    model: ModelConfig = Field(default_factory=ModelConfig,
                                description="model: a preset plus any overrides; vocab_size comes from the tokenizer")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation loss / perplexity / bits per byte")
