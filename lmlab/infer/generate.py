@@ -1,0 +1,113 @@
+"""Generate text from a trained model with the KV-cache engine.
+
+    lmlab generate runs/model prompts='["Once upon", "The"]' max_new_tokens=50 \\
+        temperature=0.8 top_k=50 top_p=0.95 stop='["\\n\\n"]'
+    lmlab generate runs/model prompts_file=prompts.txt temperature=0 out=gens.jsonl
+
+Prints each prompt and its completion; a single prompt streams its tokens as they come.
+With `out`, also writes one `{"prompt", "completion"}` JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from lmlab.config import Strict
+from lmlab.errors import UserError
+
+POSITIONAL = ("model", "model run directory (model.safetensors, model.json, tokenizer/)")
+
+
+class Config(Strict):
+    model: str = Field("", description="model run directory to generate from")
+    prompts: list[str] = Field(default_factory=list, description="prompts, e.g. prompts='[\"Once upon\", \"The\"]'")
+    prompts_file: Optional[str] = Field(None, description="text file with one prompt per line (added after `prompts`)")
+    max_new_tokens: int = Field(64, ge=1, description="most new tokens per prompt")
+    temperature: float = Field(0.8, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens only; 0 = all")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling: smallest token set with this much probability")
+    stop: list[str] = Field(default_factory=list, description="stop strings: a completion ends before the first one")
+    seed: int = Field(0, description="sampling seed (same seed, same text)")
+    add_bos: bool = Field(True, description="start each prompt with the BOS token, as training documents do")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    batch_size: int = Field(16, ge=1, description="prompts decoded together")
+    out: Optional[str] = Field(None, description="optional JSONL file for {prompt, completion} records")
+
+
+def _read_prompts(cfg: Config) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        p = Path(cfg.prompts_file)
+        if not p.is_file():
+            raise UserError(f"prompts_file not found: {p}")
+        prompts += [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompts given; add prompts='[\"Once upon\"]' or prompts_file=FILE (one prompt per line)")
+    return prompts
+
+
+def _stream_one(model, tokenizer, prompt: str, cfg: Config, device) -> str:
+    """Print the completion of one prompt token by token; returns it (stop strings cut)."""
+    from lmlab.infer.engine import generate
+
+    hold = max((len(s) for s in cfg.stop), default=1) - 1  # chars that may be the start of a stop string
+    ids: list[int] = []
+    printed = 0
+
+    def on_token(_row: int, t: int) -> None:
+        nonlocal printed
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+        safe = text[:cut] if cut >= 0 else text[:len(text) - hold]
+        safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
+        if len(safe) > printed:
+            sys.stdout.write(safe[printed:])
+            sys.stdout.flush()
+            printed = len(safe)
+
+    sys.stdout.write(prompt)
+    completion = generate(model, tokenizer, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                          cfg.stop, cfg.seed, device, add_bos=cfg.add_bos, on_token=on_token)[0]
+    sys.stdout.write(completion[printed:] + "\n")
+    sys.stdout.flush()
+    return completion
+
+
+def run(cfg: Config) -> list[dict]:
+    from lmlab.infer.engine import generate
+    from lmlab.models import load_model
+    from lmlab.runtime import pick_device, progress
+
+    if not cfg.model:
+        raise UserError("no model given; run `lmlab generate RUN_DIR prompts='[\"...\"]'`")
+    prompts = _read_prompts(cfg)
+    device = pick_device(cfg.device)
+    model, tokenizer, _ = load_model(cfg.model, device=device)
+    records = []
+    if len(prompts) == 1:
+        records.append({"prompt": prompts[0], "completion": _stream_one(model, tokenizer, prompts[0], cfg, device)})
+    else:
+        bar = progress(len(prompts), desc="generate", unit="prompt")
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start:start + cfg.batch_size]
+            outs = generate(model, tokenizer, chunk, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                            cfg.stop, cfg.seed + start, device, add_bos=cfg.add_bos)
+            for i, (p, c) in enumerate(zip(chunk, outs)):
+                print(f"--- [{start + i + 1}/{len(prompts)}]\n{p}{c}", flush=True)
+                records.append({"prompt": p, "completion": c})
+            bar.update(len(chunk))
+        bar.close()
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, out)
+    return records
