@@ -56,7 +56,8 @@ class Config(Strict):
     max_sentence_length: int = Field(1 << 16, ge=1024, description="longest training line in bytes for sentencepiece (longer lines are skipped)")
     character_coverage: float = Field(0.9995, gt=0.9, le=1.0, description="share of characters given their own piece (sentencepiece); the rest use byte fallback")
     min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge (bpe)")
-    threads: int = Field(min(4, os.cpu_count() or 1), ge=1, description="training threads")
+    threads: int = Field(4, ge=1, description="training threads (fixed default: sentencepiece records it in the model file, so it is part of the sha256)")
+    seed: int = Field(0, description="seed for sentencepiece's sampling of training lines")
     from_file: Optional[str] = Field(None, description="import an existing SentencePiece .model or tokenizer.json instead of training")
 
 
@@ -208,12 +209,18 @@ def _training_lines(corpus: Path):
 
 
 def train_sentencepiece(cfg: Config, corpus: Path, dest: Path) -> None:
+    import io
+
     import sentencepiece as spm
 
+    # model_writer, not model_prefix: the prefix (a temp path) would be stored in the model
+    # file and make the sha256 differ between identical runs.
+    model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_lines(corpus),
-            model_prefix=str(dest / "tokenizer"),
+            model_writer=model,
             model_type="bpe",
             vocab_size=cfg.vocab_size,
             byte_fallback=True,
@@ -241,7 +248,7 @@ def train_sentencepiece(cfg: Config, corpus: Path, dest: Path) -> None:
             raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): it supports at most "
                             f"~{m.group(2)} tokens; lower vocab_size (e.g. vocab_size={int(m.group(2))}) or add text") from None
         raise UserError(f"sentencepiece training failed: {e}") from None
-    (dest / "tokenizer.vocab").unlink(missing_ok=True)
+    (dest / SP_FILE).write_bytes(model.getvalue())
 
 
 def train_bpe(cfg: Config, corpus: Path, dest: Path) -> None:
@@ -328,7 +335,7 @@ def import_file(path: Path, dest: Path) -> str:
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.out)
-    config = cfg.model_dump(mode="json", exclude={"threads"})
+    config = cfg.model_dump(mode="json")
     if cfg.from_file:
         src = Path(cfg.from_file)
         if not src.is_file():
