@@ -266,8 +266,8 @@ def train_bpe(cfg: Config, corpus: Path, dest: Path) -> None:
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS])
     if tok.get_vocab_size() < cfg.vocab_size:
         n = tok.get_vocab_size()
-        raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): BPE found merges for only "
-                        f"~{n} tokens; lower vocab_size (e.g. vocab_size={n}) or add text")
+        raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): BPE found merges for "
+                        f"at most ~{n} tokens; lower vocab_size (e.g. vocab_size={n}) or add text")
     tok.save(str(dest / HF_FILE))
 
 
