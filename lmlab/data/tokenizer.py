@@ -247,6 +247,10 @@ def train_sentencepiece(cfg: Config, corpus: Path, dest: Path) -> None:
         if m:
             raise UserError(f"vocab_size={cfg.vocab_size} is too large for this corpus ({corpus}): it supports at most "
                             f"~{m.group(2)} tokens; lower vocab_size (e.g. vocab_size={int(m.group(2))}) or add text") from None
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m:
+            raise UserError(f"vocab_size={cfg.vocab_size} is too small: this sentencepiece tokenizer needs at least {m.group(2)} "
+                            f"ids for its control, special, 256 byte and character pieces; raise vocab_size") from None
         raise UserError(f"sentencepiece training failed: {e}") from None
     (dest / SP_FILE).write_bytes(model.getvalue())
 
