@@ -100,14 +100,16 @@ def read_text_file(path: str | Path, max_bytes: int = 0) -> tuple[str, bool]:
     return text, False
 
 
-def check_packed_tokenizer(packed_dir: str | Path, model_sha: str) -> None:
-    """Refuse a packed artifact tokenized with a different tokenizer than the model's."""
+def check_packed_tokenizer(packed_dir: str | Path, tokenizer) -> dict:
+    """The packed artifact's manifest; refuses one tokenized with another tokenizer than the model's."""
+    from lmlab.data.loader import check_tokenizer
+
     m = artifacts.require_artifact(packed_dir, "packed", "packed artifact")
-    packed_sha = m.get("tokenizer_sha256")
-    if packed_sha and model_sha and packed_sha != model_sha:
-        raise UserError(f"tokenizer mismatch: packed artifact {packed_dir} was made with tokenizer sha256 "
-                        f"{packed_sha}, but the model uses tokenizer sha256 {model_sha}; evaluate on data "
-                        f"packed with the model's tokenizer (`lmlab pack` with tokenizer=<the model's tokenizer>)")
+    try:
+        check_tokenizer(m, tokenizer)
+    except UserError as e:
+        raise UserError(f"cannot evaluate on {packed_dir}: {e}") from None
+    return m
 
 
 def resolve_prefix_token(tokenizer, choice: str) -> int:
@@ -133,15 +135,16 @@ def run(cfg: Config) -> Path:
         raise UserError(f"model directory not found: {model_dir} (train one with `lmlab pretrain`, or fix the path)")
     model_manifest = artifacts.require_artifact(model_dir, "model", "model")
     out = Path(cfg.out) if cfg.out else default_out(model_dir)
+    from lmlab.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(model_dir / "tokenizer")  # cheap; needed to vet the inputs first
 
     # Fingerprint everything the numbers depend on: config (minus where they go and which
     # device computes them), the model, the packed artifacts and the text files' contents.
     fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
-    model_sha = model_manifest.get("tokenizer_sha256")
     for i, p in enumerate(cfg.packed):
-        pm = artifacts.require_artifact(p, "packed", "packed artifact")
-        check_packed_tokenizer(p, model_sha)
+        pm = check_packed_tokenizer(p, tokenizer)
         inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
     texts = []
     for i, p in enumerate(cfg.texts):
@@ -158,16 +161,14 @@ def run(cfg: Config) -> Path:
     timer = artifacts.Timer()
     device = pick_device(cfg.device)
     with timer("load"):
-        model, tokenizer, _ = load_model(model_dir, device=str(device))
+        model, tokenizer, _ = load_model(model_dir, device=device)
         model.eval()
-    tok_sha = getattr(tokenizer, "sha256", None) or model_sha
-    for p in cfg.packed:  # the model's own tokenizer copy is the final word
-        check_packed_tokenizer(p, tok_sha)
+    tok_sha = tokenizer.sha256
     max_seq_len = int(model.cfg.max_seq_len)
 
     results: dict = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint"),
                                "tokenizer_sha256": tok_sha, "max_seq_len": max_seq_len,
-                               **{k: model_manifest.get("stats", {}).get(k) for k in ("params", "flops_per_token", "tokens")}},
+                               **{k: model_manifest.get("stats", {}).get(k) for k in ("params", "flops_per_token", "tokens_trained")}},
                      "packed": [], "texts": []}
 
     with timer("packed"):
@@ -200,15 +201,14 @@ def _eval_packed(model, packed_dir, cfg: Config, device, max_seq_len: int, token
     ds = PackedDataset(packed_dir, "val")
     if len(ds) == 0:
         raise UserError(f"packed artifact {packed_dir} has an empty val split; re-pack with a val fraction > 0")
-    if ds.seq_len - 1 > max_seq_len:
-        raise UserError(f"packed artifact {packed_dir} has rows of {ds.seq_len} tokens, longer than the model's "
-                        f"max_seq_len {max_seq_len} + 1; pack with seq_len <= {max_seq_len + 1}")
+    # Rows longer than the model's context are cut to it, as the trainer does.
+    seq_len = min(ds.seq_len, max_seq_len + 1)
     stats = ds.manifest.get("stats", {})
     n_batches = math.ceil(len(ds) / cfg.batch_size)
     if cfg.max_batches:
         n_batches = min(n_batches, cfg.max_batches)
     with progress(n_batches, f"eval {Path(packed_dir).name} val", "batch") as bar:
-        nll, count, rows = perplexity.packed_nll(model, ds, cfg.batch_size, cfg.max_batches, device, bar)
+        nll, count, rows = perplexity.packed_nll(model, ds, cfg.batch_size, cfg.max_batches, device, bar, seq_len)
     loss = nll / count
     tokens, n_bytes = int(stats["val_tokens"]), int(stats["val_bytes"])
     res = {
@@ -216,6 +216,7 @@ def _eval_packed(model, packed_dir, cfg: Config, device, max_seq_len: int, token
         "split": "val",
         "rows": rows,
         "rows_total": len(ds),
+        "seq_len": seq_len,
         "tokens_scored": count,
         "loss": loss,
         "perplexity": math.exp(loss),

@@ -132,11 +132,12 @@ def text_nll(model, tokens: list[int], prefix_token: int, max_seq_len: int, batc
 
 
 def packed_nll(model, dataset, batch_size: int, max_batches: int, device: torch.device,
-               bar=None) -> tuple[float, int, int]:
+               bar=None, seq_len: int | None = None) -> tuple[float, int, int]:
     """Score the rows of a PackedDataset as training does. Returns (nll nats, targets, rows).
 
     `max_batches` <= 0 scores every row. Rows are taken in order (the val split is already a
-    held-out sample), so the same config always scores the same tokens.
+    held-out sample), so the same config always scores the same tokens. `seq_len` cuts rows
+    to their first `seq_len` tokens, as the trainer does for a model with a shorter context.
     """
     n_rows = len(dataset)
     if max_batches > 0:
@@ -144,7 +145,7 @@ def packed_nll(model, dataset, batch_size: int, max_batches: int, device: torch.
     total, count = 0.0, 0
     for start in range(0, n_rows, batch_size):
         idx = np.arange(start, min(start + batch_size, n_rows))
-        rows = torch.from_numpy(np.asarray(dataset.rows(idx), dtype=np.int64))
+        rows = torch.from_numpy(np.asarray(dataset.rows(idx)[:, :seq_len], dtype=np.int64))
         x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
         total += summed_nll(model, x, y)
         count += y.numel()

@@ -235,7 +235,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     eval_json = _load_json(eval_dir / "eval.json") if eval_dir else None
     train, val = read_metrics(model_dir) if model_dir else ([], [])
 
-    title = cfg.title or (Path(cfg.root).resolve().name if cfg.root else "lmlab run")
+    title = cfg.title or (Path(cfg.root).resolve().name if cfg.root else Path(cfg.inputs[0]).resolve().parent.name)
     parts = [f"# lmlab report: {title}", "", summary(model_m, eval_json, train, val, tok_m), ""]
 
     # --- run
@@ -251,7 +251,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     ]), ""]
 
     # --- time per stage
-    times = [(k if len(found[k]) == 1 else f"{k} {i}", _total_seconds(m))
+    times = [(STAGE_VERB.get(k, k) if len(found[k]) == 1 else f"{STAGE_VERB.get(k, k)} {i}", _total_seconds(m))
              for k in _ordered(found) for i, (_, m) in enumerate(found[k])]
     times = [(n, s) for n, s in times if s is not None]
     parts += ["## Time per stage", ""]
@@ -343,13 +343,15 @@ def summary(model_m, eval_json, train, val, tok_m) -> str:
     if bpb is not None:
         s = f"**val bits per byte {bpb:.3f}**"
         if unigram is not None:
-            s += f" vs unigram {unigram:.3f} ({100 * (1 - bpb / unigram):.0f}% lower)"
+            gain = 1 - bpb / unigram
+            s += (f" vs unigram {unigram:.3f} ({100 * gain:.0f}% lower)" if gain >= 0 else
+                  f" vs unigram {unigram:.3f} (**{100 * -gain:.0f}% worse than the unigram baseline**: train longer)")
         bits.append(s)
     stats = (model_m or {}).get("stats", {})
-    tokens = stats.get("tokens") or (train[-1].get("tokens") if train else None)
+    tokens = stats.get("tokens_trained") or stats.get("tokens") or (train[-1].get("tokens") if train else None)
     if tokens:
         bits.append(f"after {fmt_count(tokens)} tokens")
-    secs = _total_seconds(model_m) if model_m else None
+    secs = stats.get("train_time_s") or (_total_seconds(model_m) if model_m else None)
     if secs:
         bits.append(f"in {fmt_duration(secs)}")
     hw = stats.get("hardware")
@@ -447,7 +449,7 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
     if stats.get("non_embedding_params"):
         rows.append(["non-embedding parameters", fmt_count(stats["non_embedding_params"])])
     rows.append(["FLOPs per token (train, 6N + attention)", fmt_count(stats.get("flops_per_token"))])
-    tokens = stats.get("tokens") or (train[-1].get("tokens") if train else None)
+    tokens = stats.get("tokens_trained") or stats.get("tokens") or (train[-1].get("tokens") if train else None)
     rows.append(["tokens trained", fmt_count(tokens)])
     if tokens and stats.get("flops_per_token"):
         rows.append(["training compute", f"{fmt_count(tokens * stats['flops_per_token'])}FLOP"])
