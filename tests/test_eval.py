@@ -103,3 +103,148 @@ def test_text_nll_of_uniform_model_is_n_log_v():
     nll, predicted, windows = perplexity.text_nll(_Uniform(50), list(range(1, 38)), 0, 8, 3, torch.device("cpu"))
     assert predicted == 37 and windows == 5
     assert nll == pytest.approx(37 * math.log(50))
+
+
+# ----------------------------------------------------------------- the eval stage (real pipeline)
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """corpus -> tokenizer -> pack -> a 12-step micro model, all by the real stages."""
+    from lmlab.data import corpus, pack, tokenizer
+    from lmlab.train import pretrain
+
+    root = tmp_path_factory.mktemp("pipe")
+    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 40}]))
+    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
+    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=65, workers=1,
+                             val_fraction=0.2))
+    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "model"),
+                                     model={"preset": "micro", "max_seq_len": 64},
+                                     train={"steps": 12, "batch_size": 4, "device": "cpu"},
+                                     eval={"every": 4, "batches": 2}, log={"every": 2}, checkpoint={"every": 0}))
+    return {"root": root, "corpus": c, "tokenizer": t, "packed": p, "model": m}
+
+
+def _eval_cfg(pipeline, **kw):
+    from lmlab.eval import evaluate
+
+    base = dict(model=str(pipeline["model"]), packed=[str(pipeline["packed"])], max_batches=3, batch_size=8,
+                prompts=["The os module provides", "def "], max_new_tokens=4, device="cpu")
+    return evaluate.Config(**{**base, **kw})
+
+
+def test_eval_stage_writes_metrics_and_rerun_is_noop(pipeline, tmp_path, capsys):
+    from lmlab import artifacts
+    from lmlab.data.loader import PackedDataset
+    from lmlab.eval import evaluate
+    from lmlab.eval.baseline import token_counts
+    from lmlab.models import load_model
+
+    text = tmp_path / "doc.txt"
+    text.write_text("The os module provides a portable way of using operating system functionality.\n" * 6)
+    out = evaluate.run(_eval_cfg(pipeline, texts=[str(text)]))
+    assert out == pipeline["root"] / "eval"  # default: 'eval' next to the model dir
+    m = artifacts.read_manifest(out)
+    assert m["kind"] == "eval" and m["tokenizer_sha256"]
+    ev = json.loads((out / "eval.json").read_text())
+    p = ev["packed"][0]
+    assert p["rows"] == 24 and p["tokens_scored"] == 24 * 64
+    assert 0 < p["bits_per_byte"] < 20 and 0 < p["unigram_bits_per_byte"] < 20
+    assert p["perplexity"] == pytest.approx(math.exp(p["loss"]))
+    assert m["stats"]["val_bpb"] == p["bits_per_byte"]
+
+    # The packed loss equals a direct forward pass over the same rows.
+    model, tok, _ = load_model(pipeline["model"])
+    rows = torch.from_numpy(PackedDataset(pipeline["packed"], "val").rows(np.arange(24)))
+    with torch.no_grad():
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+    assert p["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+    # The unigram baseline is the smoothed-train-unigram cross-entropy on the val split.
+    train_counts = token_counts(PackedDataset(pipeline["packed"], "train"), tok.vocab_size)
+    val_counts = token_counts(PackedDataset(pipeline["packed"], "val"), tok.vocab_size)
+    assert p["unigram_nats_per_token"] == pytest.approx(unigram_cross_entropy(train_counts, val_counts))
+
+    t = ev["texts"][0]
+    ids = tok.encode(text.read_text())
+    assert t["tokens"] == len(ids) and t["windows"] == math.ceil(len(ids) / 64)
+    assert t["words"] == perplexity.count_words(text.read_text())
+    assert t["bits_per_byte"] == pytest.approx(t["nll"] / t["bytes"] / math.log(2))
+    # The rolling-window NLL equals scoring [bos] + tokens window by window by hand.
+    full = [tok.bos_id] + ids
+    nll = 0.0
+    for (ctx, cont) in perplexity.rolling_windows(ids, tok.bos_id, 64):
+        x, y = perplexity.window_batch([(ctx, cont)])
+        nll += perplexity.summed_nll(model, x, y)
+    assert t["nll"] == pytest.approx(nll, rel=1e-6)
+    assert len(full) - 1 == t["tokens"]
+
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(g["prompt"], g["setting"]) for g in gens] == [
+        ("The os module provides", "greedy"), ("def ", "greedy"),
+        ("The os module provides", "sampled"), ("def ", "sampled")]
+    assert all(isinstance(g["completion"], str) for g in gens)
+
+    mtime = (out / "eval.json").stat().st_mtime_ns
+    capsys.readouterr()
+    evaluate.run(_eval_cfg(pipeline, texts=[str(text)]))
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "eval.json").stat().st_mtime_ns == mtime
+    # A changed text file is a changed input: the stage runs again.
+    text.write_text("Something else entirely, to be scored again.\n" * 3)
+    evaluate.run(_eval_cfg(pipeline, texts=[str(text)], max_new_tokens=0))
+    assert json.loads((out / "eval.json").read_text())["texts"][0]["bytes"] == len(text.read_bytes())
+
+
+def _run_cli(*args, cwd=None):
+    env = {**os.environ, "LMLAB_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+def test_eval_refuses_other_tokenizer_through_cli(pipeline, tmp_path):
+    from lmlab.data import pack, tokenizer
+    from lmlab.data.tokenizer import Tokenizer
+
+    other_tok = tokenizer.run(tokenizer.Config(corpus=str(pipeline["corpus"]), out=str(tmp_path / "tok2"),
+                                               vocab_size=450, threads=1))
+    other = pack.run(pack.Config(corpus=str(pipeline["corpus"]), tokenizer=str(other_tok), out=str(tmp_path / "packed2"),
+                                 seq_len=65, workers=1, val_fraction=0.2))
+    r = _run_cli("eval", str(pipeline["model"]), f"packed=[{other}]", f"out={tmp_path / 'ev'}")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+    assert Tokenizer.load(other_tok).sha256 in r.stderr
+    assert Tokenizer.load(pipeline["tokenizer"]).sha256 in r.stderr
+    assert not (tmp_path / "ev").exists()
+
+
+def test_eval_user_errors(pipeline, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait".encode("latin-1"))
+    r = _run_cli("eval", str(pipeline["model"]), f"texts=[{bad}]", f"out={tmp_path / 'ev'}")
+    assert r.returncode == 2 and "latin1.txt" in r.stderr and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    r = _run_cli("eval", str(tmp_path / "no_such_model"))
+    assert r.returncode == 2 and "no_such_model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_truncates_text_at_whitespace(tmp_path):
+    from lmlab.eval.evaluate import read_text_file
+
+    p = tmp_path / "t.txt"
+    p.write_text("alpha beta gamma delta")
+    text, truncated = read_text_file(p, max_bytes=13)
+    assert (text, truncated) == ("alpha beta", True)
+    assert read_text_file(p) == ("alpha beta gamma delta", False)
+
+
+@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"WikiText-2 not present at {WIKITEXT}")
+def test_wikitext2_valid_is_finite(pipeline, tmp_path):
+    from lmlab.eval import evaluate
+
+    out = evaluate.run(_eval_cfg(pipeline, packed=[], texts=[str(WIKITEXT)], max_text_bytes=6000,
+                                 max_new_tokens=0, out=str(tmp_path / "wt")))
+    t = json.loads((out / "eval.json").read_text())["texts"][0]
+    assert t["truncated"] and t["bytes"] <= 6000 and t["windows"] >= 2
+    for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert math.isfinite(t[k]) and t[k] > 0
+    assert t["word_perplexity"] > t["byte_perplexity"] > 1
