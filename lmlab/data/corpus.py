@@ -24,7 +24,7 @@ from pydantic import Field
 
 from lmlab import artifacts
 from lmlab.config import Strict
-from lmlab.data.sources import BadRecords, Source, StdlibSource
+from lmlab.data.sources import BadRecords, FilesSource, HFSource, Source, StdlibSource
 from lmlab.errors import UserError
 from lmlab.runtime import progress
 
@@ -32,10 +32,17 @@ KIND = "corpus"
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English with a ~32k BPE vocabulary
 
 
+def _source_options() -> str:
+    """The per-kind options, for `lmlab corpus --help` (the sources list is not flattened there)."""
+    return "; ".join(f"{m.model_fields['kind'].default}: " + ", ".join(k for k in m.model_fields if k != "kind")
+                     for m in (StdlibSource, FilesSource, HFSource))
+
+
 class Config(Strict):
     out: str = Field("runs/corpus", description="output corpus artifact directory")
     sources: list[Source] = Field(default_factory=lambda: [StdlibSource()],
-                                  description="list of sources, each {kind: stdlib|files|hf, ...options}; see docs/data.md")
+                                  description="list of sources, each {kind: ..., options}; options per kind: "
+                                              + _source_options() + " (meanings in docs/data.md)")
     normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation applied to every document")
     min_chars: int = Field(32, ge=0, description="drop documents shorter than this many characters after cleaning")
     dedup: bool = Field(True, description="drop exact duplicate documents (by hash of the cleaned text, across sources)")
