@@ -34,7 +34,8 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import CheckpointConfig, EvalConfig, LogConfig, TrainConfig, resolve_total_steps, train
+from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, check_same_run,
+                             resolve_total_steps, train)
 
 KIND = "model"
 POSITIONAL = ("--config", "pretrain config YAML (same as --config)")
@@ -206,8 +207,6 @@ def run(cfg: Config) -> Path:
     existing = artifacts.read_manifest(out)
     if existing is not None and existing.get("kind") != KIND:
         raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the training run")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
 
     seed_everything(cfg.train.seed)
     model = Transformer(model_cfg)
@@ -220,6 +219,10 @@ def run(cfg: Config) -> Path:
     resume_config = {"model": model_cfg.model_dump(mode="json"), "train": {**t, "seq_len": seq_len},
                      "total_steps": total_steps,
                      "data": [{"fingerprint": m["fingerprint"], "weight": s.weight} for s, m in zip(cfg.data, manifests)]}
+    if cfg.resume == "auto":
+        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
     flops_per_token = model.flops_per_token(seq_len - 1)
     print(f"pretrain: {model.num_params():,} parameters ({model_cfg.preset}), {total_steps} steps x "
           f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens -> {out}", file=sys.stderr)
