@@ -243,7 +243,10 @@ def test_wikitext2_valid_is_finite(pipeline, tmp_path):
 
     out = evaluate.run(_eval_cfg(pipeline, packed=[], texts=[str(WIKITEXT)], max_text_bytes=6000,
                                  max_new_tokens=0, out=str(tmp_path / "wt")))
-    t = json.loads((out / "eval.json").read_text())["texts"][0]
+    ev = json.loads((out / "eval.json").read_text())
+    # packed=[] defaults to the val split of the data the model was trained on
+    assert [p["path"] for p in ev["packed"]] == [str(pipeline["packed"])]
+    t = ev["texts"][0]
     assert t["truncated"] and t["bytes"] <= 6000 and t["windows"] >= 2
     for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert math.isfinite(t[k]) and t[k] > 0

@@ -7,7 +7,8 @@
 
 What it measures (all written to `OUT/eval.json`):
 
-* packed: for each packed artifact in `packed`, the model's mean loss, perplexity and bits
+* packed: for each packed artifact in `packed` (default: the data the model was trained
+  on, from its manifest), the model's mean loss, perplexity and bits
   per byte on its val split (rows scored as training scores them), next to the unigram
   baseline's bits per byte on the same split (lmlab/eval/baseline.py). A packed artifact
   made with another tokenizer is refused, naming both sha256s.
@@ -53,7 +54,8 @@ class Config(Strict):
     model: str = Field("", description="model run directory (kind 'model') to evaluate")
     out: str = Field("", description="output directory; default: 'eval' next to the model directory")
     packed: list[str] = Field(default_factory=list,
-                              description="packed artifacts whose val split is scored (perplexity, bits per byte, unigram baseline)")
+                              description="packed artifacts whose val split is scored (perplexity, bits per byte, unigram baseline); "
+                                          "empty = the packed data the model was trained on")
     max_batches: int = Field(50, ge=0, description="batches of val rows scored per packed artifact (0 = the whole split)")
     batch_size: int = Field(8, ge=1, description="rows (packed) or windows (texts) per forward pass")
     texts: list[str] = Field(default_factory=list,
@@ -112,6 +114,13 @@ def check_packed_tokenizer(packed_dir: str | Path, tokenizer) -> dict:
     return m
 
 
+def training_data(model_manifest: dict) -> list[str]:
+    """The packed artifacts a model was trained on (its manifest's `data_*` inputs) that still exist."""
+    inputs = model_manifest.get("inputs") or {}
+    paths = [v.get("path") for k, v in sorted(inputs.items()) if k.startswith("data") and isinstance(v, dict)]
+    return [p for p in paths if p and Path(p).is_dir()]
+
+
 def resolve_prefix_token(tokenizer, choice: str) -> int:
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eos_id", None)
@@ -143,6 +152,8 @@ def run(cfg: Config) -> Path:
     # device computes them), the model, the packed artifacts and the text files' contents.
     fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
+    if not cfg.packed:  # default: the val splits of the model's own training data
+        cfg = cfg.model_copy(update={"packed": training_data(model_manifest)})
     for i, p in enumerate(cfg.packed):
         pm = check_packed_tokenizer(p, tokenizer)
         inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
