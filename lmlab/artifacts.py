@@ -81,12 +81,16 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
 
 
+_VERB_OF_KIND = {"packed": "pack", "model": "pretrain", "hf_export": "export"}
+
+
 def require_artifact(path: str | Path, kind: str | tuple[str, ...], what: str = "input") -> dict:
     """Load the manifest of an input artifact, or stop with a message saying what to run."""
     kinds = (kind,) if isinstance(kind, str) else kind
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{what} not found: {p} (run `lmlab {kinds[0] if kinds[0] != 'packed' else 'pack'}` first, or fix the path)")
+        verb = _VERB_OF_KIND.get(kinds[0], kinds[0])
+        raise UserError(f"{what} not found: {p} (run `lmlab {verb}` first, or fix the path)")
     m = read_manifest(p)
     if m is None:
         raise UserError(f"{what} {p} has no readable {MANIFEST}; it is not an lmlab {kinds[0]} artifact (or it is incomplete)")
