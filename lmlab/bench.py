@@ -1,0 +1,184 @@
+"""Benchmarks of lmlab's model and engine against Hugging Face transformers, same weights.
+
+    lmlab bench train    preset=tiny batch_size=4 seq_len=256 steps=3 repeats=3
+    lmlab bench generate preset=tiny batch_size=4 prompt_len=32 max_new_tokens=64 out=bench.json
+
+`train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
+`transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
+weights (through the export mapping), on the same batch and threads.
+`generate`: new tokens/s of greedy decoding with our KV-cache engine against
+`model.generate(use_cache=True, do_sample=False)`, same prompts and token count, and whether
+the two produce identical tokens.
+
+The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
+machine slows both alike; each side's figure is the median over `repeats`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from lmlab.config import Strict
+from lmlab.errors import UserError
+
+POSITIONAL = ("what", "train or generate")
+
+
+class Config(Strict):
+    what: Literal["train", "generate"] = Field("train", description="train (fwd+bwd+AdamW tokens/s) or generate (decode tokens/s)")
+    preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base)")
+    vocab_size: int = Field(32768, ge=16, description="vocabulary size of the benchmarked model")
+    batch_size: int = Field(4, ge=1, description="sequences per step (train) or prompts decoded together (generate)")
+    seq_len: int = Field(256, ge=2, description="training sequence length (train)")
+    prompt_len: int = Field(32, ge=1, description="prompt length in tokens (generate)")
+    steps: int = Field(3, ge=1, description="timed training steps per repetition (train); each step is timed alone")
+    warmup: int = Field(1, ge=0, description="untimed steps (train) or runs (generate) before the first repetition")
+    repeats: int = Field(3, ge=1, description="repetitions per side, interleaved with the other side; the median time is reported")
+    max_new_tokens: int = Field(64, ge=1, description="new tokens per prompt (generate)")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    seed: int = Field(0, description="seed for weights and data")
+    out: Optional[str] = Field(None, description="optional JSON file for the results")
+
+
+def build_pair(cfg: Config, device):
+    """Our Transformer and an HF Llama with the same weights, both in train mode on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmlab.models.hf import hf_config, to_hf_state_dict
+    from lmlab.models.transformer import Transformer, resolve_model_config
+
+    mcfg = resolve_model_config({"preset": cfg.preset, "vocab_size": cfg.vocab_size, "qk_norm": False})
+    torch.manual_seed(cfg.seed)
+    ours = Transformer(mcfg).to(device)
+    hcfg = {k: v for k, v in hf_config(mcfg).items() if k not in ("architectures", "model_type", "dtype", "torch_dtype")}
+    hf = LlamaForCausalLM(LlamaConfig(**hcfg, attn_implementation="sdpa")).to(device)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"weight mapping mismatch: {missing} {unexpected}")
+    if mcfg.tie_embeddings:
+        hf.tie_weights()
+    return ours, hf, mcfg
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench_train(cfg: Config, device) -> dict:
+    ours, hf, mcfg = build_pair(cfg, device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def step_ours():
+        _, loss = ours(inp, tgt, return_logits=False)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_hf():
+        # HF shifts labels inside: same T input tokens, next-token targets (T-1 of them)
+        loss = hf(input_ids=inp, labels=inp).loss
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    times = _interleaved({"lmlab": step_ours, "transformers": step_hf}, cfg.warmup, cfg.repeats * cfg.steps, device)
+    tokens = cfg.batch_size * cfg.seq_len
+    tps = {k: tokens / _median(v) for k, v in times.items()}
+    return {"what": "train", "params": ours.num_params(), "tokens_per_s": tps,
+            "ratio": tps["lmlab"] / tps["transformers"], "times_s": times}
+
+
+def bench_generate(cfg: Config, device) -> dict:
+    from lmlab.infer.engine import generate_ids
+
+    ours, hf, mcfg = build_pair(cfg, device)
+    ours.eval(), hf.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompts = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(device)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    n = cfg.max_new_tokens
+    results: dict[str, list[list[int]]] = {}
+
+    def run_ours():
+        steps = list(generate_ids(ours, prompts.tolist(), max_new_tokens=n, device=device))
+        results["lmlab"] = [[s[i] for s in steps] for i in range(cfg.batch_size)]
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True)
+        results["transformers"] = out[:, prompts.shape[1]:].tolist()
+
+    times = _interleaved({"lmlab": run_ours, "transformers": run_hf}, cfg.warmup, cfg.repeats, device)
+    tokens = cfg.batch_size * n
+    tps = {k: tokens / _median(v) for k, v in times.items()}
+    return {"what": "generate", "params": ours.num_params(), "tokens_per_s": tps,
+            "ratio": tps["lmlab"] / tps["transformers"], "times_s": times,
+            "greedy_identical": results["lmlab"] == results["transformers"]}
+
+
+def _interleaved(sides: dict, warmup: int, n: int, device) -> dict[str, list[float]]:
+    """Run each side `n` times, alternating which goes first, timing every call separately.
+
+    Alternating single calls (A B B A A B ...) spreads a noisy neighbour's load evenly over
+    both sides; the caller reports the median call time, which ignores the worst bursts.
+    """
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    names = list(sides)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            _sync(device)
+            t = time.perf_counter()
+            sides[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(cfg: Config) -> dict:
+    from lmlab.models.transformer import PRESETS
+    from lmlab.runtime import pick_device
+
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    res = (bench_train if cfg.what == "train" else bench_generate)(cfg, device)
+    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
+               torch=torch.__version__)
+    shape = (f"batch {cfg.batch_size} x seq {cfg.seq_len}, fwd+bwd+AdamW" if cfg.what == "train"
+             else f"{cfg.batch_size} prompts x {cfg.prompt_len} tokens, {cfg.max_new_tokens} new tokens, greedy")
+    print(f"bench {cfg.what}: preset {cfg.preset} ({res['params'] / 1e6:.1f}M params, vocab {cfg.vocab_size}), {shape}, "
+          f"median of {cfg.repeats * (cfg.steps if cfg.what == 'train' else 1)} interleaved timings, {res['threads']} threads, {device} float32")
+    unit = "train tokens/s" if cfg.what == "train" else "new tokens/s"
+    print(f"  {'':<14}{unit:>16}")
+    for k, v in res["tokens_per_s"].items():
+        print(f"  {k:<14}{v:>16,.1f}")
+    print(f"  ratio lmlab/transformers: {res['ratio']:.2f}x")
+    if cfg.what == "generate":
+        print(f"  greedy outputs identical: {res['greedy_identical']}")
+    if cfg.out:
+        from lmlab.artifacts import write_json_atomic
+        write_json_atomic(cfg.out, res)
+    return res
