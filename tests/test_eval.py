@@ -20,8 +20,9 @@ import torch
 from lmlab.eval import perplexity
 from lmlab.eval.baseline import unigram_cross_entropy
 
-os.environ.setdefault("LMLAB_NO_PROGRESS", "1")
-WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
+from conftest import SHARED_DATA, build_micro_pipeline
+
+WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
 # ------------------------------------------------------------------ rolling windows
@@ -110,19 +111,7 @@ def test_text_nll_of_uniform_model_is_n_log_v():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """corpus -> tokenizer -> pack -> a 12-step micro model, all by the real stages."""
-    from lmlab.data import corpus, pack, tokenizer
-    from lmlab.train import pretrain
-
-    root = tmp_path_factory.mktemp("pipe")
-    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 40}]))
-    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
-    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=65, workers=1,
-                             val_fraction=0.2))
-    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "model"),
-                                     model={"preset": "micro", "max_seq_len": 64},
-                                     train={"steps": 12, "batch_size": 4, "device": "cpu"},
-                                     eval={"every": 4, "batches": 2}, log={"every": 2}, checkpoint={"every": 0}))
-    return {"root": root, "corpus": c, "tokenizer": t, "packed": p, "model": m}
+    return build_micro_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def _eval_cfg(pipeline, **kw):

@@ -9,25 +9,19 @@ import sys
 
 import pytest
 
-os.environ.setdefault("LMLAB_NO_PROGRESS", "1")
+from conftest import build_micro_pipeline
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """corpus -> tokenizer -> pack -> pretrain (12 micro steps) -> eval, under one pipeline root."""
-    from lmlab.data import corpus, pack, tokenizer
     from lmlab.eval import evaluate
-    from lmlab.train import pretrain
 
     r = tmp_path_factory.mktemp("run")
-    c = corpus.run(corpus.Config(out=str(r / "corpus"), sources=[{"kind": "stdlib", "max_docs": 30}]))
-    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(r / "tokenizer"), vocab_size=400, threads=1))
-    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(r / "packed"), seq_len=33, workers=1,
-                             val_fraction=0.2))
-    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(r / "model"), model={"preset": "micro", "max_seq_len": 32},
-                                     train={"steps": 12, "batch_size": 4, "device": "cpu"},
-                                     eval={"every": 4, "batches": 2}, log={"every": 2}, checkpoint={"every": 0}))
+    built = build_micro_pipeline(r, max_docs=30, seq_len=33)
+    m, p = built["model"], built["packed"]
     evaluate.run(evaluate.Config(model=str(m), packed=[str(p)], max_batches=2, prompts=["Return the"],
                                  max_new_tokens=4, device="cpu"))
     return r

@@ -2,7 +2,7 @@
 
     lmlab eval runs/smoke/model
     lmlab eval runs/smoke/model packed='[runs/smoke/packed]' max_batches=20
-    lmlab eval runs/smoke/model texts='[/work/shared/data/wikitext-2/valid.txt]' max_text_bytes=200000
+    lmlab eval runs/smoke/model texts='[../shared/data/wikitext-2/valid.txt]' max_text_bytes=200000
     lmlab eval --config configs/stages/eval.yaml model=runs/cpu/model
 
 What it measures (all written to `OUT/eval.json`):

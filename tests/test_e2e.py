@@ -1,0 +1,84 @@
+"""End to end: the real CLI through the `smoke` pipeline, as a user runs it (`./speedrun.sh smoke`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    # Reuse the interpreter running the tests as the speedrun's venv, so nothing is installed.
+    env = {**os.environ, "LMLAB_VENV": sys.prefix, "LMLAB_NO_PROGRESS": "1"}
+    r = subprocess.run(["bash", str(ROOT / "speedrun.sh"), "smoke", f"root={root}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root, r, env
+
+
+def test_smoke_pipeline_writes_every_artifact(smoke):
+    root, r, _ = smoke
+    for name, kind in [("corpus", "corpus"), ("tokenizer", "tokenizer"), ("packed", "packed"), ("model", "model"),
+                       ("eval", "eval"), ("report", "report"), ("hf", "hf_export")]:
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        assert manifest["kind"] == kind
+        assert manifest["lmlab_version"] and manifest["git_commit"]
+    # Every stage after the tokenizer records the tokenizer's fingerprint it was built with.
+    sha = json.loads((root / "tokenizer" / "manifest.json").read_text())["tokenizer_sha256"]
+    for name in ("packed", "model"):
+        assert json.loads((root / name / "manifest.json").read_text())["tokenizer_sha256"] == sha
+    assert r.stdout.strip().splitlines()[-1] == f"report: {root / 'report' / 'report.md'}"
+
+
+def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
+    root, _, _ = smoke
+    ev = json.loads((root / "eval" / "manifest.json").read_text())["stats"]
+    assert ev["val_bpb"] < ev["unigram_bpb"], ev
+    report = (root / "report" / "report.md").read_text()
+    for section in ("## Time per stage", "## Data", "## Model", "## Training curves", "## Evaluation",
+                    "## Sample generations", "unigram"):
+        assert section in report
+    for png in ("loss.png", "val_bpb.png", "stage_times.png"):
+        assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_rerun_is_a_noop(smoke):
+    root, _, env = smoke
+    before = (root / "model" / "model.safetensors").stat().st_mtime_ns
+    r = subprocess.run([sys.executable, "-m", "lmlab", "pipeline", "configs/pipelines/smoke.yaml", f"root={root}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("nothing to do") >= 6, r.stdout
+    assert (root / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_exported_model_generates_with_transformers(smoke):
+    root, _, _ = smoke
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmlab.infer.engine import generate
+    from lmlab.models import load_model
+
+    hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(root / "hf")
+    model, our_tok, _ = load_model(root / "model")
+    prompt = "The os module provides"
+    ids = [our_tok.bos_id] + our_tok.encode(prompt)
+    assert tok.encode(prompt, add_special_tokens=False) == ids[1:]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = generate(model, our_tok, [prompt], max_new_tokens=12)
+    assert our_tok.decode(out[0, len(ids):].tolist()) == ours[0]
+
+
+def test_speedrun_rejects_unknown_preset():
+    r = subprocess.run(["bash", str(ROOT / "speedrun.sh"), "nonesuch"], cwd=ROOT,
+                       env={**os.environ, "LMLAB_VENV": sys.prefix}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown preset 'nonesuch'" in r.stderr
