@@ -22,7 +22,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-PIP=("$VPY" -m pip install --disable-pip-version-check -q)
+PIP=(pip_quiet "$VPY" -m pip install --disable-pip-version-check -q)
+# Some pip configurations list optional local indexes that do not exist on every machine;
+# pip warns about each of them on every call. Keep the log readable; real errors still show.
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
