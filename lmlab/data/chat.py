@@ -1,0 +1,395 @@
+"""Chat templates: how a conversation becomes token ids, which of them train, and how a reply ends.
+
+    from lmlab.data.chat import render, prompt_ids, end_of_turn_ids
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, mask = render("chatml", msgs, tokenizer)          # mask: True on "4<|im_end|>"
+    ids = prompt_ids("chatml", msgs[:1], tokenizer)         # ... <|im_start|>assistant\\n
+
+A conversation is `list[{"role": "system"|"user"|"assistant", "content": str}]` (a user
+message may also carry `"input"`, the Alpaca input field). Templates (see docs/chat.md):
+
+    chatml    <|im_start|>role\\ncontent<|im_end|>\\n   (system is a turn of its own)
+    instruct  ### Instruction:\\n{user}\\n\\n### Response:\\n{reply}<|eos|>
+    chat      Human: {user}\\nAssistant: {reply}<|eos|>
+    alpaca    the Alpaca preamble, ### Instruction: / ### Input: / ### Response:, <|eos|>
+
+`instruct` and `chat` put a system message first as plain text followed by a blank line;
+`alpaca` uses it instead of its preamble. Every conversation starts with bos.
+
+The text is tokenized segment by segment (special tokens inserted as their single ids), so
+the train mask is exact: True on each assistant reply and its end-of-turn token, nothing
+else. Segments break only after a newline, before a special token or before the space that
+opens a `chat` reply, which is where lmlab's tokenizers split anyway, so the ids equal those
+of tokenizing the whole rendered text at once; `hf_chat_template` gives transformers the
+same text as a Jinja template, so `apply_chat_template` on an exported model yields exactly
+`prompt_ids` (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from lmlab.errors import UserError
+
+TEMPLATES = ("chatml", "instruct", "chat", "alpaca")
+DEFAULT_TEMPLATE = "chatml"
+ROLES = ("system", "user", "assistant")
+CHAT_FILE = "chat.json"
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.\n\n")
+
+# Truncation policies for render(max_len=...): see `render`.
+TRUNCATIONS = ("turns", "head", "error")
+
+
+# ----------------------------------------------------------------------------- tokenizer access
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    """Special token -> id, for an lmlab Tokenizer (`special_tokens`) or a transformers tokenizer."""
+    st = getattr(tokenizer, "special_tokens", None)
+    if isinstance(st, dict):
+        return dict(st)
+    vocab = tokenizer.get_vocab()
+    return {t: vocab[t] for t in (BOS, EOS, IM_START, IM_END) if t in vocab}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    if hasattr(tokenizer, "special_tokens"):
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=False)  # transformers
+
+
+def required_tokens(template: str) -> list[str]:
+    _check_name(template)
+    return [BOS, IM_START, IM_END] if template == "chatml" else [BOS, EOS]
+
+
+def _check_name(template: str) -> None:
+    if template not in TEMPLATES:
+        raise UserError(f"unknown chat template '{template}'; valid: {', '.join(TEMPLATES)}")
+
+
+def check_template(template: str, tokenizer) -> None:
+    """UserError when `tokenizer` lacks a special token that `template` needs (each must be one id)."""
+    _check_name(template)
+    have = _special_ids(tokenizer)
+    missing = [t for t in required_tokens(template) if t not in have]
+    if missing:
+        works = [t for t in TEMPLATES if all(x in have for x in required_tokens(t))]
+        where = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise UserError(f"chat template '{template}' needs special token(s) {', '.join(missing)}, which {where} lacks; "
+                        + (f"use template={' or template='.join(works)}" if works else
+                           "no template works with it (it has no bos/eos token); use an lmlab tokenizer")
+                        + f" (or retrain the tokenizer: lmlab tokenizers include {IM_START} and {IM_END})")
+
+
+# ----------------------------------------------------------------------------- conversations
+
+def validate_conversation(messages, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
+    """The messages as clean {role, content[, input]} dicts, or UserError naming `where` and the problem."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: a conversation must be a non-empty list of {{\"role\", \"content\"}} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: message {i} is {type(m).__name__}, expected an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise UserError(f"{where}: message {i} has unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise UserError(f"{where}: message {i} is a system message; a system message may only come first")
+        if not isinstance(content, str) or not content.strip():
+            raise UserError(f"{where}: message {i} ({role}) has an empty or missing content")
+        clean = {"role": role, "content": content}
+        if m.get("input"):
+            if role != "user" or not isinstance(m["input"], str):
+                raise UserError(f"{where}: message {i}: only a user message may carry a text 'input'")
+            clean["input"] = m["input"]
+        out.append(clean)
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: the conversation has no assistant turn, so there is nothing to train on")
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+# A rendered conversation is a list of pieces (text_or_special, train, turn): `turn` counts
+# user->assistant exchanges so truncation can drop whole later turns.
+
+def _user_text(m: dict, template: str) -> str:
+    """The user message with an Alpaca `input` folded in for templates without an Input section."""
+    if m.get("input") and template != "alpaca":
+        return m["content"] + "\n\n" + m["input"]
+    return m["content"]
+
+
+def _pieces(template: str, messages: list[dict], generation_prompt: bool) -> list[tuple[str, bool, bool, int]]:
+    """(text, is_special, train, turn) pieces of the conversation, bos first."""
+    _check_name(template)
+    p: list[tuple[str, bool, bool, int]] = [(BOS, True, False, 0)]
+    turn, started = 0, False
+
+    def text(s, train=False):
+        p.append((s, False, train, turn))
+
+    def special(s, train=False):
+        p.append((s, True, train, turn))
+
+    for m in messages:
+        role = m["role"]
+        if role == "user" and any(x[3] == turn and x[2] for x in p):
+            turn += 1  # a new exchange begins after an assistant reply
+        if template == "chatml":
+            special(IM_START)
+            if role == "assistant":
+                text("assistant\n")
+                text(m["content"], True)
+                special(IM_END, True)
+            else:
+                text(f"{role}\n" + (_user_text(m, template) if role == "user" else m["content"]))
+                special(IM_END)
+            text("\n")
+        elif role == "system":
+            text(m["content"] + "\n\n")
+        elif role == "user":
+            if template == "instruct":
+                text("### Instruction:\n" + _user_text(m, template) + "\n\n")
+            elif template == "chat":
+                text("Human: " + _user_text(m, template) + "\n")
+            else:  # alpaca
+                if not started:
+                    text(ALPACA_PREAMBLE_INPUT if m.get("input") else ALPACA_PREAMBLE)
+                text("### Instruction:\n" + m["content"] + "\n\n"
+                     + (f"### Input:\n{m['input']}\n\n" if m.get("input") else ""))
+        else:  # assistant
+            text(_assistant_header(template))
+            text((" " if template == "chat" else "") + m["content"], True)
+            special(EOS, True)
+        started = True
+    if generation_prompt:
+        if template == "chatml":
+            special(IM_START)
+        elif template == "alpaca" and not started:
+            text(ALPACA_PREAMBLE)
+        text(_assistant_header(template))
+    return p
+
+
+def _assistant_header(template: str) -> str:
+    return {"chatml": "assistant\n", "instruct": "### Response:\n", "chat": "Assistant:",
+            "alpaca": "### Response:\n"}[template]
+
+
+def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
+    """ids, mask and turn index per token; adjacent text pieces of the same mask/turn encode together."""
+    specials = _special_ids(tokenizer)
+    ids: list[int] = []
+    mask: list[bool] = []
+    turns: list[int] = []
+    buf, buf_train, buf_turn = "", False, 0
+
+    def flush():
+        nonlocal buf
+        if buf:
+            t = _encode(tokenizer, buf)
+            ids.extend(t)
+            mask.extend([buf_train] * len(t))
+            turns.extend([buf_turn] * len(t))
+            buf = ""
+
+    for s, is_special, train, turn in pieces:
+        if is_special:
+            flush()
+            if s not in specials:
+                raise UserError(f"the tokenizer has no special token {s}; run check_template first")
+            ids.append(specials[s])
+            mask.append(train)
+            turns.append(turn)
+        else:
+            if buf and (train, turn) != (buf_train, buf_turn):
+                flush()
+            buf += s
+            buf_train, buf_turn = train, turn
+    flush()
+    return ids, mask, turns
+
+
+def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, special tokens spelled out (what `hf_chat_template` produces)."""
+    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt))
+
+
+def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
+           truncation: str = "turns", stats: Optional[dict] = None) -> tuple[list[int], list[bool]]:
+    """(ids, train_mask) for a whole conversation; mask True on assistant replies + their end token.
+
+    When `max_len` is given and the conversation is longer:
+      truncation="turns" (default) keeps the head: whole later exchanges (user turn + reply)
+        are dropped until it fits; if even the first exchange is too long, its tail is cut.
+      truncation="head" cuts the token sequence at max_len (a reply may be cut mid-way).
+      truncation="error" raises UserError.
+    `stats` (a dict), when given, counts `truncated` conversations, `dropped_turns` and
+    `cut_tokens`; `no_target` counts conversations left with no trained token.
+    """
+    if truncation not in TRUNCATIONS:
+        raise UserError(f"unknown truncation '{truncation}'; valid: {', '.join(TRUNCATIONS)}")
+    ids, mask, turns = _tokenize(_pieces(template, messages, False), tokenizer)
+    if max_len is not None and len(ids) > max_len:
+        if truncation == "error":
+            raise UserError(f"a conversation has {len(ids)} tokens, more than max_len={max_len}; raise the "
+                            f"context length or use truncation=turns (drop later turns) or truncation=head")
+        n_before = len(ids)
+        dropped = 0
+        if truncation == "turns":
+            # keep exchanges 0..last, the most that end within max_len (at least the first)
+            ends = [turns.index(t + 1) if t + 1 in turns else len(ids) for t in range(turns[-1] + 1)]
+            last = max([t for t, e in enumerate(ends) if e <= max_len], default=0)
+            dropped = turns[-1] - last
+            ids, mask = ids[:ends[last]], mask[:ends[last]]
+        ids, mask = ids[:max_len], mask[:max_len]
+        if stats is not None:
+            stats["truncated"] = stats.get("truncated", 0) + 1
+            stats["dropped_turns"] = stats.get("dropped_turns", 0) + dropped
+            stats["cut_tokens"] = stats.get("cut_tokens", 0) + n_before - len(ids)
+    if stats is not None and not any(mask):
+        stats["no_target"] = stats.get("no_target", 0) + 1
+    return ids, mask
+
+
+def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
+               stats: Optional[dict] = None) -> list[int]:
+    """The conversation so far plus the assistant header: what the model continues to reply.
+
+    With `max_len`, history is truncated from the left: the oldest messages after an
+    optional system message are dropped one by one until the prompt fits; if the last
+    message alone is still too long, bos is kept and the tokens right after it are cut.
+    `stats`, when given, counts `dropped_messages` and `cut_tokens`.
+    """
+    msgs = list(messages)
+    ids = _tokenize(_pieces(template, msgs, True), tokenizer)[0]
+    if max_len is None or len(ids) <= max_len:
+        return ids
+    head = 1 if msgs and msgs[0]["role"] == "system" else 0
+    dropped = 0
+    while len(ids) > max_len and len(msgs) - head > 1:
+        del msgs[head]
+        dropped += 1
+        ids = _tokenize(_pieces(template, msgs, True), tokenizer)[0]
+    cut = 0
+    if len(ids) > max_len:
+        cut = len(ids) - max_len
+        ids = ids[:1] + ids[1 + cut:]
+    if stats is not None:
+        stats["dropped_messages"] = stats.get("dropped_messages", 0) + dropped
+        stats["cut_tokens"] = stats.get("cut_tokens", 0) + cut
+    return ids
+
+
+def stop_strings(template: str) -> list[str]:
+    """Text that, when generated, means the model has started another turn (cut the reply there)."""
+    _check_name(template)
+    return {"chatml": [IM_END, IM_START], "instruct": ["### Instruction:", "### Response:"],
+            "chat": ["\nHuman:", "\nAssistant:"], "alpaca": ["### Instruction:", "### Input:", "### Response:"]}[template]
+
+
+def end_of_turn_ids(template: str, tokenizer) -> list[int]:
+    """Token ids that end a reply: the template's end-of-turn token first, then eos if different."""
+    specials = _special_ids(tokenizer)
+    names = [IM_END, EOS] if template == "chatml" else [EOS]
+    _check_name(template)
+    return [specials[n] for n in names if n in specials]
+
+
+# ----------------------------------------------------------------------------- Hugging Face template
+
+_HF_CHATML = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
+    "{{ '\\n\\n' + message['input'] }}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _hf_eos_template(user_open: str, user_close: str, header: str, reply_prefix: str) -> str:
+    return (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '" + user_open + "' + message['content'] }}"
+        "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n' + message['input'] }}{% endif %}"
+        "{{ '" + user_close + "' }}"
+        "{% else %}{{ '" + header + reply_prefix + "' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + header + "' }}{% endif %}"
+    )
+
+
+def _js(s: str) -> str:
+    """A Python string as the inside of a single-quoted Jinja literal."""
+    return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+_HF_ALPACA = (
+    "{{ bos_token }}{% set ns = namespace(started=false) %}"
+    "{% for message in messages %}"
+    "{% set has_input = message['input'] is defined and message['input'] %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if not ns.started %}{% if has_input %}{{ '" + _js(ALPACA_PREAMBLE_INPUT) + "' }}"
+    "{% else %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}{% endif %}"
+    "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% if has_input %}{{ '### Input:\\n' + message['input'] + '\\n\\n' }}{% endif %}"
+    "{% else %}{{ '### Response:\\n' + message['content'] + eos_token }}{% endif %}"
+    "{% set ns.started = true %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{% if not ns.started %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}"
+    "{{ '### Response:\\n' }}{% endif %}"
+)
+
+
+def hf_chat_template(template: str) -> str:
+    """The Jinja chat template for transformers' `apply_chat_template`, equal to `render_text`."""
+    _check_name(template)
+    if template == "chatml":
+        return _HF_CHATML
+    if template == "instruct":
+        return _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
+    if template == "chat":
+        return _hf_eos_template("Human: ", "\\n", "Assistant:", " ")
+    return _HF_ALPACA
+
+
+# ----------------------------------------------------------------------------- chat.json
+
+def save_chat_template(run_dir: str | Path, name: str) -> Path:
+    """Write `chat.json` ({"template", "stop_strings"}) into a model run dir."""
+    from lmlab.artifacts import write_json_atomic
+    _check_name(name)
+    path = Path(run_dir) / CHAT_FILE
+    write_json_atomic(path, {"template": name, "stop_strings": stop_strings(name)})
+    return path
+
+
+def load_chat_template(run_dir: str | Path) -> Optional[str]:
+    """The template recorded in a model run dir's chat.json, or None when it has none."""
+    path = Path(run_dir) / CHAT_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text()).get("template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise UserError(f"{path} is not a readable chat.json ({{\"template\": NAME}}); rewrite or delete it") from None
+    if name not in TEMPLATES:
+        raise UserError(f"{path}: unknown chat template {name!r}; valid: {', '.join(TEMPLATES)}")
+    return name
