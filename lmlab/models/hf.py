@@ -3,7 +3,9 @@
     lmlab export runs/model out=runs/hf_model dtype=bfloat16
 
 writes `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files,
-which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load. Without
+which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load. A model
+run with `chat.json` (made by sft/dpo) also gets its Jinja `chat_template` in
+tokenizer_config.json and its end-of-turn id in generation_config.json. Without
 QK-norm the model is exactly `LlamaForCausalLM`; with QK-norm it is exactly
 `Qwen3ForCausalLM` (Qwen3 RMS-normalises each query/key head before RoPE, as we do).
 
@@ -186,8 +188,13 @@ def import_hf(hf_dir: str | Path, device: str = "cpu") -> tuple[Transformer, Mod
 
 # ----------------------------------------------------------------------------- the stage
 
-def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokenizer=None) -> None:
-    """Write the HF files (weights, config, generation config, tokenizer) into an existing dir."""
+def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokenizer=None,
+             chat_template: str | None = None) -> None:
+    """Write the HF files (weights, config, generation config, tokenizer) into an existing dir.
+
+    With `chat_template` (a lmlab.data.chat template name), tokenizer_config.json gets the
+    Jinja `chat_template` and generation_config.json ends generation at the end-of-turn token too.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -202,10 +209,35 @@ def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokeni
     (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.export_hf(out)
+    if chat_template is not None:
+        if tokenizer is None:
+            raise ValueError("a chat template needs the tokenizer")
+        add_chat_template(out, chat_template, tokenizer)
+
+
+def add_chat_template(out: str | Path, template: str, tokenizer) -> None:
+    """Put the chat template into an exported dir: tokenizer_config.json's `chat_template`, the
+    end-of-turn id in generation_config.json's eos_token_id, and chat.json."""
+    from lmlab.artifacts import write_json_atomic
+    from lmlab.data import chat
+
+    out = Path(out)
+    chat.check_template(template, tokenizer)
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tc["chat_template"] = chat.hf_chat_template(template)
+    write_json_atomic(out / "tokenizer_config.json", tc)
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    eot = chat.end_of_turn_ids(template, tokenizer)
+    # transformers stops at any id in the list: the template's end of turn first, eos too
+    gen["eos_token_id"] = eot if len(eot) > 1 else eot[0]
+    write_json_atomic(gen_path, gen)
+    chat.save_chat_template(out, template)
 
 
 def run(cfg: Config) -> Path:
     from lmlab import artifacts
+    from lmlab.data.chat import load_chat_template
     from lmlab.models import WEIGHTS, load_model
 
     if not cfg.model:
@@ -218,7 +250,10 @@ def run(cfg: Config) -> Path:
     manifest_in = artifacts.read_manifest(src) or {}
     in_fp = manifest_in.get("fingerprint") or (artifacts.sha256_file(src / WEIGHTS) if (src / WEIGHTS).is_file() else "")
     conf = cfg.model_dump(mode="json")
-    fp = artifacts.stage_fingerprint("hf_export", {"dtype": cfg.dtype}, {"model": in_fp})
+    # chat.json is part of the input: adding or changing a template re-exports
+    chat_fp = artifacts.sha256_file(src / "chat.json") if (src / "chat.json").is_file() else None
+    fp = artifacts.stage_fingerprint("hf_export", {"dtype": cfg.dtype},
+                                     {"model": in_fp, **({"chat": chat_fp} if chat_fp else {})})
     if artifacts.is_up_to_date(out, fp):
         print(f"export: up to date ({out}), nothing to do")
         return out
@@ -228,7 +263,7 @@ def run(cfg: Config) -> Path:
     try:
         with artifacts.atomic_dir(out) as tmp:
             with timer("write"):
-                write_hf(model, tmp, cfg.dtype, tokenizer)
+                write_hf(model, tmp, cfg.dtype, tokenizer, chat_template=load_chat_template(src))
             artifacts.write_manifest(
                 tmp, "hf_export", conf, fp, inputs={"model": {"path": str(src), "fingerprint": in_fp}},
                 tokenizer_sha256=getattr(tokenizer, "sha256", None), timings=timer.total(),
