@@ -1,0 +1,139 @@
+"""Chat with a model in the terminal, using its chat template; replies stream as they come.
+
+    lmlab chat runs/sft                                  # template from the run's chat.json
+    lmlab chat runs/sft system="Answer briefly." temperature=0.7 max_new_tokens=200
+    printf 'What is 2+3?\\n/reset\\nHi\\n' | lmlab chat runs/sft temperature=0
+
+The conversation history is kept and rendered with the template (lmlab.data.chat) on every
+turn; a reply ends at the template's end-of-turn token (`<|im_end|>` for chatml, eos for the
+others), at a stop string (the model starting the next turn) or after max_new_tokens.
+When the history no longer fits the model's context (leaving room for the reply), the
+oldest messages after the system message are dropped, and the chat says so.
+
+Commands: `/reset` clears the history (the system message stays), `/exit` (or `/quit`,
+end of input, Ctrl-C) leaves. Ctrl-C while a reply streams stops that reply only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from pydantic import Field
+
+from lmlab.config import Strict
+from lmlab.errors import UserError
+
+POSITIONAL = ("model", "model run directory (model.safetensors, model.json, tokenizer/, chat.json)")
+
+
+class Config(Strict):
+    model: str = Field("", description="model run directory to chat with")
+    template: Optional[str] = Field(None, description="chat template: chatml, instruct, chat or alpaca; "
+                                                      "default: the run's chat.json, else chatml")
+    system: Optional[str] = Field(None, description="system message that opens the conversation")
+    max_new_tokens: int = Field(256, ge=1, description="most tokens per reply")
+    temperature: float = Field(0.7, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens only; 0 = all")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling: smallest token set with this much probability")
+    seed: int = Field(0, description="sampling seed; reply n uses seed + n, so a session replays exactly")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+
+def stream_reply(model, tokenizer, ids: list[int], template: str, cfg: Config, seed: int, device,
+                 out=None) -> str:
+    """Generate one reply to prompt `ids`, writing its text to `out` as it comes; returns it."""
+    from lmlab.data.chat import end_of_turn_ids, stop_strings
+    from lmlab.infer.engine import _cut_at_stop, generate_ids
+
+    out = out or sys.stdout
+    ends = set(end_of_turn_ids(template, tokenizer))
+    stops = stop_strings(template)
+    hold = max(len(s) for s in stops) - 1  # chars that may be the start of a stop string
+    new: list[int] = []
+    printed = 0
+    budget = min(cfg.max_new_tokens, model.cfg.max_seq_len - len(ids))
+
+    def should_stop(_row: int, toks: list[int]) -> bool:
+        return toks[-1] in ends or any(s in tokenizer.decode(toks[-(hold + 9):]) for s in stops)
+
+    try:
+        for step in generate_ids(model, [ids], budget, cfg.temperature, cfg.top_k, cfg.top_p, eos_id=None, seed=seed,
+                                 device=device, pad_id=max(tokenizer.pad_id, 0), should_stop=should_stop):
+            t = step[0]
+            if t is None or t in ends:
+                break
+            new.append(t)
+            text, stopped = _cut_at_stop(tokenizer.decode(new), stops)
+            safe = (text if stopped else text[:len(text) - hold]).rstrip("\ufffd")
+            if len(safe) > printed:
+                out.write(safe[printed:])
+                out.flush()
+                printed = len(safe)
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    text = _cut_at_stop(tokenizer.decode(new), stops)[0]
+    out.write(text[printed:] + "\n")
+    out.flush()
+    return text.strip()
+
+
+def run(cfg: Config) -> list[dict]:
+    """The REPL; returns the conversation as it stands when the chat ends."""
+    from lmlab.data.chat import DEFAULT_TEMPLATE, check_template, load_chat_template, prompt_ids
+    from lmlab.models import load_model
+    from lmlab.runtime import pick_device
+
+    if not cfg.model:
+        raise UserError("no model given; run `lmlab chat RUN_DIR`")
+    template = cfg.template or load_chat_template(cfg.model) or DEFAULT_TEMPLATE
+    device = pick_device(cfg.device)
+    model, tokenizer, _ = load_model(cfg.model, device=device)
+    check_template(template, tokenizer)
+    context = model.cfg.max_seq_len
+    # Leave room for the reply, but never less than half the context for the history.
+    prompt_budget = context - min(cfg.max_new_tokens, context // 2)
+    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    print(f"chat: {cfg.model} (template {template}, context {context} tokens). "
+          f"/reset clears the history, /exit quits.", file=sys.stderr)
+    turn = 0
+    try:
+        while True:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                sys.stdout.write("\n")
+                break
+            if not interactive:
+                sys.stdout.write(line if line.endswith("\n") else line + "\n")
+            text = line.rstrip("\n")
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/reset":
+                messages = list(start)
+                print("(history cleared)", flush=True)
+                continue
+            if not text.strip():
+                continue
+            messages.append({"role": "user", "content": text})
+            stats: dict = {}
+            ids = prompt_ids(template, messages, tokenizer, max_len=prompt_budget, stats=stats)
+            if stats.get("dropped_messages"):
+                head = len(start)
+                messages = messages[:head] + messages[head + stats["dropped_messages"]:]
+                print(f"(history truncated: dropped the {stats['dropped_messages']} oldest message(s) to fit "
+                      f"{prompt_budget} of the model's {context} context tokens)", file=sys.stderr, flush=True)
+            if stats.get("cut_tokens"):
+                print(f"(your message is too long: its first {stats['cut_tokens']} tokens were cut to fit "
+                      f"the context)", file=sys.stderr, flush=True)
+            sys.stdout.write("assistant> ")
+            reply = stream_reply(model, tokenizer, ids, template, cfg, cfg.seed + turn, device)
+            messages.append({"role": "assistant", "content": reply})
+            turn += 1
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return messages
