@@ -1,0 +1,635 @@
+"""Direct preference optimisation (DPO) of a chat model on chosen/rejected pairs.
+
+    lmlab dpo init=runs/sft data=runs/tasks/dpo_train.jsonl out=runs/dpo train.steps=200
+    lmlab dpo --config configs/dpo/hh_rlhf_tiny.yaml
+    lmlab dpo ... loss=ipo beta=0.5          # or hinge, robust (label_smoothing=0.1)
+    lmlab dpo ... lora.enabled=true lora.merge=true
+
+Starts from a model run (`init`, usually the SFT run) and trains it to prefer each pair's
+chosen reply over the rejected one, relative to a frozen reference: the `init` model itself
+(with LoRA: the same model with its adapters disabled). The losses are TRL's, in
+`lmlab.train.dpo_losses`; the metrics are named as TRL names them (`rewards/chosen`,
+`rewards/rejected`, `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`).
+
+How a pair becomes tokens: prompt + [assistant: reply] is rendered with the chat template
+(`lmlab.data.chat.render`), exactly as SFT trains it; the completion is the last assistant
+span of the train mask (the reply and its end-of-turn marker) and everything before it is
+the prompt. A sequence log-probability is the sum of log p(token) over the completion only
+(IPO: the mean, as TRL does). Pairs longer than `max_len` keep their whole completions and
+lose the start of the prompt (the first token, bos, is kept; the end, with the last user
+turn and the assistant header, is kept); a pair whose completion leaves room for fewer than
+`MIN_PROMPT_TOKENS` prompt tokens is dropped. Both are counted and reported
+(`truncation=error` stops instead).
+
+The reference log-probabilities of every pair are computed once, before training, and
+cached in `out/ref_logps.npy` with a fingerprint of the reference weights, the tokenized
+pairs and the dtype (`ref_logps.json`): a re-run with other DPO settings reuses them, a
+changed reference or data recomputes them. No second model is held during training.
+
+The output is a model run dir laid out as SFT's: model.safetensors (merged when LoRA with
+`lora.merge`), model.json, tokenizer/, chat.json, adapter/ + base.json (LoRA), metrics.jsonl,
+checkpoints/, manifest.json. Same trainer, checkpoints and exact resume as pretraining;
+re-running a finished run is a no-op. See docs/dpo.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.data.formats import DataSpec
+from lmlab.errors import UserError
+from lmlab.models.lora import LoraConfig
+from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
+from lmlab.train.dpo_losses import AVERAGED_LOSSES, LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
+from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, autocast_dtype,
+                             check_same_run, train)
+
+KIND = "model"
+POSITIONAL = ("--config", "dpo config YAML (same as --config)")
+MIN_PROMPT_TOKENS = 16  # a pair cut to fewer prompt tokens than this has lost its question: dropped
+REF_CACHE = "ref_logps.npy"
+REF_CACHE_META = "ref_logps.json"
+
+
+def _dpo_train_defaults() -> TrainConfig:
+    # DPO moves a trained model a little: a small constant-ish LR, no weight decay (TRL's defaults
+    # are lr 1e-6 for billion-parameter models; small models want more), short warmup.
+    return TrainConfig(batch_size=8, lr=1e-5, min_lr_ratio=0.1, warmup_steps=0.1, weight_decay=0.0)
+
+
+class Config(Strict):
+    init: str = Field("runs/sft", description="model run dir to start from and to use as the reference "
+                      "(usually the SFT run); its chat.json gives the template unless `template` is set")
+    out: str = Field("runs/dpo", description="run directory (model artifact, checkpoints, metrics, reference cache)")
+    data: list[DataSpec] = Field(default_factory=list, description="preference pairs: a path, or a list of data "
+                                 "specs {path | hf, format, weight, max_records, split} (format preference: "
+                                 "prompt/chosen/rejected). weight = how many times each pair of that source "
+                                 "appears per epoch (0.5: a random half)")
+    template: str | None = Field(None, description="chat template (chatml, instruct, chat, alpaca); null = the "
+                                 "init run's chat.json, else chatml")
+    beta: float = Field(0.1, gt=0, description="β: strength of the pull towards the reference (higher = stay closer)")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid: DPO −log σ(βx) (cDPO with label_smoothing); ipo: (x − 1/(2β))² on "
+        "per-token mean log-probs; hinge: relu(1 − βx); robust: robust DPO with label_smoothing as the "
+        "label-noise rate. x = (π_c − π_r) − (ref_c − ref_r)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed fraction of flipped labels "
+                                   "(sigmoid: conservative DPO; robust: robust DPO; ignored by ipo and hinge)")
+    max_len: int | None = Field(None, ge=8, description="tokens per sequence (prompt + completion); null = the "
+                                "model's max_seq_len. Longer pairs lose the start of the prompt (see truncation)")
+    truncation: Literal["left", "error"] = Field(
+        "left", description="left: cut too-long prompts from the left (keeping bos and the end of the prompt) so "
+        "the whole completion fits, and drop pairs left with fewer than 16 prompt tokens; error: stop instead")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of prompts held out for validation "
+                                "(all pairs of one prompt go to the same side)")
+    epochs: float | None = Field(None, gt=0, description="run length in passes over the training pairs (set "
+                                 "this or train.steps; neither = 1 epoch)")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT) instead of full finetuning")
+    train: TrainConfig = Field(default_factory=_dpo_train_defaults, description="optimisation; batch_size counts "
+                               "pairs (each pair is two sequences)")
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=8),
+                             description="validation (and the running means of the train metrics) every N steps")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
+                                             "in out/checkpoints; never: delete them and start over")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            v = [{"path": x, "format": "preference"} if isinstance(x, str) else x for x in v]
+        return v
+
+
+# ----------------------------------------------------------------------------- tokenized pairs
+
+class Pairs:
+    """Tokenized preference pairs: a shared prompt and two completions per pair, flat int32 arrays.
+
+    `prompt(i)`, `chosen(i)`, `rejected(i)` are token id arrays; `source[i]` is the index of
+    the data spec the pair came from; `prompt_key[i]` identifies the prompt (for the split).
+    """
+
+    def __init__(self) -> None:
+        self._tokens: list[np.ndarray] = []  # 3 per pair: prompt, chosen, rejected
+        self.source: list[int] = []
+        self.prompt_key: list[str] = []
+
+    def add(self, prompt, chosen, rejected, source: int, key: str) -> None:
+        self._tokens += [np.asarray(prompt, np.int32), np.asarray(chosen, np.int32), np.asarray(rejected, np.int32)]
+        self.source.append(source)
+        self.prompt_key.append(key)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def prompt(self, i: int) -> np.ndarray:
+        return self._tokens[3 * i]
+
+    def chosen(self, i: int) -> np.ndarray:
+        return self._tokens[3 * i + 1]
+
+    def rejected(self, i: int) -> np.ndarray:
+        return self._tokens[3 * i + 2]
+
+    def tokens(self, i: int) -> int:
+        """Tokens the model reads for pair i: the prompt twice plus both completions."""
+        p = len(self.prompt(i))
+        return 2 * p + len(self.chosen(i)) + len(self.rejected(i))
+
+    def fingerprint(self) -> str:
+        import hashlib
+        h = hashlib.sha256()
+        for t in self._tokens:
+            h.update(len(t).to_bytes(4, "little"))
+            h.update(t.tobytes())
+        return h.hexdigest()
+
+
+def split_completion(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
+    """(prompt, completion): the completion is the last contiguous run of trained tokens.
+
+    For prompt + [assistant reply] that run is the reply and its end-of-turn marker; earlier
+    assistant turns of a multi-turn prompt belong to the prompt. Tokens after the run (e.g. a
+    newline after the end-of-turn marker) are not scored and are dropped.
+    """
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    if end == 0:
+        raise UserError("the chat template marked no assistant tokens to train on; check the template")
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return list(ids[:start]), list(ids[start:end])
+
+
+def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], template: str, tokenizer,
+                   max_len: int, truncation: str) -> tuple[Pairs, dict]:
+    """Render every pair with the chat template, cut too-long prompts, -> (Pairs, counts)."""
+    from lmlab.data.chat import render
+
+    pairs = Pairs()
+    counts = {"pairs_read": 0, "pairs_truncated": 0, "pairs_dropped": 0}
+    too_long: list[str] = []
+    total = sum(len(r) for r in records_by_source)
+    bar = progress(total=total, desc="dpo: tokenize", unit="pair")
+    for s, records in enumerate(records_by_source):
+        for n, rec in enumerate(records, start=1):
+            counts["pairs_read"] += 1
+            bar.update(1)
+            where = rec.get("where") or f"{sources[s]}: pair {n}"
+            prompt_msgs = rec["prompt"]
+            ids_c, mask_c = render(template, prompt_msgs + [{"role": "assistant", "content": rec["chosen"]}], tokenizer)
+            ids_r, mask_r = render(template, prompt_msgs + [{"role": "assistant", "content": rec["rejected"]}], tokenizer)
+            prompt, chosen = split_completion(ids_c, mask_c)
+            prompt_r, rejected = split_completion(ids_r, mask_r)
+            if prompt_r != prompt:
+                # Cannot happen with a prefix-stable template; scoring two different prompts would be wrong.
+                raise UserError(f"{where}: the chat template renders the prompt differently before the chosen "
+                                f"and the rejected reply; use another template")
+            longest = max(len(chosen), len(rejected))
+            if len(prompt) + longest > max_len:
+                if truncation == "error":
+                    too_long.append(f"{where} ({len(prompt) + longest} tokens)")
+                    continue
+                keep = max_len - longest
+                if keep < min(len(prompt), MIN_PROMPT_TOKENS):
+                    counts["pairs_dropped"] += 1
+                    continue
+                head = 1 if prompt and prompt[0] == tokenizer.bos_id else 0
+                prompt = prompt[:head] + prompt[len(prompt) - (keep - head):]
+                counts["pairs_truncated"] += 1
+            key = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in prompt_msgs)
+            pairs.add(prompt, chosen, rejected, s, key)
+    bar.close()
+    if too_long:
+        raise UserError(f"{len(too_long)} preference pair(s) are longer than max_len={max_len} tokens, first: "
+                        f"{too_long[0]}; raise max_len (up to the model's max_seq_len), shorten them, or set "
+                        f"truncation=left to cut the prompts from the left")
+    return pairs, counts
+
+
+def split_val(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) pair indices: whole prompts go to val, the first ceil(f × prompts) by a seeded hash."""
+    import hashlib
+
+    if val_fraction <= 0:
+        return np.arange(len(pairs)), np.zeros(0, np.int64)
+    keys = sorted(set(pairs.prompt_key), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    n_val = math.ceil(val_fraction * len(keys)) if len(keys) > 1 else 0
+    val_keys = set(keys[:n_val])
+    is_val = np.array([k in val_keys for k in pairs.prompt_key], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def collate(pairs: Pairs, idx, pad_id: int, ref: np.ndarray | None = None) -> dict:
+    """Pairs `idx` -> rows 0..B-1 chosen, B..2B-1 rejected, right-padded; targets -100 off the completion.
+
+    x = seq[:-1], y = seq[1:]: position t predicts token t+1, so y[t] is a target exactly when
+    token t+1 is a completion token. Right padding needs no attention mask: causal attention
+    never lets a real token see the padding after it.
+    """
+    seqs, starts = [], []
+    for part in ("chosen", "rejected"):
+        for i in idx:
+            p = pairs.prompt(i)
+            seqs.append(np.concatenate([p, getattr(pairs, part)(i)]))
+            starts.append(len(p))
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    targets = np.full((len(seqs), T - 1), -100, dtype=np.int64)
+    for r, (s, start) in enumerate(zip(seqs, starts)):
+        ids[r, :len(s)] = s
+        targets[r, start - 1:len(s) - 1] = s[start:]
+    out = {"x": torch.from_numpy(ids[:, :-1]), "y": torch.from_numpy(targets),
+           "n_tokens": int(sum(len(s) for s in seqs))}
+    if ref is not None:
+        out["ref"] = torch.from_numpy(ref[np.asarray(idx)].astype(np.float32))
+    return out
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def policy_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probabilities of a collated batch; per-token means if `average`."""
+    logits, _ = model(batch["x"])
+    logps, counts = sequence_logps(logits, batch["y"])
+    if average:
+        logps = logps / counts.clamp_min(1)
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+@torch.no_grad()
+def compute_reference(model, pairs: Pairs, batch_size: int, device: torch.device, amp) -> np.ndarray:
+    """(N, 4) float64: summed completion log-probs (chosen, rejected) and completion lengths.
+
+    Sums and lengths (not means) so one cache serves every loss: IPO divides at use time.
+    Pairs are processed longest first so batches pad little.
+    """
+    from lmlab.models.lora import adapters_disabled
+
+    out = np.zeros((len(pairs), 4), dtype=np.float64)
+    order = sorted(range(len(pairs)), key=lambda i: -pairs.tokens(i))
+    was_training = model.training
+    model.to(device).eval()
+    bar = progress(total=len(pairs), desc="dpo: reference log-probs", unit="pair")
+    with adapters_disabled(model):
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = collate(pairs, idx, 0)
+            x, y = batch["x"].to(device), batch["y"].to(device)
+            ctx = torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
+            with ctx:
+                logits, _ = model(x)
+            logps, counts = sequence_logps(logits, y)
+            b = len(idx)
+            out[idx, 0] = logps[:b].double().cpu().numpy()
+            out[idx, 1] = logps[b:].double().cpu().numpy()
+            out[idx, 2] = counts[:b].cpu().numpy()
+            out[idx, 3] = counts[b:].cpu().numpy()
+            bar.update(b)
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+def load_or_compute_reference(out: Path, model, pairs: Pairs, ref_fp: str, batch_size: int,
+                              device: torch.device, amp) -> tuple[np.ndarray, bool]:
+    """The cached reference log-probs when their fingerprint matches, else computed and cached. -> (ref, reused)"""
+    import json
+
+    meta_path, cache_path = out / REF_CACHE_META, out / REF_CACHE
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == ref_fp:
+            ref = np.load(cache_path)
+            if ref.shape == (len(pairs), 4):
+                return ref, True
+    except (OSError, ValueError):
+        pass
+    ref = compute_reference(model, pairs, batch_size, device, amp)
+    tmp = out / f".{REF_CACHE}.tmp-{os.getpid()}.npy"
+    try:
+        np.save(tmp, ref)
+        os.replace(tmp, cache_path)
+    except OSError as e:
+        raise artifacts.disk_error(e, cache_path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The meta file is written after the array: a crash between the two leaves a stale meta,
+    # whose fingerprint check (with the shape check) only ever causes a recompute.
+    artifacts.write_json_atomic(meta_path, {"fingerprint": ref_fp, "pairs": len(pairs)})
+    return ref, False
+
+
+# ----------------------------------------------------------------------------- the objective
+
+class PreferenceObjective:
+    """DPO over weighted sources of tokenized pairs, with precomputed reference log-probs.
+
+    An epoch is a seeded shuffle of the training pairs, each source's pairs repeated `weight`
+    times (a fractional part takes a seeded random subset); pair slot g of the run is
+    position g % E of epoch g // E, so the batch of a step is a pure function of the step.
+    """
+
+    def __init__(self, pairs: Pairs, train_idx: np.ndarray, val_idx: np.ndarray, ref: np.ndarray,
+                 weights: list[float], cfg: Config, pad_id: int) -> None:
+        self.pairs, self.train_idx, self.val_idx = pairs, train_idx, val_idx
+        self.average = cfg.loss in AVERAGED_LOSSES
+        # ref columns: summed logps (chosen, rejected), completion lengths; IPO uses the means.
+        self.ref = ref[:, :2] / np.maximum(ref[:, 2:], 1) if self.average else ref[:, :2]
+        self.beta, self.loss_type, self.eps = cfg.beta, cfg.loss, cfg.label_smoothing
+        self.batch_size, self.grad_accum, self.seed = cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed
+        self.eval_pairs = cfg.eval.batches * cfg.train.batch_size
+        self.pad_id = pad_id
+        self.weights = weights
+        src = np.asarray(pairs.source)[train_idx]
+        self.by_source = [train_idx[src == s] for s in range(len(weights))]
+        self.epoch_len = sum(int(round(w * len(ix))) for w, ix in zip(weights, self.by_source))
+        if self.epoch_len == 0:
+            raise UserError("no training pairs left after the validation split and weights; add pairs, lower "
+                            "val_fraction or raise the weights")
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        first = self.epoch(0)
+        self.epoch_tokens = int(sum(pairs.tokens(i) for i in first))
+        self._train_sums: torch.Tensor | None = None
+        self._train_pairs = 0
+
+    def epoch(self, e: int) -> np.ndarray:
+        """The shuffled list of pair indices of epoch e (a pure function of seed and e)."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == e:
+            return self._epoch_cache[1]
+        rng = np.random.default_rng([self.seed, 7919, e])
+        parts = []
+        for w, ix in zip(self.weights, self.by_source):
+            whole, frac = int(w), w - int(w)
+            parts += [ix] * whole
+            extra = int(round(w * len(ix))) - whole * len(ix)
+            if extra > 0:
+                parts.append(rng.choice(ix, size=extra, replace=False))
+        order = np.concatenate(parts)[rng.permutation(self.epoch_len)] if parts else np.zeros(0, np.int64)
+        self._epoch_cache = (e, order)
+        return order
+
+    def pair_indices(self, step: int, micro: int) -> np.ndarray:
+        g0 = (step * self.grad_accum + micro) * self.batch_size
+        return np.array([self.epoch(g // self.epoch_len)[g % self.epoch_len] for g in range(g0, g0 + self.batch_size)])
+
+    def batch(self, step: int, micro: int) -> dict:
+        return collate(self.pairs, self.pair_indices(step, micro), self.pad_id, self.ref)
+
+    def _losses(self, model, batch: dict):
+        pc, pr = policy_logps(model, batch, self.average)
+        ref = batch["ref"].to(pc.device)
+        losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.eps)
+        return losses, metric_sums(rc, rr, pc, pr)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        losses, sums = self._losses(model, batch)
+        # Running sums of the train metrics since the last evaluate(), kept on the device so
+        # a step never waits for them; evaluate() reports their means.
+        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
+        self._train_pairs += losses.shape[0]
+        return losses.mean(), batch["n_tokens"]
+
+    def evaluate(self, model, device) -> dict:
+        """Train running means (TRL names) since the last call, and the same on the val pairs (val_ prefix)."""
+        out: dict = {}
+        if self._train_pairs:
+            sums = (self._train_sums / self._train_pairs).tolist()
+            out.update({name: v for name, v in zip(METRICS, sums)})
+            self._train_sums, self._train_pairs = None, 0
+        val = self.val_idx[:self.eval_pairs]
+        if len(val):
+            loss_sum, sums = 0.0, torch.zeros(len(METRICS), device=device)
+            for s in range(0, len(val), self.batch_size):
+                batch = collate(self.pairs, val[s:s + self.batch_size], self.pad_id, self.ref)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                losses, m = self._losses(model, batch)
+                loss_sum += losses.float().sum().item()
+                sums += m
+            out["val_loss"] = loss_sum / len(val)
+            out.update({f"val_{name}": v / len(val) for name, v in zip(METRICS, sums.tolist())})
+        return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _source_label(spec) -> str:
+    return spec.name()
+
+
+def _source_fingerprint(spec) -> str:
+    """Cheap fingerprint of a data spec: its settings plus the bytes of a local file or directory."""
+    d = spec.model_dump(mode="json")
+    p = Path(spec.path) if getattr(spec, "path", None) else None
+    if p is not None and p.is_file():
+        d["sha256"] = artifacts.sha256_file(p)
+    elif p is not None and p.is_dir():
+        d["sha256"] = {str(f.relative_to(p)): artifacts.sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    return artifacts.fingerprint(d)
+
+
+def _resolve_template(cfg: Config, init_manifest: dict) -> str:
+    from lmlab.data.chat import load_chat_template
+
+    if cfg.template:
+        return cfg.template
+    name = load_chat_template(cfg.init)
+    if name is None:
+        print(f"dpo: {cfg.init} has no chat.json (not a chat model); using the chatml template", file=sys.stderr)
+        return "chatml"
+    return name
+
+
+def _total_steps(cfg: Config, epoch_len: int) -> int:
+    t = cfg.train
+    if t.tokens is not None:
+        raise UserError("train.tokens is not used by dpo; set the length with train.steps=N or epochs=N")
+    if t.steps is not None and cfg.epochs is not None:
+        raise UserError(f"train.steps={t.steps} and epochs={cfg.epochs} are both set; set one of them")
+    if t.steps is not None:
+        return t.steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * epoch_len / (t.batch_size * t.grad_accum)))
+
+
+def write_outputs(out: Path, model, tokenizer, cfg: Config, template: str) -> None:
+    """Final weights / adapter, tokenizer/, chat.json; each piece swapped in only when complete."""
+    from lmlab.data.chat import save_chat_template
+    from lmlab.models import write_base_pointer
+    from lmlab.models.lora import is_lora, merge_lora, save_adapter
+    from lmlab.train.pretrain import write_final
+
+    if is_lora(model):
+        tmp = out / f".adapter.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_adapter(model, tmp)
+            shutil.rmtree(out / "adapter", ignore_errors=True)
+            os.replace(tmp, out / "adapter")
+        except OSError as e:
+            raise artifacts.disk_error(e, out) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_base_pointer(out, cfg.init)
+        if cfg.lora.merge:
+            write_final(out, merge_lora(model), tokenizer)
+        else:
+            (out / "model.safetensors").unlink(missing_ok=True)  # an adapter run: load_model reads base + adapter
+            if (out / "tokenizer").exists():
+                shutil.rmtree(out / "tokenizer")
+            tokenizer.copy_to(out / "tokenizer")
+    else:
+        write_final(out, model, tokenizer)
+        shutil.rmtree(out / "adapter", ignore_errors=True)  # left by an earlier LoRA run into this out
+        (out / "base.json").unlink(missing_ok=True)
+    save_chat_template(out, template)
+
+
+def run(cfg: Config) -> Path:
+    from lmlab.data.chat import check_template
+    from lmlab.data.formats import read_preferences
+    from lmlab.models import load_model
+    from lmlab.models.lora import apply_lora, param_counts
+
+    timer = artifacts.Timer()
+    out = Path(cfg.out)
+    if not cfg.data:
+        raise UserError("no preference data: set data=PATH (jsonl with prompt/chosen/rejected, e.g. "
+                        "runs/tasks/dpo_train.jsonl) or data=[{hf: Anthropic/hh-rlhf, split: train}]")
+    init_manifest = artifacts.require_artifact(cfg.init, "model", what="init model")
+    if Path(cfg.init).resolve() == out.resolve():
+        raise UserError(f"init and out are the same directory ({out}); DPO writes a new run: choose another out")
+    template = _resolve_template(cfg, init_manifest)
+
+    # Everything the user can get wrong is checked before `out` is touched.
+    config = cfg.model_dump(mode="json")
+    fp_config = {k: v for k, v in config.items() if k != "resume"}
+    inputs = {"init": {"path": cfg.init, "fingerprint": init_manifest.get("fingerprint")}}
+    for i, spec in enumerate(cfg.data):
+        inputs[f"data_{i}"] = {"path": _source_label(spec), "fingerprint": _source_fingerprint(spec)}
+    fp = artifacts.stage_fingerprint(KIND, {**fp_config, "template": template},
+                                     {k: v["fingerprint"] for k, v in inputs.items()})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"dpo: up to date ({out}), nothing to do")
+        return out
+    existing = artifacts.read_manifest(out)
+    if existing is not None and existing.get("kind") != KIND:
+        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the DPO run")
+
+    with timer("load"):
+        model, tokenizer, _ = load_model(cfg.init)
+        check_template(template, tokenizer)
+        max_seq = model.cfg.max_seq_len
+        max_len = cfg.max_len or max_seq
+        if max_len > max_seq:
+            raise UserError(f"max_len={max_len} is longer than the model's context (max_seq_len={max_seq}); "
+                            f"set max_len<={max_seq}")
+        read_stats: dict = {}
+        records = [read_preferences(spec, stats=read_stats) for spec in cfg.data]
+        pairs, counts = tokenize_pairs(records, [_source_label(s) for s in cfg.data], template, tokenizer,
+                                       max_len, cfg.truncation)
+        del records
+        counts["pairs_identical_skipped"] = read_stats.get("identical_skipped", 0)
+    if len(pairs) == 0:
+        raise UserError(f"no usable preference pairs: {counts['pairs_read']} read, {counts['pairs_dropped']} "
+                        f"dropped because their completions leave fewer than {MIN_PROMPT_TOKENS} prompt tokens "
+                        f"within max_len={max_len}; raise max_len or shorten the replies")
+    if counts["pairs_truncated"] or counts["pairs_dropped"]:
+        print(f"dpo: {counts['pairs_truncated']} of {counts['pairs_read']} pairs had their prompts cut from the left "
+              f"to fit max_len={max_len}; {counts['pairs_dropped']} dropped (completion too long)", file=sys.stderr)
+    train_idx, val_idx = split_val(pairs, cfg.val_fraction, cfg.train.seed)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
+
+    weights = [s.weight for s in cfg.data]
+    t = cfg.train
+    epoch_len = sum(int(round(w * int(np.sum(np.asarray(pairs.source)[train_idx] == s))))
+                    for s, w in enumerate(weights))
+    total_steps = _total_steps(cfg, epoch_len)
+    device = pick_device(t.device)
+    amp = autocast_dtype(t.dtype, device)
+    resume_config = {"init": init_manifest.get("fingerprint"), "template": template, "data": pairs.fingerprint(),
+                     "weights": weights, "val_fraction": cfg.val_fraction, "max_len": max_len,
+                     "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
+                     "label_smoothing": cfg.label_smoothing, "lora": cfg.lora.model_dump(mode="json"),
+                     "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
+    if cfg.resume == "auto":
+        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
+
+    seed_everything(t.seed)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    # The reference is the init model (LoRA: the same model, adapters disabled), so its
+    # fingerprint is that of the init weights.
+    weights_file = Path(cfg.init) / "model.safetensors"
+    ref_fp = artifacts.fingerprint({
+        "init": init_manifest.get("fingerprint"),
+        "weights": artifacts.sha256_file(weights_file) if weights_file.is_file() else None,
+        "pairs": pairs.fingerprint(), "amp": str(amp), "device": device.type})
+    with timer("reference"):
+        ref, reused = load_or_compute_reference(out, model, pairs, ref_fp, 2 * t.batch_size, device, amp)
+    print(f"dpo: reference log-probs {'reused from' if reused else 'computed and cached in'} {out / REF_CACHE}",
+          file=sys.stderr)
+
+    objective = PreferenceObjective(pairs, train_idx, val_idx, ref, weights, cfg, pad_id)
+    trainable, total = param_counts(model)
+    print(f"dpo: {len(train_idx)} train / {len(val_idx)} val pairs, loss {cfg.loss} beta {cfg.beta}, "
+          f"{total_steps} steps x {t.batch_size * t.grad_accum} pairs, {trainable:,} of {total:,} parameters "
+          f"trained -> {out}", file=sys.stderr)
+    with timer("train"):
+        summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
+                        desc="dpo")
+    with timer("save"):
+        write_outputs(out, model, tokenizer, cfg, template)
+
+    final = summary["final_eval"]
+    pairs_trained = total_steps * t.batch_size * t.grad_accum
+    stats = {
+        "params": total,
+        "trainable_params": trainable,
+        "template": template,
+        **counts,
+        "pairs_train": int(len(train_idx)),
+        "pairs_val": int(len(val_idx)),
+        "max_len": max_len,
+        "steps": total_steps,
+        "pairs_trained": pairs_trained,
+        "tokens_trained": summary["tokens"],
+        "epochs": round(pairs_trained / objective.epoch_len, 4),
+        "final_train_loss": summary["final_loss"],
+        "final_val_loss": final.get("val_loss"),
+        "final_train_metrics": {k: final[k] for k in METRICS if k in final},
+        "final_val_metrics": {k: final[f"val_{k}"] for k in METRICS if f"val_{k}" in final},
+        "reference_reused": reused,
+        "train_time_s": summary["train_time_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
+        "hardware": hardware_summary(),
+    }
+    tok_dir = (init_manifest.get("inputs") or {}).get("tokenizer", {}).get("path") or str(Path(cfg.init) / "tokenizer")
+    inputs["tokenizer"] = {"path": tok_dir, "fingerprint": tokenizer.sha256}
+    artifacts.write_manifest(out, KIND, {**config, "template": template}, fp, inputs=inputs,
+                             tokenizer_sha256=tokenizer.sha256, timings=timer.total(), stats=stats)
+    margin = stats["final_val_metrics"].get("rewards/margins", stats["final_train_metrics"].get("rewards/margins"))
+    acc = stats["final_val_metrics"].get("rewards/accuracies", stats["final_train_metrics"].get("rewards/accuracies"))
+    extra = f", reward margin {margin:.4f}, accuracy {acc:.2f}" if margin is not None and acc is not None else ""
+    loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
+    print(f"dpo: wrote {out} ({total_steps} steps, train loss {loss}{extra})")
+    return out
