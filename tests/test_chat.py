@@ -1,0 +1,185 @@
+"""Chat templates (exact masks, prompts, truncation, HF parity) and the `lmlab chat` REPL."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmlab.data import chat
+from lmlab.data.chat import TEMPLATES, prompt_ids, render
+from lmlab.errors import UserError
+
+from conftest import ROOT, build_micro_pipeline
+
+CONV = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "Six, surely."}]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return build_micro_pipeline(tmp_path_factory.mktemp("chat"), steps=4)
+
+
+@pytest.fixture(scope="module")
+def tok(micro):
+    from lmlab.data.tokenizer import Tokenizer
+    return Tokenizer.load(micro["tokenizer"])
+
+
+def _eot(template, tok):
+    return tok.special_tokens["<|im_end|>"] if template == "chatml" else tok.eos_id
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_render_mask_is_exactly_the_replies(template, tok):
+    ids, mask = render(template, CONV, tok)
+    assert ids[0] == tok.bos_id and len(ids) == len(mask)
+    lead = " " if template == "chat" else ""
+    expected = []
+    for m in CONV:
+        if m["role"] == "assistant":
+            expected += tok.encode(lead + m["content"]) + [_eot(template, tok)]
+    assert [i for i, k in zip(ids, mask) if k] == expected
+    # the trained tokens form two contiguous spans, one per reply, each ending in the end-of-turn id
+    spans = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    assert len(spans) == 2
+    masked_text = tok.decode([i for i, k in zip(ids, mask) if k and i != _eot(template, tok)])
+    assert masked_text.replace(" ", "") == "Itis4.Six,surely."
+    # the ids are the rendered text's, tokenized piece by piece at the special tokens
+    text = chat.render_text(template, CONV)
+    assert "Be brief." in text and "What is 2+2?" in text
+    if template == "alpaca":
+        assert text.startswith("<|bos|>Be brief.\n\n### Instruction:")  # system replaces the preamble
+        assert chat.render_text(template, CONV[1:]).startswith("<|bos|>Below is an instruction")
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_prompt_ids_prefix_of_render(template, tok):
+    full, mask = render(template, CONV, tok)
+    p = prompt_ids(template, CONV[:-1], tok)
+    assert full[:len(p)] == p
+    assert mask[len(p)] and not any(mask[len(p) - 3:len(p)])  # the reply starts right after the header
+    assert p[-1] != _eot(template, tok)
+
+
+def test_truncation_policies_and_counts(tok):
+    ids, mask = render("chatml", CONV, tok)
+    first_turn = render("chatml", CONV[:3], tok)[0]
+    stats = {}
+    t_ids, t_mask = render("chatml", CONV, tok, max_len=len(ids) - 2, stats=stats)
+    assert t_ids == first_turn and stats["truncated"] == 1 and stats["dropped_turns"] == 1
+    assert stats["cut_tokens"] == len(ids) - len(first_turn)
+    h_ids, h_mask = render("chatml", CONV, tok, max_len=len(ids) - 2, truncation="head")
+    assert h_ids == ids[:-2] and h_mask == mask[:-2]
+    short = {}
+    s_ids, _ = render("chatml", CONV, tok, max_len=5, stats=short)  # first exchange too long: cut
+    assert s_ids == ids[:5] and short["no_target"] == 1
+    with pytest.raises(UserError, match="max_len=10"):
+        render("chatml", CONV, tok, max_len=10, truncation="error")
+    pstats = {}
+    p = prompt_ids("chatml", CONV[:4], tok, max_len=len(prompt_ids("chatml", CONV[:4], tok)) - 1, stats=pstats)
+    assert pstats["dropped_messages"] >= 1 and p[:3] == prompt_ids("chatml", CONV[:1] + CONV[3:4], tok)[:3]
+
+
+def test_check_template_names_missing_tokens_and_alternatives(tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    chat.check_template("chatml", tok)  # lmlab tokenizers have the chat markers
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False))
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>")
+    with pytest.raises(UserError, match=r"<\|im_start\|>, <\|im_end\|>.*template=instruct or template=chat"):
+        chat.check_template("chatml", plain)
+    chat.check_template("alpaca", plain)
+    with pytest.raises(UserError, match="valid: chatml, instruct, chat, alpaca"):
+        chat.check_template("vicuna", tok)
+
+
+def test_chat_json_roundtrip(tmp_path):
+    assert chat.load_chat_template(tmp_path) is None
+    chat.save_chat_template(tmp_path, "instruct")
+    assert chat.load_chat_template(tmp_path) == "instruct"
+    (tmp_path / "chat.json").write_text('{"template": "nope"}')
+    with pytest.raises(UserError, match="unknown chat template 'nope'"):
+        chat.load_chat_template(tmp_path)
+
+
+def test_export_chat_template_matches_prompt_ids(micro, tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmlab.data.tokenizer import Tokenizer
+    from lmlab.data import tokenizer as T
+    from lmlab.models import hf, load_model
+
+    run = tmp_path / "sft"
+    shutil.copytree(micro["model"], run)
+    chat.save_chat_template(run, "chatml")
+    out = hf.run(hf.Config(model=str(run), out=str(tmp_path / "hf")))
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.special_tokens["<|im_end|>"], tok.eos_id]
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    model, _, _ = load_model(run)
+    # a byte-level BPE tokenizer too: the parity must not depend on the tokenizer kind
+    bpe = Tokenizer.load(T.run(T.Config(corpus=str(micro["corpus"]), out=str(tmp_path / "bpe"), type="bpe",
+                                        vocab_size=400)))
+    convs = [CONV[:-1], CONV[1:2], CONV[1:4] + [{"role": "user", "content": "Why?", "input": "a b"}]]
+    for t in TEMPLATES:
+        for tk, name in ((tok, "sp"), (bpe, "bpe")):
+            d = out if (t == "chatml" and tk is tok) else tmp_path / f"hf_{t}_{name}"
+            if d != out:
+                d.mkdir()
+                hf.write_hf(model, d, tokenizer=tk, chat_template=t)
+            at = AutoTokenizer.from_pretrained(d)
+            for c in convs:
+                theirs = at.apply_chat_template(c, tokenize=True, add_generation_prompt=True)
+                theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+                assert list(theirs) == prompt_ids(t, c, tk), (t, name)
+
+
+def _greedy_reply(model, tok, ids, n):
+    """Reference: argmax decoding with full forwards (no cache), stopping at <|im_end|>."""
+    ends = set(chat.end_of_turn_ids("chatml", tok))
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids + out]))[0][0, -1].argmax())
+            if t in ends:
+                break
+            out.append(t)
+    text = tok.decode(out)
+    for s in chat.stop_strings("chatml"):
+        text = text.split(s)[0]
+    return text
+
+
+def test_chat_cli_over_stdin(micro, tok):
+    from lmlab.models import load_model
+
+    env = {**os.environ, "LMLAB_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "lmlab", "chat", str(micro["model"]), "temperature=0",
+                        "max_new_tokens=8", "system=Be brief."],
+                       input="Hello there\n/reset\nWhat is 2+2?\n/exit\nnever read\n", text=True,
+                       capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "template chatml" in r.stderr
+    out = r.stdout
+    assert out.count("assistant> ") == 2 and "(history cleared)" in out and "never read" not in out
+    model, _, _ = load_model(micro["model"])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    expected = _greedy_reply(model, tok, prompt_ids("chatml", msgs, tok), 8)
+    first = out.split("assistant> ", 1)[1].split("\nyou> ", 1)[0]
+    assert first == expected
+    # end of input also ends the chat cleanly; a bad template is a one-line error, exit 2
+    r = subprocess.run([sys.executable, "-m", "lmlab", "chat", str(micro["model"]), "template=nope"],
+                       input="", text=True, capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "unknown chat template 'nope'" in r.stderr and "Traceback" not in r.stderr
