@@ -2,10 +2,14 @@
 
 A model directory holds `model.safetensors` (the weights), `model.json` (the resolved
 `ModelConfig`) and, for a trained run, `tokenizer/` and `manifest.json` (kind "model").
+A chat model (from `sft`/`dpo`) also holds `chat.json` (`{"template": name}`). A LoRA run
+that was not merged holds `adapter/` (PEFT format) and `base.json` (`{"path", "format":
+"lmlab" | "hf"}`, the base model it adapts) instead of `model.safetensors`.
 
     from lmlab.models import save_model, load_model
     save_model(model, "runs/my_model")                       # weights + config, each file atomic
     model, tokenizer, manifest = load_model("runs/my_model")  # manifest is {} when absent
+    manifest.get("chat")                                     # chat.json's content, when there is one
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from lmlab.errors import UserError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
+BASE_POINTER = "base.json"
+CHAT = "chat.json"
 
 
 def _unwrap(model):
@@ -82,15 +88,65 @@ def load_weights(model_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval()
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """-> (model, tokenizer, manifest) from a model run dir; manifest is {} if there is none."""
+def write_base_pointer(run_dir: str | Path, base: str | Path, fmt: str = "lmlab") -> None:
+    """Record which model an adapter-only run adapts (as given, and absolute as a fallback)."""
+    from lmlab.artifacts import write_json_atomic
+    write_json_atomic(Path(run_dir) / BASE_POINTER, {"path": str(base), "abs_path": str(Path(base).resolve()),
+                                                     "format": fmt})
+
+
+def _base_dir(run_dir: Path) -> tuple[Path, str]:
+    try:
+        ptr = json.loads((run_dir / BASE_POINTER).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir / BASE_POINTER} cannot be read ({e}); the adapter run does not say "
+                        f"which base model it adapts") from None
+    for cand in (ptr.get("path"), ptr.get("abs_path")):
+        if cand and Path(cand).is_dir():
+            return Path(cand), ptr.get("format", "lmlab")
+    raise UserError(f"the base model of the adapter run {run_dir} is not found ({ptr.get('path')}, "
+                    f"{ptr.get('abs_path')}); restore it, or re-run sft with lora.merge=true for a self-contained model")
+
+
+def load_weights_or_adapter(run_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
+    """The model of a run dir: plain weights, or base + PEFT adapter (merged into a plain model
+    unless merge=False, which returns the peft.PeftModel)."""
+    d = Path(run_dir)
+    if (d / WEIGHTS).is_file() or not (d / "adapter").is_dir():
+        return load_weights(d, device)
+    base_dir, fmt = _base_dir(d)
+    if fmt == "hf":
+        from lmlab.models.hf import import_hf
+        base = import_hf(base_dir)[0]
+    else:
+        base = load_weights_or_adapter(base_dir, "cpu", merge=True)  # an adapter on an adapter run
+    from lmlab.models.lora import load_adapter, merge_lora
+    model = load_adapter(base, d / "adapter")
+    if merge:
+        model = merge_lora(model, copy_first=False)
+    return model.to(device).eval()
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
+    """-> (model, tokenizer, manifest) from a model run dir; manifest is {} if there is none.
+
+    A LoRA run without merged weights loads as base + adapter (merged into a plain
+    Transformer, which computes the same and decodes faster; merge=False keeps the PeftModel).
+    When the run holds `chat.json`, its content is in `manifest["chat"]`.
+    """
     from lmlab.artifacts import read_manifest
 
     d = Path(run_dir)
-    model = load_weights(d, device)
+    model = load_weights_or_adapter(d, device, merge=merge)
     tok_dir = d / "tokenizer"
     if not tok_dir.is_dir():
         raise UserError(f"{tok_dir} is missing; a model run dir must hold a copy of its tokenizer")
     from lmlab.data.tokenizer import Tokenizer  # lazy: keeps `import lmlab.models` light
     tokenizer = Tokenizer.load(tok_dir)
-    return model, tokenizer, read_manifest(d) or {}
+    manifest = read_manifest(d) or {}
+    if (d / CHAT).is_file():
+        try:
+            manifest["chat"] = json.loads((d / CHAT).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{d / CHAT} cannot be read ({e}); re-run the stage that made {d}") from None
+    return model, tokenizer, manifest

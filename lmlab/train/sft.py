@@ -1,0 +1,595 @@
+"""Supervised finetuning (SFT) on conversations: full finetuning or LoRA (PEFT).
+
+    lmlab sft --config configs/sft/alpaca_oasst1_lora_tiny.yaml
+    lmlab sft init=runs/pretrain data=runs/tasks/sft_train.jsonl out=runs/sft train.epochs=2
+    lmlab sft ... 'data=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, format: oasst1, weight: 0.3}]'
+    lmlab sft ... lora.enabled=true lora.r=16 lora.merge=true
+
+Starts from a model run dir (`init`: pretrained, or an earlier SFT/DPO run) or a Hugging
+Face Llama/Qwen3 directory, and writes a model run dir (kind `model`) that carries its chat
+template (`chat.json`), so generation and evaluation format prompts the same way.
+
+- Loss on assistant tokens only: each conversation is rendered by `lmlab.data.chat.render`,
+  whose train mask is True on the assistant replies and their end-of-turn token; every
+  other target is -100. Conversations longer than the context lose whole later exchanges
+  first (chat.render's `turns` rule); the manifest counts them.
+- Packing: several conversations share one row of `seq_len` positions; `doc_ids` keep
+  attention inside each conversation and restart its positions, so a packed conversation
+  trains exactly as it would alone (tested).
+- Mixing: rows are drawn from the datasets in proportion to `weight`, in blocks with exact
+  proportions; the batch of a step is a pure function of (seed, step), so resume is exact.
+- Fixed `sample_prompts` are answered (greedy) at every evaluation into `samples.jsonl`.
+- The trainer, checkpoints, Ctrl-C and resume are `lmlab.train.loop`'s, as for pretraining.
+
+See docs/sft.md for every option and the output layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.data.formats import DataSpec
+from lmlab.errors import UserError
+from lmlab.models.lora import LoraConfig
+from lmlab.runtime import hardware_summary, seed_everything
+from lmlab.train.loop import CheckpointConfig, EvalConfig, LogConfig, TrainConfig, check_same_run, train
+
+KIND = "model"
+POSITIONAL = ("--config", "sft config YAML (same as --config)")
+SAMPLES = "samples.jsonl"
+
+
+class SFTTrainConfig(TrainConfig):
+    """The pretraining TrainConfig plus `epochs`; finetuning-friendly defaults."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW); LoRA usually wants ~5-10x more")
+    warmup_steps: int | float = Field(0.03, ge=0, description="linear warmup: a step count (int) or a "
+                                      "fraction of the run (float < 1)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on linear-layer weight matrices")
+    epochs: Optional[float] = Field(None, gt=0, description="run length in passes over the training rows (used "
+                                    "when neither steps nor tokens is set; unset too = 1 epoch)")
+    seq_len: Optional[int] = Field(None, ge=2, description="unused by sft: set the top-level seq_len instead")
+
+    @model_validator(mode="after")
+    def _one_sft_length(self):
+        if self.epochs is not None and (self.steps is not None or self.tokens is not None):
+            raise ValueError("set only one of train.steps, train.tokens and train.epochs")
+        return self
+
+
+class Config(Strict):
+    init: str = Field("", description="model to finetune: a model run dir (pretrain/sft/dpo) or a Hugging "
+                      "Face Llama/Qwen3 directory (config.json + safetensors)")
+    tokenizer: Optional[str] = Field(None, description="HF init only: an lmlab tokenizer dir; unset = import "
+                                     "the HF directory's tokenizer.json")
+    data: list[DataSpec] = Field(default_factory=list, description="conversation datasets: a path, or a list of "
+                                 "{path | hf, format, weight, max_records, split}; rows are drawn in proportion "
+                                 "to weight")
+    out: str = Field("runs/sft", description="run directory (model artifact, checkpoints, metrics, samples)")
+    template: str = Field("chatml", description="chat template: chatml, instruct, chat, alpaca")
+    seq_len: Optional[int] = Field(None, ge=8, description="positions per training row (a conversation of n "
+                                   "tokens takes n-1); null = the model's max_seq_len. Longer conversations "
+                                   "lose later exchanges (chat.render's 'turns' rule)")
+    packing: bool = Field(True, description="pack several conversations per row (attention kept apart by "
+                          "doc_ids); false = one conversation per row")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of each dataset's conversations held out "
+                                "for val_loss")
+    sample_prompts: list[str] = Field(default_factory=list, description="user messages answered (greedy) at "
+                                      "every evaluation, logged to samples.jsonl")
+    sample_max_new_tokens: int = Field(64, ge=1, description="token budget of each sample answer")
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig, description="optimisation")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT)")
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=10),
+                             description="validation loss and sample generations")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
+                                             "in out/checkpoints; never: delete them and start over")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            v = [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
+# ----------------------------------------------------------------------------- rows
+
+class Rows:
+    """Packed training rows of one dataset: inputs, targets (-100 = not trained) and doc ids.
+
+    Each conversation of n tokens gives n-1 (input, target) positions: x = ids[:-1],
+    y[j] = ids[j+1] where mask[j+1] else -100. Padding (x = pad, y = -100) forms its own doc.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, doc: np.ndarray, used: np.ndarray, n_conversations: int):
+        self.x, self.y, self.doc, self.used = x, y, doc, used
+        self.n_conversations = n_conversations
+        self.targets = (y != -100).sum(axis=1)  # trained tokens per row
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def conversation_positions(ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of one rendered conversation: inputs and next-token targets, -100 where not trained."""
+    ids_a = np.asarray(ids, dtype=np.int64)
+    y = np.where(np.asarray(mask[1:], dtype=bool), ids_a[1:], -100)
+    return ids_a[:-1], y
+
+
+def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, packing: bool) -> Rows:
+    """Next-fit packing in the given order: a conversation goes into the current row if it fits,
+    else it starts a new one (order kept, so the result is a pure function of the input)."""
+    groups: list[list[int]] = []
+    fill = seq_len + 1  # forces a first row
+    for i, (x, _) in enumerate(examples):
+        if not packing or fill + len(x) > seq_len:
+            groups.append([])
+            fill = 0
+        groups[-1].append(i)
+        fill += len(x)
+    R = len(groups)
+    X = np.full((R, seq_len), pad_id, dtype=np.int32)
+    Y = np.full((R, seq_len), -100, dtype=np.int32)
+    D = np.zeros((R, seq_len), dtype=np.int16)
+    used = np.zeros(R, dtype=np.int32)
+    for r, g in enumerate(groups):
+        at = 0
+        for k, i in enumerate(g):
+            x, y = examples[i]
+            X[r, at:at + len(x)], Y[r, at:at + len(x)], D[r, at:at + len(x)] = x, y, k
+            at += len(x)
+        D[r, at:] = len(g)  # padding: a document of its own, never attended to by real tokens
+        used[r] = at
+    return Rows(X, Y, D, used, len(examples))
+
+
+# ----------------------------------------------------------------------------- mixing
+
+class Mixture:
+    """Global row index -> (dataset, row), a pure function of (seed, index).
+
+    Rows come in blocks of N (the number of training rows over all datasets). Each block
+    holds exactly round(N * p_d) rows of dataset d, in an order shuffled per block. Within a
+    dataset, rows are taken through a fresh permutation per pass, so every row is seen once
+    before any is seen twice. With weights proportional to the datasets' sizes, one block is
+    exactly one epoch of every dataset.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        self.sizes, self.seed = list(sizes), seed
+        p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.block = int(sum(sizes))
+        raw = p * self.block
+        counts = np.floor(raw).astype(np.int64)
+        for d in np.argsort(-(raw - counts), kind="stable")[: self.block - int(counts.sum())]:
+            counts[d] += 1  # largest remainders get the rows the floors left over
+        counts = np.maximum(counts, 1)  # every dataset with a positive weight gets drawn from
+        self.counts = counts
+        self.block = int(counts.sum())
+
+    @functools.lru_cache(maxsize=4)
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(len(self.sizes)), self.counts)
+        labels = np.random.default_rng([self.seed, 2, b]).permutation(labels)
+        rank = np.empty(len(labels), dtype=np.int64)  # how many earlier rows of the block share the label
+        for d in range(len(self.sizes)):
+            where = np.flatnonzero(labels == d)
+            rank[where] = np.arange(len(where))
+        return labels, rank
+
+    @functools.lru_cache(maxsize=16)
+    def _pass(self, d: int, e: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 3, d, e]).permutation(self.sizes[d])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        b, pos = divmod(int(i), self.block)
+        labels, rank = self._block(b)
+        d = int(labels[pos])
+        k = b * int(self.counts[d]) + int(rank[pos])  # k-th row drawn from dataset d overall
+        e, j = divmod(k, self.sizes[d])
+        return d, int(self._pass(d, e)[j])
+
+
+# ----------------------------------------------------------------------------- the objective
+
+class SFTObjective:
+    """Masked next-token loss over packed conversation rows (the loop's objective protocol)."""
+
+    def __init__(self, train_rows: list[Rows], weights: list[float], val_rows: Optional[Rows], batch_size: int,
+                 grad_accum: int, seed: int, packing: bool, eval_batches: int, pad_id: int,
+                 run_dir: Optional[Path] = None, sample_prompts: Optional[list[list[int]]] = None,
+                 sample_texts: Optional[list[str]] = None, stop_ids: Optional[list[int]] = None,
+                 tokenizer=None, sample_max_new_tokens: int = 64):
+        self.train_rows, self.val_rows = train_rows, val_rows
+        self.mix = Mixture([len(r) for r in train_rows], weights, seed)
+        self.batch_size, self.grad_accum, self.packing = batch_size, grad_accum, packing
+        self.eval_batches, self.pad_id = eval_batches, pad_id
+        self.run_dir, self.tokenizer = run_dir, tokenizer
+        self.sample_prompts, self.sample_texts = sample_prompts or [], sample_texts or []
+        self.stop_ids, self.sample_max_new_tokens = stop_ids or [], sample_max_new_tokens
+        self.epoch_rows = sum(len(r) for r in train_rows)
+        self.epoch_tokens = int(sum(r.used.sum() for r in train_rows))
+        self._last_step = -1
+
+    def rows_of(self, step: int, micro: int) -> list[tuple[int, int]]:
+        first = (step * self.grad_accum + micro) * self.batch_size
+        return [self.mix.locate(first + b) for b in range(self.batch_size)]
+
+    def _assemble(self, picks: list[tuple[Rows, int]]) -> dict:
+        width = max(1, max(int(rows.used[r]) for rows, r in picks))  # drop the all-padding tail columns
+        x = torch.from_numpy(np.stack([rows.x[r, :width] for rows, r in picks]).astype(np.int64))
+        y = torch.from_numpy(np.stack([rows.y[r, :width] for rows, r in picks]).astype(np.int64))
+        doc = torch.from_numpy(np.stack([rows.doc[r, :width] for rows, r in picks]).astype(np.int64))
+        return {"x": x, "y": y, "doc": doc, "positions": int(sum(int(rows.used[r]) for rows, r in picks))}
+
+    def batch(self, step: int, micro: int) -> dict:
+        # The loop evaluates right after step `step` finishes; remembering the step here is how
+        # the samples written during that evaluation get their step label.
+        self._last_step = step
+        return self._assemble([(self.train_rows[d], r) for d, r in self.rows_of(step, micro)])
+
+    def forward_loss(self, model, b: dict) -> torch.Tensor:
+        # One conversation per row starts at position 0 and ends before the padding: the plain
+        # causal mask is then exact, and cheaper than a materialised doc_ids mask.
+        doc = b["doc"] if self.packing else None
+        return model(b["x"], b["y"], doc_ids=doc, return_logits=False)[1]
+
+    def loss(self, model, b: dict) -> tuple[torch.Tensor, int]:
+        return self.forward_loss(model, b), b["positions"]
+
+    def trained_tokens(self, total_steps: int) -> tuple[int, int]:
+        """(positions, trained targets) over a run of `total_steps` (from the row tables, no model)."""
+        pos = tgt = 0
+        for step in range(total_steps):
+            for micro in range(self.grad_accum):
+                for d, r in self.rows_of(step, micro):
+                    pos += int(self.train_rows[d].used[r])
+                    tgt += int(self.train_rows[d].targets[r])
+        return pos, tgt
+
+    def evaluate(self, model, device) -> dict:
+        out = {}
+        if self.val_rows is not None and len(self.val_rows):
+            nats, n = 0.0, 0
+            stop = min(len(self.val_rows), self.eval_batches * self.batch_size)
+            for s in range(0, stop, self.batch_size):
+                b = self._assemble([(self.val_rows, r) for r in range(s, min(s + self.batch_size, stop))])
+                k = int((b["y"] != -100).sum())
+                if k == 0:
+                    continue
+                b = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in b.items()}
+                nats += self.forward_loss(model, b).float().item() * k
+                n += k
+            if n:
+                out = {"val_loss": nats / n, "val_ppl": math.exp(min(nats / n, 80.0))}
+        if self.sample_prompts and self.run_dir is not None:
+            self.write_samples(model, device, self._last_step + 1)
+        return out
+
+    def write_samples(self, model, device, step: int) -> list[str]:
+        from lmlab.infer.engine import generate_ids
+
+        stop = set(self.stop_ids)
+        outs: list[list[int]] = [[] for _ in self.sample_prompts]
+        for tok in generate_ids(model, self.sample_prompts, self.sample_max_new_tokens, temperature=0.0,
+                                device=device, pad_id=self.pad_id,
+                                should_stop=lambda row, new: new[-1] in stop):
+            for row, t in enumerate(tok):
+                if t is not None and t not in stop:
+                    outs[row].append(t)
+        texts = [self.tokenizer.decode(o) for o in outs]
+        with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
+            for p, t in zip(self.sample_texts, texts):
+                f.write(json.dumps({"step": step, "prompt": p, "completion": t}, ensure_ascii=False) + "\n")
+        for p, t in zip(self.sample_texts, texts):
+            print(f"  sample @{step}: {p!r} -> {t[:200]!r}", file=sys.stderr)
+        return texts
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "model.json").is_file()
+
+
+def load_init(cfg: Config):
+    """-> (model, tokenizer, init fingerprint, format) for `init`, a model run dir or an HF directory."""
+    from lmlab.data.tokenizer import Tokenizer
+
+    if not cfg.init:
+        raise UserError("no model to finetune: set init=RUN_DIR (a pretrained or sft model run) or an HF model dir")
+    d = Path(cfg.init)
+    if not d.is_dir():
+        raise UserError(f"init model not found: {d} (run `lmlab pretrain` first, or fix the path)")
+    if is_hf_dir(d):
+        from lmlab.models.hf import import_hf
+        model, _ = import_hf(d)
+        tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else _import_hf_tokenizer(d)
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens (with lmlab's chat specials added) but "
+                            f"{d} has an embedding table of {model.cfg.vocab_size}; give a tokenizer that fits "
+                            f"(tokenizer=DIR) or a model with room for the added tokens")
+        fp = artifacts.fingerprint({"hf": str(d.resolve()), "files": sorted(
+            (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in d.iterdir() if p.is_file())})
+        return model, tokenizer, fp, "hf"
+    if cfg.tokenizer:
+        raise UserError("tokenizer= is only for an HF init; a model run dir brings its own tokenizer/")
+    from lmlab.models import load_weights_or_adapter
+    m = artifacts.read_manifest(d)
+    if m is not None and m.get("kind") != "model":
+        raise UserError(f"init {d} is a '{m.get('kind')}' artifact, expected a model run dir")
+    if m is None and not (d / "model.json").is_file():
+        raise UserError(f"init {d} is neither an lmlab model run dir (model.json) nor an HF model dir (config.json)")
+    if m is not None and not m.get("complete", True):
+        raise UserError(f"init {d} is an unfinished run; finish it first (re-run its command)")
+    model = load_weights_or_adapter(d, "cpu", merge=True)
+    tok_dir = d / "tokenizer"
+    if not tok_dir.is_dir():
+        raise UserError(f"{tok_dir} is missing; a model run dir must hold a copy of its tokenizer")
+    fp = m["fingerprint"] if m else artifacts.sha256_file(d / "model.safetensors")
+    return model, Tokenizer.load(tok_dir), fp, "lmlab"
+
+
+def _import_hf_tokenizer(d: Path):
+    import tempfile
+
+    from lmlab.data import tokenizer as tk
+
+    src = d / "tokenizer.json"
+    if not src.is_file():
+        raise UserError(f"{d} has no tokenizer.json; pass tokenizer=DIR (an lmlab tokenizer, e.g. from "
+                        f"`lmlab tokenizer from_file=...`)")
+    dest = Path(tempfile.mkdtemp(prefix="lmlab-hf-tok-"))
+    kind = tk.import_file(src, dest)
+    tk._write_meta(dest, kind)
+    return tk.Tokenizer.load(dest)
+
+
+def data_fingerprint(spec) -> str:
+    """sha256 of a local data file (or of a directory's files); the spec itself for hub data."""
+    path = getattr(spec, "path", None)
+    if path:
+        p = Path(path)
+        if p.is_file():
+            return artifacts.sha256_file(p)
+        if p.is_dir():
+            return artifacts.fingerprint(sorted((str(f.relative_to(p)), artifacts.sha256_file(f))
+                                                for f in p.rglob("*") if f.is_file()))
+    return artifacts.fingerprint(spec.model_dump(mode="json"))
+
+
+def split_val(n: int, fraction: float, seed: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices) of dataset d's n conversations: a seeded, fixed split."""
+    n_val = int(round(n * fraction))
+    if fraction > 0 and n_val == 0 and n >= 10:
+        n_val = 1
+    order = np.random.default_rng([seed, 1, d]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def render_all(convs: list, template: str, tokenizer, seq_len: int, stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render and cut each conversation to seq_len+1 tokens; drop those left with nothing to train."""
+    from lmlab.data.chat import render
+
+    out = []
+    for messages in convs:
+        ids, mask = render(template, messages, tokenizer, max_len=seq_len + 1, stats=stats)
+        if len(ids) < 2 or not any(mask[1:]):
+            continue  # counted by render as no_target
+        out.append(conversation_positions(ids, mask))
+    return out
+
+
+def build_rows(cfg: Config, tokenizer, seq_len: int):
+    """Read, split, render and pack every dataset. -> (train Rows per dataset, val Rows|None, stats)."""
+    from lmlab.data.formats import read_conversations
+
+    if not cfg.data:
+        raise UserError("no training data: set data=FILE.jsonl (messages, alpaca, oasst1, ...) or "
+                        "data=[{path: A, weight: 0.7}, {path: B, weight: 0.3}]")
+    seed = cfg.train.seed
+    train_rows, val_examples, per_dataset = [], [], []
+    render_stats: dict = {}
+    for d, spec in enumerate(cfg.data):
+        convs = read_conversations(spec)
+        name = spec.name()
+        if not convs:
+            raise UserError(f"dataset {name} holds no conversations; check the file and its format")
+        tr, va = split_val(len(convs), cfg.val_fraction, seed, d)
+        stats: dict = {}
+        train_ex = render_all([convs[i] for i in tr], cfg.template, tokenizer, seq_len, stats)
+        val_examples += render_all([convs[i] for i in va], cfg.template, tokenizer, seq_len, {})
+        if not train_ex:
+            raise UserError(f"dataset {name}: no conversation has an assistant token left to train on within "
+                            f"seq_len={seq_len} ({stats}); check the data or raise seq_len")
+        order = np.random.default_rng([seed, 4, d]).permutation(len(train_ex))  # mix lengths within rows
+        rows = pack_rows([train_ex[i] for i in order], seq_len, tokenizer.pad_id, cfg.packing)
+        train_rows.append(rows)
+        for k, v in stats.items():
+            render_stats[k] = render_stats.get(k, 0) + v
+        per_dataset.append({"name": str(name), "weight": spec.weight, "conversations": len(convs),
+                            "train_conversations": len(train_ex), "val_conversations": len(va),
+                            "rows": len(rows), "positions": int(rows.used.sum()), "trained_tokens":
+                            int(rows.targets.sum()), "truncated": stats.get("truncated", 0),
+                            "no_target": stats.get("no_target", 0)})
+    val_rows = pack_rows(val_examples, seq_len, tokenizer.pad_id, cfg.packing) if val_examples else None
+    return train_rows, val_rows, {"datasets": per_dataset, "render": render_stats}
+
+
+def resolve_steps(t: SFTTrainConfig, rows_per_step: int, epoch_rows: int, seq_len: int) -> int:
+    if t.steps is not None:
+        return t.steps
+    if t.tokens is not None:
+        if t.tokens == "chinchilla":
+            raise UserError("train.tokens=chinchilla is a pretraining budget; give sft train.steps or train.epochs")
+        return max(1, math.ceil(int(t.tokens) / (rows_per_step * seq_len)))
+    return max(1, math.ceil((t.epochs or 1.0) * epoch_rows / rows_per_step))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_outputs(out: Path, model, tokenizer, cfg: Config, init_format: str) -> None:
+    """Weights (full, merged or adapter + base pointer), tokenizer/ and chat.json, each swapped in whole."""
+    from lmlab.data.chat import save_chat_template
+    from lmlab.models import BASE_POINTER, CONFIG, WEIGHTS, write_base_pointer
+    from lmlab.models.lora import ADAPTER_DIR, is_lora, merge_lora, save_adapter
+    from lmlab.train.pretrain import write_final
+
+    try:
+        if is_lora(model):
+            tmp = out / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(model, tmp)
+            old = out / f".{ADAPTER_DIR}.old-{os.getpid()}"
+            if (out / ADAPTER_DIR).exists():
+                os.replace(out / ADAPTER_DIR, old)
+            os.replace(tmp, out / ADAPTER_DIR)
+            shutil.rmtree(old, ignore_errors=True)
+            write_base_pointer(out, cfg.init, init_format)
+            if cfg.lora.merge:
+                write_final(out, merge_lora(model), tokenizer)
+            else:  # stale full weights from an earlier run in `out` would shadow the adapter
+                for name in (WEIGHTS, CONFIG):
+                    (out / name).unlink(missing_ok=True)
+                tok_tmp = out / f".tokenizer.tmp-{os.getpid()}"
+                shutil.rmtree(tok_tmp, ignore_errors=True)
+                tokenizer.copy_to(tok_tmp)
+                shutil.rmtree(out / "tokenizer", ignore_errors=True)
+                os.replace(tok_tmp, out / "tokenizer")
+        else:
+            write_final(out, model, tokenizer)
+            shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+            (out / BASE_POINTER).unlink(missing_ok=True)
+        save_chat_template(out, cfg.template)
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(cfg: Config) -> Path:
+    from lmlab.data.chat import check_template, end_of_turn_ids, prompt_ids
+    from lmlab.models.lora import apply_lora, check_targets, param_counts
+
+    timer = artifacts.Timer()
+    out = Path(cfg.out)
+    if cfg.init and Path(cfg.init).resolve() == out.resolve():
+        raise UserError(f"out={out} is the init model itself; write the finetuned model somewhere else")
+    with timer("load"):
+        model, tokenizer, init_fp, init_format = load_init(cfg)
+    check_template(cfg.template, tokenizer)
+    if cfg.lora.enabled:
+        check_targets(model, cfg.lora.target_modules)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "
+                        f"set seq_len<={model.cfg.max_seq_len}")
+
+    config = cfg.model_dump(mode="json")
+    fp_config = {k: v for k, v in config.items() if k != "resume"}
+    data_fps = [data_fingerprint(s) for s in cfg.data]
+    inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
+              **{f"data_{i}": {"path": s.name(), "fingerprint": f}
+                 for i, (s, f) in enumerate(zip(cfg.data, data_fps))}}
+    fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"sft: up to date ({out}), nothing to do")
+        return out
+    existing = artifacts.read_manifest(out)
+    if existing is not None and existing.get("kind") != KIND:
+        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the sft run")
+
+    with timer("data"):
+        train_rows, val_rows, data_stats = build_rows(cfg, tokenizer, seq_len)
+    t = cfg.train
+    rows_per_step = t.batch_size * t.grad_accum
+    epoch_rows = sum(len(r) for r in train_rows)
+    total_steps = resolve_steps(t, rows_per_step, epoch_rows, seq_len)
+
+    seed_everything(t.seed)  # the LoRA A init draws from it
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    trainable, total = param_counts(model)
+    stop_ids = end_of_turn_ids(cfg.template, tokenizer)
+    prompts = [prompt_ids(cfg.template, [{"role": "user", "content": p}], tokenizer,
+                          max_len=max(1, model.cfg.max_seq_len - cfg.sample_max_new_tokens))
+               for p in cfg.sample_prompts]
+    objective = SFTObjective(train_rows, [s.weight for s in cfg.data], val_rows, t.batch_size, t.grad_accum, t.seed,
+                             cfg.packing, cfg.eval.batches, tokenizer.pad_id, run_dir=out, sample_prompts=prompts,
+                             sample_texts=list(cfg.sample_prompts), stop_ids=stop_ids, tokenizer=tokenizer,
+                             sample_max_new_tokens=cfg.sample_max_new_tokens)
+    # Anything that changes the trajectory of the weights must match to resume a checkpoint.
+    resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"),
+                     "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps,
+                     "data": [{"fingerprint": f, "spec": s.model_dump(mode="json")} for s, f in zip(cfg.data, data_fps)],
+                     "template": cfg.template, "seq_len": seq_len, "packing": cfg.packing,
+                     "val_fraction": cfg.val_fraction, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"})}
+    if cfg.resume == "auto":
+        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
+    if cfg.resume == "never":
+        (out / SAMPLES).unlink(missing_ok=True)
+    mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
+    print(f"sft ({mode}): {trainable:,} trainable of {total:,} parameters; {epoch_rows:,} rows of {seq_len} "
+          f"positions ({sum(d['train_conversations'] for d in data_stats['datasets']):,} conversations); "
+          f"{total_steps} steps x {rows_per_step} rows -> {out}", file=sys.stderr)
+    with timer("train"):
+        summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
+                        flops_per_token=None, desc="sft")
+    with timer("save"):
+        write_outputs(out, model, tokenizer, cfg, init_format)
+    positions, targets = objective.trained_tokens(total_steps)
+    final_eval = summary["final_eval"]
+    stats = {
+        "mode": "lora" if cfg.lora.enabled else "full",
+        "trainable_params": trainable,
+        "params": total,
+        "lora": cfg.lora.model_dump(mode="json") if cfg.lora.enabled else None,
+        "template": cfg.template,
+        "seq_len": seq_len,
+        "packing": cfg.packing,
+        "conversations": sum(d["conversations"] for d in data_stats["datasets"]),
+        "train_conversations": sum(d["train_conversations"] for d in data_stats["datasets"]),
+        "val_conversations": sum(d["val_conversations"] for d in data_stats["datasets"]),
+        "truncated_conversations": data_stats["render"].get("truncated", 0),
+        "dropped_no_target": data_stats["render"].get("no_target", 0),
+        "datasets": data_stats["datasets"],
+        "rows_per_epoch": epoch_rows,
+        "steps": total_steps,
+        "epochs": round(total_steps * rows_per_step / epoch_rows, 4),
+        "tokens_trained": positions,
+        "trained_on_tokens": targets,
+        "trained_on_share": round(targets / positions, 4) if positions else None,
+        "final_train_loss": summary["final_loss"],
+        "final_val_loss": final_eval.get("val_loss"),
+        "train_time_s": summary["train_time_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "hardware": hardware_summary(),
+    }
+    inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
+    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+                             timings=timer.total(), stats=stats)
+    val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
+    loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
+    print(f"sft: wrote {out} ({mode}, {total_steps} steps, train loss {loss}{val}, "
+          f"{stats['trained_on_share']:.0%} of positions trained)")
+    return out
