@@ -307,3 +307,23 @@ def test_bad_input_exits_2_and_keeps_the_good_artifact(micro, tmp_path, capsys):
     assert main(good + [f"data={micro['pairs']}", "max_len=100000"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
     assert ((out / "manifest.json").read_text(), (out / "model.safetensors").read_bytes()) == before
+
+
+def test_weighted_sources_epochs_and_val_split(micro):
+    """Two sources mixed 3:1 by weight (SFT's Mixture), train.epochs sizing, val split by whole prompts."""
+    _, _, _, pairs, _ = _load_pairs(micro)
+    both = dpo.Pairs()
+    for s in (0, 1):
+        for i in range(len(pairs)):
+            both.add(pairs.prompt(i), pairs.chosen(i), pairs.rejected(i), s, f"{s}:{pairs.prompt_key[i]}")
+    train_idx, val_idx = dpo.split_val(both, 2, 0.25, seed=1)
+    assert len(val_idx) > 0 and not {both.prompt_key[i] for i in val_idx} & {both.prompt_key[i] for i in train_idx}
+    assert all(0 < sum(both.source[i] == s for i in val_idx) < 24 for s in (0, 1))  # each source split
+    cfg = _cfg(micro, "unused", train={"steps": None, "epochs": 2, "batch_size": 4})
+    obj = dpo.PreferenceObjective(both, train_idx, val_idx, np.zeros((len(both), 4)), [3.0, 1.0], cfg, 0)
+    block = [i for step in range(obj.epoch_len // 4) for i in obj.pair_indices(step, 0)]
+    share = np.mean([both.source[i] == 0 for i in block])
+    assert share == pytest.approx(0.75, abs=0.05)
+    assert np.array_equal(obj.pair_indices(5, 0), dpo.PreferenceObjective(
+        both, train_idx, val_idx, np.zeros((len(both), 4)), [3.0, 1.0], cfg, 0).pair_indices(5, 0))  # pure
+    assert dpo._total_steps(cfg.train, obj.epoch_len) == math.ceil(2 * obj.epoch_len / 4)

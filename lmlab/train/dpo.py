@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Literal
@@ -51,9 +50,9 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
-from lmlab.train.dpo_losses import AVERAGED_LOSSES, LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
-from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, autocast_dtype,
-                             check_same_run, train)
+from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
+from lmlab.train.loop import CheckpointConfig, EvalConfig, LogConfig, autocast_dtype, check_same_run, train
+from lmlab.train.sft import Mixture, SFTTrainConfig
 
 KIND = "model"
 POSITIONAL = ("--config", "dpo config YAML (same as --config)")
@@ -62,20 +61,30 @@ REF_CACHE = "ref_logps.npy"
 REF_CACHE_META = "ref_logps.json"
 
 
-def _dpo_train_defaults() -> TrainConfig:
-    # DPO moves a trained model a little: a small constant-ish LR, no weight decay (TRL's defaults
-    # are lr 1e-6 for billion-parameter models; small models want more), short warmup.
-    return TrainConfig(batch_size=8, lr=1e-5, min_lr_ratio=0.1, warmup_steps=0.1, weight_decay=0.0)
+class DPOTrainConfig(SFTTrainConfig):
+    """SFT's TrainConfig (with `epochs`), DPO defaults. batch_size counts pairs (two sequences each)."""
+
+    # DPO moves a trained model a little: TRL's default lr is 1e-6 for billion-parameter models;
+    # small models need more. No weight decay, a short warmup.
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW); LoRA usually wants ~5-10x more")
+    warmup_steps: int | float = Field(0.1, ge=0, description="linear warmup: a step count (int) or a "
+                                      "fraction of the run (float < 1)")
+    batch_size: int = Field(8, ge=1, description="micro-batch in preference pairs (each pair is two sequences)")
+    epochs: float | None = Field(None, gt=0, description="run length in passes over the training pairs (used "
+                                 "when train.steps is not set; unset too = 1 epoch)")
+    seq_len: int | None = Field(None, ge=2, description="unused by dpo: set the top-level max_len instead")
 
 
 class Config(Strict):
-    init: str = Field("runs/sft", description="model run dir to start from and to use as the reference "
-                      "(usually the SFT run); its chat.json gives the template unless `template` is set")
+    init: str = Field("runs/sft", description="model to start from and to use as the reference: a model run "
+                      "dir (usually the SFT run; its chat.json gives the template unless `template` is set) or a "
+                      "Hugging Face Llama/Qwen3 directory")
+    tokenizer: str | None = Field(None, description="HF init only: an lmlab tokenizer dir; unset = import the "
+                                  "HF directory's tokenizer.json")
     out: str = Field("runs/dpo", description="run directory (model artifact, checkpoints, metrics, reference cache)")
     data: list[DataSpec] = Field(default_factory=list, description="preference pairs: a path, or a list of data "
                                  "specs {path | hf, format, weight, max_records, split} (format preference: "
-                                 "prompt/chosen/rejected). weight = how many times each pair of that source "
-                                 "appears per epoch (0.5: a random half)")
+                                 "prompt/chosen/rejected); pairs are drawn in proportion to weight, as in sft")
     template: str | None = Field(None, description="chat template (chatml, instruct, chat, alpaca); null = the "
                                  "init run's chat.json, else chatml")
     beta: float = Field(0.1, gt=0, description="β: strength of the pull towards the reference (higher = stay closer)")
@@ -90,13 +99,11 @@ class Config(Strict):
     truncation: Literal["left", "error"] = Field(
         "left", description="left: cut too-long prompts from the left (keeping bos and the end of the prompt) so "
         "the whole completion fits, and drop pairs left with fewer than 16 prompt tokens; error: stop instead")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of prompts held out for validation "
-                                "(all pairs of one prompt go to the same side)")
-    epochs: float | None = Field(None, gt=0, description="run length in passes over the training pairs (set "
-                                 "this or train.steps; neither = 1 epoch)")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of each dataset's prompts held out for "
+                                "validation (all pairs of one prompt go to the same side)")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT) instead of full finetuning")
-    train: TrainConfig = Field(default_factory=_dpo_train_defaults, description="optimisation; batch_size counts "
-                               "pairs (each pair is two sequences)")
+    train: DPOTrainConfig = Field(default_factory=DPOTrainConfig, description="optimisation; batch_size counts "
+                                  "pairs (each pair is two sequences)")
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=8),
                              description="validation (and the running means of the train metrics) every N steps")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
@@ -223,16 +230,24 @@ def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], temp
     return pairs, counts
 
 
-def split_val(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) pair indices: whole prompts go to val, the first ceil(f × prompts) by a seeded hash."""
+def split_val(pairs: Pairs, n_sources: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) pair indices: per source, ceil(f × prompts) whole prompts (by a seeded hash) go to val.
+
+    Splitting by prompt keeps a prompt's pairs on one side; at least one prompt of every
+    source stays in training.
+    """
     import hashlib
 
     if val_fraction <= 0:
         return np.arange(len(pairs)), np.zeros(0, np.int64)
-    keys = sorted(set(pairs.prompt_key), key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-    n_val = math.ceil(val_fraction * len(keys)) if len(keys) > 1 else 0
-    val_keys = set(keys[:n_val])
-    is_val = np.array([k in val_keys for k in pairs.prompt_key], dtype=bool)
+    source = np.asarray(pairs.source)
+    val_keys: set[tuple[int, str]] = set()
+    for s in range(n_sources):
+        keys = sorted({pairs.prompt_key[i] for i in np.flatnonzero(source == s)},
+                      key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+        n_val = min(math.ceil(val_fraction * len(keys)), len(keys) - 1)
+        val_keys.update((s, k) for k in keys[:n_val])
+    is_val = np.array([(s, k) in val_keys for s, k in zip(pairs.source, pairs.prompt_key)], dtype=bool)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
@@ -342,9 +357,10 @@ def load_or_compute_reference(out: Path, model, pairs: Pairs, ref_fp: str, batch
 class PreferenceObjective:
     """DPO over weighted sources of tokenized pairs, with precomputed reference log-probs.
 
-    An epoch is a seeded shuffle of the training pairs, each source's pairs repeated `weight`
-    times (a fractional part takes a seeded random subset); pair slot g of the run is
-    position g % E of epoch g // E, so the batch of a step is a pure function of the step.
+    Pairs are drawn from the sources as SFT draws rows (`lmlab.train.sft.Mixture`): in blocks
+    of as many pairs as there are training pairs, exact proportions by weight, every pair of
+    a source seen once before any is seen twice. Pair slot g of the run is a pure function of
+    (seed, g), so the batch of a step is a pure function of the step and resume is exact.
     """
 
     def __init__(self, pairs: Pairs, train_idx: np.ndarray, val_idx: np.ndarray, ref: np.ndarray,
@@ -354,41 +370,26 @@ class PreferenceObjective:
         # ref columns: summed logps (chosen, rejected), completion lengths; IPO uses the means.
         self.ref = ref[:, :2] / np.maximum(ref[:, 2:], 1) if self.average else ref[:, :2]
         self.beta, self.loss_type, self.eps = cfg.beta, cfg.loss, cfg.label_smoothing
-        self.batch_size, self.grad_accum, self.seed = cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed
+        self.batch_size, self.grad_accum = cfg.train.batch_size, cfg.train.grad_accum
         self.eval_pairs = cfg.eval.batches * cfg.train.batch_size
         self.pad_id = pad_id
-        self.weights = weights
         src = np.asarray(pairs.source)[train_idx]
         self.by_source = [train_idx[src == s] for s in range(len(weights))]
-        self.epoch_len = sum(int(round(w * len(ix))) for w, ix in zip(weights, self.by_source))
-        if self.epoch_len == 0:
-            raise UserError("no training pairs left after the validation split and weights; add pairs, lower "
-                            "val_fraction or raise the weights")
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
-        first = self.epoch(0)
-        self.epoch_tokens = int(sum(pairs.tokens(i) for i in first))
+        empty = [s for s, ix in enumerate(self.by_source) if len(ix) == 0]
+        if empty:
+            raise UserError(f"data source {empty[0]} has no training pairs left (after truncation and the "
+                            f"validation split); remove it, add pairs or raise max_len")
+        self.mix = Mixture([len(ix) for ix in self.by_source], weights, cfg.train.seed)
+        self.epoch_len = self.mix.block
+        # tokens of one block (the loop's `epochs` column): each source's mean pair size x its share
+        self.epoch_tokens = int(sum(c * np.mean([pairs.tokens(i) for i in ix])
+                                    for c, ix in zip(self.mix.counts, self.by_source)))
         self._train_sums: torch.Tensor | None = None
         self._train_pairs = 0
 
-    def epoch(self, e: int) -> np.ndarray:
-        """The shuffled list of pair indices of epoch e (a pure function of seed and e)."""
-        if self._epoch_cache is not None and self._epoch_cache[0] == e:
-            return self._epoch_cache[1]
-        rng = np.random.default_rng([self.seed, 7919, e])
-        parts = []
-        for w, ix in zip(self.weights, self.by_source):
-            whole, frac = int(w), w - int(w)
-            parts += [ix] * whole
-            extra = int(round(w * len(ix))) - whole * len(ix)
-            if extra > 0:
-                parts.append(rng.choice(ix, size=extra, replace=False))
-        order = np.concatenate(parts)[rng.permutation(self.epoch_len)] if parts else np.zeros(0, np.int64)
-        self._epoch_cache = (e, order)
-        return order
-
     def pair_indices(self, step: int, micro: int) -> np.ndarray:
         g0 = (step * self.grad_accum + micro) * self.batch_size
-        return np.array([self.epoch(g // self.epoch_len)[g % self.epoch_len] for g in range(g0, g0 + self.batch_size)])
+        return np.array([self.by_source[d][r] for d, r in (self.mix.locate(g) for g in range(g0, g0 + self.batch_size))])
 
     def batch(self, step: int, micro: int) -> dict:
         return collate(self.pairs, self.pair_indices(step, micro), self.pad_id, self.ref)
@@ -430,101 +431,69 @@ class PreferenceObjective:
 
 # ----------------------------------------------------------------------------- the stage
 
-def _source_label(spec) -> str:
-    return spec.name()
-
-
-def _source_fingerprint(spec) -> str:
-    """Cheap fingerprint of a data spec: its settings plus the bytes of a local file or directory."""
-    d = spec.model_dump(mode="json")
-    p = Path(spec.path) if getattr(spec, "path", None) else None
-    if p is not None and p.is_file():
-        d["sha256"] = artifacts.sha256_file(p)
-    elif p is not None and p.is_dir():
-        d["sha256"] = {str(f.relative_to(p)): artifacts.sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
-    return artifacts.fingerprint(d)
-
-
-def _resolve_template(cfg: Config, init_manifest: dict) -> str:
-    from lmlab.data.chat import load_chat_template
+def _resolve_template(cfg: Config) -> str:
+    from lmlab.data.chat import DEFAULT_TEMPLATE, load_chat_template
 
     if cfg.template:
         return cfg.template
     name = load_chat_template(cfg.init)
     if name is None:
-        print(f"dpo: {cfg.init} has no chat.json (not a chat model); using the chatml template", file=sys.stderr)
-        return "chatml"
+        print(f"dpo: {cfg.init} has no chat.json (not a chat model); using the {DEFAULT_TEMPLATE} template",
+              file=sys.stderr)
+        return DEFAULT_TEMPLATE
     return name
 
 
-def _total_steps(cfg: Config, epoch_len: int) -> int:
-    t = cfg.train
+def _total_steps(t: DPOTrainConfig, epoch_len: int) -> int:
     if t.tokens is not None:
-        raise UserError("train.tokens is not used by dpo; set the length with train.steps=N or epochs=N")
-    if t.steps is not None and cfg.epochs is not None:
-        raise UserError(f"train.steps={t.steps} and epochs={cfg.epochs} are both set; set one of them")
+        raise UserError("train.tokens is not used by dpo; set the length with train.steps=N or train.epochs=N")
     if t.steps is not None:
         return t.steps
-    return max(1, math.ceil((cfg.epochs or 1.0) * epoch_len / (t.batch_size * t.grad_accum)))
+    return max(1, math.ceil((t.epochs or 1.0) * epoch_len / (t.batch_size * t.grad_accum)))
 
 
-def write_outputs(out: Path, model, tokenizer, cfg: Config, template: str) -> None:
-    """Final weights / adapter, tokenizer/, chat.json; each piece swapped in only when complete."""
-    from lmlab.data.chat import save_chat_template
-    from lmlab.models import write_base_pointer
-    from lmlab.models.lora import is_lora, merge_lora, save_adapter
-    from lmlab.train.pretrain import write_final
+def _weights_fingerprint(init: str) -> str:
+    """sha256 of the init's weight files (model, adapter): the reference cache's key to the weights.
 
-    if is_lora(model):
-        tmp = out / f".adapter.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            save_adapter(model, tmp)
-            shutil.rmtree(out / "adapter", ignore_errors=True)
-            os.replace(tmp, out / "adapter")
-        except OSError as e:
-            raise artifacts.disk_error(e, out) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        write_base_pointer(out, cfg.init)
-        if cfg.lora.merge:
-            write_final(out, merge_lora(model), tokenizer)
-        else:
-            (out / "model.safetensors").unlink(missing_ok=True)  # an adapter run: load_model reads base + adapter
-            if (out / "tokenizer").exists():
-                shutil.rmtree(out / "tokenizer")
-            tokenizer.copy_to(out / "tokenizer")
-    else:
-        write_final(out, model, tokenizer)
-        shutil.rmtree(out / "adapter", ignore_errors=True)  # left by an earlier LoRA run into this out
-        (out / "base.json").unlink(missing_ok=True)
-    save_chat_template(out, template)
+    A manifest fingerprint says which config made a model, not which bytes it holds (an
+    edited or re-trained model directory keeps it); the weights themselves are decisive.
+    """
+    d = Path(init)
+    files = sorted([*d.glob("*.safetensors"), *d.glob("*.bin"), *(d / "adapter").glob("*.safetensors")])
+    return artifacts.fingerprint({str(f.relative_to(d)): artifacts.sha256_file(f) for f in files})
 
 
 def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.data.formats import read_preferences
-    from lmlab.models import load_model
-    from lmlab.models.lora import apply_lora, param_counts
+    from lmlab.models.lora import apply_lora, check_targets, param_counts
+    from lmlab.train.sft import data_fingerprint, load_init, write_outputs
 
     timer = artifacts.Timer()
     out = Path(cfg.out)
     if not cfg.data:
         raise UserError("no preference data: set data=PATH (jsonl with prompt/chosen/rejected, e.g. "
                         "runs/tasks/dpo_train.jsonl) or data=[{hf: Anthropic/hh-rlhf, split: train}]")
-    init_manifest = artifacts.require_artifact(cfg.init, "model", what="init model")
-    if Path(cfg.init).resolve() == out.resolve():
-        raise UserError(f"init and out are the same directory ({out}); DPO writes a new run: choose another out")
-    template = _resolve_template(cfg, init_manifest)
-
+    if cfg.init and Path(cfg.init).resolve() == out.resolve():
+        raise UserError(f"out={out} is the init model itself; write the DPO model somewhere else")
     # Everything the user can get wrong is checked before `out` is touched.
-    config = cfg.model_dump(mode="json")
+    with timer("load"):
+        model, tokenizer, init_fp, init_format = load_init(cfg)
+    template = _resolve_template(cfg)
+    check_template(template, tokenizer)
+    if cfg.lora.enabled:
+        check_targets(model, cfg.lora.target_modules)
+    max_seq = model.cfg.max_seq_len
+    max_len = cfg.max_len or max_seq
+    if max_len > max_seq:
+        raise UserError(f"max_len={max_len} is longer than the model's context (max_seq_len={max_seq}); "
+                        f"set max_len<={max_seq}")
+
+    config = {**cfg.model_dump(mode="json"), "template": template}
     fp_config = {k: v for k, v in config.items() if k != "resume"}
-    inputs = {"init": {"path": cfg.init, "fingerprint": init_manifest.get("fingerprint")}}
-    for i, spec in enumerate(cfg.data):
-        inputs[f"data_{i}"] = {"path": _source_label(spec), "fingerprint": _source_fingerprint(spec)}
-    fp = artifacts.stage_fingerprint(KIND, {**fp_config, "template": template},
-                                     {k: v["fingerprint"] for k, v in inputs.items()})
+    inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
+              **{f"data_{i}": {"path": s.name(), "fingerprint": data_fingerprint(s)} for i, s in enumerate(cfg.data)}}
+    fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"dpo: up to date ({out}), nothing to do")
         return out
@@ -532,18 +501,11 @@ def run(cfg: Config) -> Path:
     if existing is not None and existing.get("kind") != KIND:
         raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the DPO run")
 
-    with timer("load"):
-        model, tokenizer, _ = load_model(cfg.init)
-        check_template(template, tokenizer)
-        max_seq = model.cfg.max_seq_len
-        max_len = cfg.max_len or max_seq
-        if max_len > max_seq:
-            raise UserError(f"max_len={max_len} is longer than the model's context (max_seq_len={max_seq}); "
-                            f"set max_len<={max_seq}")
+    with timer("data"):
         read_stats: dict = {}
         records = [read_preferences(spec, stats=read_stats) for spec in cfg.data]
-        pairs, counts = tokenize_pairs(records, [_source_label(s) for s in cfg.data], template, tokenizer,
-                                       max_len, cfg.truncation)
+        pairs, counts = tokenize_pairs(records, [s.name() for s in cfg.data], template, tokenizer, max_len,
+                                       cfg.truncation)
         del records
         counts["pairs_identical_skipped"] = read_stats.get("identical_skipped", 0)
     if len(pairs) == 0:
@@ -553,58 +515,59 @@ def run(cfg: Config) -> Path:
     if counts["pairs_truncated"] or counts["pairs_dropped"]:
         print(f"dpo: {counts['pairs_truncated']} of {counts['pairs_read']} pairs had their prompts cut from the left "
               f"to fit max_len={max_len}; {counts['pairs_dropped']} dropped (completion too long)", file=sys.stderr)
-    train_idx, val_idx = split_val(pairs, cfg.val_fraction, cfg.train.seed)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
-
-    weights = [s.weight for s in cfg.data]
     t = cfg.train
-    epoch_len = sum(int(round(w * int(np.sum(np.asarray(pairs.source)[train_idx] == s))))
-                    for s, w in enumerate(weights))
-    total_steps = _total_steps(cfg, epoch_len)
+    weights = [s.weight for s in cfg.data]
+    train_idx, val_idx = split_val(pairs, len(cfg.data), cfg.val_fraction, t.seed)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
     device = pick_device(t.device)
     amp = autocast_dtype(t.dtype, device)
-    resume_config = {"init": init_manifest.get("fingerprint"), "template": template, "data": pairs.fingerprint(),
-                     "weights": weights, "val_fraction": cfg.val_fraction, "max_len": max_len,
-                     "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
-                     "label_smoothing": cfg.label_smoothing, "lora": cfg.lora.model_dump(mode="json"),
+
+    # The reference is the init model (LoRA: the same model, adapters disabled): its key is the
+    # init's weights, the tokenized pairs and the numerics (autocast dtype, device type).
+    ref_fp = artifacts.fingerprint({"init": init_fp, "weights": _weights_fingerprint(cfg.init),
+                                    "pairs": pairs.fingerprint(), "amp": str(amp), "device": device.type})
+    # A placeholder reference lets the objective check the data and size the run before `out` is touched.
+    objective = PreferenceObjective(pairs, train_idx, val_idx, np.zeros((len(pairs), 4)), weights, cfg, pad_id)
+    total_steps = _total_steps(t, objective.epoch_len)
+    resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"), "template": template,
+                     "pairs": pairs.fingerprint(), "weights": weights, "val_fraction": cfg.val_fraction,
+                     "max_len": max_len, "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
+                     "label_smoothing": cfg.label_smoothing, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
                      "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
     out.mkdir(parents=True, exist_ok=True)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
 
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the LoRA A init draws from it
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    # The reference is the init model (LoRA: the same model, adapters disabled), so its
-    # fingerprint is that of the init weights.
-    weights_file = Path(cfg.init) / "model.safetensors"
-    ref_fp = artifacts.fingerprint({
-        "init": init_manifest.get("fingerprint"),
-        "weights": artifacts.sha256_file(weights_file) if weights_file.is_file() else None,
-        "pairs": pairs.fingerprint(), "amp": str(amp), "device": device.type})
     with timer("reference"):
         ref, reused = load_or_compute_reference(out, model, pairs, ref_fp, 2 * t.batch_size, device, amp)
     print(f"dpo: reference log-probs {'reused from' if reused else 'computed and cached in'} {out / REF_CACHE}",
           file=sys.stderr)
-
     objective = PreferenceObjective(pairs, train_idx, val_idx, ref, weights, cfg, pad_id)
+
     trainable, total = param_counts(model)
-    print(f"dpo: {len(train_idx)} train / {len(val_idx)} val pairs, loss {cfg.loss} beta {cfg.beta}, "
-          f"{total_steps} steps x {t.batch_size * t.grad_accum} pairs, {trainable:,} of {total:,} parameters "
-          f"trained -> {out}", file=sys.stderr)
+    mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
+    print(f"dpo ({mode}): {trainable:,} trainable of {total:,} parameters; {len(train_idx)} train / {len(val_idx)} "
+          f"val pairs; loss {cfg.loss}, beta {cfg.beta}; {total_steps} steps x {t.batch_size * t.grad_accum} pairs "
+          f"-> {out}", file=sys.stderr)
     with timer("train"):
         summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
                         desc="dpo")
     with timer("save"):
-        write_outputs(out, model, tokenizer, cfg, template)
+        write_outputs(out, model, tokenizer, cfg.model_copy(update={"template": template}), init_format)
 
     final = summary["final_eval"]
     pairs_trained = total_steps * t.batch_size * t.grad_accum
     stats = {
+        "mode": "lora" if cfg.lora.enabled else "full",
         "params": total,
         "trainable_params": trainable,
         "template": template,
+        "loss": cfg.loss,
+        "beta": cfg.beta,
         **counts,
         "pairs_train": int(len(train_idx)),
         "pairs_val": int(len(val_idx)),
@@ -618,18 +581,18 @@ def run(cfg: Config) -> Path:
         "final_train_metrics": {k: final[k] for k in METRICS if k in final},
         "final_val_metrics": {k: final[f"val_{k}"] for k in METRICS if f"val_{k}" in final},
         "reference_reused": reused,
+        "reference_time_s": timer.timings.get("reference"),
         "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_per_s"],
         "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
         "hardware": hardware_summary(),
     }
-    tok_dir = (init_manifest.get("inputs") or {}).get("tokenizer", {}).get("path") or str(Path(cfg.init) / "tokenizer")
-    inputs["tokenizer"] = {"path": tok_dir, "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, {**config, "template": template}, fp, inputs=inputs,
-                             tokenizer_sha256=tokenizer.sha256, timings=timer.total(), stats=stats)
-    margin = stats["final_val_metrics"].get("rewards/margins", stats["final_train_metrics"].get("rewards/margins"))
-    acc = stats["final_val_metrics"].get("rewards/accuracies", stats["final_train_metrics"].get("rewards/accuracies"))
-    extra = f", reward margin {margin:.4f}, accuracy {acc:.2f}" if margin is not None and acc is not None else ""
+    inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
+    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+                             timings=timer.total(), stats=stats)
+    shown = stats["final_val_metrics"] or stats["final_train_metrics"]
+    extra = (f", reward margin {shown['rewards/margins']:.4f}, accuracy {shown['rewards/accuracies']:.2f}"
+             f" ({'val' if stats['final_val_metrics'] else 'train'})" if shown else "")
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
-    print(f"dpo: wrote {out} ({total_steps} steps, train loss {loss}{extra})")
+    print(f"dpo: wrote {out} ({mode}, {total_steps} steps, train loss {loss}{extra})")
     return out
