@@ -92,7 +92,7 @@ class Config(Strict):
     sample_max_new_tokens: int = Field(64, ge=1, description="token budget of each sample answer")
     train: SFTTrainConfig = Field(default_factory=SFTTrainConfig, description="optimisation")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT)")
-    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=10),
+    eval: EvalConfig = Field(default_factory=EvalConfig,
                              description="validation loss and sample generations")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
