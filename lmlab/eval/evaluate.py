@@ -1,9 +1,14 @@
-"""Evaluate a trained model: perplexity and bits per byte, a unigram baseline, sample generations.
+"""Evaluate a trained model: perplexity and bits per byte, a unigram baseline, sample generations,
+generative exact match / pass@k / maj@k on problems with checkable answers, multiple choice.
 
     lmlab eval runs/smoke/model
     lmlab eval runs/smoke/model packed='[runs/smoke/packed]' max_batches=20
     lmlab eval runs/smoke/model texts='[../shared/data/wikitext-2/valid.txt]' max_text_bytes=200000
     lmlab eval --config configs/stages/eval.yaml model=runs/cpu/model
+    lmlab eval runs/x/sft packed_default=false max_new_tokens=0 \
+        generative='[{path: runs/x/tasks/test.jsonl, n: 200, n_samples: 4, k: [1, 4]}]'
+    lmlab eval runs/x/model generative='[{path: ../shared/data/gsm8k/test.jsonl, fewshot: ../shared/data/gsm8k/train.jsonl}]'
+    lmlab eval runs/x/model choice='[data/arc_easy.jsonl, data/boolq.jsonl]'
 
 What it measures (all written to `OUT/eval.json`):
 
@@ -17,11 +22,21 @@ What it measures (all written to `OUT/eval.json`):
   `word_perplexity`, `byte_perplexity` and `bits_per_byte`, as lm-eval reports WikiText.
 * generations: every prompt in `prompts`, greedy and with one sampled setting, written to
   `OUT/generations.jsonl` via lmlab.infer.engine.generate.
+* generative: for each GSM8K-format file (`question`, `answer` ending `#### N`, optional
+  `task`; `lmlab tasks` writes one, real GSM8K files work unchanged), greedy exact match
+  (strict and flexible extraction), pass@k and maj@k from sampled completions, per task
+  (lmlab/eval/generative.py). A model with `chat.json` is prompted with its chat template,
+  a base model few-shot from `fewshot`. A few prompt/completion/correct records per file go
+  to `OUT/samples.jsonl`.
+* choice: for each BoolQ- or ARC-style jsonl file, multiple-choice acc and acc_norm by
+  summed log-likelihood (lmlab/eval/choice.py).
 
 `out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
 the pipeline layout. The artifact is fingerprinted over this config, the model's
-fingerprint, the packed artifacts' fingerprints and the text files' sha256, so re-running
-with nothing changed is a no-op.
+fingerprint, the packed artifacts' fingerprints and the sha256 of the text, problem,
+few-shot and multiple-choice files, so re-running with nothing changed is a no-op.
+Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
+packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -37,6 +53,7 @@ from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.eval import perplexity
+from lmlab.eval.choice import read_choice_file, score_choices
 from lmlab.runtime import pick_device, progress, seed_everything
 
 POSITIONAL = ("model", "the model run directory to evaluate (written by `lmlab pretrain`)")
@@ -48,6 +65,22 @@ DEFAULT_PROMPTS = [
     "This function",
     "import ",
 ]
+
+
+class GenerativeSpec(Strict):
+    path: str = Field(description="GSM8K-format jsonl: question, answer (worked solution ending '#### N'), optional task")
+    name: str = Field("", description="name in eval.json and manifest stats (default: the file's parent dir and stem, e.g. tasks_test)")
+    n: int = Field(200, ge=0, description="score the first n problems (0 = all)")
+    n_samples: int = Field(4, ge=0, description="sampled completions per problem for pass@k / maj@k (0 = greedy only)")
+    k: list[int] = Field(default_factory=lambda: [1, 4], description="k values for pass@k and maj@k (each <= n_samples)")
+    temperature: float = Field(0.8, gt=0, description="temperature of the sampled completions")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the sampled completions")
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per completion at most")
+    prompting: Literal["auto", "fewshot", "chat"] = Field("auto", description="auto = the chat template when the model has chat.json, else few-shot")
+    fewshot: Optional[str] = Field(None, description="GSM8K-format jsonl of worked examples for few-shot prompts (tasks: fewshot.jsonl)")
+    n_shot: int = Field(4, ge=0, description="few-shot examples per prompt for a base model (fewer when the context is short)")
+    chat_n_shot: int = Field(0, ge=0, description="examples given as earlier turns to a chat-template model (0 = zero-shot)")
+    batch_size: int = Field(32, ge=1, description="prompts decoded together")
 
 
 class Config(Strict):
@@ -71,7 +104,12 @@ class Config(Strict):
     temperature: float = Field(0.8, gt=0, description="temperature of the sampled generation setting")
     top_k: int = Field(50, ge=0, description="top-k of the sampled setting (0 = off)")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus top-p of the sampled setting (1 = off)")
-    seed: int = Field(0, description="seed of the sampled generations")
+    seed: int = Field(0, description="seed of the sampled generations (and of generative sampling)")
+    packed_default: bool = Field(True, description="when `packed` is empty, score the packed data the model was trained on")
+    generative: list[GenerativeSpec] = Field(default_factory=list,
+                                             description="problem files scored by generated answers: exact match, pass@k, maj@k")
+    choice: list[str] = Field(default_factory=list, description="BoolQ- or ARC-style jsonl files scored by multiple-choice log-likelihood")
+    choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
 
@@ -118,7 +156,8 @@ def training_data(model_manifest: dict) -> list[str]:
     """The packed artifacts a model was trained on (its manifest's `data_*` inputs) that still exist."""
     inputs = model_manifest.get("inputs") or {}
     paths = [v.get("path") for k, v in sorted(inputs.items()) if k.startswith("data") and isinstance(v, dict)]
-    return [p for p in paths if p and Path(p).is_dir()]
+    # Only packed artifacts: an SFT/DPO run's data (conversation files, tasks) has no val rows.
+    return [p for p in paths if p and Path(p).is_dir() and (artifacts.read_manifest(p) or {}).get("kind") == "packed"]
 
 
 def resolve_prefix_token(tokenizer, choice: str) -> int:
@@ -152,7 +191,7 @@ def run(cfg: Config) -> Path:
     # device computes them), the model, the packed artifacts and the text files' contents.
     fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
-    if not cfg.packed:  # default: the val splits of the model's own training data
+    if not cfg.packed and cfg.packed_default:  # default: the val splits of the model's own training data
         cfg = cfg.model_copy(update={"packed": training_data(model_manifest)})
     for i, p in enumerate(cfg.packed):
         pm = check_packed_tokenizer(p, tokenizer)
@@ -162,6 +201,12 @@ def run(cfg: Config) -> Path:
         text, truncated = read_text_file(p, cfg.max_text_bytes)
         texts.append((p, text, truncated))
         inputs[f"text_{i}"] = {"path": str(p), "fingerprint": artifacts.sha256_file(p)}
+    gen_inputs = _vet_generative(cfg, inputs)
+    choice_inputs = []
+    for i, p in enumerate(cfg.choice):
+        fmt, items = read_choice_file(p, cfg.choice_n)  # vets the file before any model work
+        choice_inputs.append((p, fmt, items))
+        inputs[f"choice_{i}"] = {"path": str(p), "fingerprint": artifacts.sha256_file(p)}
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"eval: up to date ({out}), nothing to do")
@@ -191,6 +236,16 @@ def run(cfg: Config) -> Path:
     with timer("generate"):
         generations = _generate(model, tokenizer, cfg, device)
     results["generations"] = len(generations)
+    samples: list[dict] = []
+    with timer("generative"):
+        results["generative"] = _eval_generative(model, tokenizer, model_dir, gen_inputs, cfg, device, samples)
+    with timer("choice"):
+        results["choice"] = []
+        for path, fmt, items in choice_inputs:
+            res = score_choices(model, tokenizer, items, cfg.batch_size, device)
+            for r in res.pop("records"):
+                samples.append({"file": str(path), "kind": "choice", **r})
+            results["choice"].append({"path": str(path), "name": _file_name(path), "format": fmt, **res})
 
     try:
         with artifacts.atomic_dir(out) as tmp:
@@ -198,6 +253,9 @@ def run(cfg: Config) -> Path:
             with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
                 for g in generations:
                     f.write(json.dumps(g, ensure_ascii=False) + "\n")
+            with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
+                for r in samples:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
             artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs,
                                      tokenizer_sha256=tok_sha, timings=timer.total(), stats=summary_stats(results))
     except OSError as e:
@@ -268,6 +326,57 @@ def _eval_text(model, tokenizer, path, text: str, truncated: bool, cfg: Config, 
     }
 
 
+def _file_name(path) -> str:
+    """runs/x/tasks/test.jsonl -> tasks_test: short, and distinct for the usual layouts."""
+    p = Path(path)
+    return f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem
+
+
+def _vet_generative(cfg: Config, inputs: dict) -> list[tuple]:
+    """Read every problem and few-shot file up front (errors before any model work); record their sha256."""
+    from lmlab.eval.generative import read_problems
+
+    out = []
+    for i, spec in enumerate(cfg.generative):
+        problems = read_problems(spec.path, spec.n)
+        if spec.n_samples and any(k > spec.n_samples for k in spec.k):
+            raise UserError(f"generative[{i}]: k={spec.k} needs n_samples >= {max(spec.k)}, got n_samples={spec.n_samples}")
+        inputs[f"generative_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
+        fewshot = []
+        if spec.fewshot:
+            fewshot = read_problems(spec.fewshot)
+            inputs[f"fewshot_{i}"] = {"path": spec.fewshot, "fingerprint": artifacts.sha256_file(spec.fewshot)}
+        out.append((spec, problems, fewshot))
+    return out
+
+
+def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: Config, device, samples: list) -> list[dict]:
+    from lmlab.eval.generative import score_generative
+
+    template = None
+    if gen_inputs:
+        from lmlab.data.chat import check_template, load_chat_template
+
+        template = load_chat_template(model_dir)
+    results = []
+    for spec, problems, fewshot in gen_inputs:
+        use = template if spec.prompting in ("auto", "chat") else None
+        if spec.prompting == "chat" and use is None:
+            raise UserError(f"prompting=chat but {model_dir} has no chat.json (it is not an sft/dpo run); "
+                            f"use prompting=fewshot or auto")
+        if use:
+            check_template(use, tokenizer)
+        res = score_generative(model, tokenizer, problems, template=use, fewshot=fewshot,
+                               n_shot=spec.chat_n_shot if use else spec.n_shot, n_samples=spec.n_samples, k=spec.k,
+                               temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
+                               batch_size=spec.batch_size, seed=cfg.seed, device=device)
+        name = spec.name or _file_name(spec.path)
+        for r in res.pop("records"):
+            samples.append({"file": spec.path, "name": name, "kind": "generative", **r})
+        results.append({"path": spec.path, "name": name, **res})
+    return results
+
+
 def _generate(model, tokenizer, cfg: Config, device) -> list[dict]:
     if not cfg.prompts or cfg.max_new_tokens == 0:
         return []
@@ -303,6 +412,15 @@ def summary_stats(results: dict) -> dict:
         stats[f"{t['name']}_bits_per_byte"] = t["bits_per_byte"]
         stats[f"{t['name']}_word_perplexity"] = t["word_perplexity"]
     stats["generations"] = results.get("generations", 0)
+    for i, g in enumerate(results.get("generative", [])):
+        if i == 0:  # the headline number the report's ladder reads first
+            stats["exact_match"] = g["exact_match"]
+        for key, value in g.items():
+            if key.startswith(("exact_match", "pass@", "maj@")):
+                stats[f"{g['name']}_{key}"] = value
+    for c in results.get("choice", []):
+        stats[f"{c['name']}_acc"] = c["acc"]
+        stats[f"{c['name']}_acc_norm"] = c["acc_norm"]
     return stats
 
 
@@ -314,4 +432,10 @@ def _print_summary(results: dict, out: Path) -> None:
     for t in results["texts"]:
         print(f"eval {t['name']}: word ppl {t['word_perplexity']:.2f}, byte ppl {t['byte_perplexity']:.4f}, "
               f"bits/byte {t['bits_per_byte']:.4f} ({t['tokens']} tokens, {t['windows']} windows)")
+    for g in results.get("generative", []):
+        extra = "".join(f", {k} {v:.3f}" for k, v in g.items() if k.startswith(("pass@", "maj@")) and "_" not in k)
+        print(f"eval {g['name']}: exact match {g['exact_match_strict']:.3f} strict, "
+              f"{g['exact_match_flexible']:.3f} flexible ({g['n']} problems, {g['settings']['prompting']}){extra}")
+    for c in results.get("choice", []):
+        print(f"eval {c['name']}: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} ({c['n']} items, {c['format']})")
     print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")
