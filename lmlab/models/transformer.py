@@ -230,11 +230,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, targets, need_grad: bool, chunk: int):
+    def forward(ctx, h, w, targets, need_grad: bool, chunk: int, need_grad_w: bool = True):
         n_valid = (targets != -100).sum().clamp_min(1)
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_grad else None
+        # A frozen head (LoRA finetuning) needs no weight gradient: skip a third of the matmuls.
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_grad and need_grad_w else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             logits = (hc @ w.t()).float()
@@ -248,7 +249,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g.mul_(valid[:, None])
                 g = g.to(hc.dtype)
                 grad_h[s:s + chunk] = g @ w.to(hc.dtype)
-                if hc.dtype == grad_w.dtype:
+                if grad_w is None:
+                    pass
+                elif hc.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), hc)
                 else:  # autocast: the product is half precision, the accumulator stays fp32
                     grad_w.add_(g.t() @ hc)
@@ -260,7 +263,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, n_valid = ctx.saved_tensors
         scale = grad_out / n_valid
-        return (grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.w_dtype), None, None, None)
+        gw = None if grad_w is None else (grad_w * scale).to(ctx.w_dtype)
+        return (grad_h * scale.to(grad_h.dtype), gw, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -407,7 +411,7 @@ class Transformer(nn.Module):
             w = self.lm_head.weight
             if torch.is_autocast_enabled(device.type):  # the matmuls run in the autocast dtype
                 h = h.to(torch.get_autocast_dtype(device.type))
-            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256)
+            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad)
             return None, loss
         logits = self.lm_head(x)
         loss = None
