@@ -145,6 +145,10 @@ def test_pairs_tokenized_as_sft_trains_them(micro):
             start = len(pairs.prompt(k))
             direct = sum(lp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
             assert got.item() == pytest.approx(direct, abs=1e-4)
+        # logits computed only at completion positions (the output-layer hook) == the full logits
+        full = sequence_logps(model(batch["x"])[0], batch["y"])
+        sel = dpo.completion_logps(model, batch["x"], batch["y"])
+        assert torch.allclose(full[0], sel[0], atol=1e-4) and torch.equal(full[1], sel[1])
         # IPO averages over completion tokens
         pc_avg, _ = dpo.policy_logps(model, batch, average=True)
         assert pc_avg[0].item() == pytest.approx(pc[0].item() / len(pairs.chosen(0)), abs=1e-5)
