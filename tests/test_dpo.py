@@ -204,10 +204,10 @@ def test_reference_cache_written_once_reused_and_invalidated(micro, tmp_path, mo
 
 
 def test_policy_equals_reference_at_step_zero(micro):
-    """Before any update x = 0: sigmoid loss = log 2, IPO loss = (1/(2β))², rewards 0."""
+    """Before any update x = 0: sigmoid loss = log 2, IPO loss = (1/(2β))², hinge 1, rewards 0."""
     model, tok, _, pairs, _ = _load_pairs(micro)
     ref = dpo.compute_reference(model, pairs, 4, torch.device("cpu"), None)
-    for loss, expected in (("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)):
+    for loss, expected in (("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2), ("hinge", 1.0)):
         cfg = _cfg(micro, "unused", loss=loss)
         obj = dpo.PreferenceObjective(pairs, np.arange(len(pairs)), np.zeros(0, np.int64), ref, [1.0], cfg, 0)
         model.eval()
@@ -331,3 +331,11 @@ def test_weighted_sources_epochs_and_val_split(micro):
     assert np.array_equal(obj.pair_indices(5, 0), dpo.PreferenceObjective(
         both, train_idx, val_idx, np.zeros((len(both), 4)), [3.0, 1.0], cfg, 0).pair_indices(5, 0))  # pure
     assert dpo._total_steps(cfg.train, obj.epoch_len) == math.ceil(2 * obj.epoch_len / 4)
+
+
+def test_hh_rlhf_recipe_is_a_valid_config():
+    from lmlab.config import load_config
+
+    cfg = load_config(dpo.Config, Path(__file__).parent.parent / "configs" / "dpo" / "hh_rlhf_tiny.yaml")
+    assert cfg.data[0].hf == "Anthropic/hh-rlhf" and cfg.data[0].format == "preference"
+    assert cfg.loss == "sigmoid" and cfg.beta == 0.1 and cfg.train.epochs == 1
