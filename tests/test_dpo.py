@@ -216,6 +216,13 @@ def test_policy_equals_reference_at_step_zero(micro):
         assert value.item() == pytest.approx(expected, rel=1e-4) and n_tokens > 0
         metrics = obj.evaluate(model, torch.device("cpu"))
         assert abs(metrics["rewards/margins"]) < 1e-4 and set(METRICS) <= set(metrics)
+    # RPO adds alpha x the mean NLL of the chosen tokens: here from the reference, as policy == reference
+    obj = dpo.PreferenceObjective(pairs, np.arange(len(pairs)), np.zeros(0, np.int64), ref, [1.0],
+                                  _cfg(micro, "unused", rpo_alpha=0.5), 0)
+    idx = obj.pair_indices(0, 0)
+    nll = -ref[idx, 0].sum() / ref[idx, 2].sum()
+    with torch.no_grad():
+        assert obj.loss(model, obj.batch(0, 0))[0].item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
 
 
 def test_dpo_steps_raise_the_margin_on_training_pairs(micro, tmp_path):

@@ -94,6 +94,9 @@ class Config(Strict):
         "label-noise rate. x = (π_c − π_r) − (ref_c − ref_r)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed fraction of flipped labels "
                                    "(sigmoid: conservative DPO; robust: robust DPO; ignored by ipo and hinge)")
+    rpo_alpha: float = Field(0.0, ge=0, description="RPO: add rpo_alpha x the mean negative log-likelihood of "
+                             "the chosen replies' tokens to the loss (TRL's rpo_alpha; 0 = off). Keeps chosen "
+                             "replies from losing probability, e.g. correct task solutions")
     max_len: int | None = Field(None, ge=8, description="tokens per sequence (prompt + completion); null = the "
                                 "model's max_seq_len. Longer pairs lose the start of the prompt (see truncation)")
     truncation: Literal["left", "error"] = Field(
@@ -405,7 +408,7 @@ class PreferenceObjective:
         self.average = cfg.loss in AVERAGED_LOSSES
         # ref columns: summed logps (chosen, rejected), completion lengths; IPO uses the means.
         self.ref = ref[:, :2] / np.maximum(ref[:, 2:], 1) if self.average else ref[:, :2]
-        self.beta, self.loss_type, self.eps = cfg.beta, cfg.loss, cfg.label_smoothing
+        self.beta, self.loss_type, self.eps, self.rpo_alpha = cfg.beta, cfg.loss, cfg.label_smoothing, cfg.rpo_alpha
         self.batch_size, self.grad_accum = cfg.train.batch_size, cfg.train.grad_accum
         self.eval_pairs = cfg.eval.batches * cfg.train.batch_size
         self.pad_id = pad_id
@@ -431,9 +434,16 @@ class PreferenceObjective:
         return collate(self.pairs, self.pair_indices(step, micro), self.pad_id, self.ref)
 
     def _losses(self, model, batch: dict):
-        pc, pr = policy_logps(model, batch, self.average)
+        sums, counts = completion_logps(model, batch["x"], batch["y"])
+        logps = sums / counts.clamp_min(1) if self.average else sums
+        half = logps.shape[0] // 2
+        pc, pr = logps[:half], logps[half:]
         ref = batch["ref"].to(pc.device)
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.eps)
+        if self.rpo_alpha:
+            # RPO (TRL's rpo_alpha): plus alpha x the mean NLL of the chosen completions' tokens,
+            # which keeps the chosen replies likely while the margin grows.
+            losses = losses - self.rpo_alpha * sums[:half].sum() / counts[:half].sum().clamp_min(1)
         return losses, metric_sums(rc, rr, pc, pr)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -568,7 +578,7 @@ def run(cfg: Config) -> Path:
     resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"), "template": template,
                      "pairs": pairs.fingerprint(), "weights": weights, "val_fraction": cfg.val_fraction,
                      "max_len": max_len, "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
-                     "label_smoothing": cfg.label_smoothing, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
+                     "label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
                      "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
