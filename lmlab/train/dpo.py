@@ -73,6 +73,15 @@ class DPOTrainConfig(SFTTrainConfig):
     epochs: float | None = Field(None, gt=0, description="run length in passes over the training pairs (used "
                                  "when train.steps is not set; unset too = 1 epoch)")
     seq_len: int | None = Field(None, ge=2, description="unused by dpo: set the top-level max_len instead")
+    tokens: int | Literal["chinchilla"] | None = Field(None, description="unused by dpo (refused): set "
+                                                       "train.steps or train.epochs")
+
+
+class DPOEvalConfig(EvalConfig):
+    every: int = Field(50, ge=0, description="validation, and a line of the train metrics' running means, every "
+                       "N steps (and always at the end; 0 = end only)")
+    batches: int = Field(8, ge=0, description="validation batches (of train.batch_size pairs) per evaluation; "
+                         "0 turns evaluation and the running means off")
 
 
 class Config(Strict):
@@ -107,8 +116,7 @@ class Config(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT) instead of full finetuning")
     train: DPOTrainConfig = Field(default_factory=DPOTrainConfig, description="optimisation; batch_size counts "
                                   "pairs (each pair is two sequences)")
-    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(every=50, batches=8),
-                             description="validation (and the running means of the train metrics) every N steps")
+    eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig, description="validation and reward metrics")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
