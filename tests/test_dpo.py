@@ -314,7 +314,8 @@ def test_bad_input_exits_2_and_keeps_the_good_artifact(micro, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}:25" in err and "identical" in err and "Traceback" not in err
     assert main(good + [f"data={micro['pairs']}", "max_len=20", "truncation=error"]) == 2
-    assert "longer than max_len=20" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "longer than max_len=20" in err and f"first: {micro['pairs']}:1 (" in err  # FILE:LINE
     assert main(good + [f"data={micro['pairs']}", "max_len=100000"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
     assert ((out / "manifest.json").read_text(), (out / "model.safetensors").read_bytes()) == before

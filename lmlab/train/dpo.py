@@ -195,10 +195,31 @@ def split_completion(ids: list[int], mask: list[bool]) -> tuple[list[int], list[
     return list(ids[:start]), list(ids[start:end])
 
 
+def pair_location(spec, n: int, skipped: int) -> str:
+    """Where the n-th pair read from `spec` is: FILE:LINE (or row) when no pair of it was skipped.
+
+    Only called to word an error: read_preferences returns pairs without their locations,
+    and with no skipped records its n-th pair is the source's n-th record.
+    """
+    from lmlab.data.formats import iter_records
+
+    if skipped == 0:
+        for k, (where, _) in enumerate(iter_records(spec), start=1):
+            if k == n:
+                return where
+    return f"{spec.name()}: pair {n}"
+
+
 def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], template: str, tokenizer,
-                   max_len: int, truncation: str) -> tuple[Pairs, dict]:
-    """Render every pair with the chat template, cut too-long prompts, -> (Pairs, counts)."""
+                   max_len: int, truncation: str, locate=None) -> tuple[Pairs, dict]:
+    """Render every pair with the chat template, cut too-long prompts, -> (Pairs, counts).
+
+    `locate(source, n)`, when given, names where the n-th pair of a source is, for errors.
+    """
     from lmlab.data.chat import render
+
+    def where(s: int, n: int) -> str:
+        return locate(s, n) if locate is not None else f"{sources[s]}: pair {n}"
 
     pairs = Pairs()
     counts = {"pairs_read": 0, "pairs_truncated": 0, "pairs_dropped": 0}
@@ -209,20 +230,21 @@ def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], temp
         for n, rec in enumerate(records, start=1):
             counts["pairs_read"] += 1
             bar.update(1)
-            where = rec.get("where") or f"{sources[s]}: pair {n}"
             prompt_msgs = rec["prompt"]
-            ids_c, mask_c = render(template, prompt_msgs + [{"role": "assistant", "content": rec["chosen"]}], tokenizer)
-            ids_r, mask_r = render(template, prompt_msgs + [{"role": "assistant", "content": rec["rejected"]}], tokenizer)
+            ids_c, mask_c = render(template, prompt_msgs + [{"role": "assistant", "content": rec["chosen"]}],
+                                   tokenizer)
+            ids_r, mask_r = render(template, prompt_msgs + [{"role": "assistant", "content": rec["rejected"]}],
+                                   tokenizer)
             prompt, chosen = split_completion(ids_c, mask_c)
             prompt_r, rejected = split_completion(ids_r, mask_r)
             if prompt_r != prompt:
                 # Cannot happen with a prefix-stable template; scoring two different prompts would be wrong.
-                raise UserError(f"{where}: the chat template renders the prompt differently before the chosen "
+                raise UserError(f"{where(s, n)}: the chat template renders the prompt differently before the chosen "
                                 f"and the rejected reply; use another template")
             longest = max(len(chosen), len(rejected))
             if len(prompt) + longest > max_len:
                 if truncation == "error":
-                    too_long.append(f"{where} ({len(prompt) + longest} tokens)")
+                    too_long.append((s, n, len(prompt) + longest))
                     continue
                 keep = max_len - longest
                 if keep < min(len(prompt), MIN_PROMPT_TOKENS):
@@ -235,8 +257,10 @@ def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], temp
             pairs.add(prompt, chosen, rejected, s, key)
     bar.close()
     if too_long:
+        s, n, length = too_long[0]
         raise UserError(f"{len(too_long)} preference pair(s) are longer than max_len={max_len} tokens, first: "
-                        f"{too_long[0]}; raise max_len (up to the model's max_seq_len), shorten them, or set "
+                        f"{where(s, n)} ({length} tokens); raise max_len (up to the model's max_seq_len), "
+                        f"shorten them, or set "
                         f"truncation=left to cut the prompts from the left")
     return pairs, counts
 
@@ -356,7 +380,8 @@ def compute_reference(model, pairs: Pairs, batch_size: int, device: torch.device
             idx = order[s:s + batch_size]
             batch = collate(pairs, idx, 0)
             x, y = batch["x"].to(device), batch["y"].to(device)
-            ctx = torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
+            ctx = (torch.autocast(device.type, dtype=amp) if amp is not None
+                   else torch.autocast(device.type, enabled=False))
             with ctx:
                 logps, counts = completion_logps(model, x, y)
             b = len(idx)
@@ -436,7 +461,8 @@ class PreferenceObjective:
 
     def pair_indices(self, step: int, micro: int) -> np.ndarray:
         g0 = (step * self.grad_accum + micro) * self.batch_size
-        return np.array([self.by_source[d][r] for d, r in (self.mix.locate(g) for g in range(g0, g0 + self.batch_size))])
+        picks = (self.mix.locate(g) for g in range(g0, g0 + self.batch_size))
+        return np.array([self.by_source[d][r] for d, r in picks])
 
     def batch(self, step: int, micro: int) -> dict:
         return collate(self.pairs, self.pair_indices(step, micro), self.pad_id, self.ref)
@@ -556,12 +582,13 @@ def run(cfg: Config) -> Path:
         raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the DPO run")
 
     with timer("data"):
-        read_stats: dict = {}
-        records = [read_preferences(spec, stats=read_stats) for spec in cfg.data]
+        read_stats: list[dict] = [{} for _ in cfg.data]
+        records = [read_preferences(spec, stats=st) for spec, st in zip(cfg.data, read_stats)]
+        skipped = [st.get("identical_skipped", 0) for st in read_stats]
         pairs, counts = tokenize_pairs(records, [s.name() for s in cfg.data], template, tokenizer, max_len,
-                                       cfg.truncation)
+                                       cfg.truncation, locate=lambda s, n: pair_location(cfg.data[s], n, skipped[s]))
         del records
-        counts["pairs_identical_skipped"] = read_stats.get("identical_skipped", 0)
+        counts["pairs_identical_skipped"] = sum(skipped)
     if len(pairs) == 0:
         raise UserError(f"no usable preference pairs: {counts['pairs_read']} read, {counts['pairs_dropped']} "
                         f"dropped because their completions leave fewer than {MIN_PROMPT_TOKENS} prompt tokens "
@@ -586,7 +613,8 @@ def run(cfg: Config) -> Path:
     resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"), "template": template,
                      "pairs": pairs.fingerprint(), "weights": weights, "val_fraction": cfg.val_fraction,
                      "max_len": max_len, "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
-                     "label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
+                     "label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha,
+                     "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
                      "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
