@@ -25,13 +25,14 @@ def smoke(tmp_path_factory):
 def test_smoke_pipeline_writes_every_artifact(smoke):
     root, r, _ = smoke
     for name, kind in [("corpus", "corpus"), ("tokenizer", "tokenizer"), ("packed", "packed"), ("model", "model"),
-                       ("eval", "eval"), ("report", "report"), ("hf", "hf_export")]:
+                       ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
+                       ("dpo", "model"), ("eval_dpo", "eval"), ("report", "report"), ("hf", "hf_export")]:
         manifest = json.loads((root / name / "manifest.json").read_text())
         assert manifest["kind"] == kind
         assert manifest["lmlab_version"] and manifest["git_commit"]
     # Every stage after the tokenizer records the tokenizer's fingerprint it was built with.
     sha = json.loads((root / "tokenizer" / "manifest.json").read_text())["tokenizer_sha256"]
-    for name in ("packed", "model"):
+    for name in ("packed", "model", "sft", "dpo"):
         assert json.loads((root / name / "manifest.json").read_text())["tokenizer_sha256"] == sha
     assert r.stdout.strip().splitlines()[-1] == f"report: {root / 'report' / 'report.md'}"
 
@@ -44,7 +45,11 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     for section in ("## Time per stage", "## Data", "## Model", "## Training curves", "## Evaluation",
                     "## Sample generations", "unigram"):
         assert section in report
-    for png in ("loss.png", "val_bpb.png", "stage_times.png"):
+    assert "## The ladder: base → SFT → DPO" in report
+    ladder = (root / "report" / "ladder.csv").read_text().splitlines()
+    assert ladder[0].startswith("stage,model,eval,exact_match_strict") and [r.split(",")[0] for r in ladder[1:]] == [
+        "Base", "SFT", "DPO"]
+    for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,24 +63,27 @@ def test_smoke_rerun_is_a_noop(smoke):
     assert (root / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_exported_model_generates_with_transformers(smoke):
+def test_exported_chat_model_generates_with_transformers(smoke):
+    """The exported DPO model: transformers formats the chat prompt and decodes as we do."""
     root, _, _ = smoke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmlab.infer.engine import generate
+    from lmlab.data.chat import prompt_ids
+    from lmlab.infer.engine import generate_ids
     from lmlab.models import load_model
 
     hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     tok = AutoTokenizer.from_pretrained(root / "hf")
-    model, our_tok, _ = load_model(root / "model")
-    prompt = "The os module provides"
-    ids = [our_tok.bos_id] + our_tok.encode(prompt)
-    assert tok.encode(prompt, add_special_tokens=False) == ids[1:]
+    model, our_tok, _ = load_model(root / "dpo")
+    messages = [{"role": "user", "content": "Ben has 4 cards. He finds 3 more. How many cards does Ben have now?"}]
+    ids = prompt_ids("chatml", messages, our_tok)
+    theirs = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ids
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ours = generate(model, our_tok, [prompt], max_new_tokens=12)
-    assert our_tok.decode(out[0, len(ids):].tolist()) == ours[0]
+    ours = [step[0] for step in generate_ids(model, [ids], max_new_tokens=12)]
+    assert out[0, len(ids):].tolist() == ours
 
 
 def test_speedrun_rejects_unknown_preset():

@@ -85,3 +85,26 @@ def val_bpb(val: list[tuple[float, float]], unigram_bpb: float | None, path: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str | Path,
+           title: str = "held-out problems: base → SFT → DPO") -> Path:
+    """Grouped bars: one group per metric (exact match, pass@k, maj@k), one bar per stage."""
+    import numpy as np
+
+    names = list(metrics)
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    width = 0.8 / max(len(stages), 1)
+    x = np.arange(len(names))
+    for i, stage in enumerate(stages):
+        vals = [metrics[m][i] if metrics[m][i] is not None else 0.0 for m in names]
+        bars = ax.bar(x + (i - (len(stages) - 1) / 2) * width, vals, width, label=stage)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, max(1e-3, max((v or 0) for vs in metrics.values() for v in vs)) * 1.2)
+    ax.set_ylabel("fraction of problems")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -29,8 +29,9 @@ from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
 
-STAGE_ORDER = ["corpus", "tokenizer", "packed", "model", "eval", "hf_export", "export"]
-STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "model": "pretrain",
+STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "eval", "hf_export", "export"]
+LADDER_ORDER = ["Base", "SFT", "DPO"]
+STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "tasks": "tasks", "model": "pretrain",
               "eval": "eval", "hf_export": "export", "export": "export"}
 
 
@@ -161,6 +162,38 @@ def _first(found, kind):
     return items[0] if items else (None, None)
 
 
+def model_stage(m: dict) -> str:
+    """Which training stage made a model artifact: Base (pretrain), SFT or DPO."""
+    cfg = (m or {}).get("config") or {}
+    if "beta" in cfg:
+        return "DPO"
+    if "init" in cfg:
+        return "SFT"
+    return "Base"
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _model_of_eval(found, eval_m) -> tuple[Path | None, dict | None]:
+    ref = ((eval_m or {}).get("inputs") or {}).get("model", {}).get("path")
+    for p, m in found.get("model") or []:
+        if _same(p, ref):
+            return p, m
+    return None, None
+
+
+def _label(kind: str, p: Path, m: dict, found) -> str:
+    """Time-per-stage label: the verb, with the training stage for models and evals."""
+    if kind == "model":
+        return {"Base": "pretrain", "SFT": "sft", "DPO": "dpo"}[model_stage(m)]
+    if kind == "eval":
+        _, mm = _model_of_eval(found, m)
+        return f"eval ({model_stage(mm).lower()})" if mm else "eval"
+    return STAGE_VERB.get(kind, kind)
+
+
 def _load_json(path: Path) -> dict | list | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -188,6 +221,11 @@ def run(cfg: Config) -> Path:
     else:
         out = Path(cfg.inputs[0]).resolve().parent / "report"
     found = discover(cfg.root, cfg.inputs, cfg.follow_inputs, skip=out)
+    # Models and their evals read best in training order: base, SFT, DPO.
+    rank = {s: i for i, s in enumerate(LADDER_ORDER)}
+    found.get("model", []).sort(key=lambda pm: (rank[model_stage(pm[1])], pm[1].get("created", "")))
+    found.get("eval", []).sort(key=lambda pm: (rank.get(model_stage(_model_of_eval(found, pm[1])[1]), 9),
+                                               pm[1].get("created", "")))
     if not found:
         raise UserError(f"no lmlab artifacts (directories with manifest.json) found in {cfg.root or cfg.inputs}; "
                         f"run the pipeline first")
@@ -227,8 +265,13 @@ def run(cfg: Config) -> Path:
 def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir: Path) -> str:
     """The markdown text; PNGs are written into `out_dir` next to it."""
     missing: list[str] = []
-    model_dir, model_m = _first(found, "model")
-    eval_dir, eval_m = _first(found, "eval")
+    # The pretraining sections describe the base model (and its eval); SFT/DPO models
+    # appear in the ladder.
+    models = found.get("model") or []
+    model_dir, model_m = next(((p, m) for p, m in models if model_stage(m) == "Base"), _first(found, "model"))
+    evals = found.get("eval") or []
+    eval_dir, eval_m = next(((p, m) for p, m in evals if _same(_model_of_eval(found, m)[0], model_dir)),
+                            _first(found, "eval"))
     packed_dir, packed_m = _first(found, "packed")
     tok_dir, tok_m = _first(found, "tokenizer")
     corpus_dir, corpus_m = _first(found, "corpus")
@@ -251,8 +294,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     ]), ""]
 
     # --- time per stage
-    times = [(STAGE_VERB.get(k, k) if len(found[k]) == 1 else f"{STAGE_VERB.get(k, k)} {i}", _total_seconds(m))
-             for k in _ordered(found) for i, (_, m) in enumerate(found[k])]
+    times = [(_label(k, p, m, found), _total_seconds(m)) for k in _ordered(found) for p, m in found[k]]
     times = [(n, s) for n, s in times if s is not None]
     parts += ["## Time per stage", ""]
     if times:
@@ -302,6 +344,8 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     else:
         missing.append("evaluation (run `lmlab eval MODEL_DIR`)")
         parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
+
+    parts += ladder_section(found, out_dir)
 
     parts += ["## Sample generations", ""]
     gens = _read_generations(eval_dir) if eval_dir else []
@@ -523,4 +567,97 @@ def generations_section(gens: list[dict], limit: int) -> list[str]:
                 f"{prompt}⟨{completion}⟩", fence, ""]
     if len(gens) > limit:
         out += [f"_{len(gens) - limit} more in generations.jsonl._", ""]
+    return out
+
+
+# ----------------------------------------------------------------------------- the ladder
+
+LADDER_METRICS = ["exact_match_strict", "exact_match_flexible"]
+
+
+def ladder_rows(found) -> list[dict]:
+    """One row per evaluated model with generative results, ordered Base -> SFT -> DPO."""
+    rows = []
+    for eval_dir, eval_m in found.get("eval") or []:
+        ev = _load_json(eval_dir / "eval.json") or {}
+        gens = ev.get("generative") or []
+        if not gens:
+            continue
+        model_dir, model_m = _model_of_eval(found, eval_m)
+        stage = model_stage(model_m) if model_m else "?"
+        g = gens[0]
+        rows.append({"stage": stage, "model": str(model_dir or eval_m.get("inputs", {}).get("model", {}).get("path")),
+                     "eval": str(eval_dir), "result": g, "created": eval_m.get("created", "")})
+    order = {s: i for i, s in enumerate(LADDER_ORDER)}
+    return sorted(rows, key=lambda r: (order.get(r["stage"], len(order)), r["created"]))
+
+
+def _ks(g: dict, prefix: str) -> list[int]:
+    return sorted(int(k.split("@")[1]) for k in g if k.startswith(prefix + "@") and k.split("@")[1].isdigit())
+
+
+def ladder_section(found, out_dir: Path) -> list[str]:
+    """Base -> SFT -> DPO on held-out problems: table, bar plot, ladder.csv and ladder.json."""
+    rows = ladder_rows(found)
+    if not rows:
+        return []
+    ks = sorted({k for r in rows for k in _ks(r["result"], "pass")})
+    cols = LADDER_METRICS + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks if k > 1]
+    first = rows[0]["result"]
+    settings = first.get("settings") or {}
+    out = ["## The ladder: base → SFT → DPO", "",
+           f"Held-out problems from `{first.get('path')}` (n = {first.get('n')}); greedy exact match with "
+           f"lm-eval's GSM8K extraction (strict `#### N`, flexible last number); pass@k (unbiased estimator) "
+           f"and maj@k from {settings.get('n_samples', '?')} samples at temperature {settings.get('temperature', '?')}, "
+           f"top-p {settings.get('top_p', '?')}. The base model is prompted few-shot, chat models with their template.", ""]
+    table_rows = []
+    for r in rows:
+        g = r["result"]
+        prompting = (g.get("settings") or {}).get("prompting", "")
+        table_rows.append([f"**{r['stage']}**", prompting] + [fmt_num(g.get(c), 3) if g.get(c) is not None else "–"
+                                                               for c in cols] + [f"`{r['model']}`"])
+    out += [table(["stage", "prompting"] + cols + ["model"], table_rows), ""]
+
+    per_task = sorted({t for r in rows for t in (r["result"].get("per_task") or {})})
+    if len(per_task) > 1:
+        trows = [[r["stage"]] + [fmt_num(((r["result"].get("per_task") or {}).get(t) or {}).get("exact_match_strict"), 3)
+                                 for t in per_task] for r in rows]
+        out += ["Exact match (strict) per task:", "", table(["stage"] + per_task, trows), ""]
+
+    plot_cols = ["exact_match_strict"] + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks if k > 1]
+    plots.ladder([r["stage"] for r in rows], {c: [r["result"].get(c) for r in rows] for c in plot_cols},
+                 out_dir / "ladder.png")
+    out += ["![the ladder](ladder.png)", ""]
+
+    import csv
+    with open(out_dir / "ladder.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["stage", "model", "eval"] + cols)
+        for r in rows:
+            w.writerow([r["stage"], r["model"], r["eval"]] + [r["result"].get(c) for c in cols])
+    (out_dir / "ladder.json").write_text(json.dumps(
+        [{"stage": r["stage"], "model": r["model"], "eval": r["eval"], **{c: r["result"].get(c) for c in cols}}
+         for r in rows], indent=2) + "\n", encoding="utf-8")
+    out += ["The ladder is also in `ladder.csv` and `ladder.json`; each stage's full metrics are in its "
+            "eval directory's `eval.json`.", ""]
+
+    out += ["### Sample conversations per stage", ""]
+    for r in rows:
+        samples = _read_samples(Path(r["eval"]))[:2]
+        for s in samples:
+            mark = "correct" if s.get("correct") else f"wrong (reference {s.get('reference')})"
+            out += [f"**{r['stage']}** — {mark}", "", "```", f"{s.get('prompt', '')}⟨{s.get('completion', '')}⟩", "```", ""]
+    return out
+
+
+def _read_samples(eval_dir: Path) -> list[dict]:
+    path = eval_dir / "samples.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return out
