@@ -16,7 +16,6 @@ machine slows both alike; each side's figure is the median over `repeats`.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Literal, Optional

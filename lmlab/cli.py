@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from pathlib import Path
 
 from lmlab.errors import UserError
 
@@ -78,7 +76,7 @@ def run_stage(name: str, argv: list[str]):
             overrides.insert(0, args.positional)
         elif positional[0] == "--config":
             if config_file:
-                raise UserError(f"give the config either as an argument or with --config, not both")
+                raise UserError("give the config either as an argument or with --config, not both")
             config_file = args.positional
         else:
             overrides.insert(0, f"{positional[0]}={args.positional}")

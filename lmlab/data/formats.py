@@ -95,6 +95,26 @@ def as_spec(source) -> DataSpec:
 
 # ----------------------------------------------------------------------------- records
 
+def iter_jsonl(path: str | Path):
+    """(line number, parsed object) for each non-empty line of a jsonl file.
+
+    A line that is not JSON, or a file that is not UTF-8, is a UserError naming file:line.
+    """
+    p = Path(path)
+    with open(p, encoding="utf-8") as f:
+        n = 0
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}:{n + 1}: not UTF-8 text; convert the file to UTF-8") from None
+
+
 def iter_records(spec: DataSpec) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs; location is `file:line`, `file:record N` or `hf:name[split]:row N`."""
     if spec.hf:
@@ -105,15 +125,8 @@ def iter_records(spec: DataSpec) -> Iterator[tuple[str, Any]]:
         raise UserError(f"data file not found: {p} (check the path, or use hf=NAME for a Hugging Face dataset)")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-                yield f"{p}:{n}", rec
+        for n, rec in iter_jsonl(p):
+            yield f"{p}:{n}", rec
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))

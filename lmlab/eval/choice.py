@@ -18,7 +18,6 @@ Formats (detected per file from the first record):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -55,29 +54,24 @@ def read_choice_file(path: str | Path, n: int = 0) -> tuple[str, list[dict]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"multiple-choice file not found: {p} (fix the path in `choice`)")
+    from lmlab.data.formats import iter_jsonl
+
     fmt, items = None, []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
-                raise UserError(f"{p}:{lineno}: expected an object with a string 'question'")
+    for lineno, rec in iter_jsonl(p):
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):
+            raise UserError(f"{p}:{lineno}: expected an object with a string 'question'")
+        if fmt is None:
+            fmt = next((name for name, parse in FORMATS.items() if parse(rec) is not None), None)
             if fmt is None:
-                fmt = next((name for name, parse in FORMATS.items() if parse(rec) is not None), None)
-                if fmt is None:
-                    raise UserError(f"{p}:{lineno}: neither BoolQ-style (question, passage, answer: true/false) nor "
-                                    f"ARC-style (question, choices: {{text, label}}, answerKey); see docs/tasks.md")
-            item = FORMATS[fmt](rec)
-            if item is None:
-                raise UserError(f"{p}:{lineno}: not a valid {fmt} record like the lines before it "
-                                f"(missing or malformed fields, or answerKey not among the labels)")
-            items.append(item)
-            if n and len(items) >= n:
-                break
+                raise UserError(f"{p}:{lineno}: neither BoolQ-style (question, passage, answer: true/false) nor "
+                                f"ARC-style (question, choices: {{text, label}}, answerKey); see docs/tasks.md")
+        item = FORMATS[fmt](rec)
+        if item is None:
+            raise UserError(f"{p}:{lineno}: not a valid {fmt} record like the lines before it "
+                            f"(missing or malformed fields, or answerKey not among the labels)")
+        items.append(item)
+        if n and len(items) >= n:
+            break
     if not items:
         raise UserError(f"multiple-choice file {p} is empty")
     return fmt, items

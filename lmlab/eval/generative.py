@@ -33,8 +33,6 @@ strict extraction, with `_flexible` variants alongside.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import time
 from collections import Counter
@@ -129,20 +127,15 @@ def read_problems(path: str | Path, n: int = 0) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"problem file not found: {p} (write one with `lmlab tasks`, or fix the path)")
+    from lmlab.data.formats import iter_jsonl
+
     out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
-                raise UserError(f"{p}:{lineno}: expected an object with string fields 'question' and 'answer' (GSM8K format)")
-            out.append(rec)
-            if n and len(out) >= n:
-                break
+    for lineno, rec in iter_jsonl(p):
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
+            raise UserError(f"{p}:{lineno}: expected an object with string fields 'question' and 'answer' (GSM8K format)")
+        out.append(rec)
+        if n and len(out) >= n:
+            break
     if not out:
         raise UserError(f"problem file {p} holds no problems")
     return out

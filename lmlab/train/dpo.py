@@ -51,7 +51,8 @@ from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
-from lmlab.train.loop import CheckpointConfig, EvalConfig, LogConfig, autocast_dtype, check_same_run, train
+from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, as_data_specs, autocast_dtype, check_same_run,
+                              train)
 from lmlab.train.sft import Mixture, SFTTrainConfig
 
 KIND = "model"
@@ -125,11 +126,7 @@ class Config(Strict):
     @field_validator("data", mode="before")
     @classmethod
     def _paths_as_specs(cls, v):
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list):
-            v = [{"path": x, "format": "preference"} if isinstance(x, str) else x for x in v]
-        return v
+        return as_data_specs(v, format="preference")
 
 
 # ----------------------------------------------------------------------------- tokenized pairs

@@ -113,6 +113,19 @@ class LogConfig(Strict):
     wandb_project: str = Field("lmlab", description="W&B project name")
 
 
+def as_data_specs(value, **defaults):
+    """A stage's `data:` as a list of dicts: `PATH`, `[PATH, {...}]` -> `[{"path": PATH, **defaults}, {...}]`.
+
+    Used as a pydantic `mode="before"` validator by every training stage, so a single path on
+    the command line (`data=runs/x/packed`) means the same as a one-element list.
+    """
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        value = [{"path": x, **defaults} if isinstance(x, str) else x for x in value]
+    return value
+
+
 def resolve_total_steps(t: TrainConfig, tokens_per_step: int, n_params: int) -> int:
     """Steps from train.steps, train.tokens or train.tokens=chinchilla (20 tokens per parameter)."""
     if t.steps is None and t.tokens is None:

@@ -34,7 +34,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, check_same_run,
+from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, as_data_specs, check_same_run,
                              resolve_total_steps, train)
 
 KIND = "model"
@@ -63,11 +63,7 @@ class Config(Strict):
     @field_validator("data", mode="before")
     @classmethod
     def _paths_as_sources(cls, v):
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list):
-            v = [{"path": x} if isinstance(x, str) else x for x in v]
-        return v
+        return as_data_specs(v)
 
 
 class PackedLM:

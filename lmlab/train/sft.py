@@ -45,7 +45,8 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import CheckpointConfig, EvalConfig, LogConfig, TrainConfig, check_same_run, train
+from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, as_data_specs, check_same_run,
+                              train)
 
 KIND = "model"
 POSITIONAL = ("--config", "sft config YAML (same as --config)")
@@ -102,11 +103,7 @@ class Config(Strict):
     @field_validator("data", mode="before")
     @classmethod
     def _paths_as_specs(cls, v):
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list):
-            v = [{"path": x} if isinstance(x, str) else x for x in v]
-        return v
+        return as_data_specs(v)
 
 
 # ----------------------------------------------------------------------------- rows
