@@ -540,17 +540,21 @@ def eval_section(eval_dir: Path, ev: dict) -> list[str]:
     return out + [f"`{eval_dir}`", ""]
 
 
-def _read_generations(eval_dir: Path) -> list[dict]:
-    path = eval_dir / "generations.jsonl"
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a jsonl file written by a stage; unreadable lines are skipped."""
     if not path.is_file():
         return []
-    gens = []
+    out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            gens.append(json.loads(line))
+            out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return gens
+    return out
+
+
+def _read_generations(eval_dir: Path) -> list[dict]:
+    return _read_jsonl(eval_dir / "generations.jsonl")
 
 
 def generations_section(gens: list[dict], limit: int) -> list[str]:
@@ -643,21 +647,8 @@ def ladder_section(found, out_dir: Path) -> list[str]:
 
     out += ["### Sample conversations per stage", ""]
     for r in rows:
-        samples = _read_samples(Path(r["eval"]))[:2]
+        samples = _read_jsonl(Path(r["eval"]) / "samples.jsonl")[:2]
         for s in samples:
             mark = "correct" if s.get("correct") else f"wrong (reference {s.get('reference')})"
             out += [f"**{r['stage']}** — {mark}", "", "```", f"{s.get('prompt', '')}⟨{s.get('completion', '')}⟩", "```", ""]
-    return out
-
-
-def _read_samples(eval_dir: Path) -> list[dict]:
-    path = eval_dir / "samples.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return out

@@ -45,13 +45,12 @@ import torch
 from pydantic import Field, field_validator
 
 from lmlab import artifacts
-from lmlab.config import Strict
 from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
-from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, as_data_specs, autocast_dtype, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, as_data_specs, autocast_dtype, check_same_run,
                               train)
 from lmlab.train.sft import Mixture, SFTTrainConfig
 
@@ -85,7 +84,7 @@ class DPOEvalConfig(EvalConfig):
                          "0 turns evaluation and the running means off")
 
 
-class Config(Strict):
+class Config(RunOptions):
     init: str = Field("runs/sft", description="model to start from and to use as the reference: a model run "
                       "dir (usually the SFT run; its chat.json gives the template unless `template` is set) or a "
                       "Hugging Face Llama/Qwen3 directory")
@@ -118,10 +117,6 @@ class Config(Strict):
     train: DPOTrainConfig = Field(default_factory=DPOTrainConfig, description="optimisation; batch_size counts "
                                   "pairs (each pair is two sequences)")
     eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig, description="validation and reward metrics")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
-    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
-                                             "in out/checkpoints; never: delete them and start over")
 
     @field_validator("data", mode="before")
     @classmethod

@@ -113,6 +113,15 @@ class LogConfig(Strict):
     wandb_project: str = Field("lmlab", description="W&B project name")
 
 
+class RunOptions(Strict):
+    """What every training stage's config shares: checkpoints, metrics logging and resume."""
+
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
+                                             "in out/checkpoints; never: delete them and start over")
+
+
 def as_data_specs(value, **defaults):
     """A stage's `data:` as a list of dicts: `PATH`, `[PATH, {...}]` -> `[{"path": PATH, **defaults}, {...}]`.
 

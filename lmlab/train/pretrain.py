@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, as_data_specs, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, TrainConfig, as_data_specs, check_same_run,
                              resolve_total_steps, train)
 
 KIND = "model"
@@ -46,7 +45,7 @@ class DataSource(Strict):
     weight: float = Field(1.0, gt=0, description="sampling weight relative to the other sources")
 
 
-class Config(Strict):
+class Config(RunOptions):
     data: list[DataSource] = Field(default_factory=list, description="packed datasets to train on: a path, or "
                                    "a list of {path, weight}; rows are drawn from each in proportion to weight. "
                                    "All must share one tokenizer")
@@ -55,10 +54,6 @@ class Config(Strict):
                                description="model: a preset plus any overrides; vocab_size comes from the tokenizer")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation loss / perplexity / bits per byte")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
-    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
-                                             "in out/checkpoints; never: delete them and start over")
 
     @field_validator("data", mode="before")
     @classmethod

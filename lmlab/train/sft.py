@@ -33,19 +33,18 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from lmlab import artifacts
-from lmlab.config import Strict
 from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (CheckpointConfig, EvalConfig, LogConfig, TrainConfig, as_data_specs, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, TrainConfig, as_data_specs, check_same_run,
                               train)
 
 KIND = "model"
@@ -71,7 +70,7 @@ class SFTTrainConfig(TrainConfig):
         return self
 
 
-class Config(Strict):
+class Config(RunOptions):
     init: str = Field("", description="model to finetune: a model run dir (pretrain/sft/dpo) or a Hugging "
                       "Face Llama/Qwen3 directory (config.json + safetensors)")
     tokenizer: Optional[str] = Field(None, description="HF init only: an lmlab tokenizer dir; unset = import "
@@ -95,10 +94,6 @@ class Config(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT)")
     eval: EvalConfig = Field(default_factory=EvalConfig,
                              description="validation loss and sample generations")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
-    log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
-                                             "in out/checkpoints; never: delete them and start over")
 
     @field_validator("data", mode="before")
     @classmethod
