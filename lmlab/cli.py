@@ -67,7 +67,8 @@ def run_stage(name: str, argv: list[str]):
 
     module = _load_stage(name)
     parser = build_stage_parser(name, module)
-    args = parser.parse_args(argv)
+    # intermixed: `lmlab eval RUN --config F.yaml key=value` puts an option between positionals
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     config_file = args.config
     positional = getattr(module, "POSITIONAL", None)

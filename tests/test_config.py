@@ -106,3 +106,11 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     r = _lmlab("pipeline", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2
     assert r.stderr.startswith("error: config file not found") and "Traceback" not in r.stderr
+
+
+def test_cli_accepts_config_between_positional_and_overrides(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("max_batches: 2\n")
+    r = _lmlab("eval", str(tmp_path / "no-model"), "--config", str(cfg), "batch_size=4")
+    assert r.returncode == 2, r.stderr
+    assert "unrecognized arguments" not in r.stderr and "model directory not found" in r.stderr
