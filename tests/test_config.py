@@ -114,3 +114,19 @@ def test_cli_accepts_config_between_positional_and_overrides(tmp_path):
     r = _lmlab("eval", str(tmp_path / "no-model"), "--config", str(cfg), "batch_size=4")
     assert r.returncode == 2, r.stderr
     assert "unrecognized arguments" not in r.stderr and "model directory not found" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+def test_shipped_pipelines_validate(name):
+    """Every stage config in the shipped pipelines is valid (so a typo fails here, not mid-run)."""
+    import importlib
+    from pathlib import Path
+
+    from lmlab import pipeline
+    from lmlab.cli import STAGES
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(pipeline.Config, root / "configs" / "pipelines" / f"{name}.yaml")
+    for entry in cfg.stages:
+        module = importlib.import_module(STAGES[entry.stage][0])
+        load_config(module.Config, None, base=pipeline._substitute(entry.config, cfg.root))
