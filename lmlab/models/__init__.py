@@ -48,7 +48,9 @@ def save_model(model, out_dir: str | Path) -> None:
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     try:
-        save_file(state, str(tmp), metadata={"format": "pt", "lmlab": "transformer"})
+        # One metadata key only: safetensors writes the metadata map in a per-process hash order,
+        # so two keys would make identical weights give different file bytes across runs.
+        save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / WEIGHTS)
     finally:
         tmp.unlink(missing_ok=True)
