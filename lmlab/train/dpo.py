@@ -50,7 +50,7 @@ from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
-from lmlab.train.loop import (EvalConfig, RunOptions, as_data_specs, autocast_dtype, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, as_data_specs, autocast_dtype, check_same_run,
                               train)
 from lmlab.train.sft import Mixture, SFTTrainConfig
 
@@ -566,12 +566,8 @@ def run(cfg: Config) -> Path:
     inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
               **{f"data_{i}": {"path": s.name(), "fingerprint": data_fingerprint(s)} for i, s in enumerate(cfg.data)}}
     fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if artifacts.is_up_to_date(out, fp):
-        print(f"dpo: up to date ({out}), nothing to do")
+    if finished_run(out, fp, "dpo"):
         return out
-    existing = artifacts.read_manifest(out)
-    if existing is not None and existing.get("kind") != KIND:
-        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the DPO run")
 
     with timer("data"):
         read_stats: list[dict] = [{} for _ in cfg.data]

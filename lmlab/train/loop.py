@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import Interrupted, UserError
 from lmlab.runtime import pick_device, progress
@@ -120,6 +121,20 @@ class RunOptions(Strict):
     log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest good checkpoint "
                                              "in out/checkpoints; never: delete them and start over")
+
+
+def finished_run(out: Path, fp: str, verb: str) -> bool:
+    """True (and says so) when `out` already holds this exact finished run.
+
+    An `out` that holds some other kind of artifact is refused rather than overwritten.
+    """
+    if artifacts.is_up_to_date(out, fp):
+        print(f"{verb}: up to date ({out}), nothing to do")
+        return True
+    existing = artifacts.read_manifest(out)
+    if existing is not None and existing.get("kind") != "model":
+        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the {verb} run")
+    return False
 
 
 def as_data_specs(value, **defaults):

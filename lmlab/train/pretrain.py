@@ -33,7 +33,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (EvalConfig, RunOptions, TrainConfig, as_data_specs, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, TrainConfig, as_data_specs, check_same_run,
                              resolve_total_steps, train)
 
 KIND = "model"
@@ -192,12 +192,8 @@ def run(cfg: Config) -> Path:
     fp_config = {k: v for k, v in config.items() if k != "resume"}
     inputs = {f"data_{i}": {"path": s.path, "fingerprint": m["fingerprint"]} for i, (s, m) in enumerate(zip(cfg.data, manifests))}
     fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if artifacts.is_up_to_date(out, fp):
-        print(f"pretrain: up to date ({out}), nothing to do")
+    if finished_run(out, fp, "pretrain"):
         return out
-    existing = artifacts.read_manifest(out)
-    if existing is not None and existing.get("kind") != KIND:
-        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the training run")
 
     seed_everything(cfg.train.seed)
     model = Transformer(model_cfg)

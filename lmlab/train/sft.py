@@ -44,7 +44,7 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (EvalConfig, RunOptions, TrainConfig, as_data_specs, check_same_run,
+from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, TrainConfig, as_data_specs, check_same_run,
                               train)
 
 KIND = "model"
@@ -502,12 +502,8 @@ def run(cfg: Config) -> Path:
               **{f"data_{i}": {"path": s.name(), "fingerprint": f}
                  for i, (s, f) in enumerate(zip(cfg.data, data_fps))}}
     fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if artifacts.is_up_to_date(out, fp):
-        print(f"sft: up to date ({out}), nothing to do")
+    if finished_run(out, fp, "sft"):
         return out
-    existing = artifacts.read_manifest(out)
-    if existing is not None and existing.get("kind") != KIND:
-        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the sft run")
 
     with timer("data"):
         train_rows, val_rows, data_stats = build_rows(cfg, tokenizer, seq_len)
