@@ -347,3 +347,38 @@ def test_hh_rlhf_recipe_is_a_valid_config():
     cfg = load_config(dpo.Config, Path(__file__).parent.parent / "configs" / "dpo" / "hh_rlhf_tiny.yaml")
     assert cfg.data[0].hf == "Anthropic/hh-rlhf" and cfg.data[0].format == "preference"
     assert cfg.loss == "sigmoid" and cfg.beta == 0.1 and cfg.train.epochs == 1
+
+
+def test_malformed_pairs_skipped_and_later_errors_name_file_line(micro, tmp_path, capsys):
+    """invalid=skip: malformed records are skipped and counted; errors after tokenizing still name FILE:LINE."""
+    bad = tmp_path / "pairs_bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi?", "chosen": " ", "rejected": "Hello"}) + "\n"   # 1: empty reply
+                   + '{"prompt": "cut off\n'                                                 # 2: not JSON
+                   + json.dumps({"prompt": "Hi?", "chosen": "Hello", "rejected": "Hello"}) + "\n"  # 3: identical
+                   + micro["pairs"].read_text())                                             # 4..27: good
+    spec = f"data=[{{path: {bad}, invalid: skip, identical_pairs: skip}}]"
+    common = ["dpo", f"init={micro['model']}", f"out={tmp_path / 'cli'}", "train.steps=1", "train.batch_size=2",
+              "train.device=cpu", "checkpoint.every=0", "eval.batches=0"]
+    capsys.readouterr()
+    assert main(common + [f"data={bad}"]) == 2
+    assert f"{bad}:1: the chosen reply is empty; or set invalid=skip" in capsys.readouterr().err
+    assert main(common + [spec, "max_len=20", "truncation=error"]) == 2
+    err = capsys.readouterr().err
+    assert f"first: {bad}:4 (" in err and "Traceback" not in err  # the first good pair's line, not 'pair 1'
+
+    out = tmp_path / "run"
+    dpo.run(_cfg(micro, out, data=[{"path": str(bad), "invalid": "skip", "identical_pairs": "skip"}]))
+    err = capsys.readouterr().err
+    assert f"dpo: warning: skipped 2 malformed records in {bad} (empty_reply 1, not_json 1; first: {bad}:1: " in err
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["pairs_read"] == 24 and stats["pairs_invalid_skipped"] == 2 and stats["pairs_identical_skipped"] == 1
+    assert stats["invalid_by_reason"] == {"empty_reply": 1, "not_json": 1}
+    assert [x.split(": ")[0] for x in stats["invalid_first"]] == [f"{bad}:1", f"{bad}:2"]
+    # the pairs that were fine train exactly as they do from the clean file
+    assert np.array_equal(np.load(out / dpo.REF_CACHE), np.load(_clean_run(micro, tmp_path) / dpo.REF_CACHE))
+
+
+def _clean_run(micro, tmp_path):
+    out = tmp_path / "clean"
+    dpo.run(_cfg(micro, out))
+    return out

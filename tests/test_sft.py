@@ -179,3 +179,42 @@ def test_cli_runs_and_bad_input_exits_2_leaving_the_good_run(pipe, capsys):
     assert main(["sft", *common, "template=nope"]) == 2
     assert main(["sft", *common, f"data={pipe['root'] / 'missing.jsonl'}"]) == 2
     assert (out / "manifest.json").read_text() == good and (out / "model.safetensors").is_file()
+
+
+def test_malformed_records_skipped_counted_and_reported(pipe, capsys):
+    """data invalid=skip: bad records are skipped, warned about (FILE:LINE) and counted in the manifest."""
+    bad = pipe["root"] / "sums_bad.jsonl"
+    good_lines = (pipe["root"] / "sums.jsonl").read_text().splitlines()
+    bad.write_text("\n".join([json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot",
+                                                                                        "content": "x"}]}),
+                              *good_lines[:10], '{"messages": [', json.dumps({"messages": []}),
+                              *good_lines[10:]]) + "\n")
+    out = pipe["root"] / "skip"
+    with pytest.raises(Exception, match=rf"{bad}:1: message 1 has unknown role 'bot'.*invalid=skip"):
+        sft.run(cfg_for(pipe, out, f"data={bad}"))
+    capsys.readouterr()
+    sft.run(cfg_for(pipe, out, f"data=[{{path: {bad}, invalid: skip}}]", "train.steps=2"))
+    err = capsys.readouterr().err
+    assert (f"sft: warning: skipped 3 malformed records in {bad} (empty_conversation 1, not_json 1, unknown_role 1; "
+            f"first: {bad}:1: message 1 has unknown role 'bot'") in err
+    assert f"; {bad}:12: not valid JSON" in err and f"; {bad}:13: " in err
+    st = json.loads((out / "manifest.json").read_text())["stats"]
+    assert st["conversations"] == 24 and st["invalid_skipped"] == 3 and st["datasets"][0]["invalid_skipped"] == 3
+    assert st["invalid_by_reason"] == {"unknown_role": 1, "not_json": 1, "empty_conversation": 1}
+    assert [x.split(": ")[0] for x in st["invalid_first"]] == [f"{bad}:1", f"{bad}:12", f"{bad}:13"]
+    # the valid conversations are exactly those of the clean file, in the same order
+    from lmlab.data.formats import DataSpec, read_conversations
+    where: list = []
+    convs = read_conversations(DataSpec(path=str(bad), invalid="skip"), locations=where)
+    assert convs == read_conversations(str(pipe["root"] / "sums.jsonl"))
+    assert where == [f"{bad}:{n}" for n in [*range(2, 12), *range(14, 28)]]
+
+
+def test_render_errors_name_the_record():
+    from lmlab.errors import UserError
+
+    class NoTokenizer:  # render fails on it before anything else: the error must name the record
+        special_tokens = {}
+
+    with pytest.raises(UserError, match=r"^data/x\.jsonl:7: .*special token"):
+        sft.render_all([conv(1)], "chatml", NoTokenizer(), 64, {}, ["data/x.jsonl:7"])

@@ -27,15 +27,27 @@ Formats (`format: auto` picks one from the first record's keys):
 Local files: .jsonl (errors name file:line), .json (a list of records, or {"data": [...]};
 errors name file:record N), .parquet. `hf: NAME` loads `datasets.load_dataset(NAME,
 hf_config, split=split, data_files=data_files)` (offline: `hf: json` with `data_files`).
-A malformed record raises UserError naming where it is and what is wrong.
+
+A malformed record (not JSON, a missing field, an unknown role, an empty turn or reply, an
+hh-rlhf transcript without an "Assistant:" turn, ...) raises UserError naming where it is
+and what is wrong. With `invalid: skip` it is skipped instead and counted per reason; the
+readers' `stats` dict receives the counts and the first few locations with their messages
+(`skipped_summary` words them as one line), and a source whose every record is malformed
+is still an error. `locations`, when given, receives the location of each returned
+conversation or pair, so later errors (after templating, tokenizing) can name the record:
+
+    stats, where = {}, []
+    pairs = read_preferences(DataSpec(path="hh.jsonl", invalid="skip"), stats=stats, locations=where)
+    # where[i] == "hh.jsonl:17" for pairs[i]; skipped_summary(stats, "hh.jsonl") -> "skipped 3 ..."
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -69,6 +81,10 @@ class DataSpec(Strict):
     lang: Optional[str] = Field(None, description="oasst1: keep only messages in this language, e.g. en")
     identical_pairs: Literal["error", "skip"] = Field(
         "error", description="preference pairs whose chosen equals rejected: stop with an error, or skip and count them")
+    invalid: Literal["error", "skip"] = Field(
+        "error", description="what to do with a malformed record (not JSON, a missing field, an unknown role, an empty "
+        "turn or reply, an hh-rlhf transcript without an Assistant turn): stop with an error naming file:line, or "
+        "skip it and count it (reported per reason; a source with no valid record is still an error)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -93,12 +109,126 @@ def as_spec(source) -> DataSpec:
     return build_config(DataSpec, dict(source), "data spec")
 
 
+# ----------------------------------------------------------------------------- malformed records
+
+class RecordError(UserError):
+    """A malformed record: the message names where it is; `reason` is a short key for the skip counts."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# validate_conversation (lmlab.data.chat) raises plain UserErrors: their reasons by message.
+_CHAT_REASONS = (("unknown role", "unknown_role"), ("empty or missing content", "empty_turn"),
+                 ("no assistant turn", "no_assistant_turn"), ("may only come first", "system_not_first"),
+                 ("non-empty list", "empty_conversation"), ("expected an object", "wrong_type"),
+                 ("may carry a text 'input'", "wrong_type"))
+
+SKIP_EXAMPLES = 3  # locations (with their messages) of skipped records kept for the report
+
+
+def _reason(err: UserError) -> str:
+    if isinstance(err, RecordError):
+        return err.reason
+    msg = str(err)
+    return next((r for key, r in _CHAT_REASONS if key in msg), "invalid_record")
+
+
+class _BadLine:
+    """A .jsonl line that is not JSON, standing in for its record: reading any field raises `error`."""
+
+    def __init__(self, error: RecordError) -> None:
+        self.error = error
+
+
+class _Invalid:
+    """What `DataSpec.invalid` says to do with malformed records: raise, or skip and count them."""
+
+    def __init__(self, spec: "DataSpec") -> None:
+        self.spec, self.skip = spec, spec.invalid == "skip"
+        self.reasons: dict[str, int] = {}
+        self.order: dict[str, int] = {}  # location -> position in the source, so `first` is in file order
+        self._first: list[tuple[float, str]] = []
+
+    def __call__(self, err: UserError, where: str) -> None:
+        """Handle malformed record `where`: re-raise (with the hint) under invalid=error, else count it."""
+        if not self.skip:
+            err.args = (f"{err}; or set invalid=skip on this data spec to skip malformed records",)
+            raise err
+        reason = _reason(err)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self._first = sorted(self._first + [(self.order.get(where, math.inf), str(err))],
+                             key=lambda x: x[0])[:SKIP_EXAMPLES]
+
+    @property
+    def first(self) -> list[str]:
+        """The messages of the first SKIP_EXAMPLES skipped records, in file order."""
+        return [m for _, m in self._first]
+
+    def read(self) -> list[tuple[str, Any]]:
+        """The source's records, in order; a .jsonl line that is not JSON is kept as a `_BadLine`,
+        which fails where the record is read (so it is handled, in file order, like any malformed record)."""
+        records: list[tuple[str, Any]] = []
+
+        def bad_line(where: str, message: str) -> None:
+            records.append((where, _BadLine(RecordError(f"{where}: {message}", "not_json"))))
+
+        for where, rec in iter_records(self.spec, bad_line):
+            records.append((where, rec))
+        self.order = {where: i for i, (where, _) in enumerate(records)}
+        return records
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def report(self, stats: Optional[dict]) -> None:
+        """Add the counts to `stats` (under invalid=skip; keys as documented in read_preferences)."""
+        if stats is None or not self.skip:
+            return
+        stats["invalid_skipped"] = stats.get("invalid_skipped", 0) + self.count
+        by = stats.setdefault("invalid_by_reason", {})
+        for r, n in self.reasons.items():
+            by[r] = by.get(r, 0) + n
+        first = stats.setdefault("invalid_first", [])
+        first += self.first[:SKIP_EXAMPLES - len(first)]
+
+    def nothing_left(self, what: str) -> UserError:
+        """The error for a source with nothing usable: every record malformed (skip) or none found."""
+        if self.count:
+            n = self.count
+            return UserError(f"{self.spec.name()}: no {what} left after skipping {n} malformed record"
+                             f"{'s' if n != 1 else ''} ({_describe(self.reasons, self.first)}); fix the data or "
+                             f"check format= and fields=")
+        return UserError(f"{self.spec.name()}: no {what} found")
+
+
+def _describe(reasons: dict[str, int], first: list[str]) -> str:
+    counts = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{counts}; first: " + "; ".join(first)
+
+
+def skipped_summary(stats: dict, name: str) -> Optional[str]:
+    """One line about the malformed records a reader skipped into `stats`, or None when there were none.
+
+    e.g. "skipped 12 malformed records in data/hh.jsonl (empty_reply 9, missing_field 3; first:
+    data/hh.jsonl:17: the chosen reply is empty; ...)"
+    """
+    n = stats.get("invalid_skipped", 0)
+    if not n:
+        return None
+    return (f"skipped {n} malformed record{'s' if n != 1 else ''} in {name} "
+            f"({_describe(stats.get('invalid_by_reason', {}), stats.get('invalid_first', []))})")
+
+
 # ----------------------------------------------------------------------------- records
 
-def iter_jsonl(path: str | Path):
+def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[str, str], None]] = None):
     """(line number, parsed object) for each non-empty line of a jsonl file.
 
-    A line that is not JSON, or a file that is not UTF-8, is a UserError naming file:line.
+    A line that is not JSON, or a file that is not UTF-8, is a UserError naming file:line;
+    with `on_bad(location, message)` given, a line that is not JSON is passed to it and skipped.
     """
     p = Path(path)
     with open(p, encoding="utf-8") as f:
@@ -110,13 +240,19 @@ def iter_jsonl(path: str | Path):
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                    if on_bad is None:
+                        raise RecordError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object",
+                                          "not_json") from None
+                    on_bad(f"{p}:{n}", f"not valid JSON ({e.msg}); each line must be one JSON object")
         except UnicodeDecodeError:
             raise UserError(f"{p}:{n + 1}: not UTF-8 text; convert the file to UTF-8") from None
 
 
-def iter_records(spec: DataSpec) -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs; location is `file:line`, `file:record N` or `hf:name[split]:row N`."""
+def iter_records(spec: DataSpec, on_bad: Optional[Callable[[str, str], None]] = None) -> Iterator[tuple[str, Any]]:
+    """(location, record) pairs; location is `file:line`, `file:record N` or `hf:name[split]:row N`.
+
+    `on_bad(location, message)`, when given, receives .jsonl lines that are not JSON instead of an error.
+    """
     if spec.hf:
         yield from _iter_hf(spec)
         return
@@ -125,7 +261,7 @@ def iter_records(spec: DataSpec) -> Iterator[tuple[str, Any]]:
         raise UserError(f"data file not found: {p} (check the path, or use hf=NAME for a Hugging Face dataset)")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        for n, rec in iter_jsonl(p):
+        for n, rec in iter_jsonl(p, on_bad):
             yield f"{p}:{n}", rec
     elif suffix == ".json":
         try:
@@ -167,8 +303,10 @@ def _iter_hf(spec: DataSpec) -> Iterator[tuple[str, Any]]:
 def detect_format(record: Any, where: str, fields: dict[str, str] | None = None) -> str:
     """The format of a record from its keys (the `auto` rule)."""
     f = {**DEFAULT_FIELDS, **(fields or {})}
+    if isinstance(record, _BadLine):
+        raise record.error
     if not isinstance(record, dict):
-        raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}", "not_an_object")
     keys = set(record)
     if f["chosen"] in keys and f["rejected"] in keys:
         return "preference"
@@ -180,83 +318,128 @@ def detect_format(record: Any, where: str, fields: dict[str, str] | None = None)
         return "alpaca"
     if f["question"] in keys and f["answer"] in keys:
         return "gsm8k"
-    raise UserError(f"{where}: cannot tell the data format from the keys {sorted(keys)}; expected one of: "
+    raise RecordError(f"{where}: cannot tell the data format from the keys {sorted(keys)}; expected one of: "
                     f"messages {{messages}}, alpaca {{instruction, input, output}}, oasst1 {{message_id, parent_id, "
                     f"role, text}}, gsm8k {{question, answer}}, preference {{prompt, chosen, rejected}}; "
-                    f"or set format=... and fields={{...}}")
+                    f"or set format=... and fields={{...}}", "unknown_format")
 
 
 def _get(rec: Any, key: str, where: str, kind=str, optional: bool = False):
+    if isinstance(rec, _BadLine):
+        raise rec.error
     if not isinstance(rec, dict):
-        raise UserError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(rec).__name__}", "not_an_object")
     if key not in rec or rec[key] is None:
         if optional:
             return None
-        raise UserError(f"{where}: missing field '{key}' (present: {', '.join(sorted(rec)) or 'none'}); "
-                        f"fix the record or map the field with fields={{...}}")
+        raise RecordError(f"{where}: missing field '{key}' (present: {', '.join(sorted(rec)) or 'none'}); "
+                          f"fix the record or map the field with fields={{...}}", "missing_field")
     v = rec[key]
     if not isinstance(v, kind):
-        raise UserError(f"{where}: field '{key}' must be {getattr(kind, '__name__', kind)}, got {type(v).__name__}")
+        raise RecordError(f"{where}: field '{key}' must be {getattr(kind, '__name__', kind)}, got "
+                          f"{type(v).__name__}", "wrong_type")
     return v
 
 
 # ----------------------------------------------------------------------------- conversations
 
-def _resolve_format(spec: DataSpec, records: list[tuple[str, Any]]) -> str:
+def _resolve_format(spec: DataSpec, records: list[tuple[str, Any]], invalid: _Invalid) -> str:
+    """spec.format, or (auto) the format of the first record; with invalid=skip, of the first that tells."""
     if spec.format != "auto":
         return spec.format
     if not records:
+        if invalid.count:
+            raise invalid.nothing_left("records")
         raise UserError(f"{spec.name()}: holds no records")
-    return detect_format(records[0][1], records[0][0], spec.fields)
+    first_error = None
+    for where, rec in records if invalid.skip else records[:1]:
+        try:
+            return detect_format(rec, where, spec.fields)
+        except UserError as e:
+            first_error = first_error or e
+    raise first_error
 
 
-def read_conversations(source) -> list[list[dict]]:
-    """Conversations from a DataSpec (or dict / path); preference data gives prompt + chosen reply."""
+def _read(spec: DataSpec, invalid: _Invalid) -> tuple[list[tuple[str, Any]], str]:
+    """(records, format) of a source; lines that are not JSON are handled as `invalid` says."""
+    records = invalid.read()
+    return records, _resolve_format(spec, records, invalid)
+
+
+def read_conversations(source, stats: Optional[dict] = None, locations: Optional[list] = None) -> list[list[dict]]:
+    """Conversations from a DataSpec (or dict / path); preference data gives prompt + chosen reply.
+
+    `stats` and `locations` as for read_preferences: the skip counts (invalid=skip; for preference
+    data also `identical_skipped`), and the location of each returned conversation (`file:line`;
+    for oasst1 the conversation's last message).
+    """
     spec = as_spec(source)
     f = {**DEFAULT_FIELDS, **spec.fields}
-    records = list(iter_records(spec))
-    fmt = _resolve_format(spec, records)
+    invalid = _Invalid(spec)
+    records, fmt = _read(spec, invalid)
     out: list[list[dict]] = []
+    where_out: list[str] = []
     if fmt == "oasst1":
-        out = _oasst1_conversations(records, spec)
+        out, where_out = _oasst1_conversations(records, spec, invalid)
     elif fmt == "preference":
-        out = [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in read_preferences(spec)]
+        pairs, where_out = _pairs(spec, records, invalid, stats)
+        out = [p["prompt"] + [{"role": "assistant", "content": p["chosen"]}] for p in pairs]
     else:
         for where, rec in records:
-            if fmt == "messages":
-                msgs = _get(rec, f["messages"], where, list)
-            elif fmt == "alpaca":
-                user = {"role": "user", "content": _get(rec, f["instruction"], where)}
-                extra = _get(rec, f["input"], where, optional=True)
-                if extra and extra.strip():
-                    user["input"] = extra
-                msgs = [user, {"role": "assistant", "content": _get(rec, f["output"], where)}]
-            else:  # gsm8k
-                msgs = [{"role": "user", "content": _get(rec, f["question"], where)},
-                        {"role": "assistant", "content": _get(rec, f["answer"], where)}]
-            out.append(validate_conversation(msgs, where))
+            try:
+                if fmt == "messages":
+                    msgs = _get(rec, f["messages"], where, list)
+                elif fmt == "alpaca":
+                    user = {"role": "user", "content": _get(rec, f["instruction"], where)}
+                    extra = _get(rec, f["input"], where, optional=True)
+                    if extra and extra.strip():
+                        user["input"] = extra
+                    msgs = [user, {"role": "assistant", "content": _get(rec, f["output"], where)}]
+                else:  # gsm8k
+                    msgs = [{"role": "user", "content": _get(rec, f["question"], where)},
+                            {"role": "assistant", "content": _get(rec, f["answer"], where)}]
+                conv = validate_conversation(msgs, where)
+            except UserError as e:
+                invalid(e, where)
+                continue
+            out.append(conv)
+            where_out.append(where)
             if spec.max_records and len(out) >= spec.max_records:
                 break
+    invalid.report(stats)
     if not out:
-        raise UserError(f"{spec.name()}: no conversations found")
-    return out[:spec.max_records] if spec.max_records else out
+        raise invalid.nothing_left("conversations")
+    if spec.max_records:
+        out, where_out = out[:spec.max_records], where_out[:spec.max_records]
+    if locations is not None:
+        locations.extend(where_out)
+    return out
 
 
-def _oasst1_conversations(records: list[tuple[str, Any]], spec: DataSpec) -> list[list[dict]]:
-    """Rebuild the message trees and flatten them (see the module docstring)."""
+def _oasst1_conversations(records: list[tuple[str, Any]], spec: DataSpec,
+                          invalid: _Invalid) -> tuple[list[list[dict]], list[str]]:
+    """Rebuild the message trees and flatten them (see the module docstring). -> (conversations, locations)
+
+    Under invalid=skip a malformed message row is skipped, and with it the replies below it
+    (they are no longer reachable from a root); a malformed thread is skipped whole.
+    """
     roles = {"prompter": "user", "assistant": "assistant"}
     nodes: dict[str, dict] = {}
     children: dict[Optional[str], list[str]] = {}
     for where, rec in records:
-        mid = _get(rec, "message_id", where)
-        role = _get(rec, "role", where)
-        if role not in roles:
-            raise UserError(f"{where}: unknown oasst1 role {role!r}; valid: prompter, assistant")
-        text = _get(rec, "text", where)
-        if rec.get("deleted") or (spec.lang and rec.get("lang") != spec.lang):
+        try:
+            mid = _get(rec, "message_id", where)
+            role = _get(rec, "role", where)
+            if role not in roles:
+                raise RecordError(f"{where}: unknown oasst1 role {role!r}; valid: prompter, assistant", "unknown_role")
+            text = _get(rec, "text", where)
+            if rec.get("deleted") or (spec.lang and rec.get("lang") != spec.lang):
+                continue
+            if not text.strip():
+                raise RecordError(f"{where}: empty text in oasst1 message {mid}", "empty_turn")
+        except UserError as e:
+            invalid(e, where)
             continue
-        if not text.strip():
-            raise UserError(f"{where}: empty text in oasst1 message {mid}")
         rank = rec.get("rank")
         nodes[mid] = {"role": roles[role], "content": text, "rank": 1e9 if rank is None else float(rank),
                       "parent": rec.get("parent_id"), "where": where}
@@ -272,10 +455,11 @@ def _oasst1_conversations(records: list[tuple[str, Any]], spec: DataSpec) -> lis
         msgs = [{"role": nodes[m]["role"], "content": nodes[m]["content"]} for m in path]
         for a, b in zip(msgs, msgs[1:]):
             if a["role"] == b["role"]:
-                raise UserError(f"{nodes[path[0]]['where']}: oasst1 thread has two {a['role']} messages in a row")
+                raise RecordError(f"{nodes[path[0]]['where']}: oasst1 thread has two {a['role']} messages in a row",
+                                  "repeated_role")
         return validate_conversation(msgs, nodes[path[-1]]["where"])
 
-    out = []
+    out, where_out = [], []
     for root in roots:
         if spec.oasst1_threads == "best":
             path = [root]
@@ -291,10 +475,15 @@ def _oasst1_conversations(records: list[tuple[str, Any]], spec: DataSpec) -> lis
                     paths.append(path)
                 stack.extend(path + [k] for k in reversed(kids))
         for path in paths:
-            msgs = path_msgs(path)
+            try:
+                msgs = path_msgs(path)
+            except UserError as e:
+                invalid(e, nodes[path[0]]["where"])
+                continue
             if msgs is not None:
                 out.append(msgs)
-    return out
+                where_out.append(nodes[path[-1]]["where"])
+    return out, where_out
 
 
 # ----------------------------------------------------------------------------- preference pairs
@@ -306,7 +495,7 @@ def _parse_hh(text: str, where: str) -> list[dict]:
     """An hh-rlhf transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as messages."""
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise UserError(f"{where}: expected an hh-rlhf transcript starting with '\\n\\nHuman:'")
+        raise RecordError(f"{where}: expected an hh-rlhf transcript starting with '\\n\\nHuman:'", "bad_transcript")
     msgs = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
         msgs.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
@@ -318,14 +507,14 @@ def _split_hh(chosen: str, rejected: str, where: str) -> tuple[list[dict], str, 
     marker = "\n\nAssistant:"
     cut = chosen.rfind(marker)
     if cut < 0:
-        raise UserError(f"{where}: the chosen transcript has no '\\n\\nAssistant:' turn")
+        raise RecordError(f"{where}: the chosen transcript has no '\\n\\nAssistant:' turn", "no_assistant_turn")
     prompt_text = chosen[:cut + len(marker)]
     if not rejected.startswith(prompt_text):
-        raise UserError(f"{where}: chosen and rejected transcripts do not share the prompt before the last "
-                        f"'Assistant:' turn; an hh-rlhf pair must differ only in the final reply")
+        raise RecordError(f"{where}: chosen and rejected transcripts do not share the prompt before the last "
+                          f"'Assistant:' turn; an hh-rlhf pair must differ only in the final reply", "prompts_differ")
     prompt = _parse_hh(prompt_text[:-len(marker)], where)
     if prompt[-1]["role"] != "user":
-        raise UserError(f"{where}: the prompt must end with a Human turn")
+        raise RecordError(f"{where}: the prompt must end with a Human turn", "prompt_not_user")
     return prompt, chosen[cut + len(marker):].strip(), rejected[len(prompt_text):].strip()
 
 
@@ -335,17 +524,20 @@ def _pair(rec: Any, where: str, f: dict[str, str]) -> dict:
     prompt = _get(rec, f["prompt"], where, (str, list), optional=True)
     if isinstance(chosen, list) or isinstance(rejected, list):
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise UserError(f"{where}: chosen and rejected must both be text or both be message lists")
+            raise RecordError(f"{where}: chosen and rejected must both be text or both be message lists", "wrong_type")
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
             if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-                raise UserError(f"{where}: '{name}' must be a message list ending with the assistant reply")
+                raise RecordError(f"{where}: '{name}' must be a message list ending with the assistant reply",
+                                  "no_assistant_turn")
         head_c, head_r = chosen[:-1], rejected[:-1]
         if head_c and head_r and head_c != head_r:
-            raise UserError(f"{where}: chosen and rejected have different conversations before the reply")
+            raise RecordError(f"{where}: chosen and rejected have different conversations before the reply",
+                              "prompts_differ")
         conv = head_c or head_r
         if not conv:
             if not isinstance(prompt, str):
-                raise UserError(f"{where}: no prompt: give 'prompt' or put the user turn in chosen/rejected")
+                raise RecordError(f"{where}: no prompt: give 'prompt' or put the user turn in chosen/rejected",
+                                  "missing_prompt")
             conv = [{"role": "user", "content": prompt}]
         chosen_t, rejected_t = chosen[-1].get("content"), rejected[-1].get("content")
     elif prompt is None:
@@ -355,28 +547,49 @@ def _pair(rec: Any, where: str, f: dict[str, str]) -> dict:
         chosen_t, rejected_t = chosen, rejected
     conv = validate_conversation(conv, where, need_assistant=False)
     if conv[-1]["role"] != "user":
-        raise UserError(f"{where}: the prompt must end with a user turn")
+        raise RecordError(f"{where}: the prompt must end with a user turn", "prompt_not_user")
     for name, t in (("chosen", chosen_t), ("rejected", rejected_t)):
         if not isinstance(t, str) or not t.strip():
-            raise UserError(f"{where}: the {name} reply is empty")
+            raise RecordError(f"{where}: the {name} reply is empty", "empty_reply")
     return {"prompt": conv, "chosen": chosen_t, "rejected": rejected_t}
 
 
-def read_preferences(source, stats: Optional[dict] = None) -> list[dict]:
+def read_preferences(source, stats: Optional[dict] = None, locations: Optional[list] = None) -> list[dict]:
     """Preference pairs {prompt: conversation, chosen: str, rejected: str} from a DataSpec.
 
-    `stats`, when given, receives `identical_skipped` (pairs skipped with identical_pairs=skip).
+    `stats`, when given, receives `identical_skipped` (pairs skipped with identical_pairs=skip)
+    and, with invalid=skip, `invalid_skipped` (malformed records skipped), `invalid_by_reason`
+    ({reason: count}, e.g. missing_field, empty_reply, no_assistant_turn, not_json) and
+    `invalid_first` (the first 3 skipped records' messages, each starting with its location);
+    counts add up over calls with the same dict. `locations`, when given, is extended with the
+    location of each returned pair (`file:line`, `file:record N`, `hf:name[split]:row N`).
     """
     spec = as_spec(source)
-    f = {**DEFAULT_FIELDS, **spec.fields}
-    records = list(iter_records(spec))
-    fmt = _resolve_format(spec, records)
+    invalid = _Invalid(spec)
+    records, fmt = _read(spec, invalid)
     if fmt != "preference":
         raise UserError(f"{spec.name()}: is '{fmt}' data, not preference pairs; DPO needs records with "
                         f"chosen and rejected (and optionally prompt)")
-    out, skipped = [], 0
+    out, where_out = _pairs(spec, records, invalid, stats)
+    invalid.report(stats)
+    if not out:
+        raise invalid.nothing_left("preference pairs")
+    if locations is not None:
+        locations.extend(where_out)
+    return out
+
+
+def _pairs(spec: DataSpec, records: list[tuple[str, Any]], invalid: _Invalid,
+           stats: Optional[dict]) -> tuple[list[dict], list[str]]:
+    """(pairs, their locations) of preference records; identical pairs per `spec.identical_pairs`."""
+    f = {**DEFAULT_FIELDS, **spec.fields}
+    out, where_out, skipped = [], [], 0
     for where, rec in records:
-        pair = _pair(rec, where, f)
+        try:
+            pair = _pair(rec, where, f)
+        except UserError as e:
+            invalid(e, where)
+            continue
         if pair["chosen"].strip() == pair["rejected"].strip():
             if spec.identical_pairs == "error":
                 raise UserError(f"{where}: chosen and rejected are identical, so the pair teaches nothing; "
@@ -384,10 +597,9 @@ def read_preferences(source, stats: Optional[dict] = None) -> list[dict]:
             skipped += 1
             continue
         out.append(pair)
+        where_out.append(where)
         if spec.max_records and len(out) >= spec.max_records:
             break
     if stats is not None:
         stats["identical_skipped"] = stats.get("identical_skipped", 0) + skipped
-    if not out:
-        raise UserError(f"{spec.name()}: no preference pairs found")
-    return out
+    return out, where_out

@@ -92,8 +92,10 @@ class Config(RunOptions):
                                   "HF directory's tokenizer.json")
     out: str = Field("runs/dpo", description="run directory (model artifact, checkpoints, metrics, reference cache)")
     data: list[DataSpec] = Field(default_factory=list, description="preference pairs: a path, or a list of data "
-                                 "specs {path | hf, format, weight, max_records, split} (format preference: "
-                                 "prompt/chosen/rejected); pairs are drawn in proportion to weight, as in sft")
+                                 "specs {path | hf, format, weight, max_records, split, invalid, "
+                                 "identical_pairs} (format preference: prompt/chosen/rejected); pairs are drawn "
+                                 "in proportion to weight, as in sft; invalid: skip skips malformed records "
+                                 "(counted) instead of stopping")
     template: str | None = Field(None, description="chat template (chatml, instruct, chat, alpaca); null = the "
                                  "init run's chat.json, else chatml")
     beta: float = Field(0.1, gt=0, description="β: strength of the pull towards the reference (higher = stay closer)")
@@ -185,21 +187,6 @@ def split_completion(ids: list[int], mask: list[bool]) -> tuple[list[int], list[
     while start > 0 and mask[start - 1]:
         start -= 1
     return list(ids[:start]), list(ids[start:end])
-
-
-def pair_location(spec, n: int, skipped: int) -> str:
-    """Where the n-th pair read from `spec` is: FILE:LINE (or row) when no pair of it was skipped.
-
-    Only called to word an error: read_preferences returns pairs without their locations,
-    and with no skipped records its n-th pair is the source's n-th record.
-    """
-    from lmlab.data.formats import iter_records
-
-    if skipped == 0:
-        for k, (where, _) in enumerate(iter_records(spec), start=1):
-            if k == n:
-                return where
-    return f"{spec.name()}: pair {n}"
 
 
 def tokenize_pairs(records_by_source: list[list[dict]], sources: list[str], template: str, tokenizer,
@@ -539,7 +526,7 @@ def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.data.formats import read_preferences
     from lmlab.models.lora import apply_lora, check_targets, param_counts
-    from lmlab.train.sft import data_fingerprint, load_init, write_outputs
+    from lmlab.train.sft import data_fingerprint, load_init, report_skipped, write_outputs
 
     timer = artifacts.Timer()
     out = Path(cfg.out)
@@ -571,12 +558,15 @@ def run(cfg: Config) -> Path:
 
     with timer("data"):
         read_stats: list[dict] = [{} for _ in cfg.data]
-        records = [read_preferences(spec, stats=st) for spec, st in zip(cfg.data, read_stats)]
-        skipped = [st.get("identical_skipped", 0) for st in read_stats]
+        # where[s][n - 1]: FILE:LINE of the n-th pair of source s, for errors found after tokenizing
+        where: list[list[str]] = [[] for _ in cfg.data]
+        records = [read_preferences(spec, stats=st, locations=w) for spec, st, w in zip(cfg.data, read_stats, where)]
+        invalid = report_skipped(cfg.data, read_stats, "dpo")  # warns on stderr; -> manifest stats
         pairs, counts = tokenize_pairs(records, [s.name() for s in cfg.data], template, tokenizer, max_len,
-                                       cfg.truncation, locate=lambda s, n: pair_location(cfg.data[s], n, skipped[s]))
-        del records
-        counts["pairs_identical_skipped"] = sum(skipped)
+                                       cfg.truncation, locate=lambda s, n: where[s][n - 1])
+        del records, where
+        counts["pairs_identical_skipped"] = sum(st.get("identical_skipped", 0) for st in read_stats)
+        counts["pairs_invalid_skipped"] = invalid.pop("invalid_skipped")
     if len(pairs) == 0:
         raise UserError(f"no usable preference pairs: {counts['pairs_read']} read, {counts['pairs_dropped']} "
                         f"dropped because their completions leave fewer than {MIN_PROMPT_TOKENS} prompt tokens "
@@ -639,6 +629,7 @@ def run(cfg: Config) -> Path:
         "loss": cfg.loss,
         "beta": cfg.beta,
         **counts,
+        **invalid,
         "pairs_train": int(len(train_idx)),
         "pairs_val": int(len(val_idx)),
         "max_len": max_len,

@@ -76,8 +76,9 @@ class Config(RunOptions):
     tokenizer: Optional[str] = Field(None, description="HF init only: an lmlab tokenizer dir; unset = import "
                                      "the HF directory's tokenizer.json")
     data: list[DataSpec] = Field(default_factory=list, description="conversation datasets: a path, or a list of "
-                                 "{path | hf, format, weight, max_records, split}; rows are drawn in proportion "
-                                 "to weight")
+                                 "{path | hf, format, weight, max_records, split, invalid}; rows are drawn in "
+                                 "proportion to weight; invalid: skip skips malformed records (counted) instead "
+                                 "of stopping")
     out: str = Field("runs/sft", description="run directory (model artifact, checkpoints, metrics, samples)")
     template: str = Field("chatml", description="chat template: chatml, instruct, chat, alpaca")
     seq_len: Optional[int] = Field(None, ge=8, description="positions per training row (a conversation of n "
@@ -377,13 +378,42 @@ def split_val(n: int, fraction: float, seed: int, d: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def render_all(convs: list, template: str, tokenizer, seq_len: int, stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render and cut each conversation to seq_len+1 tokens; drop those left with nothing to train."""
+def report_skipped(specs: list[DataSpec], read_stats: list[dict], verb: str) -> dict:
+    """One stderr warning per dataset whose malformed records were skipped (invalid=skip).
+
+    -> the manifest stats: `invalid_skipped` (total), `invalid_by_reason` ({reason: count}) and
+    `invalid_first` (the first 3 skipped records, `FILE:LINE: message`).
+    """
+    from lmlab.data.formats import SKIP_EXAMPLES, skipped_summary
+
+    out: dict = {"invalid_skipped": 0, "invalid_by_reason": {}, "invalid_first": []}
+    for spec, st in zip(specs, read_stats):
+        line = skipped_summary(st, spec.name())
+        if line:
+            print(f"{verb}: warning: {line}", file=sys.stderr)
+        out["invalid_skipped"] += st.get("invalid_skipped", 0)
+        for reason, n in st.get("invalid_by_reason", {}).items():
+            out["invalid_by_reason"][reason] = out["invalid_by_reason"].get(reason, 0) + n
+        out["invalid_first"] += st.get("invalid_first", [])[:SKIP_EXAMPLES - len(out["invalid_first"])]
+    return out
+
+
+def render_all(convs: list, template: str, tokenizer, seq_len: int, stats: dict,
+               where: Optional[list[str]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render and cut each conversation to seq_len+1 tokens; drop those left with nothing to train.
+
+    `where[i]`, when given, is the FILE:LINE of conversation i: an error rendering it names it.
+    """
     from lmlab.data.chat import render
 
     out = []
-    for messages in convs:
-        ids, mask = render(template, messages, tokenizer, max_len=seq_len + 1, stats=stats)
+    for i, messages in enumerate(convs):
+        try:
+            ids, mask = render(template, messages, tokenizer, max_len=seq_len + 1, stats=stats)
+        except UserError as e:
+            if where is None:
+                raise
+            raise UserError(f"{where[i]}: {e}") from None
         if len(ids) < 2 or not any(mask[1:]):
             continue  # counted by render as no_target
         out.append(conversation_positions(ids, mask))
@@ -400,15 +430,18 @@ def build_rows(cfg: Config, tokenizer, seq_len: int):
     seed = cfg.train.seed
     train_rows, val_examples, per_dataset = [], [], []
     render_stats: dict = {}
+    read_stats: list[dict] = [{} for _ in cfg.data]
     for d, spec in enumerate(cfg.data):
-        convs = read_conversations(spec)
+        where: list[str] = []  # FILE:LINE of each conversation, for errors found after reading
+        convs = read_conversations(spec, stats=read_stats[d], locations=where)
         name = spec.name()
         if not convs:
             raise UserError(f"dataset {name} holds no conversations; check the file and its format")
         tr, va = split_val(len(convs), cfg.val_fraction, seed, d)
         stats: dict = {}
-        train_ex = render_all([convs[i] for i in tr], cfg.template, tokenizer, seq_len, stats)
-        val_examples += render_all([convs[i] for i in va], cfg.template, tokenizer, seq_len, {})
+        train_ex = render_all([convs[i] for i in tr], cfg.template, tokenizer, seq_len, stats, [where[i] for i in tr])
+        val_examples += render_all([convs[i] for i in va], cfg.template, tokenizer, seq_len, {},
+                                   [where[i] for i in va])
         if not train_ex:
             raise UserError(f"dataset {name}: no conversation has an assistant token left to train on within "
                             f"seq_len={seq_len} ({stats}); check the data or raise seq_len")
@@ -421,9 +454,12 @@ def build_rows(cfg: Config, tokenizer, seq_len: int):
                             "train_conversations": len(train_ex), "val_conversations": len(va),
                             "rows": len(rows), "positions": int(rows.used.sum()), "trained_tokens":
                             int(rows.targets.sum()), "truncated": stats.get("truncated", 0),
-                            "no_target": stats.get("no_target", 0)})
+                            "no_target": stats.get("no_target", 0),
+                            "invalid_skipped": read_stats[d].get("invalid_skipped", 0),
+                            "identical_skipped": read_stats[d].get("identical_skipped", 0)})
     val_rows = pack_rows(val_examples, seq_len, tokenizer.pad_id, cfg.packing) if val_examples else None
-    return train_rows, val_rows, {"datasets": per_dataset, "render": render_stats}
+    invalid = report_skipped(cfg.data, read_stats, "sft")  # warns on stderr
+    return train_rows, val_rows, {"datasets": per_dataset, "render": render_stats, "invalid": invalid}
 
 
 def resolve_steps(t: SFTTrainConfig, rows_per_step: int, epoch_rows: int, seq_len: int) -> int:
@@ -560,6 +596,7 @@ def run(cfg: Config) -> Path:
         "val_conversations": sum(d["val_conversations"] for d in data_stats["datasets"]),
         "truncated_conversations": data_stats["render"].get("truncated", 0),
         "dropped_no_target": data_stats["render"].get("no_target", 0),
+        **data_stats["invalid"],
         "datasets": data_stats["datasets"],
         "rows_per_epoch": epoch_rows,
         "steps": total_steps,
