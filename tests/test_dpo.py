@@ -214,8 +214,10 @@ def test_policy_equals_reference_at_step_zero(micro):
         with torch.no_grad():
             value, n_tokens = obj.loss(model, obj.batch(0, 0))
         assert value.item() == pytest.approx(expected, rel=1e-4) and n_tokens > 0
-        metrics = obj.evaluate(model, torch.device("cpu"))
-        assert abs(metrics["rewards/margins"]) < 1e-4 and set(METRICS) <= set(metrics)
+        metrics = obj.train_metrics()  # the means since the last call, then reset
+        assert abs(metrics["rewards/margins"]) < 1e-4 and set(METRICS) == set(metrics)
+        assert obj.train_metrics() == {}
+        assert obj.evaluate(model, torch.device("cpu")) == {}  # no val pairs; train means are not repeated
     # RPO adds alpha x the mean NLL of the chosen tokens: here from the reference, as policy == reference
     obj = dpo.PreferenceObjective(pairs, np.arange(len(pairs)), np.zeros(0, np.int64), ref, [1.0],
                                   _cfg(micro, "unused", rpo_alpha=0.5), 0)
@@ -238,8 +240,9 @@ def test_dpo_steps_raise_the_margin_on_training_pairs(micro, tmp_path):
     margins = 0.1 * ((pc.numpy() - ref[:, 0]) - (pr.numpy() - ref[:, 1]))
     assert margins.mean() > 0.5 and (margins > 0).mean() >= 0.75, margins
     lines = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in r]
-    assert [r["step"] for r in lines] == [8, 16] and lines[-1]["rewards/margins"] > 0
-    assert set(manifest["stats"]["final_train_metrics"]) == set(METRICS)
+    assert [r["step"] for r in lines] == list(range(1, 17)) and all("loss" in r for r in lines)  # log.every=1
+    assert lines[-1]["rewards/margins"] > 0
+    assert manifest["stats"]["final_train_metrics"] == {k: lines[-1][k] for k in METRICS}
     assert manifest["stats"]["pairs_per_s"] > 0 and manifest["chat"]["template"] == "chatml"
 
 
@@ -292,8 +295,12 @@ def test_cli_run_no_op_rerun_and_outputs(micro, tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     assert m["kind"] == "model" and m["config"]["template"] == "chatml" and m["config"]["loss"] == "hinge"
     assert m["stats"]["pairs_val"] >= 1 and set(m["stats"]["final_val_metrics"]) == set(METRICS)
-    val_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert len(val_lines) == 2 and "val_rewards/accuracies" in val_lines[0] and "rewards/chosen" in val_lines[0]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val_lines = [r for r in lines if "val_loss" in r]
+    assert len(val_lines) == 2 and "val_rewards/accuracies" in val_lines[0]
+    assert not set(METRICS) & set(val_lines[0])  # the train means are on the train lines only
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2] and set(METRICS) <= set(train_lines[0])  # log.every=10: the end
     capsys.readouterr()
     assert main(args) == 0
     assert "up to date" in capsys.readouterr().out
@@ -347,6 +354,32 @@ def test_hh_rlhf_recipe_is_a_valid_config():
     cfg = load_config(dpo.Config, Path(__file__).parent.parent / "configs" / "dpo" / "hh_rlhf_tiny.yaml")
     assert cfg.data[0].hf == "Anthropic/hh-rlhf" and cfg.data[0].format == "preference"
     assert cfg.loss == "sigmoid" and cfg.beta == 0.1 and cfg.train.epochs == 1
+
+
+def test_train_metrics_on_every_log_line(micro, tmp_path):
+    """The objective's train_metrics hook: TRL's metrics on each train line, as means since the previous one."""
+    out = tmp_path / "run"
+    dpo.run(_cfg(micro, out, train={"steps": 4}, eval={"every": 2, "batches": 1}, val_fraction=0.25))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(set(METRICS) <= set(r) for r in train)
+    for r in train:
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+        assert 0 <= r["rewards/accuracies"] <= 1 and r["logps/chosen"] < 0
+    assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)  # step 1: the policy is the reference
+    assert len({r["rewards/margins"] for r in train}) == 4   # per step, not one running mean repeated
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(not set(METRICS) & set(r) for r in evals)
+    # log.every=2: each line averages the two steps since the previous one (batches are a pure function
+    # of the step, so the means of the per-step lines above are the answer)
+    out2 = tmp_path / "run2"
+    dpo.run(_cfg(micro, out2, train={"steps": 4}, eval={"every": 2, "batches": 1}, val_fraction=0.25,
+                 log={"every": 2}))
+    train2 = [json.loads(x) for x in (out2 / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in train2] == [2, 4]
+    for r, (a, b) in zip(train2, [(train[0], train[1]), (train[2], train[3])]):
+        for k in METRICS:
+            assert r[k] == pytest.approx((a[k] + b[k]) / 2, rel=1e-4, abs=1e-6), k
 
 
 def test_malformed_pairs_skipped_and_later_errors_name_file_line(micro, tmp_path, capsys):

@@ -183,3 +183,41 @@ def test_seq_len_longer_than_packed_rows_is_refused(packed, tmp_path):
     cfg = pretrain.Config(data=str(packed), out=str(tmp_path / "r"), train={"steps": 1, "seq_len": 64})
     with pytest.raises(UserError, match=r"train.seq_len=64 .*\(33 tokens\)"):
         pretrain.run(cfg)
+
+
+def test_objective_train_metrics_are_merged_into_each_log_line(tmp_path):
+    """The loop's optional train_metrics() hook: called at every log step, merged into that train line."""
+    import torch
+
+    from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig, train
+
+    class Cfg(RunOptions):
+        train: TrainConfig
+        eval: EvalConfig
+
+    class Toy:
+        def __init__(self):
+            self.calls, self.logged = 0, []
+
+        def batch(self, step, micro):
+            return torch.full((2, 3), float(step))
+
+        def loss(self, model, batch):
+            self.calls += 1
+            return model(batch).pow(2).mean(), 6
+
+        def evaluate(self, model, device):
+            return {}
+
+        def train_metrics(self):
+            out, self.calls = {"toy/losses": self.calls, "loss": -1.0}, 0  # the loop's own "loss" wins
+            self.logged.append(out["toy/losses"])
+            return out
+
+    cfg = Cfg(train={"steps": 5, "grad_accum": 2, "device": "cpu", "warmup_steps": 0}, eval={"batches": 0},
+              log={"every": 2}, checkpoint={"every": 0})
+    toy = Toy()
+    train(torch.nn.Linear(3, 1), toy, cfg, tmp_path, total_steps=5, resume_config={})
+    lines = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [(r["step"], r["toy/losses"]) for r in lines] == [(2, 4), (4, 4), (5, 2)]  # micro-batches since last
+    assert all(r["loss"] >= 0 for r in lines) and toy.logged == [4, 4, 2]

@@ -9,7 +9,9 @@ Starts from a model run (`init`, usually the SFT run) and trains it to prefer ea
 chosen reply over the rejected one, relative to a frozen reference: the `init` model itself
 (with LoRA: the same model with its adapters disabled). The losses are TRL's, in
 `lmlab.train.dpo_losses`; the metrics are named as TRL names them (`rewards/chosen`,
-`rewards/rejected`, `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`).
+`rewards/rejected`, `rewards/margins`, `rewards/accuracies`, `logps/chosen`, `logps/rejected`):
+on every train line of metrics.jsonl (`log.every`) as means over the pairs trained since the
+previous line, and with a `val_` prefix on the eval lines (`eval.every`).
 
 How a pair becomes tokens: prompt + [assistant: reply] is rendered with the chat template
 (`lmlab.data.chat.render`), exactly as SFT trains it; the completion is the last assistant
@@ -78,10 +80,10 @@ class DPOTrainConfig(SFTTrainConfig):
 
 
 class DPOEvalConfig(EvalConfig):
-    every: int = Field(50, ge=0, description="validation, and a line of the train metrics' running means, every "
-                       "N steps (and always at the end; 0 = end only)")
+    every: int = Field(50, ge=0, description="validation metrics (val_loss, val_rewards/...) every N steps (and "
+                       "always at the end; 0 = end only); the train metrics are on every log.every line")
     batches: int = Field(8, ge=0, description="validation batches (of train.batch_size pairs) per evaluation; "
-                         "0 turns evaluation and the running means off")
+                         "0 turns evaluation off")
 
 
 class Config(RunOptions):
@@ -459,21 +461,34 @@ class PreferenceObjective:
             losses = losses - self.rpo_alpha * sums[:half].sum() / counts[:half].sum().clamp_min(1)
         return losses, metric_sums(rc, rr, pc, pr)
 
+    # the loop shows these of train_metrics() on the progress bar
+    progress_metrics = {"rewards/margins": "margin", "rewards/accuracies": "acc"}
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         losses, sums = self._losses(model, batch)
-        # Running sums of the train metrics since the last evaluate(), kept on the device so
-        # a step never waits for them; evaluate() reports their means.
+        # Running sums of the train metrics since the last log step, kept on the device so a
+        # step never waits for them; train_metrics() reports their means.
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._train_pairs += losses.shape[0]
         return losses.mean(), batch["n_tokens"]
 
+    def train_metrics(self) -> dict:
+        """The train metrics (TRL names) as means over the pairs trained since the last call; then reset.
+
+        The loop calls it at every log step: the one device sync of the metrics (`.tolist()`).
+        """
+        if not self._train_pairs:
+            return {}
+        means = (self._train_sums / self._train_pairs).tolist()
+        self._train_sums, self._train_pairs = None, 0
+        return dict(zip(METRICS, means))
+
     def evaluate(self, model, device) -> dict:
-        """Train running means (TRL names) since the last call, and the same on the val pairs (val_ prefix)."""
+        """The metrics on the first eval.batches batches of val pairs: val_loss and val_ + the TRL names.
+
+        The train metrics are not repeated here: they are on every train line (train_metrics).
+        """
         out: dict = {}
-        if self._train_pairs:
-            sums = (self._train_sums / self._train_pairs).tolist()
-            out.update({name: v for name, v in zip(METRICS, sums)})
-            self._train_sums, self._train_pairs = None, 0
         val = self.val_idx[:self.eval_pairs]
         if len(val):
             loss_sum, sums = 0.0, torch.zeros(len(METRICS), device=device)
@@ -639,7 +654,7 @@ def run(cfg: Config) -> Path:
         "epochs": round(pairs_trained / objective.epoch_len, 4),
         "final_train_loss": summary["final_loss"],
         "final_val_loss": final.get("val_loss"),
-        "final_train_metrics": {k: final[k] for k in METRICS if k in final},
+        "final_train_metrics": {k: summary["final_train"][k] for k in METRICS if k in summary["final_train"]},
         "final_val_metrics": {k: final[f"val_{k}"] for k in METRICS if f"val_{k}" in final},
         "reference_reused": reused,
         "reference_time_s": timer.timings.get("reference"),

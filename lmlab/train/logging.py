@@ -6,7 +6,8 @@
 
 `RUN/metrics.jsonl` holds one JSON object per line, the format the report reads:
 
-    {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "epochs", "time_s", ["mfu"]}
+    {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "epochs", "time_s", ["mfu"],
+     [the objective's train_metrics(), e.g. DPO's "rewards/margins"]}
     {"step", "val_loss", "val_ppl", "val_bpb"}     (eval lines; keys come from the objective)
 
 `step` counts finished optimizer steps (the first line of a run says step 1 or more). On

@@ -15,6 +15,13 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
     objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
                                                # called under no_grad/eval()/autocast
     objective.epoch_tokens                     # optional: tokens in one pass over the data
+    objective.train_metrics() -> dict          # optional: called at every log step (`log.every`);
+                                               # merged into that step's train line of metrics.jsonl,
+                                               # e.g. DPO's running means since the previous call.
+                                               # The one place an objective may sync the device for
+                                               # its own metrics (keep them as tensors until then)
+    objective.progress_metrics                 # optional: {metric: label} of train_metrics() shown
+                                               # on the progress bar, e.g. {"rewards/margins": "margin"}
 
 Steps: `step` below is the 0-based index of the optimizer step being taken; metrics and
 checkpoints are labelled with `done = step + 1`, the number of finished steps. After step
@@ -291,7 +298,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     `resume_config` is what must be unchanged for a checkpoint to be resumed (model, data,
     optimisation settings); it is stored in every checkpoint. Returns a summary for the
-    manifest: steps, tokens, train_time_s, tokens_per_s, final_loss and the last eval metrics.
+    manifest: steps, tokens, train_time_s, tokens_per_s, final_loss, the last train line
+    (`final_train`, with the objective's train_metrics) and the last eval metrics (`final_eval`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +341,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     peak = peak_flops(device) if amp is not None else None
     epoch_tokens = getattr(objective, "epoch_tokens", None)
+    train_metrics = getattr(objective, "train_metrics", None)
+    progress_metrics = getattr(objective, "progress_metrics", None) or {}
 
     def state_now(done: int) -> dict:
         return {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rng_state(),
@@ -387,12 +397,17 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                         rec["epochs"] = round(tokens_seen / epoch_tokens, 4)
                     if peak and flops_per_token:
                         rec["mfu"] = round(tps * flops_per_token / peak, 4)
+                    extra = train_metrics() if train_metrics is not None else {}
+                    rec.update({k: v for k, v in extra.items() if k not in rec})  # the loop's own keys win
                     log.write(rec)
                     post = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
                     if "mfu" in rec:
                         post["mfu"] = f"{rec['mfu']:.1%}"
                     if "epochs" in rec:
                         post["ep"] = f"{rec['epochs']:.2f}"
+                    for key, label in progress_metrics.items():
+                        if isinstance(extra.get(key), (int, float)):
+                            post[label] = f"{extra[key]:.3g}"
                     bar.set_postfix(post, refresh=False)
 
                 if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
@@ -421,5 +436,6 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
+        "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
     }
