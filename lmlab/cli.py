@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("lmlab.train.pretrain", "train the LLaMA-style model on packed data"),
     "tasks": ("lmlab.tasks.stage", "write the embedded verifiable tasks as SFT / DPO / test data files"),
     "sft": ("lmlab.train.sft", "supervised finetuning on conversations: full or LoRA (PEFT)"),
+    "pairs": ("lmlab.tasks.pairs", "on-policy DPO pairs: sample a chat model on problems, the task checkers pick"),
     "dpo": ("lmlab.train.dpo", "direct preference optimisation on chosen/rejected pairs"),
     "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte on held-out data and text files, sample generations"),
     "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),

@@ -24,8 +24,8 @@ from pydantic import Field
 from lmlab.config import Strict, load_config
 from lmlab.errors import UserError
 
-StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "dpo", "eval", "generate", "report",
-                    "export", "bench"]
+StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "pairs", "dpo", "eval", "generate",
+                    "report", "export", "bench"]
 
 POSITIONAL = ("--config", "the pipeline YAML file, e.g. configs/pipelines/cpu.yaml")
 

@@ -112,12 +112,22 @@ def test_tasks_stage_writes_files_deterministically_and_rerun_is_noop(tmp_path, 
         assert strict(r["chosen"]) == ref(r["chosen"]) and strict(r["rejected"]) != strict(r["chosen"])
     for r in test:
         assert r["answer"].splitlines()[-1].startswith("#### ")
+    # train.jsonl: the DPO problems in GSM8K format, line for line (what `lmlab pairs` samples on)
+    train = _read(out / "train.jsonl")
+    assert [(r["question"], r["answer"], r["task"], r["difficulty"]) for r in train] == \
+        [(r["prompt"], r["chosen"], r["task"], r["difficulty"]) for r in dpo]
+    assert m["stats"]["train_records"] == len(dpo) and "train.jsonl" in m["stats"]["sha256"]
     capsys.readouterr()
     stage.run(stage.Config(out=str(tmp_path / "a"), tasks=tasks, seed=0))
     assert "up to date" in capsys.readouterr().out
     out2 = stage.run(stage.Config(out=str(tmp_path / "b"), tasks=tasks, seed=0))
-    for n in ("sft_train", "dpo_train", "test", "fewshot"):
+    for n in ("sft_train", "dpo_train", "test", "fewshot", "train"):
         assert (out / f"{n}.jsonl").read_bytes() == (out2 / f"{n}.jsonl").read_bytes()
+    # a directory written before train.jsonl existed is not up to date: re-running adds it
+    (out2 / "train.jsonl").unlink()
+    stage.run(stage.Config(out=str(tmp_path / "b"), tasks=tasks, seed=0))
+    assert "wrote" in capsys.readouterr().out
+    assert (out / "train.jsonl").read_bytes() == (out2 / "train.jsonl").read_bytes()
 
 
 def test_tasks_cli_and_user_errors(tmp_path):

@@ -15,7 +15,8 @@ evaluation score a task whose answer is not a single number (see docs/tasks.md).
 Train/test disjointness is structural: `split_of(task, key)` hashes a problem's canonical
 key (its arithmetic, or its set of numbers) and the hash alone decides the split, so a test
 problem's content can never be generated for training, whatever the seed or count.
-The `tasks` stage (lmlab/tasks/stage.py) writes them as SFT / DPO / test / few-shot files.
+The `tasks` stage (lmlab/tasks/stage.py) writes them as SFT / DPO / test / few-shot files;
+the `pairs` stage (lmlab/tasks/pairs.py) turns a chat model's own samples into DPO pairs.
 """
 
 from __future__ import annotations

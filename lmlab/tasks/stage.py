@@ -10,6 +10,8 @@ Files in `out` (one JSON object per line):
   dpo_train.jsonl  {"prompt": question, "chosen": solution, "rejected": a wrong solution, "task", "difficulty"}
   test.jsonl       {"question", "answer": solution ending "#### N", "task", "difficulty"}  (GSM8K format)
   fewshot.jsonl    the same format as test.jsonl, drawn from the train split, for few-shot prompting
+  train.jsonl      the DPO problems in the test.jsonl format, line i the problem of dpo_train.jsonl's
+                   line i: to sample a model on (`lmlab pairs` builds on-policy pairs from them)
 
 Train, DPO and few-shot problems come from the train split, test problems from the test
 split; the split is decided by a hash of each problem's content (lmlab/tasks/__init__.py),
@@ -33,6 +35,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 
 POSITIONAL = ("out", "output directory for the task data files")
+FILES = ("sft_train", "dpo_train", "test", "fewshot", "train")
 
 
 class TaskSpec(Strict):
@@ -73,7 +76,7 @@ def build(cfg: Config) -> dict[str, list[dict]]:
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise UserError(f"task listed twice in `tasks`: {names}; give each task once with its counts")
-    files: dict[str, list[dict]] = {"sft_train": [], "dpo_train": [], "test": [], "fewshot": []}
+    files: dict[str, list[dict]] = {name: [] for name in FILES}
     for spec in cfg.tasks:
         task = TASKS[spec.name]
         if spec.weights is not None and len(spec.weights) != len(spec.difficulty):
@@ -92,6 +95,7 @@ def build(cfg: Config) -> dict[str, list[dict]]:
         for p in draw("train", n_dpo, "dpo"):
             files["dpo_train"].append({"prompt": p.question, "chosen": p.solution,
                                        "rejected": task.wrong_solution(p, rng), "task": p.task, "difficulty": p.difficulty})
+            files["train"].append({"question": p.question, "answer": p.solution, "task": p.task, "difficulty": p.difficulty})
         for p in task.problems("test", spec.n_test, seed=cfg.seed, difficulty=spec.difficulty, weights=spec.weights):
             files["test"].append({"question": p.question, "answer": p.solution, "task": p.task, "difficulty": p.difficulty})
         for p in draw("train", spec.n_fewshot, "fewshot"):
@@ -99,6 +103,8 @@ def build(cfg: Config) -> dict[str, list[dict]]:
     if cfg.shuffle:
         random.Random(f"shuffle:{cfg.seed}").shuffle(files["sft_train"])
         random.Random(f"shuffle-dpo:{cfg.seed}").shuffle(files["dpo_train"])
+        # The same seed and length give the same permutation: train.jsonl stays aligned with dpo_train.jsonl.
+        random.Random(f"shuffle-dpo:{cfg.seed}").shuffle(files["train"])
     return files
 
 
@@ -113,7 +119,8 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.out)
     config = cfg.model_dump(mode="json")
     fp = artifacts.stage_fingerprint("tasks", {k: v for k, v in config.items() if k != "out"}, {})
-    if artifacts.is_up_to_date(out, fp):
+    # A directory written before train.jsonl existed is rewritten (its other files come out identical).
+    if artifacts.is_up_to_date(out, fp) and all((out / f"{name}.jsonl").is_file() for name in FILES):
         print(f"tasks: up to date ({out}), nothing to do")
         return out
     timer = artifacts.Timer()
