@@ -659,7 +659,7 @@ def run(cfg: Config) -> Path:
         "reference_reused": reused,
         "reference_time_s": timer.timings.get("reference"),
         "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"],
+        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
         "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
         "hardware": hardware_summary(),
     }

@@ -37,6 +37,7 @@ where a DDP/FSDP wrap goes, next to torch.compile.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -89,7 +90,8 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
     seed: int = Field(1337, description="seed for the model init and the data order")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 autocast on "
-                                                          "CUDA (when supported), float32 elsewhere")
+                                                          "CUDA (when supported) and on CPUs with native bf16 "
+                                                          "instructions (AVX512-BF16/AMX), float32 elsewhere")
     compile: bool = Field(False, description="torch.compile the model (faster on GPU; slow to start)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
@@ -191,8 +193,23 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("train.dtype=bfloat16 but this GPU does not support bfloat16; use train.dtype=float32")
         return torch.bfloat16
-    # auto: bf16 only where it is fast and safe; CPU autocast is slower than fp32 for small models.
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    # auto: bf16 only where it is fast and safe. On CPUs with native bf16 dot-product instructions
+    # (AVX512-BF16, AMX) oneDNN's bf16 matmuls made the cpu speedrun's 5.5M model train 1.47x
+    # faster (3,949 vs 2,684 tok/s, 2 Zen 4 cores) for +0.014 val loss after 120 steps; without
+    # them bf16 is emulated and slower than fp32, so auto stays fp32 there.
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU flags list bf16 dot-product instructions (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -435,6 +452,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         "tokens": tokens_seen,
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
+        "precision": "bf16 autocast" if amp is not None else "float32",
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},

@@ -233,7 +233,7 @@ def run(cfg: Config) -> Path:
         "final_val_ppl": final_eval.get("val_ppl"),
         "final_val_bpb": final_eval.get("val_bpb"),
         "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"],
+        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
         "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(tok_dir), "fingerprint": tokenizer.sha256}

@@ -607,7 +607,7 @@ def run(cfg: Config) -> Path:
         "final_train_loss": summary["final_loss"],
         "final_val_loss": final_eval.get("val_loss"),
         "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"],
+        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
         "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
