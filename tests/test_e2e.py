@@ -49,6 +49,13 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     ladder = (root / "report" / "ladder.csv").read_text().splitlines()
     assert ladder[0].startswith("stage,model,eval,exact_match_strict") and [r.split(",")[0] for r in ladder[1:]] == [
         "Base", "SFT", "DPO"]
+    assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
+    rows = json.loads((root / "report" / "ladder.json").read_text())
+    # the paired difference is over the same problems, so it equals the difference of the means
+    for prev, row in zip(rows, rows[1:]):
+        d = row["delta_exact_match"]
+        assert d["n"] > 1 and d["diff"] == pytest.approx(row["exact_match_strict"] - prev["exact_match_strict"])
+    assert rows[0]["delta_exact_match"] is None
     for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -102,6 +102,11 @@ def test_aggregate_on_hand_made_records():
     # record 1: "5" ties "6" and wins (earliest); record 2: "3" beats "2" strict, "2" wins flexible
     assert res["maj@4"] == 0.5 and res["maj@4_flexible"] == 1.0
     assert res["maj@1"] == 0.5                           # first sample only: "5" right, None wrong
+    # standard errors over problems: sample std / sqrt(n); EM strict is [1, 0] -> 0.5 / 1
+    assert res["exact_match_strict_stderr"] == pytest.approx(0.5)
+    assert res["exact_match_flexible_stderr"] == 0.0
+    assert res["pass@1_stderr"] == pytest.approx(abs(0.5 - 0.25) / 2)   # two values 0.5, 0.25
+    assert g.stderr([1.0]) is None and g.stderr([0.0, 1.0, 1.0, 0.0]) == pytest.approx((1 / 3 / 4) ** 0.5)
 
 
 # ------------------------------------------------------------- on a real model
@@ -177,6 +182,11 @@ def test_eval_stage_generative_through_cli(pipeline, tmp_path):
     assert any(k.startswith("generative_") for k in m["inputs"]) and any(k.startswith("fewshot_") for k in m["inputs"])
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"prompt", "completion", "correct"} <= set(samples[0])
+    # every problem's outcome, in file order, adding up to the reported exact match
+    problems = [json.loads(x) for x in (out / "problems.jsonl").read_text().splitlines()]
+    assert [p["i"] for p in problems] == list(range(5)) and all(p["name"] == "tasks_test" for p in problems)
+    assert sum(p["correct"] for p in problems) / 5 == gen["exact_match"]
+    assert all(0 <= p["samples_correct"] <= 2 for p in problems) and "exact_match_stderr" in gen
     r = _run_cli(*args)
     assert r.returncode == 0 and "up to date" in r.stdout
     # a bad k is a user error, and the good artifact stays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,3 +101,23 @@ def test_number_formatting():
 
     assert fmt_count(2_100_000) == "2.1M" and fmt_count(512) == "512" and fmt_count(123_456_789) == "123M"
     assert fmt_duration(540) == "9m 00s" and fmt_duration(12.34) == "12.3s" and fmt_duration(7300) == "2h 01m"
+
+
+def test_paired_difference_pairs_the_same_problems(tmp_path):
+    from lmlab.report.report import paired_difference
+
+    def write(name, outcomes):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "problems.jsonl", "w") as f:
+            for i, ok in enumerate(outcomes):
+                f.write(json.dumps({"name": "t", "question": f"q{i}", "reference": str(i), "correct": ok}) + "\n")
+        return {"eval": str(d)}
+
+    a = write("a", [True, False, False, True])
+    b = write("b", [True, True, False, False])
+    d = paired_difference(a, b)
+    # per-problem differences 0, +1, 0, -1: mean 0, sample std sqrt(2/3), stderr sqrt(2/3)/2
+    assert d["diff"] == 0.0 and d["n"] == 4 and d["gained"] == 1 and d["lost"] == 1
+    assert d["stderr"] == pytest.approx((2 / 3) ** 0.5 / 2)
+    assert paired_difference(a, {"eval": str(tmp_path / "missing")}) is None

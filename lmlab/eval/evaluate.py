@@ -26,8 +26,10 @@ What it measures (all written to `OUT/eval.json`):
   `task`; `lmlab tasks` writes one, real GSM8K files work unchanged), greedy exact match
   (strict and flexible extraction), pass@k and maj@k from sampled completions, per task
   (lmlab/eval/generative.py). A model with `chat.json` is prompted with its chat template,
-  a base model few-shot from `fewshot`. A few prompt/completion/correct records per file go
-  to `OUT/samples.jsonl`.
+  a base model few-shot from `fewshot`. Every metric comes with its standard error over
+  problems (`<metric>_stderr`). A few prompt/completion/correct records per file go to
+  `OUT/samples.jsonl`, every problem's outcome to `OUT/problems.jsonl` (the report pairs
+  them across stages for the error bar of a difference).
 * choice: for each BoolQ- or ARC-style jsonl file, multiple-choice acc and acc_norm by
   summed log-likelihood (lmlab/eval/choice.py).
 
@@ -237,8 +239,10 @@ def run(cfg: Config) -> Path:
         generations = _generate(model, tokenizer, cfg, device)
     results["generations"] = len(generations)
     samples: list[dict] = []
+    problems: list[dict] = []
     with timer("generative"):
-        results["generative"] = _eval_generative(model, tokenizer, model_dir, gen_inputs, cfg, device, samples)
+        results["generative"] = _eval_generative(model, tokenizer, model_dir, gen_inputs, cfg, device, samples,
+                                                 problems)
     with timer("choice"):
         results["choice"] = []
         for path, fmt, items in choice_inputs:
@@ -256,6 +260,10 @@ def run(cfg: Config) -> Path:
             with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
                 for r in samples:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            if problems:
+                with open(tmp / "problems.jsonl", "w", encoding="utf-8") as f:
+                    for r in problems:
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
             artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs,
                                      tokenizer_sha256=tok_sha, timings=timer.total(), stats=summary_stats(results))
     except OSError as e:
@@ -350,7 +358,8 @@ def _vet_generative(cfg: Config, inputs: dict) -> list[tuple]:
     return out
 
 
-def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: Config, device, samples: list) -> list[dict]:
+def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: Config, device, samples: list,
+                     outcomes: list) -> list[dict]:
     from lmlab.eval.generative import score_generative
 
     template = None
@@ -373,6 +382,7 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
         name = spec.name or _file_name(spec.path)
         for r in res.pop("records"):
             samples.append({"file": spec.path, "name": name, "kind": "generative", **r})
+        outcomes.extend({"file": spec.path, "name": name, **r} for r in res.pop("problems"))
         results.append({"path": spec.path, "name": name, **res})
     return results
 

@@ -219,19 +219,33 @@ def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
 
 # ---------------------------------------------------------------------------- scoring
 
+def stderr(values: Sequence[float]) -> Optional[float]:
+    """Standard error of a mean over problems (sample std / sqrt(n)), as lm-eval reports it."""
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def _aggregate(records: list[dict], ks: list[int], n_samples: int) -> dict:
-    n = len(records)
-    res = {"n": n,
-           "exact_match_strict": sum(r["strict_ok"] for r in records) / n,
-           "exact_match_flexible": sum(r["flexible_ok"] for r in records) / n}
-    res["exact_match"] = res["exact_match_strict"]
+    """Means over problems, each with its standard error as `<metric>_stderr`."""
+    per: dict[str, list[float]] = {"exact_match_strict": [float(r["strict_ok"]) for r in records],
+                                   "exact_match_flexible": [float(r["flexible_ok"]) for r in records]}
     for k in ks:
         if k > n_samples:
             continue
         for suffix, key in (("", "samples_strict"), ("_flexible", "samples_flexible")):
-            res[f"pass@{k}{suffix}"] = sum(pass_at_k(n_samples, sum(a == r["reference"] for a in r[key]), k)
-                                           for r in records) / n
-            res[f"maj@{k}{suffix}"] = sum(majority_vote(r[key][:k]) == r["reference"] for r in records) / n
+            per[f"pass@{k}{suffix}"] = [pass_at_k(n_samples, sum(a == r["reference"] for a in r[key]), k)
+                                        for r in records]
+            per[f"maj@{k}{suffix}"] = [float(majority_vote(r[key][:k]) == r["reference"]) for r in records]
+    res: dict = {"n": len(records)}
+    for name, values in per.items():
+        res[name] = sum(values) / len(values)
+        if name == "exact_match_flexible":
+            res["exact_match"] = res["exact_match_strict"]
+    res.update({f"{name}_stderr": stderr(values) for name, values in per.items()})
+    res["exact_match_stderr"] = res["exact_match_strict_stderr"]
     return res
 
 
@@ -309,4 +323,11 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     res["records"] = [{"task": r["task"], "prompt": r["prompt"], "completion": r["completion"],
                        "strict": r["strict"], "flexible": r["flexible"], "reference": r["reference"],
                        "correct": r["strict_ok"]} for r in records[:n_records]]
+    # Every problem's outcome, in file order: what a user reads to see which problems fail, and
+    # what the report pairs across stages (the same problems) for the difference's error bar.
+    res["problems"] = [{"i": i, "task": r["task"], "question": r["question"], "reference": r["reference"],
+                        "completion": r["completion"], "strict": r["strict"], "correct": r["strict_ok"],
+                        "flexible_correct": r["flexible_ok"],
+                        "samples_correct": sum(a == r["reference"] for a in r["samples_strict"])}
+                       for i, r in enumerate(records)]
     return res

@@ -88,8 +88,10 @@ def val_bpb(val: list[tuple[float, float]], unigram_bpb: float | None, path: str
 
 
 def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str | Path,
-           title: str = "held-out problems: base → SFT → DPO") -> Path:
-    """Grouped bars: one group per metric (exact match, pass@k, maj@k), one bar per stage."""
+           title: str = "held-out problems: base → SFT → DPO",
+           errors: dict[str, list[float | None]] | None = None) -> Path:
+    """Grouped bars: one group per metric (exact match, pass@k, maj@k), one bar per stage;
+    `errors` (standard errors, same shape as `metrics`) draws error bars."""
     import numpy as np
 
     names = list(metrics)
@@ -98,11 +100,15 @@ def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str 
     x = np.arange(len(names))
     for i, stage in enumerate(stages):
         vals = [metrics[m][i] if metrics[m][i] is not None else 0.0 for m in names]
-        bars = ax.bar(x + (i - (len(stages) - 1) / 2) * width, vals, width, label=stage)
+        err = [((errors or {}).get(m) or [None] * len(stages))[i] or 0.0 for m in names]
+        bars = ax.bar(x + (i - (len(stages) - 1) / 2) * width, vals, width, label=stage,
+                      yerr=err if any(err) else None, capsize=2, error_kw={"elinewidth": 0.8})
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names)
-    ax.set_ylim(0, max(1e-3, max((v or 0) for vs in metrics.values() for v in vs)) * 1.2)
+    top = max((v or 0) + (((errors or {}).get(m) or [None] * len(vs))[j] or 0)
+              for m, vs in metrics.items() for j, v in enumerate(vs))
+    ax.set_ylim(0, max(1e-3, top) * 1.2)
     ax.set_ylabel("fraction of problems")
     ax.set_title(title)
     ax.legend(fontsize=8)

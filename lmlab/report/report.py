@@ -600,6 +600,31 @@ def _ks(g: dict, prefix: str) -> list[int]:
     return sorted(int(k.split("@")[1]) for k in g if k.startswith(prefix + "@") and k.split("@")[1].isdigit())
 
 
+def _with_stderr(g: dict, col: str) -> str:
+    if g.get(col) is None:
+        return "–"
+    se = g.get(f"{col}_stderr")
+    return fmt_num(g[col], 3) + (f" ± {se:.3f}" if se is not None else "")
+
+
+def paired_difference(a: dict, b: dict) -> dict | None:
+    """Strict exact match of ladder row b minus row a on the problems both scored (from their
+    problems.jsonl), with the standard error of the per-problem differences; None without them."""
+    def outcomes(row: dict) -> dict:
+        return {(p.get("name"), p.get("question"), p.get("reference")): float(bool(p.get("correct")))
+                for p in _read_jsonl(Path(row["eval"]) / "problems.jsonl")}
+
+    oa, ob = outcomes(a), outcomes(b)
+    common = [k for k in ob if k in oa]
+    if len(common) < 2:
+        return None
+    from lmlab.eval.generative import stderr
+
+    diffs = [ob[k] - oa[k] for k in common]
+    return {"diff": sum(diffs) / len(diffs), "stderr": stderr(diffs), "n": len(diffs),
+            "gained": sum(d > 0 for d in diffs), "lost": sum(d < 0 for d in diffs)}
+
+
 def ladder_section(found, out_dir: Path) -> list[str]:
     """Base -> SFT -> DPO on held-out problems: table, bar plot, ladder.csv and ladder.json."""
     rows = ladder_rows(found)
@@ -615,12 +640,16 @@ def ladder_section(found, out_dir: Path) -> list[str]:
            f"and maj@k from {settings.get('n_samples', '?')} samples at temperature {settings.get('temperature', '?')}, "
            f"top-p {settings.get('top_p', '?')}. The base model is prompted few-shot, chat models with their template.", ""]
     table_rows = []
-    for r in rows:
+    for i, r in enumerate(rows):
         g = r["result"]
         prompting = (g.get("settings") or {}).get("prompting", "")
-        table_rows.append([f"**{r['stage']}**", prompting] + [fmt_num(g.get(c), 3) if g.get(c) is not None else "–"
-                                                               for c in cols] + [f"`{r['model']}`"])
-    out += [table(["stage", "prompting"] + cols + ["model"], table_rows), ""]
+        r["delta"] = paired_difference(rows[i - 1], r) if i else None
+        delta = "–" if not r["delta"] else f"{r['delta']['diff']:+.3f} ± {r['delta']['stderr']:.3f}"
+        table_rows.append([f"**{r['stage']}**", prompting] + [_with_stderr(g, c) for c in cols] + [delta,
+                                                                                                   f"`{r['model']}`"])
+    out += [table(["stage", "prompting"] + cols + ["Δ EM vs row above", "model"], table_rows), "",
+            "± is the standard error over problems; Δ is the paired difference in strict exact match on the "
+            "same problems, with its standard error (a difference within about two of them is noise).", ""]
 
     per_task = sorted({t for r in rows for t in (r["result"].get("per_task") or {})})
     if len(per_task) > 1:
@@ -630,17 +659,21 @@ def ladder_section(found, out_dir: Path) -> list[str]:
 
     plot_cols = ["exact_match_strict"] + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks if k > 1]
     plots.ladder([r["stage"] for r in rows], {c: [r["result"].get(c) for r in rows] for c in plot_cols},
-                 out_dir / "ladder.png")
+                 out_dir / "ladder.png", errors={c: [r["result"].get(f"{c}_stderr") for r in rows] for c in plot_cols})
     out += ["![the ladder](ladder.png)", ""]
 
     import csv
     with open(out_dir / "ladder.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["stage", "model", "eval"] + cols)
+        w.writerow(["stage", "model", "eval"] + cols + [f"{c}_stderr" for c in cols]
+                   + ["delta_exact_match", "delta_exact_match_stderr"])
         for r in rows:
-            w.writerow([r["stage"], r["model"], r["eval"]] + [r["result"].get(c) for c in cols])
+            d = r["delta"] or {}
+            w.writerow([r["stage"], r["model"], r["eval"]] + [r["result"].get(c) for c in cols]
+                       + [r["result"].get(f"{c}_stderr") for c in cols] + [d.get("diff"), d.get("stderr")])
     (out_dir / "ladder.json").write_text(json.dumps(
-        [{"stage": r["stage"], "model": r["model"], "eval": r["eval"], **{c: r["result"].get(c) for c in cols}}
+        [{"stage": r["stage"], "model": r["model"], "eval": r["eval"], **{c: r["result"].get(c) for c in cols},
+          **{f"{c}_stderr": r["result"].get(f"{c}_stderr") for c in cols}, "delta_exact_match": r["delta"]}
          for r in rows], indent=2) + "\n", encoding="utf-8")
     out += ["The ladder is also in `ladder.csv` and `ladder.json`; each stage's full metrics are in its "
             "eval directory's `eval.json`.", ""]
