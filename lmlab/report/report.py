@@ -604,7 +604,7 @@ def _with_stderr(g: dict, col: str) -> str:
     if g.get(col) is None:
         return "–"
     se = g.get(f"{col}_stderr")
-    return fmt_num(g[col], 3) + (f" ± {se:.3f}" if se is not None else "")
+    return f"{g[col]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def paired_difference(a: dict, b: dict) -> dict | None:
