@@ -122,23 +122,48 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 # --------------------------------------------------------------------------- problems
 
-def read_problems(path: str | Path, n: int = 0) -> list[dict]:
-    """GSM8K-format jsonl (`question`, `answer`, optional `task`) -> records; the first n (0 = all)."""
+def read_problems(path: str | Path, n: int = 0, checkable: bool = False) -> list[dict]:
+    """GSM8K-format jsonl (`question`, `answer`, optional `task`) -> records; the first n (0 = all).
+
+    `checkable` also requires what sampling against the answers needs (`lmlab pairs`): a
+    non-empty question, a string `task`, and an answer whose `#### ` line the task's strict
+    extraction reads as the reference. Errors name file:line.
+    """
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"problem file not found: {p} (write one with `lmlab tasks`, or fix the path)")
+        raise UserError(f"problems file not found: {p} (write one with `lmlab tasks`, or fix the path)")
     from lmlab.data.formats import iter_jsonl
 
     out = []
     for lineno, rec in iter_jsonl(p):
+        where = f"{p}:{lineno}"
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
-            raise UserError(f"{p}:{lineno}: expected an object with string fields 'question' and 'answer' (GSM8K format)")
+            raise UserError(f"{where}: expected an object with string fields 'question' and 'answer' (GSM8K format)")
+        if checkable:
+            _check_answerable(rec, where)
         out.append(rec)
         if n and len(out) >= n:
             break
     if not out:
-        raise UserError(f"problem file {p} holds no problems")
+        raise UserError(f"problems file {p} holds no problems")
     return out
+
+
+def _check_answerable(rec: dict, where: str) -> None:
+    if not rec["question"].strip():
+        raise UserError(f"{where}: the question is empty")
+    task = rec.get("task")
+    if task is not None and not isinstance(task, str):
+        raise UserError(f"{where}: 'task' must be a string (a task name such as arithmetic or sort), "
+                        f"got {type(task).__name__}")
+    strict, _, ref = answer_rules(task)
+    got, want = strict(rec["answer"]), ref(rec["answer"])
+    if got is None:
+        raise UserError(f"{where}: the answer has no '#### N' line (a GSM8K answer ends with one), so samples "
+                        f"cannot be checked against it")
+    if got != want:
+        raise UserError(f"{where}: the answer's '#### ' line reads {got!r} but the reference answer reads "
+                        f"{want!r}; end the answer with the line '#### N' and nothing after it")
 
 
 # -------------------------------------------------------------------------- prompting

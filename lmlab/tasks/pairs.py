@@ -113,41 +113,6 @@ def select_pairs(samples: Sequence[str], correct: Sequence[bool], parsed: Sequen
 
 # ----------------------------------------------------------------------------- inputs
 
-def read_problem_file(path: str | Path, n: Optional[int] = None) -> list[dict]:
-    """GSM8K-format records whose answers can be checked; errors name file:line."""
-    from lmlab.data.formats import iter_jsonl
-    from lmlab.eval.generative import answer_rules
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"problems file not found: {p} (`lmlab tasks` writes train.jsonl; or fix the path)")
-    out = []
-    for lineno, rec in iter_jsonl(p):
-        where = f"{p}:{lineno}"
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
-            raise UserError(f"{where}: expected an object with string fields 'question' and 'answer' (GSM8K format)")
-        if not rec["question"].strip():
-            raise UserError(f"{where}: the question is empty")
-        task = rec.get("task")
-        if task is not None and not isinstance(task, str):
-            raise UserError(f"{where}: 'task' must be a string (a task name such as arithmetic or sort), "
-                            f"got {type(task).__name__}")
-        strict, _, ref = answer_rules(task)
-        got, want = strict(rec["answer"]), ref(rec["answer"])
-        if got is None:
-            raise UserError(f"{where}: the answer has no '#### N' line (a GSM8K answer ends with one), so samples "
-                            f"cannot be checked against it")
-        if got != want:
-            raise UserError(f"{where}: the answer's '#### ' line reads {got!r} but the reference answer reads "
-                            f"{want!r}; end the answer with the line '#### N' and nothing after it")
-        out.append(rec)
-        if n and len(out) >= n:
-            break
-    if not out:
-        raise UserError(f"problems file {p} holds no problems")
-    return out
-
-
 def default_out(model_dir: str | Path) -> Path:
     """runs/x/sft -> runs/x/pairs."""
     return Path(model_dir).resolve().parent / "pairs"
@@ -186,6 +151,7 @@ def _resolve_template(cfg: Config, model_dir: Path, tokenizer) -> str:
 
 def run(cfg: Config) -> Path:
     from lmlab.data.tokenizer import Tokenizer
+    from lmlab.eval.generative import read_problems
 
     if not cfg.model:
         raise UserError("no model given: pass a chat model run dir, e.g. `lmlab pairs runs/x/sft "
@@ -198,7 +164,7 @@ def run(cfg: Config) -> Path:
     _check_out(out, model_dir)
     tokenizer = Tokenizer.load(model_dir / "tokenizer")  # cheap; vets the template before the weights load
     template = _resolve_template(cfg, model_dir, tokenizer)
-    problems = read_problem_file(cfg.problems, cfg.max_problems)
+    problems = read_problems(cfg.problems, cfg.max_problems or 0, checkable=True)
 
     config = {**cfg.model_dump(mode="json"), "template": template}
     fp_config = {k: v for k, v in config.items() if k not in ("out", "device")}
