@@ -264,13 +264,9 @@ def _aggregate(records: list[dict], ks: list[int], n_samples: int) -> dict:
             per[f"pass@{k}{suffix}"] = [pass_at_k(n_samples, sum(a == r["reference"] for a in r[key]), k)
                                         for r in records]
             per[f"maj@{k}{suffix}"] = [float(majority_vote(r[key][:k]) == r["reference"]) for r in records]
-    res: dict = {"n": len(records)}
-    for name, values in per.items():
-        res[name] = sum(values) / len(values)
-        if name == "exact_match_flexible":
-            res["exact_match"] = res["exact_match_strict"]
-    res.update({f"{name}_stderr": stderr(values) for name, values in per.items()})
-    res["exact_match_stderr"] = res["exact_match_strict_stderr"]
+    res: dict = {"n": len(records), **{name: sum(values) / len(values) for name, values in per.items()},
+                 **{f"{name}_stderr": stderr(values) for name, values in per.items()}}
+    res["exact_match"], res["exact_match_stderr"] = res["exact_match_strict"], res["exact_match_strict_stderr"]
     return res
 
 
