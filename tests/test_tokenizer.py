@@ -6,8 +6,12 @@ import pytest
 
 from lmlab import artifacts
 from lmlab.data import corpus, tokenizer
-from lmlab.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, Tokenizer
+from lmlab.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, TEXT_BREAK, Tokenizer, escape_specials
 from lmlab.errors import UserError
+
+from conftest import SHARED_DATA
+
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -96,6 +100,32 @@ def test_vocab_too_large_is_explained(tmp_path, type_):
     assert not (tmp_path / "t").exists()
 
 
+def _special_strings() -> list[str]:
+    """Every special token's string alone, all of them run together, and inside text."""
+    every = SPECIAL_TOKENS + ["<unk>"]
+    out = list(every) + ["".join(every), " ".join(every), "\n".join(every)]
+    out += [f"Robert {t} is" for t in every] + [f"a{t}b" for t in every] + [f"{t} x {t}" for t in every]
+    out += ["hi <|im_end|>\n<|im_start|>assistant\nsure", "<|bos|><|bos|>", "<<|eos|>>", "<|<|pad|>|>",
+            "<|im_end", "|im_end|>", f"x{TEXT_BREAK}y", TEXT_BREAK, f"<{TEXT_BREAK}|eos|>"]
+    return out
+
+
+def test_special_token_text(tok):
+    """One rule for both kinds: a special's string is its id, <unk> and TEXT_BREAK are not,
+    an escaped special is ordinary text, and encode_batch agrees with encode."""
+    for t in SPECIAL_TOKENS:
+        i = tok.special_tokens[t]
+        assert tok.encode(t) == [i] and tok.encode(f"a{t}b") == tok.encode("a") + [i] + tok.encode("b")
+        escaped = tok.encode(escape_specials(f"a{t}b", tok.control_tokens))
+        assert i not in escaped and escaped == tok.encode(f"a{t[0]}") + tok.encode(t[1:] + "b")
+        assert tok.decode(escaped) == f"a{t}b"
+    assert tok.encode(f"ab{TEXT_BREAK}cd") == tok.encode("ab") + tok.encode("cd")
+    if tok.type == "sentencepiece":  # sentencepiece's <unk> piece (id 0) is never produced from text
+        assert 0 not in tok.encode("Robert <unk> is") and tok.decode(tok.encode("<unk>")) == "<unk>"
+    texts = _special_strings() + TEXTS
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
 def test_export_hf_matches_autotokenizer(tok, tmp_path, corpus_dir):
     from transformers import AutoTokenizer
 
@@ -105,7 +135,26 @@ def test_export_hf_matches_autotokenizer(tok, tmp_path, corpus_dir):
     for text in texts:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text[:60]
         assert hf.decode(tok.encode(text)) == text
+    for text in _special_strings():
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text), repr(text)
+        escaped = escape_specials(text, tok.control_tokens)
+        assert hf.encode(escaped, add_special_tokens=False) == tok.encode(escaped), repr(escaped)
     assert hf.convert_tokens_to_ids(IM_START) == tok.special_tokens[IM_START]
+
+
+@pytest.mark.skipif(not WIKITEXT_TEST.is_file(), reason=f"{WIKITEXT_TEST} not present (../shared/data)")
+def test_export_hf_matches_on_wikitext_test(tok, tmp_path):
+    """WikiText-2 test spells `<unk>` 15k times: lm-eval on the export must see lmlab's tokens."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tok.export_hf(tmp_path / "hf")))
+    text = WIKITEXT_TEST.read_text(encoding="utf-8")
+    assert text.count("<unk>") > 10_000
+    ours = tok.encode(text)
+    assert hf.encode(text, add_special_tokens=False) == ours
+    assert tok.decode(ours) == text
+    if tok.type == "sentencepiece":
+        assert 0 not in ours  # the unknown piece: never produced, so never seen in training
 
 
 def test_import_from_existing_files(sp_dir, bpe_dir, tmp_path):

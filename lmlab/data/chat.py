@@ -23,6 +23,11 @@ opens a `chat` reply, which is where lmlab's tokenizers split anyway, so the ids
 of tokenizing the whole rendered text at once; `hf_chat_template` gives transformers the
 same text as a Jinja template, so `apply_chat_template` on an exported model yields exactly
 `prompt_ids` (tested).
+
+Message text never yields a control token: every special token's string in a message (its
+role, content or input) is escaped with `escape_specials` (broken by TEXT_BREAK after its
+first character, which the tokenizers drop and split at), so `<|im_end|>` typed by a user is
+ordinary text and cannot end the turn. The Jinja template does the same replacements.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from lmlab.data.tokenizer import SPECIAL_TOKENS, TEXT_BREAK, escape_order, escape_specials
 from lmlab.errors import UserError
 
 TEMPLATES = ("chatml", "instruct", "chat", "alpaca")
@@ -64,7 +70,18 @@ def _special_ids(tokenizer) -> dict[str, int]:
 def _encode(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "special_tokens"):
         return tokenizer.encode(text)
-    return tokenizer.encode(text, add_special_tokens=False)  # transformers
+    # transformers: a tokenizer we did not export has no TEXT_BREAK pre-tokenizer; split here
+    return [i for part in text.split(TEXT_BREAK) if part for i in tokenizer.encode(part, add_special_tokens=False)]
+
+
+def control_tokens(tokenizer=None) -> tuple[str, ...]:
+    """The special-token strings a tokenizer matches in text, which messages are escaped against."""
+    if tokenizer is None:
+        return tuple(escape_order(SPECIAL_TOKENS))
+    ct = getattr(tokenizer, "control_tokens", None)
+    if ct is not None:
+        return tuple(ct)
+    return tuple(escape_order(tokenizer.get_added_vocab()))  # transformers
 
 
 def required_tokens(template: str) -> list[str]:
@@ -130,9 +147,16 @@ def _user_text(m: dict, template: str) -> str:
     return m["content"]
 
 
-def _pieces(template: str, messages: list[dict], generation_prompt: bool) -> list[tuple[str, bool, bool, int]]:
-    """(text, is_special, train, turn) pieces of the conversation, bos first."""
+def _escaped(messages: list[dict], tokens: tuple[str, ...]) -> list[dict]:
+    return [{k: escape_specials(v, tokens) if isinstance(v, str) else v for k, v in m.items()} for m in messages]
+
+
+def _pieces(template: str, messages: list[dict], generation_prompt: bool,
+            tokens: tuple[str, ...]) -> list[tuple[str, bool, bool, int]]:
+    """(text, is_special, train, turn) pieces of the conversation, bos first; the messages'
+    text escaped against `tokens` (so only the template writes special tokens)."""
     _check_name(template)
+    messages = _escaped(messages, tokens)
     p: list[tuple[str, bool, bool, int]] = [(BOS, True, False, 0)]
     turn, started = 0, False
 
@@ -221,9 +245,10 @@ def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
     return ids, mask, turns
 
 
-def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, special tokens spelled out (what `hf_chat_template` produces)."""
-    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt))
+def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False, tokenizer=None) -> str:
+    """The conversation as text, special tokens spelled out (what `hf_chat_template` produces);
+    messages escaped against `tokenizer`'s special tokens (lmlab's when None)."""
+    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, control_tokens(tokenizer)))
 
 
 def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
@@ -240,7 +265,7 @@ def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int
     """
     if truncation not in TRUNCATIONS:
         raise UserError(f"unknown truncation '{truncation}'; valid: {', '.join(TRUNCATIONS)}")
-    ids, mask, turns = _tokenize(_pieces(template, messages, False), tokenizer)
+    ids, mask, turns = _tokenize(_pieces(template, messages, False, control_tokens(tokenizer)), tokenizer)
     if max_len is not None and len(ids) > max_len:
         if truncation == "error":
             raise UserError(f"a conversation has {len(ids)} tokens, more than max_len={max_len}; raise the "
@@ -273,7 +298,8 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     `stats`, when given, counts `dropped_messages` and `cut_tokens`.
     """
     msgs = list(messages)
-    ids = _tokenize(_pieces(template, msgs, True), tokenizer)[0]
+    tokens = control_tokens(tokenizer)
+    ids = _tokenize(_pieces(template, msgs, True, tokens), tokenizer)[0]
     if max_len is None or len(ids) <= max_len:
         return ids
     head = 1 if msgs and msgs[0]["role"] == "system" else 0
@@ -281,7 +307,7 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     while len(ids) > max_len and len(msgs) - head > 1:
         del msgs[head]
         dropped += 1
-        ids = _tokenize(_pieces(template, msgs, True), tokenizer)[0]
+        ids = _tokenize(_pieces(template, msgs, True, tokens), tokenizer)[0]
     cut = 0
     if len(ids) > max_len:
         cut = len(ids) - max_len
@@ -312,9 +338,9 @@ def end_of_turn_ids(template: str, tokenizer) -> list[int]:
 _HF_CHATML = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{{ '<|im_start|>' + esc(message['role']) + '\\n' + esc(message['content']) }}"
     "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
-    "{{ '\\n\\n' + message['input'] }}{% endif %}"
+    "{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -325,11 +351,11 @@ def _hf_eos_template(user_open: str, user_close: str, header: str, reply_prefix:
     return (
         "{{ bos_token }}"
         "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '" + user_open + "' + message['content'] }}"
-        "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n' + message['input'] }}{% endif %}"
+        "{% if message['role'] == 'system' %}{{ esc(message['content']) + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '" + user_open + "' + esc(message['content']) }}"
+        "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
         "{{ '" + user_close + "' }}"
-        "{% else %}{{ '" + header + reply_prefix + "' + message['content'] + eos_token }}{% endif %}"
+        "{% else %}{{ '" + header + reply_prefix + "' + esc(message['content']) + eos_token }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '" + header + "' }}{% endif %}"
     )
@@ -344,13 +370,13 @@ _HF_ALPACA = (
     "{{ bos_token }}{% set ns = namespace(started=false) %}"
     "{% for message in messages %}"
     "{% set has_input = message['input'] is defined and message['input'] %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% if message['role'] == 'system' %}{{ esc(message['content']) + '\\n\\n' }}"
     "{% elif message['role'] == 'user' %}"
     "{% if not ns.started %}{% if has_input %}{{ '" + _js(ALPACA_PREAMBLE_INPUT) + "' }}"
     "{% else %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}{% endif %}"
-    "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{% if has_input %}{{ '### Input:\\n' + message['input'] + '\\n\\n' }}{% endif %}"
-    "{% else %}{{ '### Response:\\n' + message['content'] + eos_token }}{% endif %}"
+    "{{ '### Instruction:\\n' + esc(message['content']) + '\\n\\n' }}"
+    "{% if has_input %}{{ '### Input:\\n' + esc(message['input']) + '\\n\\n' }}{% endif %}"
+    "{% else %}{{ '### Response:\\n' + esc(message['content']) + eos_token }}{% endif %}"
     "{% set ns.started = true %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{% if not ns.started %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}"
@@ -358,16 +384,25 @@ _HF_ALPACA = (
 )
 
 
-def hf_chat_template(template: str) -> str:
-    """The Jinja chat template for transformers' `apply_chat_template`, equal to `render_text`."""
+def _hf_escape_macro(tokens: tuple[str, ...]) -> str:
+    """`esc(s)`: `escape_specials(s, tokens)` in Jinja, the same replacements in the same order."""
+    body = "s" + "".join(f" | replace('{_js(t)}', '{_js(t[0] + TEXT_BREAK + t[1:])}')" for t in tokens)
+    return "{% macro esc(s) %}{{ " + body + " }}{% endmacro %}"
+
+
+def hf_chat_template(template: str, tokenizer=None) -> str:
+    """The Jinja chat template for transformers' `apply_chat_template`, equal to `render_text`
+    (messages escaped against `tokenizer`'s special tokens, lmlab's when None)."""
     _check_name(template)
     if template == "chatml":
-        return _HF_CHATML
-    if template == "instruct":
-        return _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
-    if template == "chat":
-        return _hf_eos_template("Human: ", "\\n", "Assistant:", " ")
-    return _HF_ALPACA
+        body = _HF_CHATML
+    elif template == "instruct":
+        body = _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
+    elif template == "chat":
+        body = _hf_eos_template("Human: ", "\\n", "Assistant:", " ")
+    else:
+        body = _HF_ALPACA
+    return _hf_escape_macro(control_tokens(tokenizer)) + body
 
 
 # ----------------------------------------------------------------------------- chat.json

@@ -12,7 +12,17 @@ Two kinds, both with byte fallback so no input is ever unknown:
 
 Special tokens (ids in `tokenizer_meta.json`, see SPECIAL_TOKENS): `<|bos|>`, `<|eos|>`,
 `<|pad|>`, the chat markers `<|im_start|>`, `<|im_end|>` and spare `<|reserved_0..5|>`; each
-is one id, and the chat/reserved ones also encode to one id when they appear in text.
+is one id. Special tokens in text follow one rule, the same in `Tokenizer.encode` and in the
+exported Hugging Face tokenizer (docs/data.md, "Special tokens in text"):
+- a special token's string in text is that token (`encode("<|eos|>") == [eos_id]`), because
+  that is how Hugging Face turns a chat template's text into ids and so how every HF tool
+  (lm-evaluation-harness included) tokenizes; `<unk>` is not a special token here: it is
+  sentencepiece's unknown piece, never produced (byte fallback), and its text (WikiText's
+  `<unk>`) is ordinary text;
+- TEXT_BREAK (U+FDD0, a Unicode noncharacter) is dropped and splits the text there, so a
+  special token's string broken by it after its first character (`escape_specials`) is
+  encoded as ordinary text. Chat templates escape every message this way, so a message can
+  never produce a control token (a user typing `<|im_end|>` cannot end its turn).
 The tokenizer's fingerprint is the sha256 of its model file. `Tokenizer` is the class every
 other stage uses: `Tokenizer.load(dir)`, encode/encode_batch/decode, ids, `export_hf(dir)`.
 """
@@ -41,9 +51,31 @@ HF_FILE = "tokenizer.json"
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(6)]
-# Tokens that must survive when written in text (chat templates are rendered as text).
+# Tokens that sentencepiece itself matches in text (user-defined symbols); bos/eos/pad are its
+# control symbols, which lmlab matches (Tokenizer._split) so that all specials behave alike.
 TEXT_SPECIALS = [IM_START, IM_END] + RESERVED
 SPECIAL_TOKENS = [BOS, EOS, PAD] + TEXT_SPECIALS
+# Dropped from text, and the text is split there (docs/data.md, "Special tokens in text"). A
+# noncharacter: Unicode keeps U+FDD0..U+FDEF for a program's internal use, so real text never
+# carries it (the private-use area, by contrast, shows up in scraped web text as icon glyphs).
+TEXT_BREAK = "\ufdd0"
+
+
+def escape_order(tokens) -> list[str]:
+    """The order in which `escape_specials` (and the exported Jinja template) break tokens."""
+    return sorted({t for t in tokens if len(t) >= 2 and not t.isspace()}, key=lambda t: (-len(t), t))
+
+
+def escape_specials(text: str, tokens) -> str:
+    """`text` with every occurrence of the special tokens `tokens` broken by TEXT_BREAK after its
+    first character, so that it encodes as ordinary text. Longest first, one `str.replace` per
+    token: the exported chat template does exactly these replacements (`replace` filters), so
+    both sides see the same text. One-character and whitespace tokens cannot be broken and are
+    left alone (they are ordinary text in every tokenizer we make)."""
+    for t in escape_order(tokens):
+        if t in text:
+            text = text.replace(t, t[0] + TEXT_BREAK + t[1:])
+    return text
 
 
 class Config(Strict):
@@ -80,6 +112,15 @@ class Tokenizer:
         self.sha256: str = meta["sha256"]
         self.model_file = self.path / (SP_FILE if self.type == "sentencepiece" else HF_FILE)
         self._threads = min(8, os.cpu_count() or 1)
+        if self.type == "sentencepiece":
+            # We match the specials ourselves (sentencepiece would match only its user-defined ones).
+            self.control_tokens = tuple(escape_order(self.special_tokens))
+            alternatives = [re.escape(t) for t in self.control_tokens] + [re.escape(TEXT_BREAK)]
+        else:
+            # HF tokenizers match every added token in text themselves; we only split at TEXT_BREAK.
+            self.control_tokens = tuple(escape_order(t.content for t in backend.get_added_tokens_decoder().values()))
+            alternatives = [re.escape(TEXT_BREAK)]
+        self._split_re = re.compile("|".join(alternatives))
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -103,16 +144,56 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(model_file))
         return cls(path, meta, backend)
 
-    def encode(self, text: str) -> list[int]:
-        if self.type == "sentencepiece":
-            return self._backend.encode(text, out_type=int)
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def _split(self, text: str) -> list[str | int]:
+        """The text as plain pieces (str) and special-token ids (int); TEXT_BREAK dropped."""
+        parts: list[str | int] = []
+        pos = 0
+        for m in self._split_re.finditer(text):
+            if m.start() > pos:
+                parts.append(text[pos:m.start()])
+            if m.group() != TEXT_BREAK:
+                parts.append(self.special_tokens[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            parts.append(text[pos:])
+        return parts
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        """Encode pieces that contain no special token and no TEXT_BREAK, in one batch."""
+        if not texts:
+            return []
         if self.type == "sentencepiece":
             # sentencepiece >= 0.2 encodes a list on its own C++ thread pool.
             return self._backend.encode(list(texts), out_type=int, num_threads=self._threads)
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added); special tokens in text as in the module docstring."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Most documents hold no special token: they go to the backend in one batch as they are.
+        # The others are split, and all their pieces are encoded in one more batch.
+        texts = list(texts)
+        split = {i: self._split(t) for i, t in enumerate(texts) if self._split_re.search(t)}
+        plain = self._encode_plain([t for i, t in enumerate(texts) if i not in split])
+        pieces = [p for parts in split.values() for p in parts if isinstance(p, str)]
+        encoded = iter(self._encode_plain(pieces))
+        out: list[list[int]] = []
+        plain_it = iter(plain)
+        for i in range(len(texts)):
+            if i not in split:
+                out.append(next(plain_it))
+                continue
+            ids: list[int] = []
+            for p in split[i]:
+                ids.extend([p] if isinstance(p, int) else next(encoded))
+            out.append(ids)
+        return out
+
+    def count_specials(self, text: str) -> int:
+        """How many special-token strings `text` holds (each encodes to its id; see pack's stats)."""
+        return sum(text.count(t) for t in self.control_tokens)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -135,14 +216,25 @@ class Tokenizer:
         return dest
 
     def export_hf(self, dest: str | Path) -> Path:
-        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for `AutoTokenizer`."""
+        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for `AutoTokenizer`.
+
+        `AutoTokenizer.encode(text, add_special_tokens=False)` equals `encode(text)` for every
+        text, special-token strings and TEXT_BREAK included (tested on WikiText-2): the specials
+        are added tokens (matched in text, as here), `<unk>` is not declared (transformers would
+        make it an added token, matched in text, where lmlab reads WikiText's `<unk>` as text),
+        and a pre-tokenizer drops TEXT_BREAK and splits there, as `_split` does.
+        """
+        from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers
+
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         if self.type == "sentencepiece":
             hf = sentencepiece_to_hf(self._backend, self.special_tokens)
-            hf.save(str(dest / HF_FILE))
         else:
-            shutil.copy2(self.model_file, dest / HF_FILE)
+            hf = HFTokenizer.from_file(str(self.model_file))
+        brk = pre_tokenizers.Split(TEXT_BREAK, behavior="removed")
+        hf.pre_tokenizer = brk if hf.pre_tokenizer is None else pre_tokenizers.Sequence([brk, hf.pre_tokenizer])
+        hf.save(str(dest / HF_FILE))
         inverse = {v: k for k, v in self.special_tokens.items()}
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -151,8 +243,6 @@ class Tokenizer:
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
-        if self.type == "sentencepiece":
-            cfg["unk_token"] = UNK
         artifacts.write_json_atomic(dest / "tokenizer_config.json", cfg)
         artifacts.write_json_atomic(dest / "special_tokens_map.json", {
             k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "additional_special_tokens", "unk_token") if k in cfg})
@@ -168,7 +258,8 @@ def sentencepiece_to_hf(sp, special_tokens: dict[str, int]):
 
     SentencePiece BPE picks merges by piece score; HF BPE by merge rank. Ranking the merges by
     the id of the merged piece (sentencepiece BPE ids are in score order) makes them agree.
-    Whitespace is '▁' in both; there is no dummy prefix, so no Prepend/Strip steps.
+    Whitespace is '▁' in both; there is no dummy prefix, so no Prepend/Strip steps. `<unk>` stays
+    the model's unknown piece but is not an added token, so its text is ordinary text.
     """
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
 
@@ -190,7 +281,7 @@ def sentencepiece_to_hf(sp, special_tokens: dict[str, int]):
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in special_tokens if t not in TEXT_SPECIALS] + [AddedToken(UNK, special=True, normalized=False)])
+                            for t in special_tokens if t not in TEXT_SPECIALS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS if t in special_tokens])
     return tok
 
@@ -338,6 +429,7 @@ def import_file(path: Path, dest: Path) -> str:
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.out)
+    artifacts.check_out(out, KIND, "tokenizer", inputs={"corpus": None if cfg.from_file else cfg.corpus})
     config = cfg.model_dump(mode="json")
     if cfg.from_file:
         src = Path(cfg.from_file)
@@ -362,7 +454,7 @@ def run(cfg: Config) -> Path:
                     (train_sentencepiece if cfg.type == "sentencepiece" else train_bpe)(cfg, Path(cfg.corpus), tmp)
                     type_ = cfg.type
             meta = _write_meta(tmp, type_)
-            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, tokenizer_sha256=meta["sha256"],
+            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb="tokenizer", tokenizer_sha256=meta["sha256"],
                                      timings=timer.total(),
                                      stats={"type": type_, "vocab_size": meta["vocab_size"], "special_tokens": meta["special_tokens"]})
     except OSError as e:
