@@ -81,7 +81,9 @@ def control_tokens(tokenizer=None) -> tuple[str, ...]:
     ct = getattr(tokenizer, "control_tokens", None)
     if ct is not None:
         return tuple(ct)
-    return tuple(escape_order(tokenizer.get_added_vocab()))  # transformers
+    if hasattr(tokenizer, "get_added_vocab"):  # transformers
+        return tuple(escape_order(tokenizer.get_added_vocab()))
+    return tuple(escape_order(_special_ids(tokenizer)))
 
 
 def required_tokens(template: str) -> list[str]:
