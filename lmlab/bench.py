@@ -16,8 +16,10 @@ machine slows both alike; each side's figure is the median over `repeats`.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -154,12 +156,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _is_bench_result(path: Path) -> bool:
+    """Whether `path` is an earlier `out` of this verb (a JSON object with tokens_per_s), safe to replace."""
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(res, dict) and "tokens_per_s" in res
+
+
 def run(cfg: Config) -> dict:
     from lmlab.models.transformer import PRESETS
     from lmlab.runtime import pick_device
 
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
+    if cfg.out:
+        from lmlab.artifacts import check_out_file
+        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")  # before minutes of timing
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,36 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N, mps") from None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU flags list bf16 dot-product instructions (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def machine_kind(device: str = "auto") -> tuple[str, str]:
+    """(kind, description) of what a run on `device` trains on, for expected durations.
+
+    kind is `cuda`, `cpu_bf16` (a CPU with native bf16 instructions: `train.dtype=auto` trains
+    under bf16 autocast), `cpu_fp32` (one without: float32 training) or another device type
+    (`mps`). An unavailable device gives the kind of the CPU.
+    """
+    try:
+        dev = pick_device(device)
+    except UserError:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        return "cuda", f"CUDA GPU {torch.cuda.get_device_name(dev)}"
+    if dev.type == "cpu":
+        if cpu_has_native_bf16():
+            return "cpu_bf16", "CPU with native bf16 instructions: bf16 autocast"
+        return "cpu_fp32", "CPU without native bf16 instructions: float32 training"
+    return dev.type, dev.type
 
 
 def seed_everything(seed: int) -> None:

@@ -40,7 +40,7 @@ def test_manifest_and_fingerprints(tmp_path):
     fp = artifacts.stage_fingerprint("corpus", {"a": 1}, {"x": "abc"})
     assert fp == artifacts.stage_fingerprint("corpus", {"a": 1}, {"x": "abc"})
     assert fp != artifacts.stage_fingerprint("corpus", {"a": 2}, {"x": "abc"})
-    artifacts.write_manifest(tmp_path, "corpus", {"a": 1}, fp, timings={"total_s": 1.0})
+    artifacts.write_manifest(tmp_path, "corpus", {"a": 1}, fp, verb="corpus", timings={"total_s": 1.0})
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["kind"] == "corpus" and m["fingerprint"] == fp and m["lmlab_version"]
     assert artifacts.is_up_to_date(tmp_path, fp) and not artifacts.is_up_to_date(tmp_path, "other")
@@ -52,6 +52,6 @@ def test_require_artifact_messages(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(UserError, match="no readable manifest.json"):
         artifacts.require_artifact(tmp_path / "d", "packed")
-    artifacts.write_manifest(tmp_path / "d", "corpus", {}, "fp")
+    artifacts.write_manifest(tmp_path / "d", "corpus", {}, "fp", verb="corpus")
     with pytest.raises(UserError, match="is a 'corpus' artifact, expected 'packed'"):
         artifacts.require_artifact(tmp_path / "d", "packed")

@@ -148,3 +148,26 @@ def test_wrong_input_kind_is_refused(setup, tmp_path):
     root, c, t, _ = setup
     with pytest.raises(UserError, match="is a 'corpus' artifact, expected 'tokenizer'"):
         pack.run(pack.Config(corpus=str(c), tokenizer=str(c), out=str(tmp_path / "x")))
+
+
+def test_documents_spelling_special_tokens_are_counted(tmp_path, capsys):
+    """A document that spells `<|eos|>` gets the eos id there (as the exported tokenizer reads
+    it); pack counts such documents and says so. `<unk>` is text, not counted."""
+    docs = make_docs(40, seed=5)
+    docs[3] += " then <|eos|> and <|im_end|> twice <|eos|>"
+    docs[7] += " a <unk> word"
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    c = corpus.run(corpus.Config(out=str(tmp_path / "c"), sources=[{"kind": "files", "paths": [str(f)]}], min_chars=1))
+    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(tmp_path / "t"), vocab_size=400))
+    capsys.readouterr()
+    out = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(tmp_path / "p"), seq_len=32, workers=1))
+    s = artifacts.read_manifest(out)["stats"]
+    assert s["special_token_strings"] == 3 and s["documents_with_special_token_strings"] == 1
+    assert "1 document(s) spell special tokens (3 times" in capsys.readouterr().out
+    tok = Tokenizer.load(t)
+    stream = np.concatenate([PackedDataset(out, sp).rows(range(len(PackedDataset(out, sp)))).ravel()
+                             for sp in ("train", "val")])
+    # the spelled <|im_end|> is its id (unless it fell in the dropped tail); <unk> never is
+    assert (stream == tok.special_tokens["<|im_end|>"]).sum() <= 1 and (stream == 0).sum() == 0
+    assert tok.encode(docs[3]).count(tok.eos_id) == 2 and tok.encode(docs[7]).count(0) == 0

@@ -128,6 +128,7 @@ def run(cfg: Config) -> Path:
         print(format_table(stats))
         return out
 
+    artifacts.check_out(out, KIND, "corpus")
     config = cfg.model_dump(mode="json", exclude={"analyze_only"})
     inputs = {f"{i}:{s.label()}": s.fingerprint_inputs() for i, s in enumerate(cfg.sources)}
     fp = artifacts.stage_fingerprint(KIND, config, {"sources": artifacts.fingerprint(inputs)})
@@ -159,7 +160,8 @@ def run(cfg: Config) -> Path:
                      ("documents", "characters", "bytes", "dropped_empty", "dropped_duplicates", "bad_records", "estimated_tokens")}
             if total["documents"] == 0:
                 raise _empty_error(stats, cfg)
-            artifacts.write_manifest(tmp, KIND, config, fp, inputs={"sources": {"path": None, "fingerprint": inputs}},
+            artifacts.write_manifest(tmp, KIND, config, fp, verb="corpus",
+                                     inputs={"sources": {"path": None, "fingerprint": inputs}},
                                      timings=timer.total(), stats={**total, "shards": n_shards, "per_source": stats})
     except OSError as e:
         raise artifacts.disk_error(e, out) from None

@@ -117,9 +117,12 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer._threads = 1
 
 
-def _encode_batch(texts: list[str]) -> tuple[list[np.ndarray], list[int]]:
-    ids = _worker_tokenizer.encode_batch(texts)
-    return [np.asarray(x, dtype=np.uint32) for x in ids], [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+def _encode_batch(texts: list[str]) -> tuple[list[np.ndarray], list[int], list[int]]:
+    """ids, UTF-8 bytes and special-token strings (which encode as the specials) per document."""
+    tok = _worker_tokenizer
+    ids = tok.encode_batch(texts)
+    return ([np.asarray(x, dtype=np.uint32) for x in ids], [len(t.encode("utf-8", "surrogatepass")) for t in texts],
+            [tok.count_specials(t) for t in texts])
 
 
 def _batches(corpus: Path):
@@ -150,8 +153,11 @@ def pack_documents(cfg: Config, tok: Tokenizer, n_docs: int, is_val: np.ndarray,
         results = map(_encode_batch, _batches(Path(cfg.corpus)))
     bar = progress(n_docs, desc="pack", unit="doc")
     index = 0
+    special_strings, special_docs = 0, 0
     try:
-        for ids_list, byte_lens in results:
+        for ids_list, byte_lens, specials in results:
+            special_strings += sum(specials)
+            special_docs += sum(1 for n in specials if n)
             for ids, n_bytes in zip(ids_list, byte_lens):
                 split = "val" if is_val[index] else "train"
                 writers[split].add(np.concatenate([prefix, ids, suffix]))
@@ -178,11 +184,16 @@ def pack_documents(cfg: Config, tok: Tokenizer, n_docs: int, is_val: np.ndarray,
     stats["dropped_tail_tokens"] = stats["train_dropped_tail_tokens"] + stats["val_dropped_tail_tokens"]
     stats["total_tokens"] = counts["train"]["doc_tokens"] + counts["val"]["doc_tokens"]
     stats["documents"] = index
+    # Text that spells a special token (`<|eos|>`) encodes as that token, as the exported HF
+    # tokenizer does (docs/data.md, "Special tokens in text"); say how often that happened.
+    stats["special_token_strings"] = special_strings
+    stats["documents_with_special_token_strings"] = special_docs
     return stats
 
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.out)
+    artifacts.check_out(out, KIND, "pack", inputs={"corpus": cfg.corpus, "tokenizer": cfg.tokenizer})
     corpus_m = artifacts.require_artifact(cfg.corpus, "corpus", what="corpus")
     tok_m = artifacts.require_artifact(cfg.tokenizer, "tokenizer", what="tokenizer")
     tok = Tokenizer.load(cfg.tokenizer)
@@ -222,7 +233,7 @@ def run(cfg: Config) -> Path:
                                 f"{max(2, stats['total_tokens'] // 8)}) or add text")
             stats.update({"seq_len": cfg.seq_len, "dtype": str(token_dtype(tok.vocab_size)), "vocab_size": tok.vocab_size,
                           "val_documents_chosen": n_val})
-            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, tokenizer_sha256=tok.sha256,
+            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb="pack", tokenizer_sha256=tok.sha256,
                                      timings=timer.total(), stats=stats)
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
@@ -230,4 +241,8 @@ def run(cfg: Config) -> Path:
     print(f"pack: {stats['train_rows']:,} train rows ({stats['train_tokens']:,} tokens), {stats['val_rows']:,} val rows "
           f"({stats['val_tokens']:,} tokens), {stats['dropped_tail_tokens']} tail tokens dropped, "
           f"{stats['total_tokens'] / max(secs, 1e-9):,.0f} tokens/s -> {out}")
+    if stats["special_token_strings"]:
+        print(f"pack: note: {stats['documents_with_special_token_strings']:,} document(s) spell special tokens "
+              f"({stats['special_token_strings']:,} times, e.g. `<|eos|>`); each became that token, as the exported "
+              f"tokenizer reads it (docs/data.md, \"Special tokens in text\")")
     return out

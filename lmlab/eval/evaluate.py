@@ -34,7 +34,8 @@ What it measures (all written to `OUT/eval.json`):
   summed log-likelihood (lmlab/eval/choice.py).
 
 `out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
-the pipeline layout. The artifact is fingerprinted over this config, the model's
+the pipeline layout; another model's eval is named after it (runs/smoke/sft ->
+runs/smoke/eval_sft), so one eval never replaces another's. The artifact is fingerprinted over this config, the model's
 fingerprint, the packed artifacts' fingerprints and the sha256 of the text, problem,
 few-shot and multiple-choice files, so re-running with nothing changed is a no-op.
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
@@ -87,7 +88,8 @@ class GenerativeSpec(Strict):
 
 class Config(Strict):
     model: str = Field("", description="model run directory (kind 'model') to evaluate")
-    out: str = Field("", description="output directory; default: 'eval' next to the model directory")
+    out: str = Field("", description="output directory; default: 'eval' next to the model directory "
+                     "(runs/x/model -> runs/x/eval, runs/x/sft -> runs/x/eval_sft)")
     packed: list[str] = Field(default_factory=list,
                               description="packed artifacts whose val split is scored (perplexity, bits per byte, unigram baseline); "
                                           "empty = the packed data the model was trained on")
@@ -118,8 +120,12 @@ class Config(Strict):
 # ------------------------------------------------------------------------------ inputs
 
 def default_out(model_dir: str | Path) -> Path:
-    """runs/x/model -> runs/x/eval: the pipeline layout the report stage discovers."""
-    return Path(model_dir).resolve().parent / "eval"
+    """runs/x/model -> runs/x/eval, runs/x/sft -> runs/x/eval_sft: the pipeline layout the report discovers.
+
+    One name per model, so evaluating the SFT model does not replace the base model's eval.
+    """
+    d = Path(model_dir).resolve()
+    return d.parent / ("eval" if d.name == "model" else f"eval_{d.name}")
 
 
 def read_text_file(path: str | Path, max_bytes: int = 0) -> tuple[str, bool]:
@@ -185,6 +191,8 @@ def run(cfg: Config) -> Path:
         raise UserError(f"model directory not found: {model_dir} (train one with `lmlab pretrain`, or fix the path)")
     model_manifest = artifacts.require_artifact(model_dir, "model", "model")
     out = Path(cfg.out) if cfg.out else default_out(model_dir)
+    artifacts.check_out(out, "eval", "eval", inputs={"model": model_dir, **{f"packed data {p}": p for p in cfg.packed}},
+                        suggest=default_out(model_dir))
     from lmlab.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(model_dir / "tokenizer")  # cheap; needed to vet the inputs first
@@ -264,7 +272,7 @@ def run(cfg: Config) -> Path:
                 with open(tmp / "problems.jsonl", "w", encoding="utf-8") as f:
                     for r in problems:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs,
+            artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs, verb="eval",
                                      tokenizer_sha256=tok_sha, timings=timer.total(), stats=summary_stats(results))
     except OSError as e:
         raise artifacts.disk_error(e, out) from None

@@ -40,6 +40,17 @@ class Config(Strict):
     out: Optional[str] = Field(None, description="optional JSONL file for {prompt, completion} records")
 
 
+def _is_generations(path: Path) -> bool:
+    """Whether `path` is an earlier `out` of this verb (empty, or {prompt, completion} lines), safe to replace."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        rec = json.loads(first) if first.strip() else {"prompt": "", "completion": ""}
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and {"prompt", "completion"} <= set(rec)
+
+
 def _read_prompts(cfg: Config) -> list[str]:
     prompts = list(cfg.prompts)
     if cfg.prompts_file:
@@ -88,6 +99,9 @@ def run(cfg: Config) -> list[dict]:
     if not cfg.model:
         raise UserError("no model given; run `lmlab generate RUN_DIR prompts='[\"...\"]'`")
     prompts = _read_prompts(cfg)
+    if cfg.out:
+        from lmlab.artifacts import check_out_file
+        check_out_file(cfg.out, "generate", _is_generations, "generations.jsonl")  # before the model loads
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.model, device=device)
     records = []

@@ -224,7 +224,7 @@ def add_chat_template(out: str | Path, template: str, tokenizer) -> None:
     out = Path(out)
     chat.check_template(template, tokenizer)
     tc = json.loads((out / "tokenizer_config.json").read_text())
-    tc["chat_template"] = chat.hf_chat_template(template)
+    tc["chat_template"] = chat.hf_chat_template(template, tokenizer)
     write_json_atomic(out / "tokenizer_config.json", tc)
     gen_path = out / "generation_config.json"
     gen = json.loads(gen_path.read_text())
@@ -245,8 +245,7 @@ def run(cfg: Config) -> Path:
     if not cfg.out:
         raise UserError("no output directory given; add out=DIR")
     src, out = Path(cfg.model), Path(cfg.out)
-    if src.resolve() == out.resolve():
-        raise UserError(f"out={out} is the model directory itself; choose another output directory")
+    artifacts.check_out(out, "hf_export", "export", inputs={"model directory": src})
     manifest_in = artifacts.read_manifest(src) or {}
     in_fp = manifest_in.get("fingerprint") or (artifacts.sha256_file(src / WEIGHTS) if (src / WEIGHTS).is_file() else "")
     conf = cfg.model_dump(mode="json")
@@ -265,7 +264,7 @@ def run(cfg: Config) -> Path:
             with timer("write"):
                 write_hf(model, tmp, cfg.dtype, tokenizer, chat_template=load_chat_template(src))
             artifacts.write_manifest(
-                tmp, "hf_export", conf, fp, inputs={"model": {"path": str(src), "fingerprint": in_fp}},
+                tmp, "hf_export", conf, fp, verb="export", inputs={"model": {"path": str(src), "fingerprint": in_fp}},
                 tokenizer_sha256=getattr(tokenizer, "sha256", None), timings=timer.total(),
                 stats={"architecture": hf_config(model.cfg)["architectures"][0], "params": model.num_params()})
     except OSError as e:

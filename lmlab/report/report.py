@@ -220,6 +220,7 @@ def run(cfg: Config) -> Path:
         out = Path(cfg.root) / "report"
     else:
         out = Path(cfg.inputs[0]).resolve().parent / "report"
+    artifacts.check_out(out, "report", "report", inputs={f"input {p}": p for p in cfg.inputs})
     found = discover(cfg.root, cfg.inputs, cfg.follow_inputs, skip=out)
     # Models and their evals read best in training order: base, SFT, DPO.
     rank = {s: i for i, s in enumerate(LADDER_ORDER)}
@@ -250,7 +251,7 @@ def run(cfg: Config) -> Path:
             with timer("write"):
                 text = build_report(found, cfg, tmp)
                 (tmp / "report.md").write_text(text, encoding="utf-8")
-            artifacts.write_manifest(tmp, "report", cfg.model_dump(mode="json"), fp,
+            artifacts.write_manifest(tmp, "report", cfg.model_dump(mode="json"), fp, verb="report",
                                      inputs={f"{k}_{i}": {"path": str(p), "fingerprint": m.get("fingerprint")}
                                              for k, items in found.items() for i, (p, m) in enumerate(items)},
                                      timings=timer.total(),

@@ -118,23 +118,6 @@ def default_out(model_dir: str | Path) -> Path:
     return Path(model_dir).resolve().parent / "pairs"
 
 
-def _check_out(out: Path, model_dir: Path) -> None:
-    """The stage replaces `out` whole: refuse anything that is not a pairs artifact (or empty)."""
-    if out.resolve() == model_dir.resolve():
-        raise UserError(f"out={out} is the model itself; write the pairs somewhere else, e.g. out={default_out(model_dir)}")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"out={out} is a file; give a directory for the pairs")
-    m = artifacts.read_manifest(out)
-    if m is not None and m.get("kind") != KIND:
-        raise UserError(f"out={out} holds a '{m.get('kind')}' artifact, which this stage would replace; "
-                        f"choose another out, e.g. out={default_out(model_dir)}")
-    if m is None and any(out.iterdir()):
-        raise UserError(f"out={out} is a non-empty directory without a pairs manifest, which this stage would "
-                        f"replace; choose another out or empty it")
-
-
 def _resolve_template(cfg: Config, model_dir: Path, tokenizer) -> str:
     from lmlab.data.chat import check_template, load_chat_template
 
@@ -161,7 +144,7 @@ def run(cfg: Config) -> Path:
     model_dir = Path(cfg.model)
     model_manifest = artifacts.require_artifact(model_dir, "model", "model")
     out = Path(cfg.out) if cfg.out else default_out(model_dir)
-    _check_out(out, model_dir)
+    artifacts.check_out(out, KIND, "pairs", inputs={"model": model_dir}, suggest=default_out(model_dir))
     tokenizer = Tokenizer.load(model_dir / "tokenizer")  # cheap; vets the template before the weights load
     template = _resolve_template(cfg, model_dir, tokenizer)
     problems = read_problems(cfg.problems, cfg.max_problems or 0, checkable=True)
@@ -202,7 +185,8 @@ def run(cfg: Config) -> Path:
                     for r in recs:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
             stats["sha256"] = {f"{n}.jsonl": artifacts.sha256_file(tmp / f"{n}.jsonl") for n in ("pairs", "samples")}
-            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb="pairs",
+                                     tokenizer_sha256=tokenizer.sha256,
                                      timings=timer.total(), stats=stats)
     except OSError as e:
         raise artifacts.disk_error(e, out) from None

@@ -117,6 +117,7 @@ def hash_seed(seed: int, stream: str) -> int:
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.out)
+    artifacts.check_out(out, "tasks", "tasks")
     config = cfg.model_dump(mode="json")
     fp = artifacts.stage_fingerprint("tasks", {k: v for k, v in config.items() if k != "out"}, {})
     # A directory written before train.jsonl existed is rewritten (its other files come out identical).
@@ -139,7 +140,7 @@ def run(cfg: Config) -> Path:
                     for r in recs:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
             stats["sha256"] = {f"{name}.jsonl": artifacts.sha256_file(tmp / f"{name}.jsonl") for name in files}
-            artifacts.write_manifest(tmp, "tasks", config, fp, timings=timer.total(), stats=stats)
+            artifacts.write_manifest(tmp, "tasks", config, fp, verb="tasks", timings=timer.total(), stats=stats)
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
     print(f"tasks: wrote {out} (" + ", ".join(f"{n} {len(r)}" for n, r in files.items()) + ")")

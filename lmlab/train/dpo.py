@@ -548,8 +548,7 @@ def run(cfg: Config) -> Path:
     if not cfg.data:
         raise UserError("no preference data: set data=PATH (jsonl with prompt/chosen/rejected, e.g. "
                         "runs/tasks/dpo_train.jsonl) or data=[{hf: Anthropic/hh-rlhf, split: train}]")
-    if cfg.init and Path(cfg.init).resolve() == out.resolve():
-        raise UserError(f"out={out} is the init model itself; write the DPO model somewhere else")
+    artifacts.check_out(out, KIND, "dpo", inputs={"init model": cfg.init})  # before the init model loads
     # Everything the user can get wrong is checked before `out` is touched.
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
@@ -611,8 +610,7 @@ def run(cfg: Config) -> Path:
                      "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
+    artifacts.start_run(out, KIND, "dpo")  # marks out as this verb's unfinished run, removes the manifest
 
     seed_everything(t.seed)  # the LoRA A init draws from it
     if cfg.lora.enabled:
@@ -626,7 +624,8 @@ def run(cfg: Config) -> Path:
     trainable, total = param_counts(model)
     mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
     print(f"dpo ({mode}): {trainable:,} trainable of {total:,} parameters; {len(train_idx)} train / {len(val_idx)} "
-          f"val pairs; loss {cfg.loss}, beta {cfg.beta}; {total_steps} steps x {t.batch_size * t.grad_accum} pairs "
+          f"val pairs; loss {cfg.loss}, beta {cfg.beta}; {total_steps} steps x {t.batch_size * t.grad_accum} pairs"
+          f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} "
           f"-> {out}", file=sys.stderr)
     with timer("train"):
         summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
@@ -635,6 +634,7 @@ def run(cfg: Config) -> Path:
         write_outputs(out, model, tokenizer, cfg.model_copy(update={"template": template}), init_format)
 
     final = summary["final_eval"]
+    total_steps = summary["steps"]  # with a time budget: the resolved length
     pairs_trained = total_steps * t.batch_size * t.grad_accum
     stats = {
         "mode": "lora" if cfg.lora.enabled else "full",
@@ -661,10 +661,11 @@ def run(cfg: Config) -> Path:
         "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
         "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
+        **summary.get("budget", {}),
         "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="dpo", tokenizer_sha256=tokenizer.sha256,
                              timings=timer.total(), stats=stats)
     shown = stats["final_val_metrics"] or stats["final_train_metrics"]
     extra = (f", reward margin {shown['rewards/margins']:.4f}, accuracy {shown['rewards/accuracies']:.2f}"

@@ -30,6 +30,11 @@ checkpoints are labelled with `done = step + 1`, the number of finished steps. A
 are functions of the step, a run resumed from checkpoint N reproduces an uninterrupted run
 bit for bit on CPU (see docs/training.md for GPU caveats).
 
+With `train.time_budget` (minutes), `total_steps` is a maximum: the loop times the first
+steps (`clock`, optimizer steps only), then fixes the length that fits the budget
+(budget_resolve_at, resolve_budget), prints it and saves it in every later checkpoint, so a
+resumed run keeps it; a run stopped before that point measures again.
+
 Parallelism stays out of this file except for one hook: `wrap_model` (identity today) is
 where a DDP/FSDP wrap goes, next to torch.compile.
 """
@@ -37,7 +42,6 @@ where a DDP/FSDP wrap goes, next to torch.compile.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import random
@@ -55,7 +59,7 @@ from pydantic import Field, model_validator
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import Interrupted, UserError
-from lmlab.runtime import pick_device, progress
+from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
 from lmlab.train.logging import MetricsLogger, read_metrics
@@ -76,6 +80,12 @@ class TrainConfig(Strict):
     tokens: int | Literal["chinchilla"] | None = Field(None, description="run length in training tokens, or "
                                                        "'chinchilla' for 20 tokens per model parameter "
                                                        "(rounded up to whole steps)")
+    time_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="minutes of training steps "
+                                      "(evals and checkpoints not counted): the first steps are timed, then the "
+                                      "run length becomes the steps that fit, at most the length the other "
+                                      "settings give; recorded in the checkpoints and the manifest "
+                                      "(docs/training.md). A fractional warmup_steps is then a share of that "
+                                      "maximum")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
     warmup_steps: int | float = Field(0.02, ge=0, description="linear warmup: a step count (int) or a "
@@ -135,14 +145,15 @@ class RunOptions(Strict):
 def finished_run(out: Path, fp: str, verb: str) -> bool:
     """True (and says so) when `out` already holds this exact finished run.
 
-    An `out` that holds some other kind of artifact is refused rather than overwritten.
+    Anything at `out` that this run must not replace (a user's files, a file, another kind of
+    artifact, a model or unfinished run made by another verb) is refused by the shared guard;
+    the stages call `artifacts.check_out` first thing too, before any expensive work, and
+    again here in case a caller did not.
     """
+    artifacts.check_out(out, "model", verb)
     if artifacts.is_up_to_date(out, fp):
         print(f"{verb}: up to date ({out}), nothing to do")
         return True
-    existing = artifacts.read_manifest(out)
-    if existing is not None and existing.get("kind") != "model":
-        raise UserError(f"out={out} is a '{existing.get('kind')}' artifact; choose another out for the {verb} run")
     return False
 
 
@@ -162,11 +173,60 @@ def as_data_specs(value, **defaults):
 def resolve_total_steps(t: TrainConfig, tokens_per_step: int, n_params: int) -> int:
     """Steps from train.steps, train.tokens or train.tokens=chinchilla (20 tokens per parameter)."""
     if t.steps is None and t.tokens is None:
+        if t.time_budget is not None:
+            raise UserError(f"train.time_budget={t.time_budget:g} needs a maximum length too: add train.steps=N, "
+                            f"train.tokens=N or train.tokens=chinchilla")
         raise UserError("set the run length: train.steps=N, train.tokens=N or train.tokens=chinchilla")
     if t.steps is not None:
         return t.steps
     tokens = CHINCHILLA_TOKENS_PER_PARAM * n_params if t.tokens == "chinchilla" else int(t.tokens)
     return max(1, math.ceil(tokens / tokens_per_step))
+
+
+# The time budget (train.time_budget). The first PROBE_SKIP steps after each (re)start are not
+# timed (allocation, caches, torch.compile); the steps after them up to the resolution point
+# are, and their mean gives the length. See budget_resolve_at and docs/training.md.
+PROBE_SKIP = 2
+PROBE_STEPS = 20
+PROBE_MIN_TIMED = 3
+
+clock = time.perf_counter  # times the optimizer steps (tests replace it to inject a step time)
+
+
+def budget_resolve_at(warmup_steps: int, max_steps: int) -> int:
+    """After how many steps a time-budgeted run fixes its length.
+
+    At the end of the warmup when that comes before PROBE_STEPS and leaves PROBE_MIN_TIMED
+    timed steps, else at PROBE_STEPS; never past the maximum length. Until then the LR follows
+    the schedule of the maximum length. Warmup LRs do not depend on the length, so a probe
+    inside the warmup makes the run identical to a `train.steps=N` run (N = the resolved
+    length, N >= the warmup); a probe past a short warmup is still deterministic given N.
+    """
+    end = PROBE_STEPS
+    if PROBE_SKIP + PROBE_MIN_TIMED <= warmup_steps < end:
+        end = warmup_steps
+    return max(1, min(end, max_steps))
+
+
+def resolve_budget(budget_min: float, step_times: dict[int, float], max_steps: int, resolve_at: int) -> dict:
+    """The run length that fits `budget_min` minutes at the mean of `step_times` ({step: seconds}).
+
+    At least `resolve_at` (the steps already taken), at most `max_steps`. The returned record
+    goes into every later checkpoint (trainer.json) and the manifest stats.
+    """
+    step_s = sum(step_times.values()) / len(step_times)
+    fits = math.floor(budget_min * 60 / step_s) if step_s > 0 else max_steps
+    return {"time_budget_min": budget_min, "max_steps": max_steps,
+            "resolved_steps": max(resolve_at, min(max_steps, fits)),
+            "measured_step_s": round(step_s, 4), "probe_steps": [min(step_times), max(step_times)],
+            "timed_steps": len(step_times)}
+
+
+def _budget_line(budget: dict) -> str:
+    lo, hi = budget["probe_steps"]
+    span = f"steps {lo}-{hi}" if budget["timed_steps"] == hi - lo + 1 else f"{budget['timed_steps']} of steps {lo}-{hi}"
+    return (f"time budget {budget['time_budget_min']:g} min: measured {budget['measured_step_s']:.3g} s/step over "
+            f"{span} -> {budget['resolved_steps']} of {budget['max_steps']} steps")
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Matched by substring of the device name; the first
@@ -200,16 +260,6 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU flags list bf16 dot-product instructions (Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -314,9 +364,13 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     """Train `model` on `objective` for `total_steps`, resuming from RUN/checkpoints when possible.
 
     `resume_config` is what must be unchanged for a checkpoint to be resumed (model, data,
-    optimisation settings); it is stored in every checkpoint. Returns a summary for the
-    manifest: steps, tokens, train_time_s, tokens_per_s, final_loss, the last train line
-    (`final_train`, with the objective's train_metrics) and the last eval metrics (`final_eval`).
+    optimisation settings); it is stored in every checkpoint. With `cfg.train.time_budget`,
+    `total_steps` is the maximum and the loop fixes the length after timing the first steps
+    (budget_resolve_at); the resolution is saved in every later checkpoint, so a resumed run
+    keeps it. Returns a summary for the manifest: steps (the length trained), tokens,
+    train_time_s, tokens_per_s, final_loss, the last train line (`final_train`, with the
+    objective's train_metrics), the last eval metrics (`final_eval`) and, with a time budget,
+    `budget` (resolve_budget's record).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,11 +383,23 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     model.to(device)
     model.train()
     optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, device)
-    schedule = Schedule(t.schedule, t.lr, total_steps, resolve_warmup(t.warmup_steps, total_steps),
-                        t.min_lr_ratio, t.decay_frac)
+    # With a time budget total_steps is the maximum: a fractional warmup is a share of it, and the
+    # steps before the resolution follow its schedule (inside the warmup: the same as any length's).
+    max_steps = total_steps
+    warmup = resolve_warmup(t.warmup_steps, max_steps)
+
+    def make_schedule(steps: int) -> Schedule:
+        return Schedule(t.schedule, t.lr, steps, warmup, t.min_lr_ratio, t.decay_frac)
+
+    schedule = make_schedule(total_steps)
+    budget_min = getattr(t, "time_budget", None)
+    resolve_at = budget_resolve_at(warmup, max_steps) if budget_min else None
+    budget: dict | None = None  # resolve_budget's record, once the length is fixed
+    probe_times: dict[int, float] = {}  # {step: seconds} of the timed steps before the resolution
 
     remove_stale_temps(run_dir)
     start_step, tokens_seen, train_time = 0, 0, 0.0
+    resumed_from = None
     if cfg.resume == "never":
         if list_checkpoints(run_dir):
             print(f"warning: resume=never: deleting the checkpoints in {run_dir / CHECKPOINTS} and starting over",
@@ -343,10 +409,21 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         check_same_run(run_dir, resume_config)
         found = find_resumable(run_dir, model, optimizer)
         if found is not None:
-            path, state = found
+            resumed_from, state = found
             start_step, tokens_seen, train_time = state["step"], state["tokens"], state.get("train_time_s", 0.0)
             set_rng_state(state["rng"])
-            print(f"resuming from {path} (step {start_step} of {total_steps})", file=sys.stderr)
+            if budget_min:
+                budget = state.get("budget")
+                probe_times = {int(k): float(v) for k, v in state.get("probe_times", [])}
+    if budget is not None:  # resolved before the checkpoint: keep that length, never re-measure
+        total_steps = budget["resolved_steps"]
+        schedule = make_schedule(total_steps)
+        print(f"{_budget_line(budget)} (resolved before the checkpoint)", file=sys.stderr)
+    elif budget_min and start_step >= resolve_at:
+        raise UserError(f"{run_dir} has a checkpoint at step {start_step} without a resolved time budget (written "
+                        f"by a run without train.time_budget); use another `out` or resume=never")
+    if resumed_from is not None:
+        print(f"resuming from {resumed_from} (step {start_step} of {total_steps})", file=sys.stderr)
     if start_step > total_steps:
         raise UserError(f"{run_dir} has a checkpoint at step {start_step}, past this run's {total_steps} steps; "
                         f"use another `out` or resume=never")
@@ -362,8 +439,13 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     progress_metrics = getattr(objective, "progress_metrics", None) or {}
 
     def state_now(done: int) -> dict:
-        return {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rng_state(),
-                "resume_config": resume_config}
+        state = {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rng_state(),
+                 "resume_config": resume_config}
+        if budget is not None:
+            state["budget"] = budget
+        elif budget_min:
+            state["probe_times"] = sorted(probe_times.items())
+        return state
 
     def evaluate(done: int) -> None:
         model.eval()
@@ -377,10 +459,12 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     last_ckpt = start_step if start_step else None
     done = start_step
     interval_t0, interval_tokens = time.perf_counter(), 0
+    process_times: dict[int, float] = {}  # every step this process took while probing (fallback)
     try:
         with _StopOnCtrlC() as stop:
-            for step in range(start_step, total_steps):
-                t0 = time.perf_counter()
+            step = start_step
+            while step < total_steps:  # total_steps may shrink once, at the budget's resolution
+                t0 = clock()
                 lr = schedule(step)
                 set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), device=device)
@@ -396,11 +480,28 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                probing = budget_min is not None and budget is None
+                if probing and device.type == "cuda":
+                    torch.cuda.synchronize(device)  # time the step's work, not its launch
+                step_s = clock() - t0
                 done = step + 1
+                step = done
                 tokens_seen += step_tokens
                 interval_tokens += step_tokens
-                train_time += time.perf_counter() - t0
+                train_time += step_s
                 bar.update(1)
+                if probing:
+                    process_times[done] = step_s
+                    if done > start_step + PROBE_SKIP:
+                        probe_times[done] = step_s
+                    if done >= resolve_at:
+                        budget = resolve_budget(budget_min, probe_times or process_times, max_steps, resolve_at)
+                        total_steps = budget["resolved_steps"]
+                        schedule = make_schedule(total_steps)
+                        bar.total = total_steps
+                        bar.refresh()
+                        note = (f"; it ends inside the {warmup}-step warmup" if total_steps < warmup else "")
+                        bar.write(_budget_line(budget) + note, file=sys.stderr)
 
                 if done % cfg.log.every == 0 or done == total_steps:
                     loss_value = loss_sum.item() / t.grad_accum  # .item() syncs the GPU: only at log steps
@@ -447,7 +548,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     lines = read_metrics(run_dir)
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
-    return {
+    summary = {
         "steps": total_steps,
         "tokens": tokens_seen,
         "train_time_s": round(train_time, 2),
@@ -457,3 +558,6 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
     }
+    if budget is not None:
+        summary["budget"] = budget
+    return summary

@@ -180,6 +180,7 @@ def run(cfg: Config) -> Path:
 
     timer = artifacts.Timer()
     out = Path(cfg.out)
+    artifacts.check_out(out, KIND, "pretrain", inputs={f"training data {s.path}": s.path for s in cfg.data})
     train_sets, val_sets, manifests, seq_len = open_datasets(cfg)
     tok_dir = _tokenizer_dir(manifests[0], cfg.data[0].path)
     tokenizer = Tokenizer.load(tok_dir)
@@ -208,17 +209,18 @@ def run(cfg: Config) -> Path:
                      "data": [{"fingerprint": m["fingerprint"], "weight": s.weight} for s, m in zip(cfg.data, manifests)]}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
+    artifacts.start_run(out, KIND, "pretrain")  # marks out as this verb's unfinished run, removes the manifest
     flops_per_token = model.flops_per_token(seq_len - 1)
+    budget = f" (at most: time budget {cfg.train.time_budget:g} min)" if cfg.train.time_budget else ""
     print(f"pretrain: {model.num_params():,} parameters ({model_cfg.preset}), {total_steps} steps x "
-          f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens -> {out}", file=sys.stderr)
+          f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens{budget} -> {out}", file=sys.stderr)
     with timer("train"):
         summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
                         flops_per_token=flops_per_token, desc="pretrain")
     with timer("save"):
         write_final(out, model, tokenizer)
     final_eval = summary["final_eval"]
+    total_steps = summary["steps"]  # with a time budget: the resolved length
     stats = {
         "params": model.num_params(),
         "non_embedding_params": model.num_params(non_embedding=True),
@@ -234,10 +236,11 @@ def run(cfg: Config) -> Path:
         "final_val_bpb": final_eval.get("val_bpb"),
         "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
+        **summary.get("budget", {}),
         "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(tok_dir), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="pretrain", tokenizer_sha256=tokenizer.sha256,
                              timings=timer.total(), stats=stats)
     val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
     bpb = f", val_bpb {stats['final_val_bpb']:.4f}" if stats["final_val_bpb"] is not None else ""

@@ -519,8 +519,7 @@ def run(cfg: Config) -> Path:
 
     timer = artifacts.Timer()
     out = Path(cfg.out)
-    if cfg.init and Path(cfg.init).resolve() == out.resolve():
-        raise UserError(f"out={out} is the init model itself; write the finetuned model somewhere else")
+    artifacts.check_out(out, KIND, "sft", inputs={"init model": cfg.init})  # before the init model loads
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
     check_template(cfg.template, tokenizer)
@@ -568,19 +567,20 @@ def run(cfg: Config) -> Path:
                      "val_fraction": cfg.val_fraction, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"})}
     if cfg.resume == "auto":
         check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # the run is not complete until training finishes
+    artifacts.start_run(out, KIND, "sft")  # marks out as this verb's unfinished run, removes the manifest
     if cfg.resume == "never":
         (out / SAMPLES).unlink(missing_ok=True)
     mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
     print(f"sft ({mode}): {trainable:,} trainable of {total:,} parameters; {epoch_rows:,} rows of {seq_len} "
           f"positions ({sum(d['train_conversations'] for d in data_stats['datasets']):,} conversations); "
-          f"{total_steps} steps x {rows_per_step} rows -> {out}", file=sys.stderr)
+          f"{total_steps} steps x {rows_per_step} rows"
+          f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} -> {out}", file=sys.stderr)
     with timer("train"):
         summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
                         flops_per_token=None, desc="sft")
     with timer("save"):
         write_outputs(out, model, tokenizer, cfg, init_format)
+    total_steps = summary["steps"]  # with a time budget: the resolved length
     positions, targets = objective.trained_tokens(total_steps)
     final_eval = summary["final_eval"]
     stats = {
@@ -608,10 +608,11 @@ def run(cfg: Config) -> Path:
         "final_val_loss": final_eval.get("val_loss"),
         "train_time_s": summary["train_time_s"],
         "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
+        **summary.get("budget", {}),
         "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, tokenizer_sha256=tokenizer.sha256,
+    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="sft", tokenizer_sha256=tokenizer.sha256,
                              timings=timer.total(), stats=stats)
     val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
