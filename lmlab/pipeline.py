@@ -10,6 +10,10 @@ may use `{root}`, so one override moves the whole run:
 Stages whose inputs and config did not change are no-ops, so re-running a pipeline after an
 interruption continues where it stopped (pretraining resumes from its last checkpoint).
 `speedrun.sh` is a thin wrapper around this command.
+
+`expected_minutes` holds measured wall-clock minutes of the whole pipeline per kind of
+machine (`runtime.machine_kind`: cpu_bf16, cpu_fp32, cuda); the one for this machine is
+printed when the pipeline starts.
 """
 
 from __future__ import annotations
@@ -36,11 +40,23 @@ class StageEntry(Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="inline option values (may use {root})")
 
 
+class ExpectedMinutes(Strict):
+    cpu_bf16: float | None = Field(None, gt=0, description="on a CPU with native bf16 instructions "
+                                   "(AVX512-BF16/AMX; train.dtype=auto trains under bf16 autocast)")
+    cpu_fp32: float | None = Field(None, gt=0, description="on a CPU without them (float32 training)")
+    cuda: float | None = Field(None, gt=0, description="on a CUDA GPU")
+
+
 class Config(Strict):
     name: str = Field("pipeline", description="a label printed in logs")
     root: str = Field("runs/default", description="directory that holds every artifact of this pipeline")
     stages: list[StageEntry] = Field(default_factory=list, description="the stages, run in order")
     only: list[str] = Field(default_factory=list, description="run only these verbs (default: all)")
+    expected_minutes: ExpectedMinutes = Field(default_factory=ExpectedMinutes, description="measured wall-clock "
+                                              "minutes of the whole pipeline per kind of machine, printed at the "
+                                              "start for the kind this one is")
+    measured_on: str | None = Field(None, description="where expected_minutes were measured, e.g. '2 cores' "
+                                    "(printed with them)")
 
 
 def _substitute(value: Any, root: str) -> Any:
@@ -51,6 +67,31 @@ def _substitute(value: Any, root: str) -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, root) for k, v in value.items()}
     return value
+
+
+def training_device(stage_cfgs: list) -> str:
+    """The device of the first training stage (`train.device`), which decides the kind of machine."""
+    for c in stage_cfgs:
+        device = getattr(getattr(c, "train", None), "device", None)
+        if isinstance(device, str):
+            return device
+    return "auto"
+
+
+def expected_line(cfg: Config, device: str = "auto") -> str | None:
+    """What the pipeline is expected to take on this machine, or None when no figure is given."""
+    from lmlab.runtime import machine_kind
+
+    measured = {k: v for k, v in cfg.expected_minutes.model_dump().items() if v is not None}
+    if not measured:
+        return None
+    kind, what = machine_kind(device)
+    where = f", measured on {cfg.measured_on}" if cfg.measured_on else ""
+    part = f"; only={cfg.only} runs part of it" if cfg.only else ""
+    if kind not in measured:
+        known = ", ".join(f"{k} {v:g} min" for k, v in measured.items())
+        return f"[{cfg.name}] no expected duration for this kind of machine ({what}); measured: {known}{where}"
+    return f"[{cfg.name}] expected about {measured[kind]:g} min on this machine ({what}){where}{part}"
 
 
 def _fmt_s(seconds: float) -> str:
@@ -65,7 +106,11 @@ def run(cfg: Config) -> Path | None:
     unknown = [s for s in cfg.only if s not in STAGES]
     if unknown:
         raise UserError(f"only= names unknown verbs {unknown}; valid: {', '.join(s.stage for s in cfg.stages)}")
-    Path(cfg.root).mkdir(parents=True, exist_ok=True)
+    root = Path(cfg.root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"root={root} is (or is below) a file, not a directory; choose another root") from None
     # Validate every stage's config before running any, so a typo in the last stage does
     # not surface after twenty minutes of training.
     plan = []
@@ -77,6 +122,9 @@ def run(cfg: Config) -> Path | None:
             raise UserError(f"pipeline stage {i} ({entry.stage}): {e}") from None
         plan.append((entry.stage, module, stage_cfg))
 
+    line = expected_line(cfg, training_device([c for _, _, c in plan]))
+    if line:
+        print(line, flush=True)
     timings: list[tuple[str, float]] = []
     last_report: Path | None = None
     t_all = time.perf_counter()

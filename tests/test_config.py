@@ -90,6 +90,18 @@ def test_pipeline_substitutes_root_and_validates_every_stage_first(tmp_path):
         pipeline.run(cfg)
 
 
+def test_pipeline_root_that_is_a_file_is_refused(tmp_path):
+    from lmlab import pipeline
+
+    f = tmp_path / "notes"
+    f.write_text("mine")
+    for root in (f, f / "below"):
+        cfg = load_config(pipeline.Config, None, [f"root={root}", "stages=[{stage: tasks, config: {out: '{root}/t'}}]"])
+        with pytest.raises(UserError, match=r"is \(or is below\) a file, not a directory; choose another root"):
+            pipeline.run(cfg)
+    assert f.read_text() == "mine"
+
+
 def _lmlab(*args):
     return subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, timeout=120)
 
