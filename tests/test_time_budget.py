@@ -283,3 +283,13 @@ def test_the_cpu_pipeline_has_a_budget_and_expected_minutes():
     (train,) = [e.config["train"] for e in cfg.stages if e.stage == "pretrain"]
     assert train["steps"] == 750 and train["time_budget"] > 0
     assert loop.budget_resolve_at(train["warmup_steps"], train["steps"]) <= train["warmup_steps"]
+
+
+def test_report_says_what_fit_the_budget(budgeted):
+    from lmlab.report.report import model_section
+
+    out = budgeted["out"]
+    m = json.loads((out / "manifest.json").read_text())
+    rows = read_metrics(out)
+    text = "\n".join(model_section(out, m, [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]))
+    assert "25 of at most 40 steps: what fit a 0.21-minute time budget at 0.5 s/step" in text

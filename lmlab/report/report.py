@@ -500,6 +500,12 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
         rows.append(["training compute", f"{fmt_count(tokens * stats['flops_per_token'])}FLOP"])
     if train:
         rows.append(["steps", fmt_num(train[-1]["step"])])
+        if stats.get("resolved_steps") and stats.get("time_budget_min"):
+            rows.append(["run length", f"{stats['resolved_steps']:,} of at most {stats['max_steps']:,} steps: what fit "
+                                       f"a {stats['time_budget_min']:g}-minute time budget at "
+                                       f"{stats['measured_step_s']:.3g} s/step"])
+        if stats.get("precision"):
+            rows.append(["precision", stats["precision"]])
         tps = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
         if tps:
             rows.append(["throughput (median)", f"{fmt_count(sorted(tps)[len(tps) // 2])} tokens/s"])
