@@ -33,57 +33,16 @@ strict extraction, with `_flexible` variants alongside.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from lmlab.errors import UserError
+from lmlab.tasks.gsm8k import (FLEXIBLE_REGEX, IGNORE_REGEXES, STRICT_REGEX, extract_flexible,  # noqa: F401
+                               extract_strict, normalize_answer, regex_filter)
 
-STRICT_REGEX = r"#### (\-?[0-9\.\,]+)"
-FLEXIBLE_REGEX = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
-IGNORE_REGEXES = [",", r"\$", r"(?s).*#### ", r"\.$"]
 BASE_STOP = ["Question:", "\n\n"]
-_STRICT = re.compile(STRICT_REGEX)
-_FLEXIBLE = re.compile(FLEXIBLE_REGEX)
-
-
-# ------------------------------------------------------------------- answer extraction
-
-def regex_filter(text: str, pattern: re.Pattern, group_select: int = 0) -> Optional[str]:
-    """lm-eval's RegexFilter: findall, pick match `group_select`, first non-empty group, strip.
-
-    Returns None where lm-eval returns its "[invalid]" fallback.
-    """
-    matches = pattern.findall(text)
-    if not matches:
-        return None
-    m = matches[group_select]
-    if isinstance(m, tuple):
-        m = next((g for g in m if g), None)
-        if m is None:
-            return None
-    return m.strip()
-
-
-def extract_strict(text: str) -> Optional[str]:
-    """The number after the first `#### ` (raw, e.g. '1,000.'), or None."""
-    return regex_filter(text, _STRICT, 0)
-
-
-def extract_flexible(text: str) -> Optional[str]:
-    """The last number-like string in the text (raw, e.g. '$18.'), or None."""
-    return regex_filter(text, _FLEXIBLE, -1)
-
-
-def normalize_answer(text: Optional[str]) -> Optional[str]:
-    """lm-eval's exact_match preprocessing: drop `,`, `$`, everything up to `#### `, a final `.`; lower-case."""
-    if text is None:
-        return None
-    for r in IGNORE_REGEXES:
-        text = re.sub(r, "", text)
-    return text.lower()
 
 
 def answer_rules(task: Optional[str]) -> tuple[Callable, Callable, Callable]:

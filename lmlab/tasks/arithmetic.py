@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from lmlab.tasks import Problem, sample_problems
+from lmlab.tasks import Problem, gsm8k, sample_problems
 
 NAME = "arithmetic"
 
@@ -133,21 +133,15 @@ def wrong_solution(problem: Problem, rng: random.Random) -> str:
 
 
 def normalize(answer: str | None) -> str | None:
-    from lmlab.eval.generative import normalize_answer
-
-    return normalize_answer(answer)
+    return gsm8k.normalize_answer(answer)
 
 
 def extract_strict(text: str) -> str | None:
-    from lmlab.eval.generative import extract_strict as gsm8k_strict
-
-    return gsm8k_strict(text)
+    return gsm8k.extract_strict(text)
 
 
 def extract_flexible(text: str) -> str | None:
-    from lmlab.eval.generative import extract_flexible as gsm8k_flexible
-
-    return gsm8k_flexible(text)
+    return gsm8k.extract_flexible(text)
 
 
 def check(text: str, problem: Problem) -> bool:
