@@ -256,13 +256,17 @@ def _what(path: Path, kind: str, verb: str) -> tuple[str, str] | None:
 
 
 def _suggest(out: Path, kind: str, verb: str, inputs: list[Path], suggest: Path | None) -> Path | None:
-    """A nearby out that the stage may write: `suggest`, or the verb's usual name next to `out`, made unique."""
+    """A nearby free out (absent or empty): `suggest`, or the verb's usual name next to `out`, made unique.
+
+    Free, not merely allowed: an existing artifact of the same stage could be replaced, but a
+    refusal should not point the user at something else they would lose."""
     above = _file_above(out)
     base = suggest or (above or out).parent / _OUT_NAME.get(verb, verb)
     for i in range(1, 10):
         cand = base if i == 1 else base.with_name(f"{base.name}-{i}")
         r = cand.resolve()
-        if (r != out.resolve() and _file_above(cand) is None and _what(cand, kind, verb) is None
+        free = not (cand.exists() or cand.is_symlink()) or (cand.is_dir() and not any(cand.iterdir()))
+        if (r != out.resolve() and _file_above(cand) is None and free
                 and not any(r == p or p.is_relative_to(r) for p in inputs)):
             return cand
     return None
