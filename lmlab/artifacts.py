@@ -185,6 +185,18 @@ def _legacy_model_verb(config: dict) -> str:
     return "dpo" if "beta" in config else "sft" if "init" in config else "pretrain"
 
 
+def manifest_verb(m: dict) -> str | None:
+    """The verb that made the artifact of manifest `m`: its `verb` field, or, for a model whose
+    manifest predates that field, the verb its config implies. None for other old manifests."""
+    verb = m.get("verb")
+    # A manifest older than the `verb` field: every kind but `model` has one verb, so the same
+    # kind is accepted as before (verb None). Three verbs make a model, and accepting any of
+    # them would let `lmlab sft` overwrite an old pretrain run, so its config tells which.
+    if verb is None and m.get("kind") == "model":
+        verb = _legacy_model_verb(m.get("config") or {})
+    return verb
+
+
 def _legacy_run_verb(path: Path) -> str | None:
     """The verb of an unfinished run made before run.json existed, from its newest checkpoint's settings."""
     for trainer in sorted(path.glob("checkpoints/step_*/trainer.json"), reverse=True):
@@ -205,13 +217,7 @@ def made_by(path: str | Path) -> tuple[str, str | None, bool] | None:
     path = Path(path)
     m = read_manifest(path)
     if m is not None:
-        verb = m.get("verb")
-        # A manifest older than the `verb` field: every kind but `model` has one verb, so the same
-        # kind is accepted as before (verb None). Three verbs make a model, and accepting any of
-        # them would let `lmlab sft` overwrite an old pretrain run, so its config tells which.
-        if verb is None and m.get("kind") == "model":
-            verb = _legacy_model_verb(m.get("config") or {})
-        return str(m.get("kind")), verb, True
+        return str(m.get("kind")), manifest_verb(m), True
     try:
         marker = json.loads((path / RUN_MARKER).read_text())
     except (OSError, ValueError):

@@ -121,3 +121,17 @@ def test_paired_difference_pairs_the_same_problems(tmp_path):
     assert d["diff"] == 0.0 and d["n"] == 4 and d["gained"] == 1 and d["lost"] == 1
     assert d["stderr"] == pytest.approx((2 / 3) ** 0.5 / 2)
     assert paired_difference(a, {"eval": str(tmp_path / "missing")}) is None
+
+
+def test_model_stage_reads_the_manifest_verb():
+    from lmlab.report.report import model_stage
+
+    # the verb decides, not config keys (a future stage's `beta` must not read as DPO)
+    assert model_stage({"kind": "model", "verb": "dpo", "config": {}}) == "DPO"
+    assert model_stage({"kind": "model", "verb": "sft", "config": {"beta": 0.1}}) == "SFT"
+    assert model_stage({"kind": "model", "verb": "grpo", "config": {"beta": 0.04, "init": "x"}}) == "GRPO"
+    assert model_stage({"kind": "model", "verb": "pretrain", "config": {}}) == "Base"
+    # manifests from before the verb was recorded: the config tells, as it did
+    assert model_stage({"kind": "model", "config": {"beta": 0.1, "init": "x"}}) == "DPO"
+    assert model_stage({"kind": "model", "config": {"init": "x"}}) == "SFT"
+    assert model_stage({"kind": "model", "config": {}}) == "Base"

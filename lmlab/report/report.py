@@ -162,14 +162,14 @@ def _first(found, kind):
     return items[0] if items else (None, None)
 
 
+_STAGE_OF_VERB = {"pretrain": "Base", "sft": "SFT", "dpo": "DPO"}
+
+
 def model_stage(m: dict) -> str:
-    """Which training stage made a model artifact: Base (pretrain), SFT or DPO."""
-    cfg = (m or {}).get("config") or {}
-    if "beta" in cfg:
-        return "DPO"
-    if "init" in cfg:
-        return "SFT"
-    return "Base"
+    """Which training stage made a model artifact, from the verb in its manifest: Base (pretrain),
+    SFT, DPO, or the verb in capitals for any other training stage."""
+    verb = artifacts.manifest_verb(m or {"kind": "model"}) or "pretrain"
+    return _STAGE_OF_VERB.get(verb, verb.upper())
 
 
 def _same(a, b) -> bool:
@@ -187,7 +187,7 @@ def _model_of_eval(found, eval_m) -> tuple[Path | None, dict | None]:
 def _label(kind: str, p: Path, m: dict, found) -> str:
     """Time-per-stage label: the verb, with the training stage for models and evals."""
     if kind == "model":
-        return {"Base": "pretrain", "SFT": "sft", "DPO": "dpo"}[model_stage(m)]
+        return artifacts.manifest_verb(m) or "pretrain"
     if kind == "eval":
         _, mm = _model_of_eval(found, m)
         return f"eval ({model_stage(mm).lower()})" if mm else "eval"
@@ -224,7 +224,7 @@ def run(cfg: Config) -> Path:
     found = discover(cfg.root, cfg.inputs, cfg.follow_inputs, skip=out)
     # Models and their evals read best in training order: base, SFT, DPO.
     rank = {s: i for i, s in enumerate(LADDER_ORDER)}
-    found.get("model", []).sort(key=lambda pm: (rank[model_stage(pm[1])], pm[1].get("created", "")))
+    found.get("model", []).sort(key=lambda pm: (rank.get(model_stage(pm[1]), 9), pm[1].get("created", "")))
     found.get("eval", []).sort(key=lambda pm: (rank.get(model_stage(_model_of_eval(found, pm[1])[1]), 9),
                                                pm[1].get("created", "")))
     if not found:
