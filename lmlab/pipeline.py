@@ -99,7 +99,7 @@ def _fmt_s(seconds: float) -> str:
 
 
 def run(cfg: Config) -> Path | None:
-    from lmlab.cli import STAGES
+    from lmlab.stages import STAGES
 
     if not cfg.stages:
         raise UserError("the pipeline has no stages; list them under `stages:` (see configs/pipelines/cpu.yaml)")

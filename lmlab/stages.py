@@ -1,0 +1,26 @@
+"""The verbs of `lmlab`: each stage's module (which has `Config` and `run(cfg)`) and a one-line summary.
+
+A plain table, importing nothing, so the CLI and the pipeline runner (which runs stages by
+verb) both read it without the pipeline importing the CLI.
+"""
+
+from __future__ import annotations
+
+# verb -> (module, one-line summary)
+STAGES: dict[str, tuple[str, str]] = {
+    "corpus": ("lmlab.data.corpus", "collect, clean, deduplicate and shard raw text"),
+    "tokenizer": ("lmlab.data.tokenizer", "train (or import) the tokenizer once, fingerprinted"),
+    "pack": ("lmlab.data.pack", "tokenize a corpus and pack it into fixed-length memmap shards"),
+    "pretrain": ("lmlab.train.pretrain", "train the LLaMA-style model on packed data"),
+    "tasks": ("lmlab.tasks.stage", "write the embedded verifiable tasks as SFT / DPO / test data files"),
+    "sft": ("lmlab.train.sft", "supervised finetuning on conversations: full or LoRA (PEFT)"),
+    "pairs": ("lmlab.tasks.pairs", "on-policy DPO pairs: sample a chat model on problems, the task checkers pick"),
+    "dpo": ("lmlab.train.dpo", "direct preference optimisation on chosen/rejected pairs"),
+    "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte on held-out data and text files, sample generations"),
+    "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),
+    "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
+    "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
+    "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
+    "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
+    "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
+}
