@@ -79,8 +79,7 @@ def test_kv_cache_left_padding_equals_unpadded():
     x = torch.randint(1, V, (1, 9))
     alone, _ = m(x)
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], 1)
-    cache = m.new_cache(1, 20)
-    cache.left_pad = torch.tensor([4])
+    cache = m.new_cache(1, 20, left_pad=[4])
     out = m(padded[:, :7], cache=cache)[0]
     rest = [m(padded[:, t:t + 1], cache=cache)[0] for t in range(7, 13)]
     got = torch.cat([out, *rest], 1)[:, 4:]

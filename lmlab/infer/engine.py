@@ -66,9 +66,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     for i, p in enumerate(prompts):
         idx[i, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
     idx = idx.to(device)
-    cache = model.new_cache(B, longest + max_new_tokens, device=device)
-    if min(lengths) != longest:
-        cache.left_pad = torch.tensor([longest - n for n in lengths], device=device)
+    cache = model.new_cache(B, longest + max_new_tokens, device=device, left_pad=[longest - n for n in lengths])
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -92,12 +90,9 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         if not keep or step == max_new_tokens - 1:
             return
         if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            sel = torch.tensor(keep, device=device)
-            cache.k, cache.v = cache.k.index_select(1, sel), cache.v.index_select(1, sel)
-            if cache.left_pad is not None:
-                cache.left_pad = cache.left_pad.index_select(0, sel)
+            cache.select(keep)
             rows = [rows[s] for s in keep]
-            nxt = nxt.index_select(0, sel)
+            nxt = nxt.index_select(0, torch.tensor(keep, device=device))
         logits, _ = model(nxt[:, None], cache=cache)
 
 

@@ -1,7 +1,7 @@
 """Models and their files on disk.
 
-A model directory holds `model.safetensors` (the weights), `model.json` (the resolved
-`ModelConfig`) and, for a trained run, `tokenizer/` and `manifest.json` (kind "model").
+A model directory holds `model.safetensors` (the weights), `model.json` (the model's
+family and its resolved config, lmlab.models.family) and, for a trained run, `tokenizer/` and `manifest.json` (kind "model").
 A chat model (from `sft`/`dpo`) also holds `chat.json` (`{"template": name}`). A LoRA run
 that was not merged holds `adapter/` (PEFT format) and `base.json` (`{"path", "format":
 "lmlab" | "hf"}`, the base model it adapts) instead of `model.safetensors`.
@@ -29,7 +29,7 @@ CHAT = "chat.json"
 
 
 def _unwrap(model):
-    """The plain Transformer behind torch.compile / DDP wrappers."""
+    """The plain model behind torch.compile / DDP wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
@@ -44,8 +44,9 @@ def save_model(model, out_dir: str | Path) -> None:
     model = _unwrap(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tied = bool(getattr(model.cfg, "tie_embeddings", False))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+             if not (tied and k == "lm_head.weight")}
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     try:
         # One metadata key only: safetensors writes the metadata map in a per-process hash order,
@@ -55,15 +56,16 @@ def save_model(model, out_dir: str | Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     from lmlab.artifacts import write_json_atomic
-    write_json_atomic(out / CONFIG, model.cfg.model_dump(mode="json"))
+    from lmlab.models.family import model_json
+    write_json_atomic(out / CONFIG, model_json(model))
 
 
 def load_weights(model_dir: str | Path, device: str | torch.device = "cpu"):
-    """Build the Transformer from `model.json` and fill it from `model.safetensors`."""
+    """Build the model of `model.json`'s family and fill it from `model.safetensors`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lmlab.models.transformer import Transformer, resolve_model_config
+    from lmlab.models.family import get_family, split_model_json
 
     d = Path(model_dir)
     if not d.is_dir():
@@ -73,18 +75,21 @@ def load_weights(model_dir: str | Path, device: str | torch.device = "cpu"):
         if not p.is_file():
             raise UserError(f"{p} is missing; {d} is not a model directory (expected {CONFIG} and {WEIGHTS})")
     try:
-        cfg = resolve_model_config(json.loads(cfg_path.read_text()))
+        family, fields = split_model_json(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); the model directory is damaged, re-export or retrain it") from None
+    fam = get_family(family)
+    cfg = fam.config(fields)
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{w_path} cannot be read ({e}); the file is damaged or incomplete, retrain or restore it") from None
-    model = Transformer(cfg)
-    if cfg.tie_embeddings:
+    model = fam.build(cfg)
+    tied = bool(getattr(cfg, "tie_embeddings", False))
+    if tied:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"{w_path} does not match {cfg_path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval()

@@ -24,7 +24,7 @@ splits them back into the Hugging Face layout on export.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -149,13 +149,28 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device, dtype):
+                 device, dtype, left_pad: Optional[Sequence[int]] = None):
         shape = (n_layer, batch, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
         self.left_pad: Optional[torch.Tensor] = None
+        if left_pad is not None and any(int(n) for n in left_pad):
+            if len(left_pad) != batch:
+                raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch}")
+            self.left_pad = torch.as_tensor(list(left_pad), dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences."""
+        sel = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k, self.v = self.k.index_select(1, sel), self.v.index_select(1, sel)
+        if self.left_pad is not None:
+            self.left_pad = self.left_pad.index_select(0, sel.to(self.left_pad.device))
 
     def reset(self) -> None:
         self.pos = 0
@@ -270,6 +285,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------- the model
 
 class Transformer(nn.Module):
+    """The `transformer` family (lmlab.models.family): a LLaMA-style decoder."""
+
+    family = "transformer"
+
     def __init__(self, cfg: ModelConfig | dict):
         super().__init__()
         cfg = resolve_model_config(cfg)
@@ -337,12 +356,24 @@ class Transformer(nn.Module):
 
     # --- cache
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the model attends over (RoPE positions trained): max_seq_len."""
+        return self.cfg.max_seq_len
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None,
+                  left_pad: Optional[Sequence[int]] = None) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` positions; `left_pad[i]` leading
+        slots of row i are padding (left-padded prompts): masked, and RoPE starts after them."""
         p = self.embed.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.head_dim,
-                       device or p.device, dtype or p.dtype)
+                       device or p.device, dtype or p.dtype, left_pad=left_pad)
 
     # --- forward
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output-head logits of final hidden states `h` (..., d_model) -> (..., vocab)."""
+        return self.lm_head(h)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 doc_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
@@ -355,6 +386,35 @@ class Transformer(nn.Module):
         cache: a KVCache; the tokens are appended at cache.pos and attend to everything before.
         return_logits=False with targets skips returning the (B, T, V) logits.
         last_only: compute logits for the last position only (prefill in generation).
+        """
+        x = self.hidden(idx, doc_ids=doc_ids, cache=cache)
+        if last_only:
+            x = x[:, -1:]
+        if targets is not None and not return_logits:
+            device = x.device
+            need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            h = x.reshape(-1, x.shape[-1])
+            w = self.lm_head.weight
+            if torch.is_autocast_enabled(device.type):  # the matmuls run in the autocast dtype
+                h = h.to(torch.get_autocast_dtype(device.type))
+            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad)
+            return None, loss
+        logits = self.logits(x)
+        loss = None
+        if targets is not None:
+            # .float() is a no-op in fp32 and keeps bf16 logits from losing precision in the
+            # log-sum-exp; cross_entropy's fused kernel never builds a softmax copy we keep.
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            if not return_logits:
+                logits = None
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
+               cache: Optional[KVCache] = None) -> torch.Tensor:
+        """idx (B, T) -> final hidden states (B, T, d_model), after the last norm: what `logits` reads.
+
+        doc_ids and cache as in `forward`.
         """
         B, T = idx.shape
         device = idx.device
@@ -402,27 +462,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        if targets is not None and not return_logits:
-            need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            h = x.reshape(-1, x.shape[-1])
-            w = self.lm_head.weight
-            if torch.is_autocast_enabled(device.type):  # the matmuls run in the autocast dtype
-                h = h.to(torch.get_autocast_dtype(device.type))
-            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad)
-            return None, loss
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # .float() is a no-op in fp32 and keeps bf16 logits from losing precision in the
-            # log-sum-exp; cross_entropy's fused kernel never builds a softmax copy we keep.
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            if not return_logits:
-                logits = None
-        return logits, loss
+        return self.norm(x)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from pydantic import Field, field_validator
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
+from lmlab.models.family import get_family
+from lmlab.models.transformer import ModelConfig, resolve_model_config
 from lmlab.runtime import hardware_summary, seed_everything
 from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, TrainConfig, as_data_specs, check_same_run,
                              resolve_total_steps, train)
@@ -197,7 +198,7 @@ def run(cfg: Config) -> Path:
         return out
 
     seed_everything(cfg.train.seed)
-    model = Transformer(model_cfg)
+    model = get_family("transformer").build(model_cfg)  # `model:` is a transformer ModelConfig today
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * (seq_len - 1)
     total_steps = resolve_total_steps(cfg.train, tokens_per_step, model.num_params())
     objective = PackedLM(train_sets, [s.weight for s in cfg.data], val_sets, cfg.train.batch_size, seq_len,

@@ -1,0 +1,112 @@
+"""Model families: the contract every family's model meets, and the registry that builds them.
+
+`model.json` names its family (`"family": "transformer"`; a file without the key is a
+transformer, as every model before families was). Stages never construct a model class
+themselves: `build_model(model_json)` and `load_model` go through `FAMILIES`, so a new family
+(Griffin, TRM) plugs in by adding an entry here and passing tests/test_family_conformance.py.
+
+The contract, as Protocols (checked by that suite for every registered family):
+
+    model.hidden(idx, doc_ids=None, cache=None) -> h (B, T, D)   final hidden states
+    model.logits(h) -> (B, T, V)                                 the output head (a fused loss,
+                                                                 completion-only logits and a
+                                                                 soft-capped head go through it)
+    model(idx, targets=None, *, doc_ids, cache, return_logits, last_only) -> (logits, loss)
+    model.new_cache(batch, max_len, device=None, dtype=None, left_pad=None) -> Cache
+    model.max_context  (int, or None when unbounded), model.num_params(), model.flops_per_token(T)
+    model.family, model.cfg (a pydantic config whose model_dump is the rest of model.json)
+
+    cache.pos, cache.max_len, cache.batch, cache.select(rows)    the engine's only operations
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from lmlab.errors import UserError
+
+DEFAULT_FAMILY = "transformer"
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """Decoding state a model builds for itself; the engine only reads `pos`/`batch` and selects rows."""
+
+    pos: int
+    max_len: int
+
+    @property
+    def batch(self) -> int: ...
+
+    def select(self, rows: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    family: str
+    cfg: Any
+
+    @property
+    def max_context(self) -> Optional[int]: ...
+
+    def hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
+               cache: Optional[Cache] = None) -> torch.Tensor: ...
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                doc_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
+                return_logits: bool = True, last_only: bool = False): ...
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None,
+                  left_pad: Optional[Sequence[int]] = None) -> Cache: ...
+
+    def num_params(self, non_embedding: bool = False) -> int: ...
+
+    def flops_per_token(self, seq_len: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build one family's model: `config(dict)` -> its config, `build(config)` -> the model."""
+
+    name: str
+    config: Callable[[dict], Any]
+    build: Callable[[Any], torch.nn.Module]
+    exports_hf: bool  # `lmlab export` writes a Hugging Face directory for it
+
+
+def _transformer() -> Family:
+    from lmlab.models.transformer import Transformer, resolve_model_config
+    return Family("transformer", resolve_model_config, Transformer, exports_hf=True)
+
+
+# name -> a function returning the Family (imported on first use, so `import lmlab.models` stays light)
+FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family '{name}'; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def split_model_json(data: dict) -> tuple[str, dict]:
+    """model.json's content -> (family name, the family's config fields)."""
+    data = dict(data)
+    return str(data.pop("family", DEFAULT_FAMILY)), data
+
+
+def build_model(data: dict) -> torch.nn.Module:
+    """A freshly initialised model from model.json's content (family + config)."""
+    name, fields = split_model_json(data)
+    fam = get_family(name)
+    return fam.build(fam.config(fields))
+
+
+def model_json(model) -> dict:
+    """What save_model writes to model.json: the family, then the resolved config."""
+    return {"family": getattr(model, "family", DEFAULT_FAMILY), **model.cfg.model_dump(mode="json")}
