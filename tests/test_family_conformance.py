@@ -67,6 +67,10 @@ def test_shapes_and_hidden_then_logits(model):
     torch.testing.assert_close(model.logits(h), logits, atol=ATOL, rtol=0)
     last, _ = model(x, last_only=True)
     torch.testing.assert_close(last, logits[:, -1:], atol=ATOL, rtol=0)
+    mask = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)) < 0.4
+    at, _ = model(x, logits_at=mask)  # logits at chosen positions only, row-major (DPO's completions)
+    assert at.shape == (int(mask.sum()), V)
+    torch.testing.assert_close(at, logits[mask], atol=ATOL, rtol=0)
     y = ids(3, 11, lo=0, seed=1)
     _, full = model(x, y)
     _, fused = model(x, y, return_logits=False)

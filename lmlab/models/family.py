@@ -11,7 +11,9 @@ The contract, as Protocols (checked by that suite for every registered family):
     model.logits(h) -> (B, T, V)                                 the output head (a fused loss,
                                                                  completion-only logits and a
                                                                  soft-capped head go through it)
-    model(idx, targets=None, *, doc_ids, cache, return_logits, last_only) -> (logits, loss)
+    model(idx, targets=None, *, doc_ids, cache, return_logits, last_only, logits_at) -> (logits, loss)
+                                                                 logits_at: a (B, T) bool mask ->
+                                                                 (n, V) logits at those positions
     model.new_cache(batch, max_len, device=None, dtype=None, left_pad=None) -> Cache
     model.max_context  (int, or None when unbounded), model.num_params(), model.flops_per_token(T)
     model.family, model.cfg (a pydantic config whose model_dump is the rest of model.json)
@@ -59,7 +61,8 @@ class LanguageModel(Protocol):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 doc_ids: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
-                return_logits: bool = True, last_only: bool = False): ...
+                return_logits: bool = True, last_only: bool = False,
+                logits_at: Optional[torch.Tensor] = None): ...
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None,
                   left_pad: Optional[Sequence[int]] = None) -> Cache: ...

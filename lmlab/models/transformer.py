@@ -377,7 +377,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 doc_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                return_logits: bool = True, last_only: bool = False):
+                return_logits: bool = True, last_only: bool = False,
+                logits_at: Optional[torch.Tensor] = None):
         """idx (B, T) -> (logits (B, T, V) or None, loss or None).
 
         targets: (B, T) next-token ids, -100 = ignored; loss is their mean cross entropy.
@@ -386,8 +387,14 @@ class Transformer(nn.Module):
         cache: a KVCache; the tokens are appended at cache.pos and attend to everything before.
         return_logits=False with targets skips returning the (B, T, V) logits.
         last_only: compute logits for the last position only (prefill in generation).
+        logits_at: a (B, T) bool mask: logits only at those positions, (n, V) in row-major
+          order (DPO's completion tokens); no targets with it.
         """
         x = self.hidden(idx, doc_ids=doc_ids, cache=cache)
+        if logits_at is not None:
+            if targets is not None or last_only:
+                raise ValueError("logits_at cannot be combined with targets or last_only")
+            return self.logits(x[logits_at]), None
         if last_only:
             x = x[:, -1:]
         if targets is not None and not return_logits:

@@ -295,37 +295,22 @@ def collate(pairs: Pairs, idx, pad_id: int, ref: np.ndarray | None = None) -> di
 
 # ----------------------------------------------------------------------------- the reference
 
-def _output_head(model) -> torch.nn.Linear | None:
-    """The plain output layer behind a PEFT / DDP wrapper; None under torch.compile or for other models."""
-    if hasattr(model, "_orig_mod"):
-        return None
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    m = getattr(m, "module", m)
-    head = getattr(m, "lm_head", None)
-    return head if isinstance(head, torch.nn.Linear) else None
-
-
 def completion_logps(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed log p(y) over targets != -100, and their count; logits only where needed.
 
     Prompt and padding positions need no logits. Completions are ~40% of the positions of a
     typical batch, and the output layer is a third of a small model's FLOPs (vocabulary 8192,
-    width 256) and its largest activation, so a forward pre-hook hands the output layer only
-    the hidden states of target positions: the model's forward then returns (n_targets, V)
-    logits, in row-major order like y[y != -100]. Same numbers as `sequence_logps` on the full
-    logits (tested). Under torch.compile, whose graphs do not follow a hook added per call,
-    the full logits are computed instead.
+    width 256) and its largest activation, so the model is asked for logits at the target
+    positions only (`logits_at`, part of the model contract, so it goes through a PEFT or
+    DDP wrapper's forward): (n_targets, V), in row-major order like y[y != -100]. Same numbers
+    as `sequence_logps` on the full logits (tested). Under torch.compile, where a mask of
+    varying size would recompile every batch, the full logits are computed instead.
     """
-    head = _output_head(model)
-    if head is None:
+    if hasattr(model, "_orig_mod"):
         logits, _ = model(x)
         return sequence_logps(logits, y)
     valid = y != -100
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][valid],))
-    try:
-        logits, _ = model(x)
-    finally:
-        handle.remove()
+    logits, _ = model(x, logits_at=valid)
     logits = logits.float()
     token_logps = logits.gather(-1, y[valid].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     rows = valid.nonzero()[:, 0]
