@@ -212,8 +212,10 @@ def test_policy_equals_reference_at_step_zero(micro):
         obj = dpo.PreferenceObjective(pairs, np.arange(len(pairs)), np.zeros(0, np.int64), ref, [1.0], cfg, 0)
         model.eval()
         with torch.no_grad():
-            value, n_tokens = obj.loss(model, obj.batch(0, 0))
-        assert value.item() == pytest.approx(expected, rel=1e-4) and n_tokens > 0
+            batch = obj.batch(0, 0)
+            total, n_pairs = obj.loss(model, batch)  # the loss summed over the pairs, and their number
+        assert total.item() / n_pairs == pytest.approx(expected, rel=1e-4)
+        assert n_pairs == batch["x"].shape[0] // 2 and obj.tokens(batch) == batch["n_tokens"] > 0
         metrics = obj.train_metrics()  # the means since the last call, then reset
         assert abs(metrics["rewards/margins"]) < 1e-4 and set(METRICS) == set(metrics)
         assert obj.train_metrics() == {}
@@ -224,7 +226,8 @@ def test_policy_equals_reference_at_step_zero(micro):
     idx = obj.pair_indices(0, 0)
     nll = -ref[idx, 0].sum() / ref[idx, 2].sum()
     with torch.no_grad():
-        assert obj.loss(model, obj.batch(0, 0))[0].item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+        total, n_pairs = obj.loss(model, obj.batch(0, 0))
+        assert total.item() / n_pairs == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
 
 
 def test_dpo_steps_raise_the_margin_on_training_pairs(micro, tmp_path):

@@ -455,7 +455,10 @@ class PreferenceObjective:
         # step never waits for them; train_metrics() reports their means.
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         self._train_pairs += losses.shape[0]
-        return losses.mean(), batch["n_tokens"]
+        return losses.sum(), losses.shape[0]  # the loop divides by the step's pairs
+
+    def tokens(self, batch: dict) -> int:
+        return batch["n_tokens"]
 
     def train_metrics(self) -> dict:
         """The train metrics (TRL names) as means over the pairs trained since the last call; then reset.

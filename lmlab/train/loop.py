@@ -11,7 +11,14 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
     objective.batch(step, micro) -> batch      # tensors (or dict/tuple of them); must be a
                                                # pure function of (step, micro): resume needs
                                                # nothing but the step
-    objective.loss(model, batch) -> (loss, n)  # mean loss (scalar tensor), tokens it covers
+    objective.loss(model, batch) -> (sum, n)   # the SUM of the micro-batch's loss terms (scalar
+                                               # tensor) and how many terms (a Python int: target
+                                               # tokens, pairs); the step's loss is the sum over its
+                                               # micro-batches divided by their total n, so every
+                                               # term weighs the same however they fall into
+                                               # micro-batches
+    objective.tokens(batch) -> int             # optional: tokens the micro-batch processes, for
+                                               # throughput and tokens_seen (default: n)
     objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
                                                # called under no_grad/eval()/autocast
     objective.epoch_tokens                     # optional: tokens in one pass over the data
@@ -262,6 +269,15 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
+def _divide_grads(model: torch.nn.Module, n: int) -> None:
+    """Turn the accumulated gradient of a loss sum into that of the mean over `n` terms."""
+    if n == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(n)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -435,6 +451,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     peak = peak_flops(device) if amp is not None else None
     epoch_tokens = getattr(objective, "epoch_tokens", None)
+    tokens_of = getattr(objective, "tokens", None)
     train_metrics = getattr(objective, "train_metrics", None)
     progress_metrics = getattr(objective, "progress_metrics", None) or {}
 
@@ -468,14 +485,21 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 lr = schedule(step)
                 set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), device=device)
-                step_tokens = 0
+                step_count, step_tokens = 0, 0
                 for micro in range(t.grad_accum):
                     batch = to_device(objective.batch(step, micro), device)
                     with autocast():
-                        loss, n_tokens = objective.loss(forward_model, batch)
-                    (loss / t.grad_accum).backward()
-                    loss_sum += loss.detach().float()
-                    step_tokens += int(n_tokens)
+                        micro_sum, micro_count = objective.loss(forward_model, batch)
+                    micro_count = int(micro_count)
+                    if micro_count:  # a micro-batch without loss terms adds nothing (and would be 0/0)
+                        micro_sum.backward()  # the sum's gradient: divided by the step's count below
+                        loss_sum += micro_sum.detach().float()
+                        step_count += micro_count
+                    step_tokens += int(tokens_of(batch)) if tokens_of is not None else micro_count
+                # The step's loss is the mean over all its loss terms (tokens, pairs), not the mean
+                # of the micro-batches' means, which would weight a micro-batch of 10 targets like
+                # one of 1,000 (torchtitan normalises the same way, over ranks too).
+                _divide_grads(model, max(step_count, 1))
                 # clip_grad_norm_ with an infinite max still returns the norm and scales by exactly 1.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                 optimizer.step()
@@ -504,7 +528,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                         bar.write(_budget_line(budget) + note, file=sys.stderr)
 
                 if done % cfg.log.every == 0 or done == total_steps:
-                    loss_value = loss_sum.item() / t.grad_accum  # .item() syncs the GPU: only at log steps
+                    loss_value = loss_sum.item() / max(step_count, 1)  # .item() syncs the GPU: only at log steps
                     now = time.perf_counter()
                     tps = interval_tokens / max(now - interval_t0, 1e-9)
                     interval_t0, interval_tokens = now, 0

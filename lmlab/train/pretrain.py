@@ -91,8 +91,8 @@ class PackedLM:
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        _, loss = model(x, y, return_logits=False)
-        return loss, y.numel()
+        _, loss = model(x, y, return_logits=False)  # the mean over every position (none is ignored)
+        return loss * y.numel(), y.numel()
 
     def evaluate(self, model, device) -> dict:
         """val_loss (nats/token), val_ppl and val_bpb over the first eval_batches batches of each val split."""

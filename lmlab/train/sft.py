@@ -231,7 +231,8 @@ class SFTObjective:
         x = torch.from_numpy(np.stack([rows.x[r, :width] for rows, r in picks]).astype(np.int64))
         y = torch.from_numpy(np.stack([rows.y[r, :width] for rows, r in picks]).astype(np.int64))
         doc = torch.from_numpy(np.stack([rows.doc[r, :width] for rows, r in picks]).astype(np.int64))
-        return {"x": x, "y": y, "doc": doc, "positions": int(sum(int(rows.used[r]) for rows, r in picks))}
+        return {"x": x, "y": y, "doc": doc, "positions": int(sum(int(rows.used[r]) for rows, r in picks)),
+                "targets": int((y != -100).sum())}  # counted here, on the CPU: no device sync
 
     def batch(self, step: int, micro: int) -> dict:
         # The loop evaluates right after step `step` finishes; remembering the step here is how
@@ -246,7 +247,13 @@ class SFTObjective:
         return model(b["x"], b["y"], doc_ids=doc, return_logits=False)[1]
 
     def loss(self, model, b: dict) -> tuple[torch.Tensor, int]:
-        return self.forward_loss(model, b), b["positions"]
+        """(summed cross entropy over the trained tokens, their count): the loop divides by the
+        step's total count, so a short reply's tokens weigh the same as a long one's."""
+        n = b["targets"]
+        return (self.forward_loss(model, b) * n if n else torch.zeros((), device=b["x"].device)), n
+
+    def tokens(self, b: dict) -> int:
+        return b["positions"]
 
     def trained_tokens(self, total_steps: int) -> tuple[int, int]:
         """(positions, trained targets) over a run of `total_steps` (from the row tables, no model)."""
