@@ -9,6 +9,8 @@ Layout of `RUN/checkpoints/step_000123/`:
     model.safetensors   model weights (tied weights stored once)
     optimizer.pt        optimizer.state_dict() (AdamW moments and step counts), torch.save
     trainer.json        step, tokens seen, RNG states, anything the loop wants back
+    NAME.pt             optional extra states (`objective.pt`: the objective's state_dict;
+                        `ema.pt`: the EMA of the weights), torch.save
     meta.json           {"step", "files": {name: sha256}} -- written last
 
 A checkpoint is built in a hidden temporary sibling (`.step_000123.tmp-PID`), every file is
@@ -84,8 +86,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep: int = 3) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+                    trainer_state: dict, keep: int = 3, extra: dict[str, object] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+
+    `extra` ({name: state}) adds `NAME.pt` files (torch.save; tensors, numbers, lists, dicts):
+    the objective's state and the EMA weights, verified and loaded with the rest.
+    """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -96,8 +102,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         st_save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}))
+        names = ["model.safetensors", "optimizer.pt", "trainer.json"]
+        for key, state in (extra or {}).items():
+            torch.save(state, tmp / f"{key}.pt")
+            names.append(f"{key}.pt")
         files = {}
-        for name in ("model.safetensors", "optimizer.pt", "trainer.json"):
+        for name in names:
             _fsync_file(tmp / name)
             files[name] = sha256_file(tmp / name)
         with open(tmp / "meta.json", "w") as f:
@@ -142,13 +152,21 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load weights (and optimizer state) in place; return the trainer state (with 'step')."""
+    """Load weights (and optimizer state) in place; return the trainer state (with 'step').
+
+    The `extra` states it holds come back under `state["extra_states"]` ({name: state})."""
     st_load_model(model, str(path / "model.safetensors"), strict=True)
     if optimizer is not None:
         state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         # load_state_dict casts moment tensors to each parameter's device and dtype.
         optimizer.load_state_dict(state)
-    return json.loads((path / "trainer.json").read_text())
+    trainer = json.loads((path / "trainer.json").read_text())
+    extra = {}
+    for f in sorted(path.glob("*.pt")):
+        if f.name != "optimizer.pt":
+            extra[f.stem] = torch.load(f, map_location="cpu", weights_only=True)
+    trainer["extra_states"] = extra
+    return trainer
 
 
 def find_resumable(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

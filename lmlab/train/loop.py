@@ -19,6 +19,24 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
                                                # micro-batches
     objective.tokens(batch) -> int             # optional: tokens the micro-batch processes, for
                                                # throughput and tokens_seen (default: n)
+    objective.before_step(model, step)         # optional: once per optimizer step, before its
+                                               # micro-batches, under no_grad with the model in
+                                               # eval mode: where GRPO generates its rollouts. Must
+                                               # depend only on (step, model, objective state)
+    objective.state_dict() / load_state_dict() # optional: state carried across steps (TRM's
+                                               # halting carry, a data cursor), saved in every
+                                               # checkpoint (objective.pt) so resume stays exact
+    objective.build_optimizer(model, train, device) -> torch.optim.Optimizer
+                                               # optional: instead of AdamW (TRM: sign-SGD for the
+                                               # puzzle embeddings); a param group's `lr_scale`
+                                               # multiplies the scheduled LR for that group
+    objective.frozen_models                    # optional: extra models (a reference, a reward
+                                               # model); the loop moves them to the device in eval
+                                               # mode without gradients, never trains or saves them
+
+`train.ema` keeps an EMA of the weights (lmlab.train.ema): updated after every optimizer step,
+used for every evaluation, checkpointed (ema.pt), and copied into the model at the end, so
+the stage saves the average.
     objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
                                                # called under no_grad/eval()/autocast
     objective.epoch_tokens                     # optional: tokens in one pass over the data
@@ -69,6 +87,7 @@ from lmlab.errors import Interrupted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
+from lmlab.train.ema import EMA
 from lmlab.train.logging import MetricsLogger, read_metrics
 from lmlab.train.optim import Schedule, build_optimizer, resolve_warmup, set_lr
 
@@ -93,6 +112,8 @@ class TrainConfig(Strict):
                                       "settings give; recorded in the checkpoints and the manifest "
                                       "(docs/training.md). A fractional warmup_steps is then a share of that "
                                       "maximum")
+    ema: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the weights "
+                              "with this decay (e.g. 0.999); evaluation and the saved model use it")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
     warmup_steps: int | float = Field(0.02, ge=0, description="linear warmup: a step count (int) or a "
@@ -398,7 +419,14 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     model.train()
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas, device)
+    for frozen in getattr(objective, "frozen_models", ()) or ():
+        frozen.to(device).eval().requires_grad_(False)
+    make_optimizer = getattr(objective, "build_optimizer", None)
+    optimizer = (make_optimizer(model, t, device) if make_optimizer is not None
+                 else build_optimizer(model, t.lr, t.weight_decay, t.betas, device))
+    ema = EMA(model, t.ema) if getattr(t, "ema", None) else None
+    before_step = getattr(objective, "before_step", None)
+    has_state = hasattr(objective, "state_dict") and hasattr(objective, "load_state_dict")
     # With a time budget total_steps is the maximum: a fractional warmup is a share of it, and the
     # steps before the resolution follow its schedule (inside the warmup: the same as any length's).
     max_steps = total_steps
@@ -428,6 +456,14 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
             resumed_from, state = found
             start_step, tokens_seen, train_time = state["step"], state["tokens"], state.get("train_time_s", 0.0)
             set_rng_state(state["rng"])
+            extra = state.get("extra_states", {})
+            if has_state and "objective" in extra:
+                objective.load_state_dict(extra["objective"])
+            if ema is not None:
+                if "ema" not in extra:
+                    raise UserError(f"{resumed_from} has no EMA state (written without train.ema); use another "
+                                    f"`out` or resume=never")
+                ema.load_state_dict(extra["ema"])
             if budget_min:
                 budget = state.get("budget")
                 probe_times = {int(k): float(v) for k, v in state.get("probe_times", [])}
@@ -466,11 +502,19 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     def evaluate(done: int) -> None:
         model.eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), (ema.applied(model) if ema is not None else contextlib.nullcontext()):
             metrics = objective.evaluate(forward_model, device)
         model.train()
         if metrics:
             log.write({"step": done, **metrics})
+
+    def extra_state() -> dict:
+        extra = {}
+        if has_state:
+            extra["objective"] = objective.state_dict()
+        if ema is not None:
+            extra["ema"] = ema.state_dict()
+        return extra
 
     bar = progress(total=total_steps, desc=desc, unit="step", initial=start_step)
     last_ckpt = start_step if start_step else None
@@ -484,6 +528,11 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 t0 = clock()
                 lr = schedule(step)
                 set_lr(optimizer, lr)
+                if before_step is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        before_step(model, step)
+                    model.train()
                 loss_sum = torch.zeros((), device=device)
                 step_count, step_tokens = 0, 0
                 for micro in range(t.grad_accum):
@@ -504,6 +553,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
                 probing = budget_min is not None and budget is None
                 if probing and device.type == "cuda":
                     torch.cuda.synchronize(device)  # time the step's work, not its launch
@@ -556,7 +607,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                     evaluate(done)
                 if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps \
                         or stop.requested:
-                    save_checkpoint(run_dir, done, model, optimizer, state_now(done), keep=cfg.checkpoint.keep)
+                    save_checkpoint(run_dir, done, model, optimizer, state_now(done), keep=cfg.checkpoint.keep,
+                                    extra=extra_state())
                     last_ckpt = done
                 if stop.requested:
                     raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in "
@@ -569,6 +621,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         bar.close()
         log.close()
 
+    if ema is not None:
+        ema.copy_to(model)  # the stage saves (and later stages use) the averaged weights
     lines = read_metrics(run_dir)
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
@@ -584,4 +638,6 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     }
     if budget is not None:
         summary["budget"] = budget
+    if ema is not None:
+        summary["ema"] = ema.decay
     return summary
