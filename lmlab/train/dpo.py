@@ -54,7 +54,7 @@ from lmlab.runtime import hardware_summary, pick_device, progress, seed_everythi
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
 from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, as_data_specs, autocast_dtype, check_same_run,
                               train)
-from lmlab.train.sft import Mixture, SFTTrainConfig
+from lmlab.train.finetune import FinetuneTrainConfig, Mixture
 
 KIND = "model"
 POSITIONAL = ("--config", "dpo config YAML (same as --config)")
@@ -63,7 +63,7 @@ REF_CACHE = "ref_logps.npy"
 REF_CACHE_META = "ref_logps.json"
 
 
-class DPOTrainConfig(SFTTrainConfig):
+class DPOTrainConfig(FinetuneTrainConfig):
     """SFT's TrainConfig (with `epochs`), DPO defaults. batch_size counts pairs (two sequences each)."""
 
     # DPO moves a trained model a little: TRL's default lr is 1e-6 for billion-parameter models;
@@ -395,7 +395,7 @@ def load_or_compute_reference(out: Path, model, pairs: Pairs, ref_fp: str, batch
 class PreferenceObjective:
     """DPO over weighted sources of tokenized pairs, with precomputed reference log-probs.
 
-    Pairs are drawn from the sources as SFT draws rows (`lmlab.train.sft.Mixture`): in blocks
+    Pairs are drawn from the sources as SFT draws rows (`lmlab.train.finetune.Mixture`): in blocks
     of as many pairs as there are training pairs, exact proportions by weight, every pair of
     a source seen once before any is seen twice. Pair slot g of the run is a pure function of
     (seed, g), so the batch of a step is a pure function of the step and resume is exact.
@@ -529,7 +529,7 @@ def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.data.formats import read_preferences
     from lmlab.models.lora import apply_lora, check_targets, param_counts
-    from lmlab.train.sft import data_fingerprint, load_init, report_skipped, write_outputs
+    from lmlab.train.finetune import data_fingerprint, load_init, report_skipped, write_outputs
 
     timer = artifacts.Timer()
     out = Path(cfg.out)
