@@ -292,4 +292,4 @@ def test_report_says_what_fit_the_budget(budgeted):
     m = json.loads((out / "manifest.json").read_text())
     rows = read_metrics(out)
     text = "\n".join(model_section(out, m, [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]))
-    assert "25 of at most 40 steps: what fit a 0.21-minute time budget at 0.5 s/step" in text
+    assert "25 of at most 40 steps: what fit a time budget of 0.21 min at 0.5 s/step" in text

@@ -502,7 +502,7 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
         rows.append(["steps", fmt_num(train[-1]["step"])])
         if stats.get("resolved_steps") and stats.get("time_budget_min"):
             rows.append(["run length", f"{stats['resolved_steps']:,} of at most {stats['max_steps']:,} steps: what fit "
-                                       f"a {stats['time_budget_min']:g}-minute time budget at "
+                                       f"a time budget of {stats['time_budget_min']:g} min at "
                                        f"{stats['measured_step_s']:.3g} s/step"])
         if stats.get("precision"):
             rows.append(["precision", stats["precision"]])
