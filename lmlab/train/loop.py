@@ -33,10 +33,6 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
     objective.frozen_models                    # optional: extra models (a reference, a reward
                                                # model); the loop moves them to the device in eval
                                                # mode without gradients, never trains or saves them
-
-`train.ema` keeps an EMA of the weights (lmlab.train.ema): updated after every optimizer step,
-used for every evaluation, checkpointed (ema.pt), and copied into the model at the end, so
-the stage saves the average.
     objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
                                                # called under no_grad/eval()/autocast
     objective.epoch_tokens                     # optional: tokens in one pass over the data
@@ -54,6 +50,10 @@ checkpoints are labelled with `done = step + 1`, the number of finished steps. A
 `checkpoint.every`, at the end, and on Ctrl-C). Because the batch, the LR and the RNG state
 are functions of the step, a run resumed from checkpoint N reproduces an uninterrupted run
 bit for bit on CPU (see docs/training.md for GPU caveats).
+
+`train.ema` keeps an EMA of the weights (lmlab.train.ema): updated after every optimizer step,
+used for every evaluation, checkpointed (ema.pt), and copied into the model at the end, so
+the stage saves the average.
 
 With `train.time_budget` (minutes), `total_steps` is a maximum: the loop times the first
 steps (`clock`, optimizer steps only), then fixes the length that fits the budget
