@@ -21,7 +21,7 @@ from lmlab import pipeline
 from lmlab.cli import main
 from lmlab.config import load_config
 from lmlab.errors import Interrupted, UserError
-from lmlab.train import dpo, loop, pretrain, sft
+from lmlab.train import budget, dpo, loop, pretrain, sft
 from lmlab.train.logging import read_metrics
 
 
@@ -187,15 +187,15 @@ def test_a_budget_needs_a_maximum_length(micro, tmp_path):
 
 
 def test_where_the_length_is_resolved():
-    assert loop.budget_resolve_at(50, 750) == 20  # the probe ends inside a long warmup
-    assert loop.budget_resolve_at(10, 750) == 10  # at the end of a shorter one
-    assert loop.budget_resolve_at(5, 750) == 5
-    assert loop.budget_resolve_at(4, 750) == 20  # too short to time 3 steps in: 20 steps, past it
-    assert loop.budget_resolve_at(0, 8) == 8  # never past the maximum
+    assert budget.budget_resolve_at(50, 750) == 20  # the probe ends inside a long warmup
+    assert budget.budget_resolve_at(10, 750) == 10  # at the end of a shorter one
+    assert budget.budget_resolve_at(5, 750) == 5
+    assert budget.budget_resolve_at(4, 750) == 20  # too short to time 3 steps in: 20 steps, past it
+    assert budget.budget_resolve_at(0, 8) == 8  # never past the maximum
     # the resolved length: what fits, at least the steps already taken, at most the maximum
-    assert loop.resolve_budget(1, {3: 0.5, 4: 1.5}, 750, 20)["resolved_steps"] == 60
-    assert loop.resolve_budget(1, {3: 100.0}, 750, 20)["resolved_steps"] == 20
-    assert loop.resolve_budget(1000, {3: 1.0}, 750, 20)["resolved_steps"] == 750
+    assert budget.resolve_budget(1, {3: 0.5, 4: 1.5}, 750, 20)["resolved_steps"] == 60
+    assert budget.resolve_budget(1, {3: 100.0}, 750, 20)["resolved_steps"] == 20
+    assert budget.resolve_budget(1000, {3: 1.0}, 750, 20)["resolved_steps"] == 750
 
 
 def test_sft_and_dpo_resolve_their_length_too(micro, tmp_path):
@@ -282,7 +282,7 @@ def test_the_cpu_pipeline_has_a_budget_and_expected_minutes():
     assert cfg.expected_minutes.cpu_bf16 and cfg.expected_minutes.cpu_fp32
     (train,) = [e.config["train"] for e in cfg.stages if e.stage == "pretrain"]
     assert train["steps"] == 750 and train["time_budget"] > 0
-    assert loop.budget_resolve_at(train["warmup_steps"], train["steps"]) <= train["warmup_steps"]
+    assert budget.budget_resolve_at(train["warmup_steps"], train["steps"]) <= train["warmup_steps"]
 
 
 def test_report_says_what_fit_the_budget(budgeted):

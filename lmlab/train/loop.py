@@ -57,7 +57,7 @@ the stage saves the average.
 
 With `train.time_budget` (minutes), `total_steps` is a maximum: the loop times the first
 steps (`clock`, optimizer steps only), then fixes the length that fits the budget
-(budget_resolve_at, resolve_budget), prints it and saves it in every later checkpoint, so a
+(lmlab.train.budget), prints it and saves it in every later checkpoint, so a
 resumed run keeps it; a run stopped before that point measures again.
 
 Parallelism stays out of this file except for one hook: `wrap_model` (identity today) is
@@ -85,6 +85,7 @@ from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import Interrupted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
+from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resolve_budget
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
 from lmlab.train.ema import EMA
@@ -211,50 +212,7 @@ def resolve_total_steps(t: TrainConfig, tokens_per_step: int, n_params: int) -> 
     return max(1, math.ceil(tokens / tokens_per_step))
 
 
-# The time budget (train.time_budget). The first PROBE_SKIP steps after each (re)start are not
-# timed (allocation, caches, torch.compile); the steps after them up to the resolution point
-# are, and their mean gives the length. See budget_resolve_at and docs/training.md.
-PROBE_SKIP = 2
-PROBE_STEPS = 20
-PROBE_MIN_TIMED = 3
-
 clock = time.perf_counter  # times the optimizer steps (tests replace it to inject a step time)
-
-
-def budget_resolve_at(warmup_steps: int, max_steps: int) -> int:
-    """After how many steps a time-budgeted run fixes its length.
-
-    At the end of the warmup when that comes before PROBE_STEPS and leaves PROBE_MIN_TIMED
-    timed steps, else at PROBE_STEPS; never past the maximum length. Until then the LR follows
-    the schedule of the maximum length. Warmup LRs do not depend on the length, so a probe
-    inside the warmup makes the run identical to a `train.steps=N` run (N = the resolved
-    length, N >= the warmup); a probe past a short warmup is still deterministic given N.
-    """
-    end = PROBE_STEPS
-    if PROBE_SKIP + PROBE_MIN_TIMED <= warmup_steps < end:
-        end = warmup_steps
-    return max(1, min(end, max_steps))
-
-
-def resolve_budget(budget_min: float, step_times: dict[int, float], max_steps: int, resolve_at: int) -> dict:
-    """The run length that fits `budget_min` minutes at the mean of `step_times` ({step: seconds}).
-
-    At least `resolve_at` (the steps already taken), at most `max_steps`. The returned record
-    goes into every later checkpoint (trainer.json) and the manifest stats.
-    """
-    step_s = sum(step_times.values()) / len(step_times)
-    fits = math.floor(budget_min * 60 / step_s) if step_s > 0 else max_steps
-    return {"time_budget_min": budget_min, "max_steps": max_steps,
-            "resolved_steps": max(resolve_at, min(max_steps, fits)),
-            "measured_step_s": round(step_s, 4), "probe_steps": [min(step_times), max(step_times)],
-            "timed_steps": len(step_times)}
-
-
-def _budget_line(budget: dict) -> str:
-    lo, hi = budget["probe_steps"]
-    span = f"steps {lo}-{hi}" if budget["timed_steps"] == hi - lo + 1 else f"{budget['timed_steps']} of steps {lo}-{hi}"
-    return (f"time budget {budget['time_budget_min']:g} min: measured {budget['measured_step_s']:.3g} s/step over "
-            f"{span} -> {budget['resolved_steps']} of {budget['max_steps']} steps")
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Matched by substring of the device name; the first
@@ -470,7 +428,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     if budget is not None:  # resolved before the checkpoint: keep that length, never re-measure
         total_steps = budget["resolved_steps"]
         schedule = make_schedule(total_steps)
-        print(f"{_budget_line(budget)} (resolved before the checkpoint)", file=sys.stderr)
+        print(f"{budget_line(budget)} (resolved before the checkpoint)", file=sys.stderr)
     elif budget_min and start_step >= resolve_at:
         raise UserError(f"{run_dir} has a checkpoint at step {start_step} without a resolved time budget (written "
                         f"by a run without train.time_budget); use another `out` or resume=never")
@@ -576,7 +534,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                         bar.total = total_steps
                         bar.refresh()
                         note = (f"; it ends inside the {warmup}-step warmup" if total_steps < warmup else "")
-                        bar.write(_budget_line(budget) + note, file=sys.stderr)
+                        bar.write(budget_line(budget) + note, file=sys.stderr)
 
                 if done % cfg.log.every == 0 or done == total_steps:
                     loss_value = loss_sum.item() / max(step_count, 1)  # .item() syncs the GPU: only at log steps
