@@ -163,12 +163,16 @@ class Tokenizer:
         if not texts:
             return []
         if self.type == "sentencepiece":
+            if len(texts) == 1:  # starting the thread pool costs ~20x a short text's encoding
+                return [self._backend.encode(texts[0], out_type=int)]
             # sentencepiece >= 0.2 encodes a list on its own C++ thread pool.
             return self._backend.encode(list(texts), out_type=int, num_threads=self._threads)
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos added); special tokens in text as in the module docstring."""
+        if self._split_re.search(text) is None:
+            return self._encode_plain([text])[0]
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
