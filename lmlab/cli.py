@@ -49,6 +49,8 @@ def run_stage(name: str, argv: list[str]):
     from lmlab.config import load_config
 
     module = _load_stage(name)
+    if hasattr(module, "main"):  # a verb with its own argument parsing (e.g. `lmlab slurm VERB ...`)
+        return module.main(argv)
     parser = build_stage_parser(name, module)
     # intermixed: `lmlab eval RUN --config F.yaml key=value` puts an option between positionals
     args = parser.parse_intermixed_args(argv)

@@ -16,3 +16,14 @@ class Interrupted(UserError):
     """Ctrl-C: the stage stopped cleanly; re-running the same command continues it."""
 
     exit_code = 130
+
+
+class Preempted(Interrupted):
+    """SIGTERM / SIGUSR1 (a SLURM time limit or preemption, torchrun stopping the workers):
+    every rank saved a checkpoint and the stage stopped; the same command continues it.
+
+    The exit code is EX_TEMPFAIL (75, "try again"): the generated sbatch scripts requeue the
+    job on it, and torchrun's `--max-restarts` restarts the workers on any non-zero code.
+    """
+
+    exit_code = 75

@@ -89,6 +89,7 @@ from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resol
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
 from lmlab.train.ema import EMA
+from lmlab.train.parallel_config import ParallelConfig
 from lmlab.train.logging import MetricsLogger, read_metrics
 from lmlab.train.optim import Schedule, build_optimizer, resolve_warmup, set_lr
 
@@ -98,7 +99,12 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1, description="micro-batch: rows per forward/backward pass")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step "
-                                                 "(rows per step = batch_size * grad_accum)")
+                                                 "(rows per step = batch_size * grad_accum, the global batch, "
+                                                 "whatever the number of processes)")
+    micro_batch: int | None = Field(None, ge=1, description="at most this many rows per forward pass per process "
+                                    "(a process's share of the global batch is then split into more "
+                                    "accumulation steps; the global batch and the result do not change); "
+                                    "null = batch_size rows, or fewer when several processes share it")
     seq_len: int | None = Field(None, ge=2, description="tokens per training row; packed rows are cut to "
                                 "row[:seq_len] (must be <= the packed seq_len; null = the packed seq_len). "
                                 "The model sees seq_len-1 positions (x=row[:-1], y=row[1:])")
@@ -163,7 +169,13 @@ class LogConfig(Strict):
 
 
 class RunOptions(Strict):
-    """What every training stage's config shares: checkpoints, metrics logging and resume."""
+    """What every training stage's config shares: checkpoints, logging, resume, parallelism, hardware."""
+
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="how the run spreads over "
+                                     "processes (torchrun / srun): ddp, fsdp, activation checkpointing")
+    hardware: str | None = Field(None, description="a hardware preset (configs/hardware/NAME.yaml: micro-batch, "
+                                 "dtype, compile, activation checkpointing, strategy) or auto (picked from the "
+                                 "detected device); values set in the config or on the command line win")
 
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     log: LogConfig = Field(default_factory=LogConfig, description="metrics logging")
@@ -213,6 +225,10 @@ def resolve_total_steps(t: TrainConfig, tokens_per_step: int, n_params: int) -> 
 
 
 clock = time.perf_counter  # times the optimizer steps (tests replace it to inject a step time)
+
+# Callables hook(step, metrics) run after every evaluation (rank 0's metrics, on every rank).
+# `lmlab sweep` reports the validation loss to Optuna here and raises to prune a trial.
+EVAL_HOOKS: list = []
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Matched by substring of the device name; the first
@@ -465,6 +481,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         model.train()
         if metrics:
             log.write({"step": done, **metrics})
+        for hook in EVAL_HOOKS:
+            hook(done, metrics)
 
     def extra_state() -> dict:
         extra = {}
