@@ -350,7 +350,7 @@ def _file_name(path) -> str:
 
 def _vet_generative(cfg: Config, inputs: dict) -> list[tuple]:
     """Read every problem and few-shot file up front (errors before any model work); record their sha256."""
-    from lmlab.eval.generative import read_problems
+    from lmlab.tasks.problems import read_problems
 
     out = []
     for i, spec in enumerate(cfg.generative):
@@ -369,20 +369,16 @@ def _vet_generative(cfg: Config, inputs: dict) -> list[tuple]:
 def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: Config, device, samples: list,
                      outcomes: list) -> list[dict]:
     from lmlab.eval.generative import score_generative
+    from lmlab.infer.prompting import resolve_template
 
-    template = None
-    if gen_inputs:
-        from lmlab.data.chat import check_template, load_chat_template
-
-        template = load_chat_template(model_dir)
     results = []
     for spec, problems, fewshot in gen_inputs:
-        use = template if spec.prompting in ("auto", "chat") else None
+        use = None  # prompting=fewshot, or auto for a base model (no chat.json)
+        if spec.prompting in ("auto", "chat"):
+            use = resolve_template(model_dir, tokenizer, default=None)
         if spec.prompting == "chat" and use is None:
             raise UserError(f"prompting=chat but {model_dir} has no chat.json (it is not an sft/dpo run); "
                             f"use prompting=fewshot or auto")
-        if use:
-            check_template(use, tokenizer)
         res = score_generative(model, tokenizer, problems, template=use, fewshot=fewshot,
                                n_shot=spec.chat_n_shot if use else spec.n_shot, n_samples=spec.n_samples, k=spec.k,
                                temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,

@@ -6,7 +6,8 @@
 
 The conversation history is kept and rendered with the template (lmlab.data.chat) on every
 turn; a reply ends at the template's end-of-turn token (`<|im_end|>` for chatml, eos for the
-others), at a stop string (the model starting the next turn) or after max_new_tokens.
+others), at a stop string (the model starting the next turn) or after max_new_tokens: the
+stops of lmlab.infer.prompting, which also holds back text that may be a stop's start.
 When the history no longer fits the model's context (leaving room for the reply), the
 oldest messages after the system message are dropped, and the chat says so.
 
@@ -43,50 +44,43 @@ class Config(Strict):
 def stream_reply(model, tokenizer, ids: list[int], template: str, cfg: Config, seed: int, device,
                  out=None) -> str:
     """Generate one reply to prompt `ids`, writing its text to `out` as it comes; returns it."""
-    from lmlab.data.chat import end_of_turn_ids, stop_strings
-    from lmlab.infer.engine import _cut_at_stop, generate_ids
+    from lmlab.infer.engine import generate_ids
+    from lmlab.infer.prompting import StopStream, chat_stops
+    from lmlab.infer.sampling import Sampling
 
     out = out or sys.stdout
-    ends = set(end_of_turn_ids(template, tokenizer))
-    stops = stop_strings(template)
-    hold = max(len(s) for s in stops) - 1  # chars that may be the start of a stop string
-    new: list[int] = []
-    printed = 0
-    budget = min(cfg.max_new_tokens, model.cfg.max_seq_len - len(ids))
-
-    def should_stop(_row: int, toks: list[int]) -> bool:
-        return toks[-1] in ends or any(s in tokenizer.decode(toks[-(hold + 9):]) for s in stops)
-
+    stops = chat_stops(template, tokenizer)
+    ends = set(stops.ids)
+    stream = StopStream(stops.strings, tokenizer)
+    s = Sampling.of(cfg, seed=seed)
+    budget = min(s.max_new_tokens, model.cfg.max_seq_len - len(ids))  # what the context has room for
     try:
-        for step in generate_ids(model, [ids], budget, cfg.temperature, cfg.top_k, cfg.top_p, eos_id=None, seed=seed,
-                                 device=device, pad_id=max(tokenizer.pad_id, 0), should_stop=should_stop):
+        for step in generate_ids(model, [ids], budget, s.temperature, s.top_k, s.top_p, eos_id=None,
+                                 seed=s.seed, device=device, pad_id=max(tokenizer.pad_id, 0)):
             t = step[0]
             if t is None or t in ends:
                 break
-            new.append(t)
-            text, stopped = _cut_at_stop(tokenizer.decode(new), stops)
-            safe = (text if stopped else text[:len(text) - hold]).rstrip("\ufffd")
-            if len(safe) > printed:
-                out.write(safe[printed:])
-                out.flush()
-                printed = len(safe)
+            out.write(stream.push_token(t))
+            out.flush()
+            if stream.stopped:  # leaving the loop ends the decoding
+                break
     except KeyboardInterrupt:
         out.write(" [stopped]")
-    text = _cut_at_stop(tokenizer.decode(new), stops)[0]
-    out.write(text[printed:] + "\n")
+    out.write(stream.finish() + "\n")
     out.flush()
-    return text.strip()
+    return stream.text.strip()
 
 
 def run(cfg: Config) -> list[dict]:
     """The REPL; returns the conversation as it stands when the chat ends."""
-    from lmlab.data.chat import DEFAULT_TEMPLATE, check_template, load_chat_template, prompt_ids
+    from lmlab.data.chat import check_template, prompt_ids
+    from lmlab.infer.prompting import resolve_template
     from lmlab.models import load_model
     from lmlab.runtime import pick_device
 
     if not cfg.model:
         raise UserError("no model given; run `lmlab chat RUN_DIR`")
-    template = cfg.template or load_chat_template(cfg.model) or DEFAULT_TEMPLATE
+    template = resolve_template(cfg.model, template=cfg.template)  # a bad name fails before the weights load
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.model, device=device)
     check_template(template, tokenizer)

@@ -1,10 +1,11 @@
 """The generation engine: batched KV-cache decoding with greedy or sampled tokens.
 
-    from lmlab.infer.engine import generate, generate_ids
+    from lmlab.infer.engine import complete, generate, generate_ids
     texts = generate(model, tokenizer, ["Once upon", "The"], max_new_tokens=50,
                      temperature=0.8, top_k=50, top_p=0.95, stop=["\\n\\n"], seed=0)
     for step in generate_ids(model, [tokenizer.encode("Hi")], max_new_tokens=20):
         print(step)                       # one new token id per row (None once a row is done)
+    texts = complete(model, tokenizer, [ids], Sampling(max_new_tokens=128), chat_stops("chatml", tokenizer))
 
 Prompts of different lengths are left-padded into one batch; the cache masks the padding
 and starts each row's RoPE positions after it, so a row decodes exactly as it would alone
@@ -12,9 +13,11 @@ and starts each row's RoPE positions after it, so a row decodes exactly as it wo
 each step feeds one token per live row. Rows that finish (EOS, a stop string, or the
 token budget) are dropped from the batch so they cost nothing afterwards.
 
-Sampling: temperature 0 is greedy; otherwise logits/temperature, then top-k, then top-p
-(nucleus: the smallest set of tokens whose probability reaches top_p), drawn with a
-`torch.Generator` seeded by `seed`, so the same call gives the same text.
+`generate` takes text prompts; `complete` takes token-id prompts (chat prompts, from
+lmlab.infer.prompting) with a `Sampling` and `Stops`, batching them by length. Both stop a
+row as soon as its text holds a stop string and cut the text there (prompting's
+`stop_checker` and `truncate_at_stop`, the rules every verb shares). The sampling step itself
+is lmlab.infer.sampling's `sample_next`.
 """
 
 from __future__ import annotations
@@ -23,25 +26,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from lmlab.infer.prompting import Stops, stop_checker, truncate_at_stop
+from lmlab.infer.sampling import Sampling, sample_next  # noqa: F401  (sample_next: part of this module's API)
 
 
 @torch.inference_mode()
@@ -96,11 +82,6 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
         logits, _ = model(nxt[:, None], cache=cache)
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def encode_prompt(tokenizer, text: str, add_bos: bool = True) -> list[int]:
     """Prompt ids: [bos] + encode(text) (as documents start in training); never empty."""
     ids = tokenizer.encode(text)
@@ -116,24 +97,45 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
 
     on_token(row, token_id) is called for every new token, e.g. to stream text as it comes.
     """
-    stop = [s for s in stop if s]
+    stops = Stops(tuple(stop))
     ids = [encode_prompt(tokenizer, p, add_bos) for p in prompts]
     eos = tokenizer.eos_id
-
-    def should_stop(row: int, new: list[int]) -> bool:
-        if not stop:
-            return False
-        # Only the tail can hold a newly completed stop string; decode enough of it.
-        tail = tokenizer.decode(new[-(max(map(len, stop)) + 8):])
-        return any(s in tail for s in stop)
-
     outs: list[list[int]] = [[] for _ in prompts]
     for step in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id=eos, seed=seed,
                              device=device, pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0,
-                             should_stop=should_stop):
+                             should_stop=stop_checker(tokenizer, stops, len(ids))):
         for row, t in enumerate(step):
             if t is not None and t != eos:
                 outs[row].append(t)
                 if on_token is not None:
                     on_token(row, t)
-    return [_cut_at_stop(tokenizer.decode(o), stop)[0] for o in outs]
+    return [truncate_at_stop(tokenizer.decode(o), stops.strings)[0] for o in outs]
+
+
+def complete(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Stops = Stops(),
+             batch_size: int = 32, device=None, bar=None) -> list[str]:
+    """Completions of token-id prompts (e.g. chat prompts), cut at the first stop string or stop id.
+
+    Prompts are decoded in batches of similar length (little padding); batch b samples with
+    seed `sampling.seed + b`, so the samples of one prompt repeated differ and a run repeats.
+    `bar` (a progress bar) advances by each batch's prompts.
+    """
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
+    ends = set(stops.ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: list[str] = [""] * len(prompts)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        rows = order[start:start + batch_size]
+        new: list[list[int]] = [[] for _ in rows]
+        for step in generate_ids(model, [prompts[i] for i in rows], sampling.max_new_tokens, sampling.temperature,
+                                 sampling.top_k, sampling.top_p, eos_id=eos, seed=sampling.seed + b, device=device,
+                                 pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0,
+                                 should_stop=stop_checker(tokenizer, stops, len(rows))):
+            for r, t in enumerate(step):
+                if t is not None and t != eos and t not in ends:
+                    new[r].append(t)
+        for r, i in enumerate(rows):
+            outs[i] = truncate_at_stop(tokenizer.decode(new[r]), stops.strings)[0]
+        if bar is not None:
+            bar.update(len(rows))
+    return outs

@@ -66,27 +66,18 @@ def _read_prompts(cfg: Config) -> list[str]:
 def _stream_one(model, tokenizer, prompt: str, cfg: Config, device) -> str:
     """Print the completion of one prompt token by token; returns it (stop strings cut)."""
     from lmlab.infer.engine import generate
+    from lmlab.infer.prompting import StopStream
 
-    hold = max((len(s) for s in cfg.stop), default=1) - 1  # chars that may be the start of a stop string
-    ids: list[int] = []
-    printed = 0
+    stream = StopStream(cfg.stop, tokenizer)  # shows nothing of a stop string, even one split across tokens
 
     def on_token(_row: int, t: int) -> None:
-        nonlocal printed
-        ids.append(t)
-        text = tokenizer.decode(ids)
-        cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
-        safe = text[:cut] if cut >= 0 else text[:len(text) - hold]
-        safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
-        if len(safe) > printed:
-            sys.stdout.write(safe[printed:])
-            sys.stdout.flush()
-            printed = len(safe)
+        sys.stdout.write(stream.push_token(t))
+        sys.stdout.flush()
 
     sys.stdout.write(prompt)
     completion = generate(model, tokenizer, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                           cfg.stop, cfg.seed, device, add_bos=cfg.add_bos, on_token=on_token)[0]
-    sys.stdout.write(completion[printed:] + "\n")
+    sys.stdout.write(stream.finish() + "\n")
     sys.stdout.flush()
     return completion
 

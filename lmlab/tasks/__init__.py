@@ -17,6 +17,8 @@ key (its arithmetic, or its set of numbers) and the hash alone decides the split
 problem's content can never be generated for training, whatever the seed or count.
 The `tasks` stage (lmlab/tasks/stage.py) writes them as SFT / DPO / test / few-shot files;
 the `pairs` stage (lmlab/tasks/pairs.py) turns a chat model's own samples into DPO pairs.
+lmlab/tasks/problems.py reads GSM8K-format problem files and holds each record's answer
+rules and the prompt that asks a model one, for `lmlab eval` and `lmlab pairs` alike.
 """
 
 from __future__ import annotations

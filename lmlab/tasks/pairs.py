@@ -10,10 +10,11 @@ replies, the others rejected ones. Unlike the synthetic pairs of `lmlab tasks`
 (dpo_train.jsonl: the reference with one arithmetic slip), the rejected replies are the
 model's own mistakes, so DPO pushes probability away from what it actually gets wrong.
 
-Sampling uses exactly the evaluation's chat prompt (lmlab.eval.generative: `build_prompt`
-with the model's template, zero-shot, the question as the user turn; `complete` stops at the
-end of turn), and the answer is read with the evaluation's strict extraction (`#### N`; a
-`sort` answer as its list), so "correct" means what exact match means in `lmlab eval`.
+Sampling uses exactly the evaluation's chat prompt and stops (lmlab.tasks.problems:
+`build_prompt` with the model's template, zero-shot, the question as the user turn;
+`problem_stops`, the template's end of turn), and the answer is read with the evaluation's
+strict extraction (`answer_rules`: `#### N`; a `sort` answer as its list), so "correct" means
+what exact match means in `lmlab eval`.
 
 Per problem, up to `pairs_per_problem` pairs (`select_pairs`):
   chosen    a distinct correct sample (cycled when there are fewer than pairs); with none,
@@ -119,14 +120,13 @@ def default_out(model_dir: str | Path) -> Path:
 
 
 def _resolve_template(cfg: Config, model_dir: Path, tokenizer) -> str:
-    from lmlab.data.chat import check_template, load_chat_template
+    from lmlab.infer.prompting import resolve_template
 
-    template = cfg.template or load_chat_template(model_dir)
+    template = resolve_template(model_dir, tokenizer, cfg.template, default=None)
     if template is None:
         raise UserError(f"{model_dir} has no chat template (no chat.json: it is not an sft/dpo run); on-policy "
                         f"pairs sample a chat model: finetune it first (`lmlab sft init={model_dir} ...`) and "
                         f"pass the sft run, or set template=chatml if it was trained with one")
-    check_template(template, tokenizer)
     return template
 
 
@@ -134,7 +134,7 @@ def _resolve_template(cfg: Config, model_dir: Path, tokenizer) -> str:
 
 def run(cfg: Config) -> Path:
     from lmlab.data.tokenizer import Tokenizer
-    from lmlab.eval.generative import read_problems
+    from lmlab.tasks.problems import read_problems
 
     if not cfg.model:
         raise UserError("no model given: pass a chat model run dir, e.g. `lmlab pairs runs/x/sft "
@@ -197,20 +197,27 @@ def run(cfg: Config) -> Path:
     return out
 
 
+def problem_prompts(tokenizer, problems: list[dict], template: str, budget: int) -> list[list[int]]:
+    """Each problem's prompt ids: the evaluation's zero-shot chat prompt, within `budget` tokens."""
+    from lmlab.tasks.problems import build_prompt
+
+    return [build_prompt(tokenizer, p, template, (), 0, budget)[0] for p in problems]
+
+
 def sample(model, tokenizer, problems: list[dict], template: str, cfg: Config, device) -> list[list[str]]:
     """`n_samples` completions per problem, prompted and stopped exactly as `lmlab eval` prompts a chat model."""
-    from lmlab.data.chat import end_of_turn_ids, stop_strings
-    from lmlab.eval.generative import build_prompt, complete
+    from lmlab.infer.engine import complete
+    from lmlab.infer.sampling import Sampling
     from lmlab.runtime import progress
+    from lmlab.tasks.problems import problem_stops
 
     ctx = int(model.cfg.max_seq_len)
-    prompts = [build_prompt(tokenizer, p, template, (), 0, ctx - cfg.max_new_tokens)[0] for p in problems]
+    prompts = problem_prompts(tokenizer, problems, template, ctx - cfg.max_new_tokens)
     rep = [ids for ids in prompts for _ in range(cfg.n_samples)]
     was_training = model.training
     model.eval()
     with progress(len(rep), "pairs", "completion") as bar:
-        flat = complete(model, tokenizer, rep, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                        stop_strings(template), end_of_turn_ids(template, tokenizer), cfg.seed, cfg.batch_size,
+        flat = complete(model, tokenizer, rep, Sampling.of(cfg), problem_stops(template, tokenizer), cfg.batch_size,
                         device, bar)
     model.train(was_training)
     n = cfg.n_samples
@@ -219,7 +226,7 @@ def sample(model, tokenizer, problems: list[dict], template: str, cfg: Config, d
 
 def build_pairs(problems: list[dict], samples: list[list[str]], cfg: Config) -> tuple[list[dict], list[dict], dict]:
     """(pair records, sample records, stats) from each problem's samples."""
-    from lmlab.eval.generative import answer_rules
+    from lmlab.tasks.problems import answer_rules
 
     pairs: list[dict] = []
     records: list[dict] = []
