@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-from lmlab.errors import UserError
+from lmlab.errors import Interrupted, UserError
 from lmlab.stages import STAGES
 
 
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stage(argv[0], argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from lmlab.dist import error_stream
+
+        stream, prefix = error_stream()
+        if not (prefix and isinstance(e, Interrupted)):  # rank 0 already said where the checkpoint is
+            print(f"{prefix}error: {e}", file=stream)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted: stopped cleanly; run the same command again to continue.", file=sys.stderr)

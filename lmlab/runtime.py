@@ -87,5 +87,6 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kw) -
     """A progress bar on stderr with rate and ETA; refreshes rarely when stderr is not a terminal."""
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                mininterval=0.2 if tty else 15.0, disable=os.environ.get("LMLAB_NO_PROGRESS") == "1",
+                mininterval=0.2 if tty else 15.0,
+                disable=kw.pop("disable", False) or os.environ.get("LMLAB_NO_PROGRESS") == "1",
                 unit_scale=kw.pop("unit_scale", False), **kw)

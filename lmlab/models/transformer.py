@@ -390,11 +390,13 @@ class Transformer(nn.Module):
         logits_at: a (B, T) bool mask: logits only at those positions, (n, V) in row-major
           order (DPO's completion tokens); no targets with it.
         """
-        x = self.hidden(idx, doc_ids=doc_ids, cache=cache)
+        # forward uses the private bodies of `hidden` and `logits`: a wrapper that hooks each
+        # public entry point (FSDP2's register_fsdp_forward_method) then never nests its hooks.
+        x = self._hidden(idx, doc_ids=doc_ids, cache=cache)
         if logits_at is not None:
             if targets is not None or last_only:
                 raise ValueError("logits_at cannot be combined with targets or last_only")
-            return self.logits(x[logits_at]), None
+            return self.lm_head(x[logits_at]), None
         if last_only:
             x = x[:, -1:]
         if targets is not None and not return_logits:
@@ -406,7 +408,7 @@ class Transformer(nn.Module):
                 h = h.to(torch.get_autocast_dtype(device.type))
             loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad)
             return None, loss
-        logits = self.logits(x)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # .float() is a no-op in fp32 and keeps bf16 logits from losing precision in the
@@ -423,6 +425,10 @@ class Transformer(nn.Module):
 
         doc_ids and cache as in `forward`.
         """
+        return self._hidden(idx, doc_ids=doc_ids, cache=cache)
+
+    def _hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T = idx.shape
         device = idx.device
         mask = None

@@ -13,6 +13,14 @@ Layout of `RUN/checkpoints/step_000123/`:
                         `ema.pt`: the EMA of the weights), torch.save
     meta.json           {"step", "files": {name: sha256}} -- written last
 
+A run on several processes (`torchrun`, DDP or FSDP2) writes `dcp/` instead of
+`model.safetensors` + `optimizer.pt`: a torch.distributed.checkpoint of the model and
+optimizer state, each rank writing its own shards (a sharded 2B model never gathers on one
+rank); replicated DDP state is written once. trainer.json, the extra states and meta.json
+come from rank 0. DCP reshards on load, so a checkpoint saved on 4 processes resumes on 2
+or on 1 (a plain process reads it without a process group). A one-process checkpoint
+resumes on several DDP processes; under FSDP it does not (it would need gathering on load).
+
 A checkpoint is built in a hidden temporary sibling (`.step_000123.tmp-PID`), every file is
 fsynced, then the directory is renamed into place: a crash, `kill -9` or a full disk
 mid-write leaves the previous checkpoints untouched. On resume each candidate is checked
@@ -28,12 +36,14 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from lmlab import dist as lmdist
 from lmlab.artifacts import disk_error, sha256_file
 from lmlab.errors import UserError
 
@@ -90,8 +100,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     """Write checkpoint `step` atomically, then delete all but the newest `keep`.
 
     `extra` ({name: state}) adds `NAME.pt` files (torch.save; tensors, numbers, lists, dicts):
-    the objective's state and the EMA weights, verified and loaded with the rest.
+    the objective's state and the EMA weights, verified and loaded with the rest. In a
+    process group every rank must call it (the sharded `dcp/` format, see the module doc).
     """
+    if lmdist.world() > 1:
+        return _save_sharded(run_dir, step, model, optimizer, trainer_state, keep, extra)
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -106,19 +119,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         for key, state in (extra or {}).items():
             torch.save(state, tmp / f"{key}.pt")
             names.append(f"{key}.pt")
-        files = {}
-        for name in names:
-            _fsync_file(tmp / name)
-            files[name] = sha256_file(tmp / name)
-        with open(tmp / "meta.json", "w") as f:
-            json.dump({"step": step, "files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # e.g. a corrupt checkpoint of this step that resume skipped
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _seal(tmp, final, step, names)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(e, final) from None
@@ -126,6 +127,67 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prune_checkpoints(run_dir, keep)
+    return final
+
+
+def _seal(tmp: Path, final: Path, step: int, names: list[str]) -> None:
+    """fsync and hash every file, write meta.json last, rename the directory into place."""
+    files = {}
+    for name in names:
+        _fsync_file(tmp / name)
+        files[name] = sha256_file(tmp / name)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # e.g. a corrupt checkpoint of this step that resume skipped
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _save_sharded(run_dir, step, model, optimizer, trainer_state, keep, extra) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_dir(run_dir, step)
+    # One temporary name for all ranks (rank 0's pid), on the shared filesystem DCP needs.
+    tmp = final.with_name(f".{final.name}.tmp-{lmdist.broadcast_object(os.getpid())}")
+    main = lmdist.is_main()
+    ok = True
+    try:
+        if main:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        lmdist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        lmdist.barrier()  # every rank's shards are written
+        if main:
+            (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}))
+            names = ["trainer.json"]
+            for key, state in (extra or {}).items():
+                torch.save(state, tmp / f"{key}.pt")
+                names.append(f"{key}.pt")
+            names += sorted(str(p.relative_to(tmp)) for p in (tmp / "dcp").rglob("*") if p.is_file())
+            _seal(tmp, final, step, names)
+    except OSError as e:
+        ok = False
+        error = disk_error(e, final)
+    finally:
+        if main and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    flags = lmdist.all_reduce_(torch.tensor([0 if ok else 1]), "max")
+    if not ok:
+        raise error from None
+    if flags.item():
+        raise UserError(f"another rank could not write its part of checkpoint {final}; see that rank's error")
+    if main:
+        prune_checkpoints(run_dir, keep)
+    lmdist.barrier()
     return final
 
 
@@ -155,11 +217,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Load weights (and optimizer state) in place; return the trainer state (with 'step').
 
     The `extra` states it holds come back under `state["extra_states"]` ({name: state})."""
-    st_load_model(model, str(path / "model.safetensors"), strict=True)
-    if optimizer is not None:
-        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        # load_state_dict casts moment tensors to each parameter's device and dtype.
-        optimizer.load_state_dict(state)
+    if (path / "dcp").is_dir():
+        _load_sharded(path, model, optimizer)
+    else:
+        _load_full(path, model, optimizer)
     trainer = json.loads((path / "trainer.json").read_text())
     extra = {}
     for f in sorted(path.glob("*.pt")):
@@ -169,6 +230,31 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return trainer
 
 
+def _load_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # DCP reads whatever shards it needs for this process's parameters: resharding is free.
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd, **({"optim": optim_sd} if optimizer is not None else {})}
+    with warnings.catch_warnings():  # a one-process resume of a sharded checkpoint is what we mean
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+
+
+def _load_full(path: Path, model, optimizer) -> None:
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise UserError(f"{path} was saved by a one-process run; it resumes on one process or under "
+                        f"parallel.strategy=ddp, not fsdp (use ddp to continue it, or resume=never)")
+    st_load_model(model, str(path / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        # load_state_dict casts moment tensors to each parameter's device and dtype.
+        optimizer.load_state_dict(state)
+
+
 def find_resumable(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                    warn=lambda msg: print(msg, file=sys.stderr)) -> tuple[Path, dict] | None:
     """Load the newest checkpoint that verifies and loads; warn about each one that does not.
@@ -176,15 +262,23 @@ def find_resumable(run_dir: str | Path, model: torch.nn.Module, optimizer: torch
     Returns (path, trainer_state), or None when the run has no checkpoints. Raises UserError
     when checkpoints exist but none is usable.
     """
-    candidates = list_checkpoints(run_dir)
+    candidates = lmdist.broadcast_object(list_checkpoints(run_dir))
     bad = []
     for step, path in reversed(candidates):
-        reason = verify_checkpoint(path)
+        # Rank 0 hashes the files (once, not once per rank); every rank then loads its part, and
+        # all fall back together when any rank's load fails.
+        reason = lmdist.broadcast_object(verify_checkpoint(path) if lmdist.is_main() else None)
         if reason is None:
             try:
-                return path, load_checkpoint(path, model, optimizer)
+                state = load_checkpoint(path, model, optimizer)
+                error = None
+            except UserError:
+                raise
             except Exception as e:  # a file that hashes right but does not load (e.g. wrong shapes)
-                reason = f"{path} could not be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                state, error = None, f"{path} could not be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            reason = next((r for r in lmdist.gather_objects(error) if r is not None), None)
+            if reason is None:
+                return path, state
         bad.append(reason)
         warn(f"warning: checkpoint step {step} is unusable: {reason}; trying an older one")
     if bad:

@@ -50,10 +50,10 @@ from lmlab import artifacts
 from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
-from lmlab.runtime import hardware_summary, pick_device, progress, seed_everything
+from lmlab.runtime import pick_device, progress, seed_everything
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
-from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, as_data_specs, autocast_dtype, check_same_run,
-                              train)
+from lmlab.train.loop import EvalConfig, RunOptions, as_data_specs, autocast_dtype
+from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun, first_on_main
 from lmlab.train.finetune import FinetuneTrainConfig, Mixture
 
 KIND = "model"
@@ -425,13 +425,15 @@ class PreferenceObjective:
         self._train_sums: torch.Tensor | None = None
         self._train_pairs = 0
 
-    def pair_indices(self, step: int, micro: int) -> np.ndarray:
+    def pair_indices(self, step: int, micro: int, rows: slice | None = None) -> np.ndarray:
         g0 = (step * self.grad_accum + micro) * self.batch_size
-        picks = (self.mix.locate(g) for g in range(g0, g0 + self.batch_size))
+        slots = range(g0, g0 + self.batch_size)
+        picks = (self.mix.locate(g) for g in (slots[rows] if rows is not None else slots))
         return np.array([self.by_source[d][r] for d, r in picks])
 
-    def batch(self, step: int, micro: int) -> dict:
-        return collate(self.pairs, self.pair_indices(step, micro), self.pad_id, self.ref)
+    def batch(self, step: int, micro: int, rows: slice | None = None) -> dict:
+        # rows: a slice of the micro-batch's pairs (each pair is a chosen and a rejected row)
+        return collate(self.pairs, self.pair_indices(step, micro, rows), self.pad_id, self.ref)
 
     def _losses(self, model, batch: dict):
         sums, counts = completion_logps(model, batch["x"], batch["y"])
@@ -531,12 +533,12 @@ def run(cfg: Config) -> Path:
     from lmlab.models.lora import apply_lora, check_targets, param_counts
     from lmlab.train.finetune import data_fingerprint, load_init, report_skipped, write_outputs
 
-    timer = artifacts.Timer()
-    out = Path(cfg.out)
+    run = TrainingRun(cfg, "dpo", KIND)
+    cfg, out, timer = run.cfg, run.out, run.timer
     if not cfg.data:
         raise UserError("no preference data: set data=PATH (jsonl with prompt/chosen/rejected, e.g. "
                         "runs/tasks/dpo_train.jsonl) or data=[{hf: Anthropic/hh-rlhf, split: train}]")
-    artifacts.check_out(out, KIND, "dpo", inputs={"init model": cfg.init})  # before the init model loads
+    run.check_out(inputs={"init model": cfg.init})  # before the init model loads
     # Everything the user can get wrong is checked before `out` is touched.
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
@@ -550,12 +552,10 @@ def run(cfg: Config) -> Path:
         raise UserError(f"max_len={max_len} is longer than the model's context (max_seq_len={max_seq}); "
                         f"set max_len<={max_seq}")
 
-    config = {**cfg.model_dump(mode="json"), "template": template}
-    fp_config = {k: v for k, v in config.items() if k != "resume"}
+    run.config = {**run.config, "template": template}
     inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
               **{f"data_{i}": {"path": s.name(), "fingerprint": data_fingerprint(s)} for i, s in enumerate(cfg.data)}}
-    fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if finished_run(out, fp, "dpo"):
+    if run.up_to_date(inputs):
         return out
 
     with timer("data"):
@@ -595,16 +595,16 @@ def run(cfg: Config) -> Path:
                      "max_len": max_len, "truncation": cfg.truncation, "beta": cfg.beta, "loss": cfg.loss,
                      "label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha,
                      "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
-                     "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps}
-    if cfg.resume == "auto":
-        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    artifacts.start_run(out, KIND, "dpo")  # marks out as this verb's unfinished run, removes the manifest
+                     "train": t.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS), "total_steps": total_steps}
+    run.start(resume_config)
 
     seed_everything(t.seed)  # the LoRA A init draws from it
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     with timer("reference"):
-        ref, reused = load_or_compute_reference(out, model, pairs, ref_fp, 2 * t.batch_size, device, amp)
+        # rank 0 computes and caches the reference; the other processes then read the cache
+        ref, reused = first_on_main(lambda: load_or_compute_reference(out, model, pairs, ref_fp, 2 * t.batch_size,
+                                                                      device, amp))
     print(f"dpo: reference log-probs {'reused from' if reused else 'computed and cached in'} {out / REF_CACHE}",
           file=sys.stderr)
     objective = PreferenceObjective(pairs, train_idx, val_idx, ref, weights, cfg, pad_id)
@@ -615,11 +615,7 @@ def run(cfg: Config) -> Path:
           f"val pairs; loss {cfg.loss}, beta {cfg.beta}; {total_steps} steps x {t.batch_size * t.grad_accum} pairs"
           f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} "
           f"-> {out}", file=sys.stderr)
-    with timer("train"):
-        summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
-                        desc="dpo")
-    with timer("save"):
-        write_outputs(out, model, tokenizer, cfg.model_copy(update={"template": template}), init_format)
+    summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config, desc="dpo")
 
     final = summary["final_eval"]
     total_steps = summary["steps"]  # with a time budget: the resolved length
@@ -646,15 +642,11 @@ def run(cfg: Config) -> Path:
         "final_val_metrics": {k: final[f"val_{k}"] for k in METRICS if f"val_{k}" in final},
         "reference_reused": reused,
         "reference_time_s": timer.timings.get("reference"),
-        "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
         "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
-        **summary.get("budget", {}),
-        "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="dpo", tokenizer_sha256=tokenizer.sha256,
-                             timings=timer.total(), stats=stats)
+    run.finish(lambda m: write_outputs(out, m, tokenizer, cfg.model_copy(update={"template": template}), init_format),
+               stats, inputs, tokenizer.sha256, summary)
     shown = stats["final_val_metrics"] or stats["final_train_metrics"]
     extra = (f", reward margin {shown['rewards/margins']:.4f}, accuracy {shown['rewards/accuracies']:.2f}"
              f" ({'val' if stats['final_val_metrics'] else 'train'})" if shown else "")

@@ -8,9 +8,13 @@ owns everything that is the same for every objective: device and mixed precision
 AdamW and the LR schedule, gradient accumulation and clipping, eval cadence, checkpoints
 and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its data and loss:
 
-    objective.batch(step, micro) -> batch      # tensors (or dict/tuple of them); must be a
-                                               # pure function of (step, micro): resume needs
-                                               # nothing but the step
+    objective.batch(step, micro, rows=None) -> batch
+                                               # tensors (or dict/tuple of them) of canonical
+                                               # micro-batch `micro` (train.batch_size rows), or
+                                               # only its rows[slice] when several processes
+                                               # share it or train.micro_batch cuts it
+                                               # (lmlab.train.batching); a pure function of its
+                                               # arguments: resume needs nothing but the step
     objective.loss(model, batch) -> (sum, n)   # the SUM of the micro-batch's loss terms (scalar
                                                # tensor) and how many terms (a Python int: target
                                                # tokens, pairs); the step's loss is the sum over its
@@ -60,13 +64,22 @@ steps (`clock`, optimizer steps only), then fixes the length that fits the budge
 (lmlab.train.budget), prints it and saves it in every later checkpoint, so a
 resumed run keeps it; a run stopped before that point measures again.
 
-Parallelism stays out of this file except for one hook: `wrap_model` (identity today) is
-where a DDP/FSDP wrap goes, next to torch.compile.
+Several processes (torchrun, srun; lmlab.dist): the model is wrapped by
+lmlab.train.parallelize (DDP or FSDP2, activation checkpointing, compile); each process
+computes its share of the same global batch (lmlab.train.batching), the loss sum, its count
+and a stop flag are all-reduced once per step, so the gradient is that of the mean over the
+global batch's loss terms whatever the number of processes. Every process evaluates the
+same batches (the same metrics on each); rank 0 alone writes metrics, progress and the
+checkpoint's trainer state, while every rank writes its shards (lmlab.train.checkpoint).
+SIGTERM and SIGUSR1 (SLURM's warning before a time limit or preemption, torchrun stopping
+its workers) stop like a first Ctrl-C, on every rank at the same step, and exit with
+Preempted's code (75) after the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -82,14 +95,17 @@ import torch
 from pydantic import Field, model_validator
 
 from lmlab import artifacts
+from lmlab import dist as lmdist
 from lmlab.config import Strict
-from lmlab.errors import Interrupted, UserError
+from lmlab.errors import Interrupted, Preempted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
+from lmlab.train.batching import rank_pieces
 from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resolve_budget
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
 from lmlab.train.ema import EMA
 from lmlab.train.parallel_config import ParallelConfig
+from lmlab.train.parallelize import grad_sync, local_scalar, parallelize, resolve_strategy
 from lmlab.train.logging import MetricsLogger, read_metrics
 from lmlab.train.optim import Schedule, build_optimizer, resolve_warmup, set_lr
 
@@ -283,9 +299,20 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def wrap_model(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The module the loop calls forward on. The hook for DDP/FSDP wrapping (lmlab.train.distributed)."""
-    return torch.compile(model) if compile else model
+def _connected_zero(model: torch.nn.Module) -> torch.Tensor:
+    """0, with a gradient path to every trainable parameter: what a process whose piece has no
+    loss terms backpropagates, so that DDP/FSDP's gradient reduction still runs on every rank."""
+    return sum(p.reshape(-1)[0] * 0.0 for p in model.parameters() if p.requires_grad)
+
+
+class _NoLog:
+    """The metrics logger of ranks other than 0: rank 0 writes metrics.jsonl."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def rng_state() -> dict:
@@ -343,30 +370,43 @@ def check_same_run(run_dir: Path, resume_config: dict) -> None:
                         f"`out`, restore those settings to continue it, or pass resume=never to start over")
 
 
-class _StopOnCtrlC:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+class _StopOnSignals:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once.
+
+    SIGTERM / SIGUSR1 (SLURM before a time limit or preemption, torchrun stopping its workers,
+    `kill`): finish the step, checkpoint, stop with Preempted (exit 75: "run again").
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.preempted = False
+        self._previous: dict = {}
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if signum == signal.SIGINT and self.requested and not self.preempted:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        else:
+            self.preempted = True
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -384,9 +424,24 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     `budget` (resolve_budget's record).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     device = pick_device(t.device)
+    launched = lmdist.init(device.type)
+    world, rank, main = lmdist.world(), lmdist.rank(), lmdist.is_main()
+    if device.type == "cuda" and launched.launcher != "none":
+        device = torch.device("cuda", launched.local_rank)  # one GPU per process
+    parallel = getattr(cfg, "parallel", None) or ParallelConfig()
+    strategy = resolve_strategy(parallel, launched)
+    if strategy == "fsdp" and getattr(t, "ema", None):
+        raise UserError("train.ema is not supported with parallel.strategy=fsdp yet (the average would have to "
+                        "be sharded too); use parallel.strategy=ddp or drop train.ema")
+    pieces = rank_pieces(t.batch_size, t.grad_accum, world, rank, getattr(t, "micro_batch", None))
+    if any(rows is not None for _, rows in pieces) and "rows" not in inspect.signature(objective.batch).parameters:
+        raise UserError(f"this objective cannot split a micro-batch's rows (train.micro_batch or {world} processes "
+                        f"sharing train.batch_size={t.batch_size}); use a world size that divides "
+                        f"train.grad_accum={t.grad_accum} and no train.micro_batch")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     amp = autocast_dtype(t.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
@@ -395,6 +450,9 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     model.train()
     for frozen in getattr(objective, "frozen_models", ()) or ():
         frozen.to(device).eval().requires_grad_(False)
+    # Wrapped before the optimizer is built: FSDP replaces the parameters by sharded ones.
+    forward_model = parallelize(model, strategy, parallel, device, amp, t.compile)
+    eval_model = forward_model if strategy != "ddp" else model  # DDP only matters for the backward
     make_optimizer = getattr(objective, "build_optimizer", None)
     optimizer = (make_optimizer(model, t, device) if make_optimizer is not None
                  else build_optimizer(model, t.lr, t.weight_decay, t.betas, device))
@@ -415,21 +473,25 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     budget: dict | None = None  # resolve_budget's record, once the length is fixed
     probe_times: dict[int, float] = {}  # {step: seconds} of the timed steps before the resolution
 
-    remove_stale_temps(run_dir)
+    if main:
+        remove_stale_temps(run_dir)
+    lmdist.barrier()
     start_step, tokens_seen, train_time = 0, 0, 0.0
     resumed_from = None
     if cfg.resume == "never":
-        if list_checkpoints(run_dir):
+        if main and list_checkpoints(run_dir):
             print(f"warning: resume=never: deleting the checkpoints in {run_dir / CHECKPOINTS} and starting over",
                   file=sys.stderr)
             shutil.rmtree(run_dir / CHECKPOINTS)
+        lmdist.barrier()
     else:
         check_same_run(run_dir, resume_config)
         found = find_resumable(run_dir, model, optimizer)
         if found is not None:
             resumed_from, state = found
             start_step, tokens_seen, train_time = state["step"], state["tokens"], state.get("train_time_s", 0.0)
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            set_rng_state(ranks[rank] if ranks and len(ranks) == world else state["rng"])
             extra = state.get("extra_states", {})
             if has_state and "objective" in extra:
                 objective.load_state_dict(extra["objective"])
@@ -456,8 +518,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     log = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                         wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                        config=cfg.model_dump(mode="json"))
-    forward_model = wrap_model(model, t.compile)
+                        config=cfg.model_dump(mode="json")) if main else _NoLog()
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     peak = peak_flops(device) if amp is not None else None
     epoch_tokens = getattr(objective, "epoch_tokens", None)
@@ -466,8 +527,11 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     progress_metrics = getattr(objective, "progress_metrics", None) or {}
 
     def state_now(done: int) -> dict:
-        state = {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rng_state(),
-                 "resume_config": resume_config}
+        rngs = lmdist.gather_objects(rng_state())  # every rank's generators (a collective: all ranks call it)
+        state = {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3), "rng": rngs[0],
+                 "resume_config": resume_config, "world_size": world}
+        if world > 1:
+            state["rng_ranks"] = rngs
         if budget is not None:
             state["budget"] = budget
         elif budget_min:
@@ -477,7 +541,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     def evaluate(done: int) -> None:
         model.eval()
         with torch.no_grad(), autocast(), (ema.applied(model) if ema is not None else contextlib.nullcontext()):
-            metrics = objective.evaluate(forward_model, device)
+            metrics = objective.evaluate(eval_model, device)
         model.train()
         if metrics:
             log.write({"step": done, **metrics})
@@ -492,13 +556,13 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
             extra["ema"] = ema.state_dict()
         return extra
 
-    bar = progress(total=total_steps, desc=desc, unit="step", initial=start_step)
+    bar = progress(total=total_steps, desc=desc, unit="step", initial=start_step, disable=not main)
     last_ckpt = start_step if start_step else None
     done = start_step
     interval_t0, interval_tokens = time.perf_counter(), 0
     process_times: dict[int, float] = {}  # every step this process took while probing (fallback)
     try:
-        with _StopOnCtrlC() as stop:
+        with _StopOnSignals() as stop:
             step = start_step
             while step < total_steps:  # total_steps may shrink once, at the budget's resolution
                 t0 = clock()
@@ -511,20 +575,35 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                     model.train()
                 loss_sum = torch.zeros((), device=device)
                 step_count, step_tokens = 0, 0
-                for micro in range(t.grad_accum):
-                    batch = to_device(objective.batch(step, micro), device)
-                    with autocast():
-                        micro_sum, micro_count = objective.loss(forward_model, batch)
-                    micro_count = int(micro_count)
-                    if micro_count:  # a micro-batch without loss terms adds nothing (and would be 0/0)
-                        micro_sum.backward()  # the sum's gradient: divided by the step's count below
-                        loss_sum += micro_sum.detach().float()
-                        step_count += micro_count
+                for i, (micro, rows) in enumerate(pieces):
+                    batch = objective.batch(step, micro) if rows is None else objective.batch(step, micro, rows=rows)
+                    batch = to_device(batch, device)
+                    with grad_sync(forward_model, strategy, sync=i == len(pieces) - 1):
+                        with autocast():
+                            micro_sum, micro_count = objective.loss(forward_model, batch)
+                        micro_count = int(micro_count)
+                        if micro_count:  # a micro-batch without loss terms adds nothing (and would be 0/0)
+                            micro_sum.backward()  # the sum's gradient: divided by the step's count below
+                            loss_sum += micro_sum.detach().float()
+                            step_count += micro_count
+                        elif world > 1:  # the other ranks wait in this pass's gradient reduction
+                            _connected_zero(model).backward()
                     step_tokens += int(tokens_of(batch)) if tokens_of is not None else micro_count
+                if world > 1:
+                    # One all-reduce per step: the loss sum, its count, the tokens and "stop" (a
+                    # signal reaches each rank at its own moment; all must stop at the same step).
+                    totals = lmdist.all_reduce_(torch.cat([loss_sum.double().reshape(1), torch.tensor(
+                        [step_count, step_tokens, stop.requested, stop.preempted], dtype=torch.float64,
+                        device=device)]))
+                    loss_sum_g, count_g, tokens_g, stops, preempts = totals.tolist()
+                    loss_sum = torch.tensor(loss_sum_g, device=device)
+                    step_count, step_tokens = int(count_g), int(tokens_g)
+                    stop.requested, stop.preempted = stops > 0, preempts > 0
                 # The step's loss is the mean over all its loss terms (tokens, pairs), not the mean
                 # of the micro-batches' means, which would weight a micro-batch of 10 targets like
-                # one of 1,000 (torchtitan normalises the same way, over ranks too).
-                _divide_grads(model, max(step_count, 1))
+                # one of 1,000 (torchtitan normalises the same way, over ranks too). DDP and FSDP
+                # average the gradients over the ranks: undo that division by the world size.
+                _divide_grads(model, max(step_count, 1) / world)
                 # clip_grad_norm_ with an infinite max still returns the norm and scales by exactly 1.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                 optimizer.step()
@@ -560,7 +639,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                     tps = interval_tokens / max(now - interval_t0, 1e-9)
                     interval_t0, interval_tokens = now, 0
                     rec = {"step": done, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
-                           "tokens_per_s": round(tps, 1), "grad_norm": grad_norm.item(),
+                           "tokens_per_s": round(tps, 1), "grad_norm": local_scalar(grad_norm).item(),
                            "time_s": round(train_time, 2)}
                     if epoch_tokens:
                         rec["epochs"] = round(tokens_seen / epoch_tokens, 4)
@@ -587,8 +666,9 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                                     extra=extra_state())
                     last_ckpt = done
                 if stop.requested:
-                    raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in "
-                                      f"{run_dir / CHECKPOINTS}. Run the same command to continue.")
+                    kind = Preempted if stop.preempted else Interrupted
+                    raise kind(f"stopped after step {done} of {total_steps}; checkpoint saved in "
+                               f"{run_dir / CHECKPOINTS}. Run the same command to continue.")
     except KeyboardInterrupt:
         where = f"from the checkpoint at step {last_ckpt}" if last_ckpt else "from the start (no checkpoint yet)"
         raise Interrupted(f"stopped during step {done + 1} of {total_steps}; run the same command to continue "
@@ -599,7 +679,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     if ema is not None:
         ema.copy_to(model)  # the stage saves (and later stages use) the averaged weights
-    lines = read_metrics(run_dir)
+    lines = read_metrics(run_dir) if main else []
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
     summary = {
@@ -616,4 +696,27 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         summary["budget"] = budget
     if ema is not None:
         summary["ema"] = ema.decay
+    if world > 1:
+        summary["parallel"] = {"strategy": strategy, "world_size": world}
+    summary["model"] = _model_to_save(model, strategy, main)
     return summary
+
+
+def _model_to_save(model: torch.nn.Module, strategy: str, main: bool) -> torch.nn.Module | None:
+    """The trained model as one plain module on rank 0 (None elsewhere), for model.safetensors.
+
+    FSDP's parameters are shards: they are gathered to rank 0's CPU (cpu_offload: one block's
+    worth on the GPU at a time) and loaded into a fresh model of the same family.
+    """
+    if strategy != "fsdp":
+        return model if main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from lmlab.models.family import build_model, model_json
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return None
+    plain = build_model(model_json(model))
+    plain.load_state_dict(full)
+    return plain

@@ -33,9 +33,9 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.family import get_family
 from lmlab.models.transformer import ModelConfig, resolve_model_config
-from lmlab.runtime import hardware_summary, seed_everything
-from lmlab.train.loop import (EvalConfig, RunOptions, finished_run, TrainConfig, as_data_specs, check_same_run,
-                             resolve_total_steps, train)
+from lmlab.runtime import seed_everything
+from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig, as_data_specs, resolve_total_steps
+from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun
 
 KIND = "model"
 POSITIONAL = ("--config", "pretrain config YAML (same as --config)")
@@ -80,9 +80,11 @@ class PackedLM:
         sizes = np.array([len(d) for d in self.train_sets])
         return which, np.minimum((u * sizes[which]).astype(np.int64), sizes[which] - 1)
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         which, idx = self.pick_rows(step, micro)
-        rows = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
+        if rows is not None:  # this process's share of the micro-batch (lmlab.train.batching)
+            which, idx = which[rows], idx[rows]
+        rows = np.empty((len(which), self.seq_len), dtype=np.int64)
         for d in np.unique(which):
             sel = which == d
             rows[sel] = self.train_sets[d].rows(idx[sel])[:, :self.seq_len]
@@ -179,9 +181,9 @@ def write_final(out: Path, model, tokenizer) -> None:
 def run(cfg: Config) -> Path:
     from lmlab.data.tokenizer import Tokenizer
 
-    timer = artifacts.Timer()
-    out = Path(cfg.out)
-    artifacts.check_out(out, KIND, "pretrain", inputs={f"training data {s.path}": s.path for s in cfg.data})
+    run = TrainingRun(cfg, "pretrain", KIND)
+    cfg, out = run.cfg, run.out
+    run.check_out(inputs={f"training data {s.path}": s.path for s in cfg.data})
     train_sets, val_sets, manifests, seq_len = open_datasets(cfg)
     tok_dir = _tokenizer_dir(manifests[0], cfg.data[0].path)
     tokenizer = Tokenizer.load(tok_dir)
@@ -190,11 +192,8 @@ def run(cfg: Config) -> Path:
         raise UserError(f"model.max_seq_len={model_cfg.max_seq_len} is shorter than the training context "
                         f"(train.seq_len-1 = {seq_len - 1}); set model.max_seq_len={seq_len} or lower train.seq_len")
 
-    config = cfg.model_dump(mode="json")
-    fp_config = {k: v for k, v in config.items() if k != "resume"}
     inputs = {f"data_{i}": {"path": s.path, "fingerprint": m["fingerprint"]} for i, (s, m) in enumerate(zip(cfg.data, manifests))}
-    fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if finished_run(out, fp, "pretrain"):
+    if run.up_to_date(inputs):
         return out
 
     seed_everything(cfg.train.seed)
@@ -204,22 +203,17 @@ def run(cfg: Config) -> Path:
     objective = PackedLM(train_sets, [s.weight for s in cfg.data], val_sets, cfg.train.batch_size, seq_len,
                          cfg.train.seed, cfg.eval.batches)
     # Anything that changes the trajectory of the weights must match to resume a checkpoint.
-    t = cfg.train.model_dump(mode="json", exclude={"compile", "device"})
+    t = cfg.train.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS)
     resume_config = {"model": model_cfg.model_dump(mode="json"), "train": {**t, "seq_len": seq_len},
                      "total_steps": total_steps,
                      "data": [{"fingerprint": m["fingerprint"], "weight": s.weight} for s, m in zip(cfg.data, manifests)]}
-    if cfg.resume == "auto":
-        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    artifacts.start_run(out, KIND, "pretrain")  # marks out as this verb's unfinished run, removes the manifest
+    run.start(resume_config)
     flops_per_token = model.flops_per_token(seq_len - 1)
     budget = f" (at most: time budget {cfg.train.time_budget:g} min)" if cfg.train.time_budget else ""
     print(f"pretrain: {model.num_params():,} parameters ({model_cfg.preset}), {total_steps} steps x "
           f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens{budget} -> {out}", file=sys.stderr)
-    with timer("train"):
-        summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
+    summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config,
                         flops_per_token=flops_per_token, desc="pretrain")
-    with timer("save"):
-        write_final(out, model, tokenizer)
     final_eval = summary["final_eval"]
     total_steps = summary["steps"]  # with a time budget: the resolved length
     stats = {
@@ -235,14 +229,9 @@ def run(cfg: Config) -> Path:
         "final_val_loss": final_eval.get("val_loss"),
         "final_val_ppl": final_eval.get("val_ppl"),
         "final_val_bpb": final_eval.get("val_bpb"),
-        "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
-        **summary.get("budget", {}),
-        "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(tok_dir), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="pretrain", tokenizer_sha256=tokenizer.sha256,
-                             timings=timer.total(), stats=stats)
+    run.finish(lambda m: write_final(out, m, tokenizer), stats, inputs, tokenizer.sha256, summary)
     val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
     bpb = f", val_bpb {stats['final_val_bpb']:.4f}" if stats["final_val_bpb"] is not None else ""
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"

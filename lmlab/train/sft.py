@@ -36,14 +36,15 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from lmlab import artifacts
+from lmlab import dist as lmdist
 from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
-from lmlab.runtime import hardware_summary, seed_everything
+from lmlab.runtime import seed_everything
 from lmlab.train.finetune import (FinetuneTrainConfig, Mixture, data_fingerprint, load_init, report_skipped,
                                   write_outputs)
-from lmlab.train.loop import EvalConfig, RunOptions, as_data_specs, check_same_run, finished_run, train
+from lmlab.train.loop import EvalConfig, RunOptions, as_data_specs
+from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun
 
 KIND = "model"
 POSITIONAL = ("--config", "sft config YAML (same as --config)")
@@ -155,9 +156,10 @@ class SFTObjective:
         self.epoch_tokens = int(sum(r.used.sum() for r in train_rows))
         self._last_step = -1
 
-    def rows_of(self, step: int, micro: int) -> list[tuple[int, int]]:
+    def rows_of(self, step: int, micro: int, rows: slice | None = None) -> list[tuple[int, int]]:
         first = (step * self.grad_accum + micro) * self.batch_size
-        return [self.mix.locate(first + b) for b in range(self.batch_size)]
+        slots = range(self.batch_size)[rows] if rows is not None else range(self.batch_size)
+        return [self.mix.locate(first + b) for b in slots]
 
     def _assemble(self, picks: list[tuple[Rows, int]]) -> dict:
         width = max(1, max(int(rows.used[r]) for rows, r in picks))  # drop the all-padding tail columns
@@ -167,11 +169,11 @@ class SFTObjective:
         return {"x": x, "y": y, "doc": doc, "positions": int(sum(int(rows.used[r]) for rows, r in picks)),
                 "targets": int((y != -100).sum())}  # counted here, on the CPU: no device sync
 
-    def batch(self, step: int, micro: int) -> dict:
+    def batch(self, step: int, micro: int, rows: slice | None = None) -> dict:
         # The loop evaluates right after step `step` finishes; remembering the step here is how
         # the samples written during that evaluation get their step label.
         self._last_step = step
-        return self._assemble([(self.train_rows[d], r) for d, r in self.rows_of(step, micro)])
+        return self._assemble([(self.train_rows[d], r) for d, r in self.rows_of(step, micro, rows)])
 
     def forward_loss(self, model, b: dict) -> torch.Tensor:
         # One conversation per row starts at position 0 and ends before the padding: the plain
@@ -218,17 +220,14 @@ class SFTObjective:
         return out
 
     def write_samples(self, model, device, step: int) -> list[str]:
-        from lmlab.infer.engine import generate_ids
+        from lmlab.infer.engine import complete
+        from lmlab.infer.prompting import Stops
+        from lmlab.infer.sampling import Sampling
 
-        stop = set(self.stop_ids)
-        outs: list[list[int]] = [[] for _ in self.sample_prompts]
-        for tok in generate_ids(model, self.sample_prompts, self.sample_max_new_tokens, temperature=0.0,
-                                device=device, pad_id=self.pad_id,
-                                should_stop=lambda row, new: new[-1] in stop):
-            for row, t in enumerate(tok):
-                if t is not None and t not in stop:
-                    outs[row].append(t)
-        texts = [self.tokenizer.decode(o) for o in outs]
+        # Greedy, all prompts in one batch, ending at the template's end-of-turn ids.
+        greedy = Sampling(max_new_tokens=self.sample_max_new_tokens)
+        texts = complete(model, self.tokenizer, self.sample_prompts, greedy, Stops(ids=tuple(self.stop_ids)),
+                         batch_size=max(1, len(self.sample_prompts)), device=device)
         with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
             for p, t in zip(self.sample_texts, texts):
                 f.write(json.dumps({"step": step, "prompt": p, "completion": t}, ensure_ascii=False) + "\n")
@@ -325,12 +324,13 @@ def resolve_steps(t: FinetuneTrainConfig, rows_per_step: int, epoch_rows: int, s
 # ----------------------------------------------------------------------------- the stage
 
 def run(cfg: Config) -> Path:
-    from lmlab.data.chat import check_template, end_of_turn_ids, prompt_ids
+    from lmlab.data.chat import check_template
+    from lmlab.infer.prompting import chat_stops, question_prompt
     from lmlab.models.lora import apply_lora, check_targets, param_counts
 
-    timer = artifacts.Timer()
-    out = Path(cfg.out)
-    artifacts.check_out(out, KIND, "sft", inputs={"init model": cfg.init})  # before the init model loads
+    run = TrainingRun(cfg, "sft", KIND)
+    cfg, out, timer = run.cfg, run.out, run.timer
+    run.check_out(inputs={"init model": cfg.init})  # before the init model loads
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
     check_template(cfg.template, tokenizer)
@@ -341,14 +341,11 @@ def run(cfg: Config) -> Path:
         raise UserError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "
                         f"set seq_len<={model.cfg.max_seq_len}")
 
-    config = cfg.model_dump(mode="json")
-    fp_config = {k: v for k, v in config.items() if k != "resume"}
     data_fps = [data_fingerprint(s) for s in cfg.data]
     inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
               **{f"data_{i}": {"path": s.name(), "fingerprint": f}
                  for i, (s, f) in enumerate(zip(cfg.data, data_fps))}}
-    fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
-    if finished_run(out, fp, "sft"):
+    if run.up_to_date(inputs):
         return out
 
     with timer("data"):
@@ -362,9 +359,9 @@ def run(cfg: Config) -> Path:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     trainable, total = param_counts(model)
-    stop_ids = end_of_turn_ids(cfg.template, tokenizer)
-    prompts = [prompt_ids(cfg.template, [{"role": "user", "content": p}], tokenizer,
-                          max_len=max(1, model.cfg.max_seq_len - cfg.sample_max_new_tokens))
+    stop_ids = list(chat_stops(cfg.template, tokenizer).ids)
+    prompts = [question_prompt(cfg.template, p, tokenizer,
+                               max_len=max(1, model.cfg.max_seq_len - cfg.sample_max_new_tokens))
                for p in cfg.sample_prompts]
     objective = SFTObjective(train_rows, [s.weight for s in cfg.data], val_rows, t.batch_size, t.grad_accum, t.seed,
                              cfg.packing, cfg.eval.batches, tokenizer.pad_id, run_dir=out, sample_prompts=prompts,
@@ -372,25 +369,20 @@ def run(cfg: Config) -> Path:
                              sample_max_new_tokens=cfg.sample_max_new_tokens)
     # Anything that changes the trajectory of the weights must match to resume a checkpoint.
     resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"),
-                     "train": t.model_dump(mode="json", exclude={"compile", "device"}), "total_steps": total_steps,
+                     "train": t.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS), "total_steps": total_steps,
                      "data": [{"fingerprint": f, "spec": s.model_dump(mode="json")} for s, f in zip(cfg.data, data_fps)],
                      "template": cfg.template, "seq_len": seq_len, "packing": cfg.packing,
                      "val_fraction": cfg.val_fraction, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"})}
-    if cfg.resume == "auto":
-        check_same_run(out, resume_config)  # before touching out: a typo must not unmark a finished run
-    artifacts.start_run(out, KIND, "sft")  # marks out as this verb's unfinished run, removes the manifest
-    if cfg.resume == "never":
+    run.start(resume_config)
+    if cfg.resume == "never" and lmdist.is_main():
         (out / SAMPLES).unlink(missing_ok=True)
     mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
     print(f"sft ({mode}): {trainable:,} trainable of {total:,} parameters; {epoch_rows:,} rows of {seq_len} "
           f"positions ({sum(d['train_conversations'] for d in data_stats['datasets']):,} conversations); "
           f"{total_steps} steps x {rows_per_step} rows"
           f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} -> {out}", file=sys.stderr)
-    with timer("train"):
-        summary = train(model, objective, cfg, out, total_steps=total_steps, resume_config=resume_config,
+    summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config,
                         flops_per_token=None, desc="sft")
-    with timer("save"):
-        write_outputs(out, model, tokenizer, cfg, init_format)
     total_steps = summary["steps"]  # with a time budget: the resolved length
     positions, targets = objective.trained_tokens(total_steps)
     final_eval = summary["final_eval"]
@@ -417,14 +409,9 @@ def run(cfg: Config) -> Path:
         "trained_on_share": round(targets / positions, 4) if positions else None,
         "final_train_loss": summary["final_loss"],
         "final_val_loss": final_eval.get("val_loss"),
-        "train_time_s": summary["train_time_s"],
-        "tokens_per_s": summary["tokens_per_s"], "precision": summary["precision"],
-        **summary.get("budget", {}),
-        "hardware": hardware_summary(),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    artifacts.write_manifest(out, KIND, config, fp, inputs=inputs, verb="sft", tokenizer_sha256=tokenizer.sha256,
-                             timings=timer.total(), stats=stats)
+    run.finish(lambda m: write_outputs(out, m, tokenizer, cfg, init_format), stats, inputs, tokenizer.sha256, summary)
     val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
     print(f"sft: wrote {out} ({mode}, {total_steps} steps, train loss {loss}{val}, "
