@@ -23,4 +23,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
     "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
+    "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),
 }

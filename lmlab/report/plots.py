@@ -1,7 +1,8 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display needed).
 
-Each function takes plain numbers and writes one PNG; lmlab/report/report.py decides what
-to plot. Kept free of artifact parsing so a notebook can call them directly:
+Each function takes plain numbers and writes one PNG; lmlab/report/report.py (and, for
+hyperparameter sweeps, lmlab/report/sweep.py) decides what to plot. Kept free of artifact
+parsing so a notebook can call them directly:
 
     from lmlab.report.plots import loss_curves
     loss_curves([(1, 9.1), (2, 8.7)], [(2, 8.9)], "loss.png")
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 FIGSIZE = (7.0, 3.8)
 DPI = 110
@@ -113,4 +115,79 @@ def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str 
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------- sweeps (lmlab sweep)
+
+STATE_STYLE = {"COMPLETE": ("o", "#4c72b0", "complete"), "PRUNED": ("x", "#c44e52", "pruned (last reported value)")}
+
+
+def sweep_history(points: list[tuple[int, float, str]], path: str | Path, metric: str = "val_loss",
+                  direction: str = "minimize") -> Path:
+    """The objective of every trial (number, value, state) in trial order, with the running best
+    of the complete trials as a step line."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for state, (marker, color, label) in STATE_STYLE.items():
+        pts = [(n, v) for n, v, s in points if s == state and v is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker, color=color, linestyle="none", markersize=5, label=label)
+    best, running = None, []
+    for n, v, s in sorted(points):
+        if s == "COMPLETE" and v is not None:
+            best = v if best is None else (min(best, v) if direction == "minimize" else max(best, v))
+        if best is not None:
+            running.append((n, best))
+    if running:
+        xs, ys = zip(*running)
+        ax.step(xs, ys, where="post", color="#55a868", linewidth=1.4, label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial ({'lower' if direction == 'minimize' else 'higher'} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def param_importance(importances: dict[str, float], path: str | Path) -> Path:
+    """Horizontal bars: each parameter's share of the objective's variation (most important on top)."""
+    names = list(importances)[::-1]
+    vals = [importances[n] for n in names]
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 0.45 * len(names) + 1.2))
+    bars = ax.barh(names, vals, color="#4c72b0")
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("importance (sums to 1)")
+    ax.set_title("parameter importance (Optuna, PED-ANOVA)")
+    ax.margins(x=0.15)
+    return _save(fig, path)
+
+
+def sweep_params(series: dict[str, list[tuple[float, float, str]]], path: str | Path, metric: str = "val_loss",
+                 log_keys: frozenset | set = frozenset()) -> Path:
+    """One panel per numeric parameter: the objective (y) against the parameter's value (x)
+    for every complete and pruned trial; log-scaled x for log-scaled ranges."""
+    keys = list(series)
+    cols = min(3, max(len(keys), 1))
+    rows = -(-max(len(keys), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(FIGSIZE[0], 2.8 * rows + 0.4), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for state, (marker, color, label) in STATE_STYLE.items():
+            pts = [(x, y) for x, y, s in series[key] if s == state and y is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker, color=color, linestyle="none", markersize=5, label=label)
+        if key in log_keys:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels every minor tick
+        elif all(isinstance(x, int) for x, _, _ in series[key]):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{metric} against each numeric parameter", fontsize=10)
     return _save(fig, path)

@@ -7,10 +7,12 @@
 The report opens with a one-paragraph summary (val bits per byte against the unigram
 baseline, tokens trained, training time, hardware), then: time per stage, data (corpus per
 source, tokenizer, packed token counts), model (parameters, FLOPs per token), training
-curves from `metrics.jsonl`, the evaluation table, sample generations, and every stage's
-resolved config in a collapsed block. A piece that is missing (say, no eval artifact yet)
-is named in the report instead of stopping it. The output is written atomically; `run`
-prints and returns the path of report.md.
+curves from `metrics.jsonl`, the evaluation table, sample generations, a section per
+hyperparameter sweep (a directory with a sweep.json from `lmlab sweep`, named in `inputs` or
+directly under root; lmlab/report/sweep.py), and every stage's resolved config in a
+collapsed block. A piece that is missing (say, no eval artifact yet) is named in the report
+instead of stopping it. The output is written atomically; `run` prints and returns the path
+of report.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import plots
+from lmlab.report import sweep as sweep_report
 from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
@@ -227,7 +230,8 @@ def run(cfg: Config) -> Path:
     found.get("model", []).sort(key=lambda pm: (rank.get(model_stage(pm[1]), 9), pm[1].get("created", "")))
     found.get("eval", []).sort(key=lambda pm: (rank.get(model_stage(_model_of_eval(found, pm[1])[1]), 9),
                                                pm[1].get("created", "")))
-    if not found:
+    sweeps = sweep_report.find_sweeps(cfg.root, cfg.inputs)
+    if not found and not sweeps:
         raise UserError(f"no lmlab artifacts (directories with manifest.json) found in {cfg.root or cfg.inputs}; "
                         f"run the pipeline first")
 
@@ -239,6 +243,7 @@ def run(cfg: Config) -> Path:
             metrics = p / "metrics.jsonl"
             deps[str(p.resolve())] = [m.get("fingerprint"), m.get("created"),
                                       metrics.stat().st_size if metrics.is_file() else None]
+    deps.update(sweep_report.fingerprints(sweeps))
     fp = artifacts.stage_fingerprint("report", cfg.model_dump(mode="json", exclude={"out"}), deps)
     if artifacts.is_up_to_date(out, fp):
         print(f"report: up to date ({out}), nothing to do")
@@ -354,6 +359,8 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
         parts += generations_section(gens, cfg.max_generations)
     else:
         parts += ["_No generations recorded._", ""]
+
+    parts += sweep_report.report_sections(sweep_report.find_sweeps(cfg.root, cfg.inputs), out_dir)
 
     # --- configs
     parts += ["## Resolved configs", ""]
