@@ -188,3 +188,25 @@ def test_unknown_family_is_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match=r"unknown model family 'mamba'; known: transformer"):
         build_model({"family": "mamba"})
+
+
+
+def test_export_refuses_a_family_without_a_hugging_face_export(tmp_path, monkeypatch):
+    """A family registered with exports_hf=False: `lmlab export` names it and the families that
+    do, before loading anything, and writes nothing."""
+    from lmlab.errors import UserError
+    from lmlab.models.family import Family
+    from lmlab.models.hf import Config, run
+    from lmlab.models.transformer import Transformer, resolve_model_config
+
+    class Plain(Transformer):
+        family = "plain"
+
+    monkeypatch.setitem(FAMILIES, "plain", lambda: Family("plain", resolve_model_config, Plain, exports_hf=False))
+    src = tmp_path / "model"
+    save_model(build_model({**SMALL["transformer"], "family": "plain"}), src)
+    assert json.loads((src / "model.json").read_text())["family"] == "plain"
+    with pytest.raises(UserError, match=r"'plain' model, and that family has no Hugging Face export; families "
+                                        r"that export: transformer"):
+        run(Config(model=str(src), out=str(tmp_path / "hf")))
+    assert not (tmp_path / "hf").exists()

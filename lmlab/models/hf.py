@@ -235,6 +235,20 @@ def add_chat_template(out: str | Path, template: str, tokenizer) -> None:
     chat.save_chat_template(out, template)
 
 
+def _check_family_exports(src: Path) -> None:
+    """Refuse, before loading anything, a model whose family has no Hugging Face export."""
+    from lmlab.models.family import FAMILIES, get_family, split_model_json
+
+    try:
+        name, _ = split_model_json(json.loads((src / "model.json").read_text()))
+    except (OSError, ValueError):
+        return  # no readable model.json (an adapter run, a broken dir): load_model explains
+    family = get_family(name)
+    if not family.exports_hf:
+        raise UserError(f"{src} is a '{family.name}' model, and that family has no Hugging Face export; "
+                        f"families that export: {', '.join(n for n in FAMILIES if get_family(n).exports_hf)}")
+
+
 def run(cfg: Config) -> Path:
     from lmlab import artifacts
     from lmlab.data.chat import load_chat_template
@@ -257,6 +271,7 @@ def run(cfg: Config) -> Path:
         print(f"export: up to date ({out}), nothing to do")
         return out
     timer = artifacts.Timer()
+    _check_family_exports(src)
     with timer("load"):
         model, tokenizer, _ = load_model(src)
     try:

@@ -228,6 +228,8 @@ class SFTObjective:
         greedy = Sampling(max_new_tokens=self.sample_max_new_tokens)
         texts = complete(model, self.tokenizer, self.sample_prompts, greedy, Stops(ids=tuple(self.stop_ids)),
                          batch_size=max(1, len(self.sample_prompts)), device=device)
+        if not lmdist.is_main():  # every rank generates (FSDP gathers collectively); rank 0 writes
+            return texts
         with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
             for p, t in zip(self.sample_texts, texts):
                 f.write(json.dumps({"step": step, "prompt": p, "completion": t}, ensure_ascii=False) + "\n")
