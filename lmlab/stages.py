@@ -23,5 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
     "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
+    "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),
+    "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
     "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),
 }
