@@ -136,17 +136,36 @@ def load_config(cls: type[BaseModel], config_file: str | Path | None = None,
     if config_file:
         data = _deep_merge(data, read_yaml(config_file))
         sources.append(str(config_file))
-    # Overrides apply on top of the full default tree so that list indices resolve.
+    # Overrides apply on top of the full default tree so that list indices resolve; then only
+    # what the file and the overrides name is validated, so that pydantic's `model_fields_set`
+    # tells a user's value from a default (a hardware preset fills only the defaults).
     if overrides:
+        given = data
         data = _deep_merge(build_config(cls, data, " and ".join(sources)).model_dump(mode="json"), data)
+        paths = []
         for o in overrides:
             keys, value = parse_override(o)
             try:
                 set_dotted(data, keys, value)
             except (IndexError, ValueError, TypeError):
                 raise UserError(f"override {o!r}: '{'.'.join(keys)}' does not name an existing list element") from None
+            paths.append(keys)
+        data = _user_part(data, given, paths)
         sources.append("command-line overrides")
     return build_config(cls, data, " and ".join(sources))
+
+
+def _user_part(full: dict, given: dict, paths: list[list[str]]) -> dict:
+    """The part of `full` the user wrote: keys in `given` (file, base) or on an override's path."""
+    out = {}
+    for k, v in full.items():
+        below = [p[1:] for p in paths if p[0] == k]
+        g = given.get(k)
+        if any(not p for p in below) or (k in given and not isinstance(g, dict)) or (below and not isinstance(v, dict)):
+            out[k] = v  # named whole: a value or a list, by the file or an override
+        elif isinstance(v, dict) and (k in given or below):
+            out[k] = _user_part(v, g if isinstance(g, dict) else {}, below)
+    return out
 
 
 def _type_name(annotation: Any) -> str:
