@@ -96,6 +96,13 @@ def test_two_ddp_processes_train_exactly_like_one(runs):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_report_names_the_processes(runs, tmp_path):
+    from lmlab.report import report
+
+    out = report.run(report.Config(inputs=[str(runs["ddp"])], out=str(tmp_path / "report"), follow_inputs=False))
+    assert "| processes | 2 (ddp) |" in Path(out).read_text()
+
+
 def test_fsdp2_with_two_row_passes_matches_one_process_within_float_tolerance(runs):
     a, b = curve(runs["fsdp"]), curve(runs["one"])
     assert [x[0] for x in a] == [x[0] for x in b]

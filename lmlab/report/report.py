@@ -513,6 +513,12 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
                                        f"{stats['measured_step_s']:.3g} s/step"])
         if stats.get("precision"):
             rows.append(["precision", stats["precision"]])
+        par = stats.get("parallel") or {}
+        if par.get("world_size", 1) > 1:
+            rows.append(["processes", f"{par['world_size']} ({par['strategy']})"])
+        preset = stats.get("hardware_preset") or {}
+        if preset.get("preset"):
+            rows.append(["hardware preset", f"{preset['preset']}{' (auto-detected)' if preset.get('detected') else ''}"])
         tps = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
         if tps:
             rows.append(["throughput (median)", f"{fmt_count(sorted(tps)[len(tps) // 2])} tokens/s"])
