@@ -25,6 +25,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
     "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),
     "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
-    "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
     "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),
 }
