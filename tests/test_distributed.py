@@ -206,3 +206,37 @@ def test_launch_errors_are_one_clear_line(packed, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "MASTER_ADDR and MASTER_PORT are not set" in r.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> dict:
+    """A micro pretrained model (context 64) and the embedded tasks' SFT and DPO files."""
+    from conftest import build_micro_pipeline
+
+    from lmlab.tasks import stage as tasks
+
+    root = tmp_path_factory.mktemp("dist_chat")
+    built = build_micro_pipeline(root)
+    tasks.run(tasks.Config(out=str(root / "tasks")))
+    return {"model": built["model"], "tasks": root / "tasks"}
+
+
+def test_sft_and_dpo_on_two_processes_match_one(chat_model, tmp_path):
+    """SFT under DDP is bit-identical to one process; DPO under FSDP2 with one-pair forward passes
+    agrees within float tolerance (the loop normalises by the step's pairs over both ranks)."""
+    common = ["train.steps=6", "train.batch_size=4", "train.grad_accum=2", "eval.every=3", "eval.batches=1",
+              "checkpoint.every=3", "train.device=cpu"]
+    sft = ["-m", "lmlab", "sft", f"init={chat_model['model']}", f"data={chat_model['tasks'] / 'sft_train.jsonl'}",
+           *common]
+    ok(run([sys.executable, *sft, f"out={tmp_path / 'sft1'}"]))
+    ok(run(torchrun(2, *sft[1:], f"out={tmp_path / 'sft2'}")))
+    assert curve(tmp_path / "sft2") == curve(tmp_path / "sft1")
+    assert max_diff(tmp_path / "sft2", tmp_path / "sft1") == 0.0
+    dpo = ["-m", "lmlab", "dpo", f"init={tmp_path / 'sft1'}", f"data={chat_model['tasks'] / 'dpo_train.jsonl'}",
+           *common]
+    ok(run([sys.executable, *dpo, f"out={tmp_path / 'dpo1'}"]))
+    ok(run(torchrun(2, *dpo[1:], f"out={tmp_path / 'dpo2'}", "parallel.strategy=fsdp", "train.micro_batch=1")))
+    assert max_diff(tmp_path / "dpo2", tmp_path / "dpo1") < 1e-5
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text())["stats"] for d in ("dpo1", "dpo2"))
+    assert m2["parallel"] == {"strategy": "fsdp", "world_size": 2}
+    assert m2["final_train_loss"] == pytest.approx(m1["final_train_loss"], abs=1e-5)

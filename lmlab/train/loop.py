@@ -113,7 +113,8 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 
 class TrainConfig(Strict):
-    batch_size: int = Field(8, ge=1, description="micro-batch: rows per forward/backward pass")
+    batch_size: int = Field(8, ge=1, description="micro-batch: rows per forward/backward pass (on one process; "
+                            "several processes share each micro-batch's rows or take whole micro-batches)")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step "
                                                  "(rows per step = batch_size * grad_accum, the global batch, "
                                                  "whatever the number of processes)")
@@ -587,7 +588,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                             loss_sum += micro_sum.detach().float()
                             step_count += micro_count
                         elif world > 1:  # the other ranks wait in this pass's gradient reduction
-                            _connected_zero(model).backward()
+                            zero = micro_sum * 0.0 if micro_sum.requires_grad else _connected_zero(model)
+                            zero.backward()
                     step_tokens += int(tokens_of(batch)) if tokens_of is not None else micro_count
                 if world > 1:
                     # One all-reduce per step: the loss sum, its count, the tokens and "stop" (a

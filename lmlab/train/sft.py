@@ -185,7 +185,9 @@ class SFTObjective:
         """(summed cross entropy over the trained tokens, their count): the loop divides by the
         step's total count, so a short reply's tokens weigh the same as a long one's."""
         n = b["targets"]
-        return (self.forward_loss(model, b) * n if n else torch.zeros((), device=b["x"].device)), n
+        # Always through the model, also without targets (0 then): under FSDP every rank's
+        # forward takes part in gathering the parameters.
+        return self.forward_loss(model, b) * n, n
 
     def tokens(self, b: dict) -> int:
         return b["positions"]
