@@ -240,3 +240,43 @@ def test_sft_and_dpo_on_two_processes_match_one(chat_model, tmp_path):
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text())["stats"] for d in ("dpo1", "dpo2"))
     assert m2["parallel"] == {"strategy": "fsdp", "world_size": 2}
     assert m2["final_train_loss"] == pytest.approx(m1["final_train_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_size,grad_accum,world,micro", [
+    (4, 2, 1, None), (4, 2, 2, None), (8, 1, 2, None), (8, 1, 4, 1), (4, 3, 2, None), (6, 4, 8, None),
+    (8, 2, 4, 3), (16, 1, 8, 2), (4, 6, 3, 1)])
+def test_rank_pieces_cover_the_global_batch_once_in_equal_passes(batch_size, grad_accum, world, micro):
+    from lmlab.train.batching import rank_pieces
+
+    seen, passes = [], set()
+    for rank in range(world):
+        pieces = rank_pieces(batch_size, grad_accum, world, rank, micro)
+        passes.add(len(pieces))  # FSDP: every rank runs as many forward passes
+        for m, rows in pieces:
+            idx = range(batch_size)[rows] if rows is not None else range(batch_size)
+            assert micro is None or len(idx) <= micro
+            seen += [(m, r) for r in idx]
+    assert sorted(seen) == [(m, r) for m in range(grad_accum) for r in range(batch_size)]
+    assert len(passes) == 1
+    shares = {rank: sum(len(range(batch_size)[rows] if rows else range(batch_size))
+                        for _, rows in rank_pieces(batch_size, grad_accum, world, rank, micro)) for rank in range(world)}
+    assert len(set(shares.values())) == 1
+
+
+def test_world_sizes_that_cannot_split_the_batch_are_named():
+    from lmlab.errors import UserError
+    from lmlab.train.batching import rank_pieces, valid_world_sizes
+
+    assert valid_world_sizes(4, 2, limit=16) == [1, 2, 4, 8]
+    with pytest.raises(UserError, match=r"3 processes cannot share .* world sizes that can: 1, 2, 4, 8"):
+        rank_pieces(4, 2, 3, 0)
+
+
+def test_eval_shard_splits_batches_only_when_active():
+    from lmlab.train.batching import EvalShard
+
+    assert EvalShard(1, 3, active=True).take(range(7)) == [1, 4]
+    assert EvalShard(1, 3, active=False).take(range(3)) == [0, 1, 2]  # fsdp: every rank runs every batch
+    assert EvalShard().total([1.5, 2]) == [1.5, 2]
+    assert EvalShard(0, 2, active=True).writes and not EvalShard(1, 2, active=True).writes
+    assert EvalShard(1, 2, active=False).writes

@@ -43,3 +43,38 @@ def rank_pieces(batch_size: int, grad_accum: int, world: int, rank: int,
             stop = min(start + step, lo + rows)
             pieces.append((micro, None if (start, stop) == (0, batch_size) else slice(start, stop)))
     return pieces
+
+
+class EvalShard:
+    """Which evaluation batches this process computes, and the totals over processes.
+
+    Under DDP the evaluation runs on the plain model (no collectives in its forward), so the
+    processes take every world-th batch and add their sums (`total`, an all-reduce in
+    float64). Under FSDP every forward gathers parameters collectively, so every process
+    runs every batch (`active` False) and the totals are its own. On one process: the same.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, active: bool = False, device=None) -> None:
+        self.rank, self.world = rank, world
+        self.active = active and world > 1
+        self.device = device
+
+    def take(self, items) -> list:
+        items = list(items)
+        return items[self.rank::self.world] if self.active else items
+
+    def total(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return list(values)
+        import torch
+
+        from lmlab import dist as lmdist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return lmdist.all_reduce_(t).tolist()
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process must produce output that only rank 0 keeps (e.g. sample
+        generations): always under FSDP (collective forwards), rank 0 alone otherwise."""
+        return not self.active or self.rank == 0

@@ -51,6 +51,7 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import pick_device, progress, seed_everything
+from lmlab.train.batching import EvalShard
 from lmlab.train.dpo_losses import AVERAGED_LOSSES, METRICS, dpo_loss, metric_sums, sequence_logps
 from lmlab.train.loop import EvalConfig, RunOptions, as_data_specs, autocast_dtype
 from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun, first_on_main
@@ -473,7 +474,7 @@ class PreferenceObjective:
         self._train_sums, self._train_pairs = None, 0
         return dict(zip(METRICS, means))
 
-    def evaluate(self, model, device) -> dict:
+    def evaluate(self, model, device, shard: EvalShard = EvalShard()) -> dict:
         """The metrics on the first eval.batches batches of val pairs: val_loss and val_ + the TRL names.
 
         The train metrics are not repeated here: they are on every train line (train_metrics).
@@ -482,14 +483,15 @@ class PreferenceObjective:
         val = self.val_idx[:self.eval_pairs]
         if len(val):
             loss_sum, sums = 0.0, torch.zeros(len(METRICS), device=device)
-            for s in range(0, len(val), self.batch_size):
+            for s in shard.take(range(0, len(val), self.batch_size)):
                 batch = collate(self.pairs, val[s:s + self.batch_size], self.pad_id, self.ref)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 losses, m = self._losses(model, batch)
                 loss_sum += losses.float().sum().item()
                 sums += m
+            loss_sum, *totals = shard.total([loss_sum, *sums.tolist()])
             out["val_loss"] = loss_sum / len(val)
-            out.update({f"val_{name}": v / len(val) for name, v in zip(METRICS, sums.tolist())})
+            out.update({f"val_{name}": v / len(val) for name, v in zip(METRICS, totals)})
         return out
 
 

@@ -37,8 +37,12 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
     objective.frozen_models                    # optional: extra models (a reference, a reward
                                                # model); the loop moves them to the device in eval
                                                # mode without gradients, never trains or saves them
-    objective.evaluate(model, device) -> dict  # eval metrics, e.g. {"val_loss", "val_bpb"};
-                                               # called under no_grad/eval()/autocast
+    objective.evaluate(model, device[, shard]) -> dict
+                                               # eval metrics, e.g. {"val_loss", "val_bpb"};
+                                               # called under no_grad/eval()/autocast; with a
+                                               # `shard` parameter (lmlab.train.batching.EvalShard)
+                                               # it evaluates shard.take(batches) and adds its
+                                               # sums with shard.total (DDP splits the batches)
     objective.epoch_tokens                     # optional: tokens in one pass over the data
     objective.train_metrics() -> dict          # optional: called at every log step (`log.every`);
                                                # merged into that step's train line of metrics.jsonl,
@@ -68,8 +72,9 @@ Several processes (torchrun, srun; lmlab.dist): the model is wrapped by
 lmlab.train.parallelize (DDP or FSDP2, activation checkpointing, compile); each process
 computes its share of the same global batch (lmlab.train.batching), the loss sum, its count
 and a stop flag are all-reduced once per step, so the gradient is that of the mean over the
-global batch's loss terms whatever the number of processes. Every process evaluates the
-same batches (the same metrics on each); rank 0 alone writes metrics, progress and the
+global batch's loss terms whatever the number of processes. Under DDP the processes split
+the evaluation batches and all-reduce the sums; under FSDP (collective forwards) each runs
+them all; the metrics are the same on every rank. Rank 0 alone writes metrics, progress and the
 checkpoint's trainer state, while every rank writes its shards (lmlab.train.checkpoint).
 SIGTERM and SIGUSR1 (SLURM's warning before a time limit or preemption, torchrun stopping
 its workers) stop like a first Ctrl-C, on every rank at the same step, and exit with
@@ -99,7 +104,7 @@ from lmlab import dist as lmdist
 from lmlab.config import Strict
 from lmlab.errors import Interrupted, Preempted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
-from lmlab.train.batching import rank_pieces
+from lmlab.train.batching import EvalShard, rank_pieces
 from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resolve_budget
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
@@ -539,10 +544,14 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
             state["probe_times"] = sorted(probe_times.items())
         return state
 
+    shard = EvalShard(rank, world, active=strategy == "ddp", device=device)
+    shardable = "shard" in inspect.signature(objective.evaluate).parameters
+
     def evaluate(done: int) -> None:
         model.eval()
         with torch.no_grad(), autocast(), (ema.applied(model) if ema is not None else contextlib.nullcontext()):
-            metrics = objective.evaluate(eval_model, device)
+            metrics = (objective.evaluate(eval_model, device, shard=shard) if shardable
+                       else objective.evaluate(eval_model, device))
         model.train()
         if metrics:
             log.write({"step": done, **metrics})

@@ -34,6 +34,7 @@ from lmlab.errors import UserError
 from lmlab.models.family import get_family
 from lmlab.models.transformer import ModelConfig, resolve_model_config
 from lmlab.runtime import seed_everything
+from lmlab.train.batching import EvalShard
 from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig, as_data_specs, resolve_total_steps
 from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun
 
@@ -96,21 +97,25 @@ class PackedLM:
         _, loss = model(x, y, return_logits=False)  # the mean over every position (none is ignored)
         return loss * y.numel(), y.numel()
 
-    def evaluate(self, model, device) -> dict:
-        """val_loss (nats/token), val_ppl and val_bpb over the first eval_batches batches of each val split."""
-        nats, tokens, nbytes = 0.0, 0, 0.0
+    def evaluate(self, model, device, shard: EvalShard = EvalShard()) -> dict:
+        """val_loss (nats/token), val_ppl and val_bpb over the first eval_batches batches of each
+        val split (this process's share of them under DDP, summed over the processes)."""
+        batches = []
         for ds in self.val_sets:
             n_rows = min(len(ds), self.eval_batches * self.batch_size)
             stats = ds.manifest.get("stats", {})
             bytes_per_token = stats.get("val_bytes", 0) / max(stats.get("val_tokens", 0), 1)
-            for start in range(0, n_rows, self.batch_size):
-                rows = torch.from_numpy(ds.rows(np.arange(start, min(start + self.batch_size, n_rows)))
-                                        [:, :self.seq_len].astype(np.int64)).to(device)
-                _, loss = model(rows[:, :-1], rows[:, 1:], return_logits=False)
-                n = rows[:, 1:].numel()
-                nats += loss.float().item() * n
-                tokens += n
-                nbytes += n * bytes_per_token
+            batches += [(ds, start, n_rows, bytes_per_token) for start in range(0, n_rows, self.batch_size)]
+        nats, tokens, nbytes = 0.0, 0, 0.0
+        for ds, start, n_rows, bytes_per_token in shard.take(batches):
+            rows = torch.from_numpy(ds.rows(np.arange(start, min(start + self.batch_size, n_rows)))
+                                    [:, :self.seq_len].astype(np.int64)).to(device)
+            _, loss = model(rows[:, :-1], rows[:, 1:], return_logits=False)
+            n = rows[:, 1:].numel()
+            nats += loss.float().item() * n
+            tokens += n
+            nbytes += n * bytes_per_token
+        nats, tokens, nbytes = shard.total([nats, tokens, nbytes])
         if tokens == 0:
             return {}
         val_loss = nats / tokens

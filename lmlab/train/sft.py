@@ -41,6 +41,7 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import seed_everything
+from lmlab.train.batching import EvalShard
 from lmlab.train.finetune import (FinetuneTrainConfig, Mixture, data_fingerprint, load_init, report_skipped,
                                   write_outputs)
 from lmlab.train.loop import EvalConfig, RunOptions, as_data_specs
@@ -202,12 +203,12 @@ class SFTObjective:
                     tgt += int(self.train_rows[d].targets[r])
         return pos, tgt
 
-    def evaluate(self, model, device) -> dict:
+    def evaluate(self, model, device, shard: EvalShard = EvalShard()) -> dict:
         out = {}
         if self.val_rows is not None and len(self.val_rows):
             nats, n = 0.0, 0
             stop = min(len(self.val_rows), self.eval_batches * self.batch_size)
-            for s in range(0, stop, self.batch_size):
+            for s in shard.take(range(0, stop, self.batch_size)):
                 b = self._assemble([(self.val_rows, r) for r in range(s, min(s + self.batch_size, stop))])
                 k = int((b["y"] != -100).sum())
                 if k == 0:
@@ -215,9 +216,10 @@ class SFTObjective:
                 b = {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in b.items()}
                 nats += self.forward_loss(model, b).float().item() * k
                 n += k
+            nats, n = shard.total([nats, n])
             if n:
                 out = {"val_loss": nats / n, "val_ppl": math.exp(min(nats / n, 80.0))}
-        if self.sample_prompts and self.run_dir is not None:
+        if self.sample_prompts and self.run_dir is not None and shard.writes:
             self.write_samples(model, device, self._last_step + 1)
         return out
 
