@@ -438,6 +438,10 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         device = torch.device("cuda", launched.local_rank)  # one GPU per process
     parallel = getattr(cfg, "parallel", None) or ParallelConfig()
     strategy = resolve_strategy(parallel, launched)
+    if strategy == "fsdp" and hasattr(model, "peft_config"):
+        raise UserError("LoRA (lora.enabled=true) with parallel.strategy=fsdp is not supported yet (the adapter "
+                        "model would have to be rebuilt around the gathered weights); use parallel.strategy=ddp: "
+                        "LoRA's gradients are small, so replicating the model is cheap")
     if strategy == "fsdp" and getattr(t, "ema", None):
         raise UserError("train.ema is not supported with parallel.strategy=fsdp yet (the average would have to "
                         "be sharded too); use parallel.strategy=ddp or drop train.ema")
