@@ -75,12 +75,14 @@ def packed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(packed, tmp_path_factory) -> dict:
-    """The reference runs: 1 process, 2 DDP processes, 2 FSDP2 processes (2-row forward passes)."""
+    """The reference runs: 1 process, 2 DDP processes, 2 FSDP2 processes (2-row forward passes,
+    activation checkpointing)."""
     root = tmp_path_factory.mktemp("dist_runs")
     out = {"one": root / "one", "ddp": root / "ddp", "fsdp": root / "fsdp"}
     ok(run([sys.executable, *stage_args(packed, out["one"])]))
     ok(run(torchrun(2, *stage_args(packed, out["ddp"])[1:])))
-    ok(run(torchrun(2, *stage_args(packed, out["fsdp"], "parallel.strategy=fsdp", "train.micro_batch=2")[1:])))
+    ok(run(torchrun(2, *stage_args(packed, out["fsdp"], "parallel.strategy=fsdp", "train.micro_batch=2",
+                                   "parallel.activation_checkpointing=true")[1:])))
     return out
 
 
@@ -114,6 +116,13 @@ def test_fsdp2_with_two_row_passes_matches_one_process_within_float_tolerance(ru
     assert weights(runs["fsdp"]).keys() == weights(runs["one"]).keys()
     ckpt = sorted((runs["fsdp"] / "checkpoints").iterdir())[-1]
     assert (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()
+
+
+def test_activation_checkpointing_recomputes_to_the_same_bits(runs, packed, tmp_path):
+    out = tmp_path / "ac"
+    ok(run([sys.executable, *stage_args(packed, out, "parallel.activation_checkpointing=true")]))
+    assert curve(out) == curve(runs["one"])
+    assert max_diff(out, runs["one"]) == 0.0
 
 
 def test_sharded_checkpoint_saved_on_two_processes_resumes_on_one(runs, packed, tmp_path):
@@ -280,3 +289,24 @@ def test_eval_shard_splits_batches_only_when_active():
     assert EvalShard().total([1.5, 2]) == [1.5, 2]
     assert EvalShard(0, 2, active=True).writes and not EvalShard(1, 2, active=True).writes
     assert EvalShard(1, 2, active=False).writes
+
+
+def test_activation_checkpointing_runs_each_block_again_in_backward():
+    from lmlab.models.family import build_model
+    from lmlab.train.parallelize import apply_activation_checkpointing
+
+    model = build_model({"preset": "micro", "vocab_size": 64, "max_seq_len": 16})
+    calls = []
+    for i, block in enumerate(model.blocks):
+        inner = block.forward
+        block.forward = lambda *a, _i=i, _f=inner, **k: (calls.append(_i), _f(*a, **k))[1]
+    apply_activation_checkpointing(model)
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = model(x, x, return_logits=False)
+    assert calls == list(range(len(model.blocks)))
+    loss.backward()  # each block's forward is recomputed once
+    assert sorted(calls) == sorted(list(range(len(model.blocks))) * 2)
+    with torch.no_grad():  # no recomputation where there is no backward
+        calls.clear()
+        model(x)
+        assert calls == list(range(len(model.blocks)))
