@@ -80,7 +80,7 @@ def test_auto_picks_the_cpu_preset_without_cuda():
     assert detect_preset() == "cpu" and detect_preset("cpu") == "cpu"
     cfg, record = apply_hardware(pretrain.Config(hardware="auto"))
     assert record["preset"] == "cpu" and record["detected"] is True
-    assert cfg.parallel.strategy == "none" and cfg.train.micro_batch == 16
+    assert cfg.parallel.strategy == "auto" and cfg.train.micro_batch == 16
     assert describe_record(record).startswith("hardware cpu (detected): set train.micro_batch=16")
 
 
@@ -133,3 +133,24 @@ def test_a_preset_fills_only_what_the_command_line_leaves_unset():
     cfg, record = apply_hardware(cfg)
     assert record["kept"] == {"train.compile": False}
     assert cfg.train.compile is False and cfg.train.micro_batch == 8
+
+
+def test_a_run_with_hardware_auto_records_the_preset_in_its_manifest_and_report(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import make_packed
+
+    from lmlab.report import report
+
+    packed = make_packed(tmp_path / "data")
+    out = pretrain.run(load_config(pretrain.Config, None, [
+        f"data={packed}", f"out={tmp_path / 'run'}", "model.preset=micro", "train.steps=4", "train.batch_size=4",
+        "train.device=cpu", "eval.batches=1", "hardware=auto"]))
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["hardware_preset"]["preset"] == "cpu" and stats["hardware_preset"]["detected"] is True
+    assert stats["hardware_preset"]["applied"]["train.micro_batch"] == 16
+    md = Path(report.run(report.Config(inputs=[str(out)], out=str(tmp_path / "report")))).read_text()
+    assert "| hardware preset | cpu (auto-detected) |" in md
