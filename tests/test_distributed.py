@@ -310,3 +310,17 @@ def test_activation_checkpointing_runs_each_block_again_in_backward():
         calls.clear()
         model(x)
         assert calls == list(range(len(model.blocks)))
+
+
+def test_srun_style_launch_without_torchrun(runs, packed, tmp_path):
+    """`srun --ntasks 2 python -m lmlab ...`: rank and world size from SLURM's variables."""
+    out, port = tmp_path / "srun", free_port()
+    base = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, *stage_args(packed, out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                   "SLURM_STEP_ID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert max_diff(out, runs["ddp"]) == 0.0
