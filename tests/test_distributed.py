@@ -324,3 +324,21 @@ def test_srun_style_launch_without_torchrun(runs, packed, tmp_path):
     errs = [p.communicate(timeout=180)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert max_diff(out, runs["ddp"]) == 0.0
+
+
+def test_ema_under_fsdp_is_sharded_checkpointed_and_resumes_on_one_process(packed, tmp_path):
+    """train.ema with FSDP2: the average is kept in shards, saved with the model's shards (DCP),
+    read back on one process, and the saved model is the average, as on one process."""
+    extra = ("train.steps=12", "checkpoint.every=4", "train.ema=0.9")
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    ok(run([sys.executable, *stage_args(packed, one, *extra)]))
+    ok(run(torchrun(2, *stage_args(packed, two, *extra, "parallel.strategy=fsdp")[1:])))
+    assert max_diff(two, one) < 1e-6
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000012")
+    (resumed / "manifest.json").unlink()
+    assert not (resumed / "checkpoints" / "step_000008" / "ema.pt").exists()  # it is in dcp/
+    r = run([sys.executable, *stage_args(packed, resumed, *extra)])
+    ok(r)
+    assert "resuming from" in r.stderr and "step_000008" in r.stderr
+    assert max_diff(resumed, one) < 1e-6

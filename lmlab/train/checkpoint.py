@@ -16,7 +16,8 @@ Layout of `RUN/checkpoints/step_000123/`:
 A run on several processes (`torchrun`, DDP or FSDP2) writes `dcp/` instead of
 `model.safetensors` + `optimizer.pt`: a torch.distributed.checkpoint of the model and
 optimizer state, each rank writing its own shards (a sharded 2B model never gathers on one
-rank); replicated DDP state is written once. trainer.json, the extra states and meta.json
+rank); replicated DDP state is written once; extra states holding sharded tensors (FSDP's
+EMA) are written there too, the others as NAME.pt. trainer.json, the extra states and meta.json
 come from rank 0. DCP reshards on load, so a checkpoint saved on 4 processes resumes on 2
 or on 1 (a plain process reads it without a process group). A one-process checkpoint
 resumes on several DDP processes; under FSDP it does not (it would need gathering on load).
@@ -164,12 +165,18 @@ def _save_sharded(run_dir, step, model, optimizer, trainer_state, keep, extra) -
             tmp.mkdir()
         lmdist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        # Extra states holding sharded tensors (FSDP's EMA) go with the model's shards.
+        sharded = {k: v for k, v in (extra or {}).items() if _has_dtensor(v)}
+        dcp.save({"model": model_sd, "optim": optim_sd, **{f"extra.{k}": v for k, v in sharded.items()}},
+                 checkpoint_id=str(tmp / "dcp"))
         lmdist.barrier()  # every rank's shards are written
         if main:
-            (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}))
+            (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step,
+                                                          "dcp_extra": sorted(sharded)}))
             names = ["trainer.json"]
             for key, state in (extra or {}).items():
+                if key in sharded:
+                    continue
                 torch.save(state, tmp / f"{key}.pt")
                 names.append(f"{key}.pt")
             names += sorted(str(p.relative_to(tmp)) for p in (tmp / "dcp").rglob("*") if p.is_file())
@@ -213,16 +220,17 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    extra_into: dict | None = None) -> dict:
     """Load weights (and optimizer state) in place; return the trainer state (with 'step').
 
     The `extra` states it holds come back under `state["extra_states"]` ({name: state})."""
+    extra = {}
     if (path / "dcp").is_dir():
-        _load_sharded(path, model, optimizer)
+        extra.update(_load_sharded(path, model, optimizer, extra_into))
     else:
         _load_full(path, model, optimizer)
     trainer = json.loads((path / "trainer.json").read_text())
-    extra = {}
     for f in sorted(path.glob("*.pt")):
         if f.name != "optimizer.pt":
             extra[f.stem] = torch.load(f, map_location="cpu", weights_only=True)
@@ -230,18 +238,31 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return trainer
 
 
-def _load_sharded(path: Path, model, optimizer) -> None:
+def _has_dtensor(state) -> bool:
+    if isinstance(state, dict):
+        return any(_has_dtensor(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(_has_dtensor(v) for v in state)
+    return type(state).__name__ == "DTensor"
+
+
+def _load_sharded(path: Path, model, optimizer, extra_into: dict | None = None) -> dict:
+    """Load model and optimizer shards in place; extra states saved in dcp/ are read into the
+    matching templates of `extra_into` ({name: state_dict with the destination tensors})."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     # DCP reads whatever shards it needs for this process's parameters: resharding is free.
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, **({"optim": optim_sd} if optimizer is not None else {})}
+    saved_extra = json.loads((path / "trainer.json").read_text()).get("dcp_extra", [])
+    state.update({f"extra.{k}": v for k, v in (extra_into or {}).items() if k in saved_extra})
     with warnings.catch_warnings():  # a one-process resume of a sharded checkpoint is what we mean
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
+    return {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
 
 
 def _load_full(path: Path, model, optimizer) -> None:
@@ -256,7 +277,8 @@ def _load_full(path: Path, model, optimizer) -> None:
 
 
 def find_resumable(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                   warn=lambda msg: print(msg, file=sys.stderr)) -> tuple[Path, dict] | None:
+                   warn=lambda msg: print(msg, file=sys.stderr), extra_into: dict | None = None
+                   ) -> tuple[Path, dict] | None:
     """Load the newest checkpoint that verifies and loads; warn about each one that does not.
 
     Returns (path, trainer_state), or None when the run has no checkpoints. Raises UserError
@@ -270,7 +292,7 @@ def find_resumable(run_dir: str | Path, model: torch.nn.Module, optimizer: torch
         reason = lmdist.broadcast_object(verify_checkpoint(path) if lmdist.is_main() else None)
         if reason is None:
             try:
-                state = load_checkpoint(path, model, optimizer)
+                state = load_checkpoint(path, model, optimizer, extra_into)
                 error = None
             except UserError:
                 raise

@@ -52,11 +52,16 @@ class EMA:
                     p.copy_(saved[n])
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+        # FSDP's sharded shadows stay DTensors: the checkpoint writes them with the model's shards (DCP)
+        return {"decay": self.decay, "shadow": {n: t if type(t).__name__ == "DTensor" else t.cpu()
+                                                for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
             raise ValueError(f"the EMA state lacks {sorted(missing)[:3]}")
         for n, t in self.shadow.items():
-            t.copy_(state["shadow"][n])
+            src = state["shadow"][n]
+            if type(t).__name__ == "DTensor" and type(src).__name__ != "DTensor":
+                raise ValueError("the EMA state was saved by an unsharded run and this run is sharded (fsdp)")
+            t.copy_(src)

@@ -442,9 +442,6 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         raise UserError("LoRA (lora.enabled=true) with parallel.strategy=fsdp is not supported yet (the adapter "
                         "model would have to be rebuilt around the gathered weights); use parallel.strategy=ddp: "
                         "LoRA's gradients are small, so replicating the model is cheap")
-    if strategy == "fsdp" and getattr(t, "ema", None):
-        raise UserError("train.ema is not supported with parallel.strategy=fsdp yet (the average would have to "
-                        "be sharded too); use parallel.strategy=ddp or drop train.ema")
     pieces = rank_pieces(t.batch_size, t.grad_accum, world, rank, getattr(t, "micro_batch", None))
     if any(rows is not None for _, rows in pieces) and "rows" not in inspect.signature(objective.batch).parameters:
         raise UserError(f"this objective cannot split a micro-batch's rows (train.micro_batch or {world} processes "
@@ -496,7 +493,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         lmdist.barrier()
     else:
         check_same_run(run_dir, resume_config)
-        found = find_resumable(run_dir, model, optimizer)
+        found = find_resumable(run_dir, model, optimizer,
+                               extra_into={"ema": ema.state_dict()} if ema is not None else None)
         if found is not None:
             resumed_from, state = found
             start_step, tokens_seen, train_time = state["step"], state["tokens"], state.get("train_time_s", 0.0)
@@ -509,7 +507,11 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 if "ema" not in extra:
                     raise UserError(f"{resumed_from} has no EMA state (written without train.ema); use another "
                                     f"`out` or resume=never")
-                ema.load_state_dict(extra["ema"])
+                try:
+                    ema.load_state_dict(extra["ema"])
+                except ValueError as e:
+                    raise UserError(f"{resumed_from}: {e}; resume it with the strategy it was saved with, "
+                                    f"or use another `out`") from None
             if budget_min:
                 budget = state.get("budget")
                 probe_times = {int(k): float(v) for k, v in state.get("probe_times", [])}
