@@ -231,8 +231,9 @@ def chat_model(tmp_path_factory) -> dict:
 
 
 def test_sft_and_dpo_on_two_processes_match_one(chat_model, tmp_path):
-    """SFT under DDP is bit-identical to one process; DPO under FSDP2 with one-pair forward passes
-    agrees within float tolerance (the loop normalises by the step's pairs over both ranks)."""
+    """SFT under DDP is bit-identical to one process, LoRA SFT under FSDP2 close; DPO under FSDP2
+    with one-pair forward passes agrees within float tolerance (the loop normalises by the
+    step's pairs over both ranks)."""
     common = ["train.steps=6", "train.batch_size=4", "train.grad_accum=2", "eval.every=3", "eval.batches=1",
               "checkpoint.every=3", "train.device=cpu"]
     sft = ["-m", "lmlab", "sft", f"init={chat_model['model']}", f"data={chat_model['tasks'] / 'sft_train.jsonl'}",
@@ -241,6 +242,11 @@ def test_sft_and_dpo_on_two_processes_match_one(chat_model, tmp_path):
     ok(run(torchrun(2, *sft[1:], f"out={tmp_path / 'sft2'}")))
     assert curve(tmp_path / "sft2") == curve(tmp_path / "sft1")
     assert max_diff(tmp_path / "sft2", tmp_path / "sft1") == 0.0
+    # LoRA under FSDP2: the adapters are rebuilt around the gathered weights for saving
+    ok(run([sys.executable, *sft, f"out={tmp_path / 'lora1'}", "lora.enabled=true"]))
+    ok(run(torchrun(2, *sft[1:], f"out={tmp_path / 'lora2'}", "lora.enabled=true", "parallel.strategy=fsdp")))
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("lora1", "lora2"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     dpo = ["-m", "lmlab", "dpo", f"init={tmp_path / 'sft1'}", f"data={chat_model['tasks'] / 'dpo_train.jsonl'}",
            *common]
     ok(run([sys.executable, *dpo, f"out={tmp_path / 'dpo1'}"]))

@@ -438,10 +438,6 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         device = torch.device("cuda", launched.local_rank)  # one GPU per process
     parallel = getattr(cfg, "parallel", None) or ParallelConfig()
     strategy = resolve_strategy(parallel, launched)
-    if strategy == "fsdp" and hasattr(model, "peft_config"):
-        raise UserError("LoRA (lora.enabled=true) with parallel.strategy=fsdp is not supported yet (the adapter "
-                        "model would have to be rebuilt around the gathered weights); use parallel.strategy=ddp: "
-                        "LoRA's gradients are small, so replicating the model is cheap")
     pieces = rank_pieces(t.batch_size, t.grad_accum, world, rank, getattr(t, "micro_batch", None))
     if any(rows is not None for _, rows in pieces) and "rows" not in inspect.signature(objective.batch).parameters:
         raise UserError(f"this objective cannot split a micro-batch's rows (train.micro_batch or {world} processes "
@@ -735,5 +731,10 @@ def _model_to_save(model: torch.nn.Module, strategy: str, main: bool) -> torch.n
     if not main:
         return None
     plain = build_model(model_json(model))
+    peft_configs = getattr(model, "peft_config", None)
+    if peft_configs:  # LoRA: the same adapters around the fresh model, then the gathered weights
+        import peft
+
+        plain = peft.get_peft_model(plain, peft_configs["default"])
     plain.load_state_dict(full)
     return plain

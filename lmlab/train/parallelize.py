@@ -70,8 +70,14 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = forward
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The family's model inside a PEFT (LoRA) wrapper; the model itself otherwise."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def _blocks(model: torch.nn.Module, what: str) -> torch.nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
+    blocks = getattr(_base(model), "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
         raise UserError(f"{what} needs the model's blocks in `model.blocks` (an nn.ModuleList); family "
                         f"{getattr(model, 'family', type(model).__name__)!r} has none")
@@ -91,9 +97,10 @@ def parallelize(model: torch.nn.Module, strategy: str, p: ParallelConfig, device
         for block in _blocks(model, "parallel.strategy=fsdp"):
             fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
         fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
-        for name in FORWARD_METHODS:
-            if hasattr(model, name):
-                register_fsdp_forward_method(model, name)
+        if _base(model) is model:  # (a LoRA model is called through PEFT's forward only)
+            for name in FORWARD_METHODS:
+                if hasattr(model, name):
+                    register_fsdp_forward_method(model, name)
         wrapped = model
     elif strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
