@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stage(argv[0], argv[1:])
     except UserError as e:
-        from lmlab.dist import error_stream
-
-        stream, prefix = error_stream()
+        # Only a stage that joined a process group has ranks (and imported torch); keep the
+        # error path of the others free of the torch import.
+        stream, prefix = sys.modules["lmlab.dist"].error_stream() if "lmlab.dist" in sys.modules else (sys.stderr, "")
         if not (prefix and isinstance(e, Interrupted)):  # rank 0 already said where the checkpoint is
             print(f"{prefix}error: {e}", file=stream)
         return e.exit_code
