@@ -132,9 +132,16 @@ def barrier() -> None:
 
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place over all ranks (a no-op on one process)."""
+    """In place over all ranks (a no-op on one process). A CPU tensor under NCCL, which reduces
+    GPU tensors only, takes a round trip through this rank's GPU."""
     if world() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=red)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t, op=red)
     return t
 
 
