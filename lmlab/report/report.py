@@ -28,6 +28,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import plots
 from lmlab.report import sweep as sweep_report
+from lmlab.report.markdown import table
 from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
@@ -87,13 +88,6 @@ def fmt_num(x, digits: int = 4) -> str:
     if x != 0 and abs(x) < 1e-3:
         return f"{x:.{digits}g}"
     return f"{x:.{digits}f}".rstrip("0").rstrip(".")
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |")
-    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------- discovery

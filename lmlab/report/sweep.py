@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lmlab import artifacts
 from lmlab.report import plots
+from lmlab.report.markdown import table
 
 SWEEP_JSON = "sweep.json"
 ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
@@ -84,7 +85,6 @@ def summary_line(rec: dict, sweep_dir: str = "") -> str:
 def markdown(rec: dict, out_dir: Path, prefix: str = "", heading: str = "#", sweep_dir: str = "") -> list[str]:
     """The sweep's lines (a heading, the summary, the table, the plots); PNGs go into `out_dir`
     named `prefix` + history/importance/params.png. `sweep_dir` prefixes the run directories."""
-    from lmlab.report.report import table  # here: report.py imports this module
 
     metric, keys = rec.get("metric", "value"), list(rec.get("space", {}))
     where = f"Sweep directory `{sweep_dir}`, storage `{rec.get('storage')}`. " if sweep_dir else ""
