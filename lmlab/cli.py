@@ -17,11 +17,21 @@ import importlib
 import sys
 
 from lmlab.errors import Interrupted, UserError
-from lmlab.stages import STAGES
+from lmlab.stages import STAGES, training_verbs
 
 
 def _load_stage(name: str):
     return importlib.import_module(STAGES[name][0])
+
+
+def _launched_on_several_processes() -> bool:
+    import os
+
+    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
+        return False  # the common case, without importing torch
+    from lmlab.dist import read_env
+
+    return read_env().world > 1
 
 
 def build_stage_parser(name: str, module) -> argparse.ArgumentParser:
@@ -48,6 +58,10 @@ def run_stage(name: str, argv: list[str]):
     """Parse `argv` for stage `name`, build its config and run it. Returns the stage's result."""
     from lmlab.config import load_config
 
+    if _launched_on_several_processes() and name not in (*training_verbs(), "pipeline"):
+        raise UserError(f"`lmlab {name}` runs in one process; under torchrun or srun only the training verbs "
+                        f"({', '.join(training_verbs())}) and `pipeline` (which runs the other stages on rank 0) "
+                        f"are launched: run `lmlab {name} ...` directly")
     module = _load_stage(name)
     if hasattr(module, "main"):  # a verb with its own argument parsing (e.g. `lmlab slurm VERB ...`)
         return module.main(argv)

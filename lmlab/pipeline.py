@@ -32,6 +32,7 @@ StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "
                     "report", "export", "bench"]
 
 POSITIONAL = ("--config", "the pipeline YAML file, e.g. configs/pipelines/cpu.yaml")
+PIPELINE_WAIT_S = 6 * 3600  # how long the other ranks wait for a stage rank 0 runs alone
 
 
 class StageEntry(Strict):
@@ -94,12 +95,28 @@ def expected_line(cfg: Config, device: str = "auto") -> str | None:
     return f"[{cfg.name}] expected about {measured[kind]:g} min on this machine ({what}){where}{part}"
 
 
+def _join_processes(device: str) -> bool:
+    """Under torchrun/srun: join the process group now, with a timeout long enough for the other
+    ranks to wait out a stage that rank 0 runs alone (a corpus, a tokenizer). True if joined."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
+        return False
+    from lmlab import dist as lmdist
+    from lmlab.runtime import pick_device
+
+    if lmdist.read_env().world <= 1:
+        return False
+    lmdist.init(pick_device(device).type, timeout_s=PIPELINE_WAIT_S)
+    return True
+
+
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
 def run(cfg: Config) -> Path | None:
-    from lmlab.stages import STAGES
+    from lmlab.stages import STAGES, training_verbs
 
     if not cfg.stages:
         raise UserError("the pipeline has no stages; list them under `stages:` (see configs/pipelines/cpu.yaml)")
@@ -122,7 +139,9 @@ def run(cfg: Config) -> Path | None:
             raise UserError(f"pipeline stage {i} ({entry.stage}): {e}") from None
         plan.append((entry.stage, module, stage_cfg))
 
-    line = expected_line(cfg, training_device([c for _, _, c in plan]))
+    device = training_device([c for _, _, c in plan])
+    distributed = _join_processes(device)
+    line = expected_line(cfg, device)
     if line:
         print(line, flush=True)
     timings: list[tuple[str, float]] = []
@@ -133,7 +152,15 @@ def run(cfg: Config) -> Path | None:
             continue
         print(f"\n=== [{cfg.name}] stage {i + 1}/{len(plan)}: {name} ===", flush=True)
         t0 = time.perf_counter()
-        result = module.run(stage_cfg)
+        if distributed and name not in training_verbs():
+            from lmlab import dist as lmdist
+
+            # Only the training stages run on every process; rank 0 runs the others (their outputs
+            # are one artifact), the rest wait for it.
+            result = module.run(stage_cfg) if lmdist.is_main() else None
+            lmdist.barrier()
+        else:
+            result = module.run(stage_cfg)
         timings.append((name, time.perf_counter() - t0))
         if name == "report" and result is not None:
             last_report = Path(result)

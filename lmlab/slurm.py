@@ -39,7 +39,7 @@ from lmlab import __version__
 from lmlab.artifacts import check_out
 from lmlab.config import Strict, build_config, load_config, parse_override, read_yaml
 from lmlab.errors import Preempted, UserError
-from lmlab.stages import STAGES
+from lmlab.stages import STAGES, training_verbs
 
 
 class Options(Strict):
@@ -92,10 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=field.description)
     return p
 
-
-def training_verbs() -> list[str]:
-    # The training stages are the ones in lmlab/train (docs/architecture.md): they resume from checkpoints.
-    return [verb for verb, (module, _) in STAGES.items() if module.startswith("lmlab.train.")]
 
 
 def time_seconds(text: str | None) -> int:

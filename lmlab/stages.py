@@ -27,3 +27,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
     "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),
 }
+
+
+def training_verbs() -> list[str]:
+    """The training stages (in lmlab/train): they resume from checkpoints and run on several processes."""
+    return [verb for verb, (module, _) in STAGES.items() if module.startswith("lmlab.train.")]

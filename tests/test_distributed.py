@@ -348,3 +348,22 @@ def test_ema_under_fsdp_is_sharded_checkpointed_and_resumes_on_one_process(packe
     ok(r)
     assert "resuming from" in r.stderr and "step_000008" in r.stderr
     assert max_diff(resumed, one) < 1e-6
+
+
+def test_a_pipeline_under_torchrun_runs_the_other_stages_on_rank_0(tmp_path):
+    root = tmp_path / "pipe"
+    cmd = torchrun(2, "-m", "lmlab", "pipeline", str(Path(__file__).parent.parent / "configs/pipelines/smoke.yaml"),
+                   f"root={root}", "only=[corpus, tokenizer, pack, pretrain]", "stages.3.config.train.steps=10")
+    r = run(cmd)
+    ok(r)
+    for d in ("corpus", "tokenizer", "packed", "model"):
+        assert (root / d / "manifest.json").is_file(), d
+    assert json.loads((root / "model" / "manifest.json").read_text())["stats"]["parallel"]["world_size"] == 2
+    assert r.stdout.count("=== [smoke] done in") == 1  # rank 0 alone speaks
+
+
+def test_other_verbs_refuse_a_multi_process_launch(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lmlab", "corpus", f"out={tmp_path / 'c'}"], capture_output=True,
+                       text=True, env={**ENV, "RANK": "1", "WORLD_SIZE": "2"}, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "`lmlab corpus` runs in one process" in r.stderr and not (tmp_path / "c").exists()
