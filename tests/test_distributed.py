@@ -367,3 +367,68 @@ def test_other_verbs_refuse_a_multi_process_launch(tmp_path):
                        text=True, env={**ENV, "RANK": "1", "WORLD_SIZE": "2"}, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "`lmlab corpus` runs in one process" in r.stderr and not (tmp_path / "c").exists()
+
+
+PER_RANK_SCRIPT = '''
+import sys, torch
+from lmlab import dist
+from lmlab.train.loop import CheckpointConfig, EvalConfig, RunOptions, TrainConfig, train
+
+class Cfg(RunOptions):
+    train: TrainConfig
+    eval: EvalConfig
+
+class PerRank:
+    """A carry that differs per rank (as TRM's halting state does: each rank holds its own rows)."""
+    def __init__(self):
+        self.carry = torch.zeros(3)
+    def before_step(self, model, step):
+        self.carry = self.carry * 0.5 + step + 10 * dist.rank()
+    def batch(self, step, micro):
+        return torch.full((2, 3), float(step + micro))
+    def loss(self, model, batch):
+        return (model(batch) - self.carry).pow(2).sum(), batch.numel()
+    def evaluate(self, model, device):
+        return {}
+    def state_dict(self):
+        return {"carry": self.carry.clone()}
+    def load_state_dict(self, state):
+        self.carry = state["carry"].clone()
+
+out = sys.argv[1]
+cfg = Cfg(train={"steps": 6, "grad_accum": 2, "batch_size": 2, "device": "cpu", "warmup_steps": 0, "lr": 0.05},
+          eval={"batches": 0}, log={"every": 1}, checkpoint=CheckpointConfig(every=2, keep=5))
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 3)
+objective = PerRank()
+train(model, objective, cfg, out, total_steps=6, resume_config={"toy": 1})
+torch.save({"carry": objective.carry, "weight": model.weight.detach()}, f"{out}/final_{dist.rank()}.pt")
+'''
+
+
+def test_per_rank_objective_state_is_checkpointed_per_rank_and_resumes_exactly(tmp_path):
+    script = tmp_path / "toy.py"
+    script.write_text(PER_RANK_SCRIPT)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    ok(run(torchrun(2, str(script), str(full))))
+    saved = torch.load(full / "checkpoints" / "step_000002" / "objective.pt", weights_only=True)
+    assert len(saved["__per_rank__"]) == 2
+    assert not torch.equal(saved["__per_rank__"][0]["carry"], saved["__per_rank__"][1]["carry"])
+    shutil.copytree(full, resumed)
+    for step in (4, 6):
+        shutil.rmtree(resumed / "checkpoints" / f"step_{step:06d}")
+    for f in resumed.glob("final_*.pt"):
+        f.unlink()
+    r = run(torchrun(2, str(script), str(resumed)))
+    ok(r)
+    assert "resuming from" in r.stderr
+    for rank in (0, 1):
+        a = torch.load(full / f"final_{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"final_{rank}.pt", weights_only=True)
+        assert torch.equal(a["carry"], b["carry"]) and torch.equal(a["weight"], b["weight"])
+    # per-rank state that differs cannot be split over another number of processes
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    shutil.rmtree(again / "checkpoints" / "step_000006")
+    r = run([sys.executable, str(script), str(again)])
+    assert r.returncode != 0 and "per-process objective state of 2 processes" in r.stderr

@@ -29,7 +29,9 @@ and exact resume, Ctrl-C, metrics and the progress bar. An objective owns its da
                                                # depend only on (step, model, objective state)
     objective.state_dict() / load_state_dict() # optional: state carried across steps (TRM's
                                                # halting carry, a data cursor), saved in every
-                                               # checkpoint (objective.pt) so resume stays exact
+                                               # checkpoint (objective.pt) so resume stays exact;
+                                               # on several processes each rank's (CPU tensors),
+                                               # and each rank gets its own back
     objective.build_optimizer(model, train, device) -> torch.optim.Optimizer
                                                # optional: instead of AdamW (TRM: sign-SGD for the
                                                # puzzle embeddings); a param group's `lr_scale`
@@ -311,6 +313,38 @@ def _connected_zero(model: torch.nn.Module) -> torch.Tensor:
     return sum(p.reshape(-1)[0] * 0.0 for p in model.parameters() if p.requires_grad)
 
 
+PER_RANK = "__per_rank__"
+
+
+def _ranks_state(state, world: int):
+    """What objective.pt holds: the state itself on one process; on several, every rank's
+    state (a TRM carry is per rank: its rows are that rank's), gathered to rank 0."""
+    return state if world == 1 else {PER_RANK: lmdist.gather_objects(state)}
+
+
+def _rank_state(saved, rank: int, world: int, where: Path):
+    """This rank's objective state from objective.pt: its own when the world size is unchanged;
+    a state the same on every rank (or a one-process one) resumes on any number of processes."""
+    if not (isinstance(saved, dict) and PER_RANK in saved):
+        return saved
+    states = saved[PER_RANK]
+    if len(states) == world:
+        return states[rank]
+    first = _state_bytes(states[0])
+    if all(_state_bytes(s) == first for s in states[1:]):
+        return states[0]
+    raise UserError(f"{where} holds per-process objective state of {len(states)} processes, which cannot be "
+                    f"split over {world}; resume it with {len(states)} processes, or use another `out`")
+
+
+def _state_bytes(state) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 class _NoLog:
     """The metrics logger of ranks other than 0: rank 0 writes metrics.jsonl."""
 
@@ -498,7 +532,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
             set_rng_state(ranks[rank] if ranks and len(ranks) == world else state["rng"])
             extra = state.get("extra_states", {})
             if has_state and "objective" in extra:
-                objective.load_state_dict(extra["objective"])
+                objective.load_state_dict(_rank_state(extra["objective"], rank, world, resumed_from))
             if ema is not None:
                 if "ema" not in extra:
                     raise UserError(f"{resumed_from} has no EMA state (written without train.ema); use another "
@@ -563,7 +597,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     def extra_state() -> dict:
         extra = {}
         if has_state:
-            extra["objective"] = objective.state_dict()
+            extra["objective"] = _ranks_state(objective.state_dict(), world)
         if ema is not None:
             extra["ema"] = ema.state_dict()
         return extra
