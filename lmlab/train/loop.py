@@ -636,16 +636,19 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                             zero = micro_sum * 0.0 if micro_sum.requires_grad else _connected_zero(model)
                             zero.backward()
                     step_tokens += int(tokens_of(batch)) if tokens_of is not None else micro_count
+                stop_now = None  # (stop, preempted) as all ranks agreed at this step's all-reduce
                 if world > 1:
                     # One all-reduce per step: the loss sum, its count, the tokens and "stop" (a
-                    # signal reaches each rank at its own moment; all must stop at the same step).
+                    # signal reaches each rank at its own moment; all must stop at the same step,
+                    # so this step decides by the agreed flags, and a signal arriving after the
+                    # all-reduce counts at the next one).
                     totals = lmdist.all_reduce_(torch.cat([loss_sum.double().reshape(1), torch.tensor(
                         [step_count, step_tokens, stop.requested, stop.preempted], dtype=torch.float64,
                         device=device)]))
                     loss_sum_g, count_g, tokens_g, stops, preempts = totals.tolist()
                     loss_sum = torch.tensor(loss_sum_g, device=device)
                     step_count, step_tokens = int(count_g), int(tokens_g)
-                    stop.requested, stop.preempted = stops > 0, preempts > 0
+                    stop_now = (stops > 0, preempts > 0)
                 # The step's loss is the mean over all its loss terms (tokens, pairs), not the mean
                 # of the micro-batches' means, which would weight a micro-batch of 10 targets like
                 # one of 1,000 (torchtitan normalises the same way, over ranks too). DDP and FSDP
@@ -707,13 +710,13 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
                 if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
                     evaluate(done)
-                if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps \
-                        or stop.requested:
+                stopping, preempted = stop_now if stop_now is not None else (stop.requested, stop.preempted)
+                if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps or stopping:
                     save_checkpoint(run_dir, done, model, optimizer, state_now(done), keep=cfg.checkpoint.keep,
                                     extra=extra_state())
                     last_ckpt = done
-                if stop.requested:
-                    kind = Preempted if stop.preempted else Interrupted
+                if stopping:
+                    kind = Preempted if preempted else Interrupted
                     raise kind(f"stopped after step {done} of {total_steps}; checkpoint saved in "
                                f"{run_dir / CHECKPOINTS}. Run the same command to continue.")
     except KeyboardInterrupt:
