@@ -56,7 +56,7 @@ def build_stage_parser(name: str, module) -> argparse.ArgumentParser:
 
 def run_stage(name: str, argv: list[str]):
     """Parse `argv` for stage `name`, build its config and run it. Returns the stage's result."""
-    from lmlab.config import load_config
+    from lmlab.config import load_config, stage_arguments
 
     if _launched_on_several_processes() and name not in (*training_verbs(), "pipeline"):
         raise UserError(f"`lmlab {name}` runs in one process; under torchrun or srun only the training verbs "
@@ -65,25 +65,9 @@ def run_stage(name: str, argv: list[str]):
     module = _load_stage(name)
     if hasattr(module, "main"):  # a verb with its own argument parsing (e.g. `lmlab slurm VERB ...`)
         return module.main(argv)
-    parser = build_stage_parser(name, module)
-    # intermixed: `lmlab eval RUN --config F.yaml key=value` puts an option between positionals
-    args = parser.parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    config_file = args.config
-    positional = getattr(module, "POSITIONAL", None)
-    if positional and args.positional is not None:
-        if "=" in args.positional:
-            overrides.insert(0, args.positional)
-        elif positional[0] == "--config":
-            if config_file:
-                raise UserError("give the config either as an argument or with --config, not both")
-            config_file = args.positional
-        else:
-            overrides.insert(0, f"{positional[0]}={args.positional}")
-    for flag, (field, _value, _h) in getattr(module, "FLAGS", {}).items():
-        v = getattr(args, "flag_" + field)
-        if v is not None:
-            overrides.append(f"{field}={v}")
+    if "-h" in argv or "--help" in argv:
+        build_stage_parser(name, module).parse_args(["--help"])  # prints every option, exits 0
+    config_file, overrides = stage_arguments(name, module, argv)
     cfg = load_config(module.Config, config_file, overrides)
     return module.run(cfg)
 

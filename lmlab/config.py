@@ -206,3 +206,46 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
             default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
         out.append(f"  {key}  [{_type_name(f.annotation)}] (default: {default!r})  {f.description or ''}".rstrip())
     return out
+
+
+def stage_arguments(verb: str, module, args: list[str], hint: str = "") -> tuple[str | None, list[str]]:
+    """The config file and overrides in `lmlab VERB args` (the CLI's reading, which `lmlab slurm VERB args` shares).
+
+    In any order: `--config F.yaml` (or `--config=F.yaml`), the module's FLAGS, `key=value`
+    overrides (applied in order), and one bare argument for the module's POSITIONAL field (the
+    config file when that field is "--config"), e.g. `lmlab eval RUN --config F.yaml key=value`.
+    """
+    config_file, overrides, bare = None, [], None
+    positional = getattr(module, "POSITIONAL", None)
+    flags = getattr(module, "FLAGS", {})
+    rest = iter(args)
+    for a in rest:
+        if a == "--config" or a.startswith("--config="):
+            value = a.split("=", 1)[1] if "=" in a else next(rest, None)
+            if not value:
+                raise UserError("--config needs a file: --config FILE.yaml")
+            if config_file:
+                raise UserError("give the config either as an argument or with --config, not both")
+            config_file = value
+        elif a in flags:
+            overrides.append(f"{flags[a][0]}={flags[a][1]}")
+        elif a.startswith("-"):
+            raise UserError(f"unknown option {a}: {hint}{verb}'s options are key=value overrides and "
+                            f"--config FILE.yaml (`lmlab {verb} --help` lists them)")
+        elif "=" in a:
+            overrides.append(a)
+        elif positional and bare is None:
+            bare = a
+        else:
+            raise UserError(f"unexpected argument {a!r}: after `lmlab {verb}` come "
+                            f"{f'one {positional[0].lstrip(chr(45)).upper()}, ' if positional else ''}"
+                            f"--config FILE.yaml and key=value overrides")
+    if bare is not None:
+        if positional[0] == "--config":
+            if config_file:
+                raise UserError("give the config either as an argument or with --config, not both")
+            config_file = bare
+        else:
+            overrides.insert(0, f"{positional[0]}={bare}")
+    return config_file, overrides
+

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from lmlab import __version__
 from lmlab.artifacts import check_out
-from lmlab.config import Strict, build_config, load_config, parse_override, read_yaml
+from lmlab.config import Strict, build_config, load_config, parse_override, read_yaml, stage_arguments
 from lmlab.errors import Preempted, UserError
 from lmlab.stages import STAGES, training_verbs
 
@@ -155,36 +155,6 @@ def check_resources(o: Options) -> tuple[int, int]:
     return procs, cpus
 
 
-def stage_arguments(verb: str, module, args: list[str]) -> tuple[str | None, list[str]]:
-    """The config file and overrides in `args`, read as `lmlab VERB args` reads them (lmlab.cli.run_stage)."""
-    config_file, overrides = None, []
-    positional = getattr(module, "POSITIONAL", None)
-    flags = getattr(module, "FLAGS", {})
-    rest = iter(args)
-    for a in rest:
-        if a == "--config" or a.startswith("--config="):
-            value = a.split("=", 1)[1] if "=" in a else next(rest, None)
-            if not value:
-                raise UserError("--config needs a file: --config FILE.yaml")
-            if config_file:
-                raise UserError("give the config either as an argument or with --config, not both")
-            config_file = value
-        elif a in flags:
-            overrides.append(f"{flags[a][0]}={flags[a][1]}")
-        elif a.startswith("-"):
-            raise UserError(f"unknown option {a}: the slurm options are listed by `lmlab slurm --help`, and "
-                            f"{verb}'s own options are key=value overrides (`lmlab {verb} --help`)")
-        elif "=" in a:
-            overrides.append(a)
-        elif positional and positional[0] == "--config" and config_file is None:
-            config_file = a
-        elif positional and positional[0] != "--config":
-            overrides.insert(0, f"{positional[0]}={a}")
-        else:
-            raise UserError(f"unexpected argument {a!r}: after the verb come --config FILE.yaml and key=value overrides")
-    return config_file, overrides
-
-
 def sets_out(config_file: str | None, overrides: list[str]) -> bool:
     if any(parse_override(o)[0] == ["out"] for o in overrides):
         return True
@@ -227,7 +197,8 @@ def plan(verb: str, stage_args: list[str], o: Options) -> dict:
         raise UserError(f"{verb!r} is {kind}: lmlab slurm runs one of {', '.join(verbs)}, "
                         f"e.g. lmlab slurm pretrain data=runs/packed --nodes 1 --gpus-per-node 8 --time 04:00:00")
     module = importlib.import_module(STAGES[verb][0])
-    config_file, overrides = stage_arguments(verb, module, stage_args)
+    config_file, overrides = stage_arguments(verb, module, stage_args,
+                                             hint="the slurm options are listed by `lmlab slurm --help`, and ")
     cfg = load_config(module.Config, config_file, overrides)
     root = Path(o.root).expanduser() if o.root else default_root()
     out = Path(cfg.out if sets_out(config_file, overrides) else Path("runs") / verb).expanduser()
