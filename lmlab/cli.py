@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         run_stage(argv[0], argv[1:])
+        if "lmlab.dist" in sys.modules:  # leave the process group cleanly (NCCL warns otherwise)
+            sys.modules["lmlab.dist"].shutdown()
     except UserError as e:
         # Only a stage that joined a process group has ranks (and imported torch); keep the
         # error path of the others free of the torch import.

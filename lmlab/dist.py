@@ -54,9 +54,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launched_distributed() -> bool:
-    return read_env().world > 1
-
 
 def init(device_type: str, timeout_s: float = 600.0) -> Env:
     """Join the process group the launcher describes (idempotent). One process: nothing to join."""

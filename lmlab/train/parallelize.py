@@ -30,7 +30,6 @@ import contextlib
 import functools
 
 import torch
-import torch.distributed as dist
 
 from lmlab import dist as lmdist
 from lmlab.errors import UserError
@@ -113,11 +112,6 @@ def parallelize(model: torch.nn.Module, strategy: str, p: ParallelConfig, device
     return torch.compile(wrapped) if compile else wrapped
 
 
-def unwrapped(forward_model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside compile / DDP wrappers (FSDP2 wraps in place: the model itself)."""
-    m = getattr(forward_model, "_orig_mod", forward_model)
-    return getattr(m, "module", m) if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
-
 
 def grad_sync(forward_model: torch.nn.Module, strategy: str, sync: bool):
     """A context for one micro-batch's forward+backward: gradients are reduced over ranks only
@@ -137,7 +131,3 @@ def is_distributed_tensor(t: torch.Tensor) -> bool:
 def local_scalar(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (e.g. FSDP's gradient norm) as a plain tensor; others unchanged."""
     return t.full_tensor() if is_distributed_tensor(t) else t
-
-
-def process_group_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
