@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support: nothing is ever sharded
+    DTensor = ()
+
 from lmlab.errors import UserError
 
 
@@ -40,6 +45,11 @@ def read_env(environ=os.environ) -> Env:
         return Env(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
                    "slurm")
     return Env(0, 1, 0, "none")
+
+
+def is_dtensor(t) -> bool:
+    """Whether `t` is a torch.distributed DTensor (FSDP2's sharded parameters, their gradients)."""
+    return isinstance(t, DTensor)
 
 
 def rank() -> int:

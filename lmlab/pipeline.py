@@ -98,10 +98,6 @@ def expected_line(cfg: Config, device: str = "auto") -> str | None:
 def _join_processes(device: str) -> bool:
     """Under torchrun/srun: join the process group now, with a timeout long enough for the other
     ranks to wait out a stage that rank 0 runs alone (a corpus, a tokenizer). True if joined."""
-    import os
-
-    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
-        return False
     from lmlab import dist as lmdist
     from lmlab.runtime import pick_device
 

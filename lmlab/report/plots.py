@@ -38,19 +38,25 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def stage_times(stages: list[tuple[str, float]], path: str | Path) -> Path:
-    """Horizontal bars: wall-clock seconds per stage, in pipeline order (first at the top)."""
-    names = [n for n, _ in stages][::-1]
-    secs = [s for _, s in stages][::-1]
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 0.45 * len(stages) + 1.2))
-    bars = ax.barh(names, secs, color="#4c72b0")
-    unit, scale = ("min", 60.0) if max(secs, default=0) >= 300 else ("s", 1.0)
-    for bar, s in zip(bars, secs):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s / scale:.1f} {unit}", va="center", fontsize=8)
-    ax.set_xlabel("wall-clock seconds")
-    ax.set_title("time per stage")
+def _labelled_bars(names: list[str], values: list[float], labels: list[str], xlabel: str, title: str,
+                   path: str | Path) -> Path:
+    """Horizontal bars, the first name at the top, each with its label at the bar's end."""
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 0.45 * len(names) + 1.2))
+    bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
+    for bar, label in zip(bars, labels[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {label}", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     ax.margins(x=0.15)
     return _save(fig, path)
+
+
+def stage_times(stages: list[tuple[str, float]], path: str | Path) -> Path:
+    """Horizontal bars: wall-clock seconds per stage, in pipeline order (first at the top)."""
+    secs = [s for _, s in stages]
+    unit, scale = ("min", 60.0) if max(secs, default=0) >= 300 else ("s", 1.0)
+    return _labelled_bars([n for n, _ in stages], secs, [f"{s / scale:.1f} {unit}" for s in secs],
+                          "wall-clock seconds", "time per stage", path)
 
 
 def loss_curves(train: list[tuple[float, float]], val: list[tuple[float, float]], path: str | Path,
@@ -153,16 +159,9 @@ def sweep_history(points: list[tuple[int, float, str]], path: str | Path, metric
 
 def param_importance(importances: dict[str, float], path: str | Path) -> Path:
     """Horizontal bars: each parameter's share of the objective's variation (most important on top)."""
-    names = list(importances)[::-1]
-    vals = [importances[n] for n in names]
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0], 0.45 * len(names) + 1.2))
-    bars = ax.barh(names, vals, color="#4c72b0")
-    for bar, v in zip(bars, vals):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("importance (sums to 1)")
-    ax.set_title("parameter importance (Optuna, PED-ANOVA)")
-    ax.margins(x=0.15)
-    return _save(fig, path)
+    vals = list(importances.values())
+    return _labelled_bars(list(importances), vals, [f"{v:.2f}" for v in vals], "importance (sums to 1)",
+                          "parameter importance (Optuna, PED-ANOVA)", path)
 
 
 def sweep_params(series: dict[str, list[tuple[float, float, str]]], path: str | Path, metric: str = "val_loss",

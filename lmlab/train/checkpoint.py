@@ -243,7 +243,7 @@ def _has_dtensor(state) -> bool:
         return any(_has_dtensor(v) for v in state.values())
     if isinstance(state, (list, tuple)):
         return any(_has_dtensor(v) for v in state)
-    return type(state).__name__ == "DTensor"
+    return lmdist.is_dtensor(state)
 
 
 def _load_sharded(path: Path, model, optimizer, extra_into: dict | None = None) -> dict:
@@ -266,7 +266,7 @@ def _load_sharded(path: Path, model, optimizer, extra_into: dict | None = None) 
 
 
 def _load_full(path: Path, model, optimizer) -> None:
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(lmdist.is_dtensor(p) for p in model.parameters()):
         raise UserError(f"{path} was saved by a one-process run; it resumes on one process or under "
                         f"parallel.strategy=ddp, not fsdp (use ddp to continue it, or resume=never)")
     st_load_model(model, str(path / "model.safetensors"), strict=True)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from lmlab.dist import is_dtensor
+
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
@@ -53,7 +55,7 @@ class EMA:
 
     def state_dict(self) -> dict:
         # FSDP's sharded shadows stay DTensors: the checkpoint writes them with the model's shards (DCP)
-        return {"decay": self.decay, "shadow": {n: t if type(t).__name__ == "DTensor" else t.cpu()
+        return {"decay": self.decay, "shadow": {n: t if is_dtensor(t) else t.cpu()
                                                 for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -62,6 +64,6 @@ class EMA:
             raise ValueError(f"the EMA state lacks {sorted(missing)[:3]}")
         for n, t in self.shadow.items():
             src = state["shadow"][n]
-            if type(t).__name__ == "DTensor" and type(src).__name__ != "DTensor":
+            if is_dtensor(t) and not is_dtensor(src):
                 raise ValueError("the EMA state was saved by an unsharded run and this run is sharded (fsdp)")
             t.copy_(src)

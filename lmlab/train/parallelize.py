@@ -124,10 +124,6 @@ def grad_sync(forward_model: torch.nn.Module, strategy: str, sync: bool):
     return contextlib.nullcontext()
 
 
-def is_distributed_tensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def local_scalar(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (e.g. FSDP's gradient norm) as a plain tensor; others unchanged."""
-    return t.full_tensor() if is_distributed_tensor(t) else t
+    return t.full_tensor() if lmdist.is_dtensor(t) else t
