@@ -22,6 +22,7 @@ is lmlab.infer.sampling's `sample_next`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -112,30 +113,53 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     return [truncate_at_stop(tokenizer.decode(o), stops.strings)[0] for o in outs]
 
 
-def complete(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Stops = Stops(),
-             batch_size: int = 32, device=None, bar=None) -> list[str]:
-    """Completions of token-id prompts (e.g. chat prompts), cut at the first stop string or stop id.
+@dataclass
+class Completion:
+    """One completion of `complete_ids`: what was sampled and how it ended."""
+    ids: list[int]        # every sampled token, the ending one included (eos, a stop id, a stop string's last)
+    text: str             # the decoded reply, cut before the first stop string (no ending token)
+    finished: bool        # ended by eos, a stop id or a stop string; False: cut at max_new_tokens
+
+
+def complete_ids(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Stops = Stops(),
+                 batch_size: int = 32, device=None, bar=None) -> list[Completion]:
+    """Completions of token-id prompts with their sampled ids (RL trains on exactly these tokens).
 
     Prompts are decoded in batches of similar length (little padding); batch b samples with
     seed `sampling.seed + b`, so the samples of one prompt repeated differ and a run repeats.
     `bar` (a progress bar) advances by each batch's prompts.
     """
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
-    ends = set(stops.ids)
+    ends = set(stops.ids) | ({eos} if eos is not None else set())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outs: list[str] = [""] * len(prompts)
+    outs: list[Optional[Completion]] = [None] * len(prompts)
     for b, start in enumerate(range(0, len(order), batch_size)):
         rows = order[start:start + batch_size]
         new: list[list[int]] = [[] for _ in rows]
+        checker = stop_checker(tokenizer, stops, len(rows))
+        stopped = [False] * len(rows)
+
+        def should_stop(r: int, ids: list[int]) -> bool:
+            stopped[r] = checker is not None and checker(r, ids)
+            return stopped[r]
+
         for step in generate_ids(model, [prompts[i] for i in rows], sampling.max_new_tokens, sampling.temperature,
                                  sampling.top_k, sampling.top_p, eos_id=eos, seed=sampling.seed + b, device=device,
-                                 pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0,
-                                 should_stop=stop_checker(tokenizer, stops, len(rows))):
+                                 pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, should_stop=should_stop):
             for r, t in enumerate(step):
-                if t is not None and t != eos and t not in ends:
+                if t is not None:
                     new[r].append(t)
         for r, i in enumerate(rows):
-            outs[i] = truncate_at_stop(tokenizer.decode(new[r]), stops.strings)[0]
+            ids = new[r]
+            ended = bool(ids) and (ids[-1] in ends or stopped[r])
+            body = ids[:-1] if ended and ids[-1] in ends else ids
+            outs[i] = Completion(ids, truncate_at_stop(tokenizer.decode(body), stops.strings)[0], ended)
         if bar is not None:
             bar.update(len(rows))
-    return outs
+    return outs  # type: ignore[return-value]
+
+
+def complete(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Stops = Stops(),
+             batch_size: int = 32, device=None, bar=None) -> list[str]:
+    """Completions of token-id prompts (e.g. chat prompts) as text, cut at the first stop string or stop id."""
+    return [c.text for c in complete_ids(model, tokenizer, prompts, sampling, stops, batch_size, device, bar)]

@@ -347,10 +347,13 @@ class Transformer(nn.Module):
         cos_sin = self._rope.get(device)
         if cos_sin is None or cos_sin[0].shape[0] < length:
             n = max(length, self.cfg.max_seq_len, 2 * (cos_sin[0].shape[0] if cos_sin else 0))
-            t = torch.arange(n, dtype=torch.float32)
-            freqs = t[:, None] * self._inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos_sin = (emb.cos().to(device), emb.sin().to(device))
+            # Built outside inference mode even when generation asks first: a cached inference
+            # tensor could not be used by a later training forward (GRPO generates, then trains).
+            with torch.inference_mode(False):
+                t = torch.arange(n, dtype=torch.float32)
+                freqs = t[:, None] * self._inv_freq.detach().clone()[None, :]
+                emb = torch.cat((freqs, freqs), dim=-1)
+                cos_sin = (emb.cos().to(device), emb.sin().to(device))
             self._rope[device] = cos_sin
         return cos_sin
 

@@ -307,7 +307,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _connected_zero(model: torch.nn.Module) -> torch.Tensor:
+def connected_zero(model: torch.nn.Module) -> torch.Tensor:
     """0, with a gradient path to every trainable parameter: what a process whose piece has no
     loss terms backpropagates, so that DDP/FSDP's gradient reduction still runs on every rank."""
     return sum(p.reshape(-1)[0] * 0.0 for p in model.parameters() if p.requires_grad)
@@ -633,7 +633,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                             loss_sum += micro_sum.detach().float()
                             step_count += micro_count
                         elif world > 1:  # the other ranks wait in this pass's gradient reduction
-                            zero = micro_sum * 0.0 if micro_sum.requires_grad else _connected_zero(model)
+                            zero = micro_sum * 0.0 if micro_sum.requires_grad else connected_zero(model)
                             zero.backward()
                     step_tokens += int(tokens_of(batch)) if tokens_of is not None else micro_count
                 stop_now = None  # (stop, preempted) as all ranks agreed at this step's all-reduce
