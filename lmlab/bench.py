@@ -2,6 +2,7 @@
 
     lmlab bench train    preset=tiny batch_size=4 seq_len=256 steps=3 repeats=3
     lmlab bench generate preset=tiny batch_size=4 prompt_len=32 max_new_tokens=64 out=bench.json
+    lmlab bench grpo model=runs/cpu/sft problems=runs/cpu/tasks/train.jsonl prompts=8 num_generations=8
 
 `train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
 `transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
@@ -9,6 +10,8 @@ weights (through the export mapping), on the same batch and threads.
 `generate`: new tokens/s of greedy decoding with our KV-cache engine against
 `model.generate(use_cache=True, do_sample=False)`, same prompts and token count, and whether
 the two produce identical tokens.
+`grpo`: one GRPO step (generation, scoring, update) against TRL's GRPOTrainer on the same
+exported model, prompts, G, length and reward (lmlab.bench_grpo; TRL runs in its own venv).
 
 The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
 machine slows both alike; each side's figure is the median over `repeats`.
@@ -28,11 +31,12 @@ from pydantic import Field
 from lmlab.config import Strict
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train or generate")
+POSITIONAL = ("what", "train, generate or grpo")
 
 
 class Config(Strict):
-    what: Literal["train", "generate"] = Field("train", description="train (fwd+bwd+AdamW tokens/s) or generate (decode tokens/s)")
+    what: Literal["train", "generate", "grpo"] = Field("train", description="train (fwd+bwd+AdamW tokens/s), generate "
+                                                       "(decode tokens/s) or grpo (a GRPO step against TRL)")
     preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base)")
     vocab_size: int = Field(32768, ge=16, description="vocabulary size of the benchmarked model")
     batch_size: int = Field(4, ge=1, description="sequences per step (train) or prompts decoded together (generate)")
@@ -46,6 +50,15 @@ class Config(Strict):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     seed: int = Field(0, description="seed for weights and data")
     out: Optional[str] = Field(None, description="optional JSON file for the results")
+    model: str = Field("", description="grpo: the chat model run to train (an sft run)")
+    problems: str = Field("", description="grpo: GSM8K-format problems (the first `prompts` are used)")
+    prompts: int = Field(8, ge=1, description="grpo: prompts per step")
+    num_generations: int = Field(8, ge=2, description="grpo: completions per prompt (G)")
+    max_completion_length: int = Field(64, ge=1, description="grpo: new tokens per completion at most")
+    lr: float = Field(1e-5, gt=0, description="grpo: AdamW learning rate (constant) on both sides")
+    beta: float = Field(0.0, ge=0, description="grpo: KL weight; > 0 adds the reference log-probs on both sides")
+    peer_python: Optional[str] = Field(None, description="grpo: python of the venv with trl (default .peers/trl/bin/"
+                                       "python, or $LMLAB_PEER_PYTHON; ./scripts/setup_peers.sh makes it)")
 
 
 def build_pair(cfg: Config, device):
@@ -162,13 +175,15 @@ def _is_bench_result(path: Path) -> bool:
         res = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(res, dict) and "tokens_per_s" in res
+    return _res_with_figures(res)
 
 
 def run(cfg: Config) -> dict:
     from lmlab.models.transformer import PRESETS
     from lmlab.runtime import pick_device
 
+    if cfg.what == "grpo":
+        return _run_grpo(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
     if cfg.out:
@@ -191,6 +206,28 @@ def run(cfg: Config) -> dict:
     print(f"  ratio lmlab/transformers: {res['ratio']:.2f}x")
     if cfg.what == "generate":
         print(f"  greedy outputs identical: {res['greedy_identical']}")
+    if cfg.out:
+        from lmlab.artifacts import write_json_atomic
+        write_json_atomic(cfg.out, res)
+    return res
+
+
+def _res_with_figures(res: dict) -> bool:
+    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") == "grpo")
+
+
+def _run_grpo(cfg: Config) -> dict:
+    from lmlab.bench_grpo import bench_grpo, print_grpo
+    from lmlab.runtime import pick_device
+
+    if cfg.out:
+        from lmlab.artifacts import check_out_file
+        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    res = bench_grpo(cfg, pick_device(cfg.device))
+    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), torch=torch.__version__)
+    print_grpo(cfg, res)
     if cfg.out:
         from lmlab.artifacts import write_json_atomic
         write_json_atomic(cfg.out, res)

@@ -28,8 +28,8 @@ from pydantic import Field
 from lmlab.config import Strict, load_config
 from lmlab.errors import UserError
 
-StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "pairs", "dpo", "eval", "generate",
-                    "report", "export", "bench"]
+StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "pairs", "samples", "dpo", "verifier",
+                    "reward", "grpo", "eval", "generate", "report", "export", "bench"]
 
 POSITIONAL = ("--config", "the pipeline YAML file, e.g. configs/pipelines/cpu.yaml")
 PIPELINE_WAIT_S = 6 * 3600  # how long the other ranks wait for a stage rank 0 runs alone

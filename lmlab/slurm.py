@@ -203,7 +203,7 @@ def plan(verb: str, stage_args: list[str], o: Options) -> dict:
     root = Path(o.root).expanduser() if o.root else default_root()
     out = Path(cfg.out if sets_out(config_file, overrides) else Path("runs") / verb).expanduser()
     out = (out if out.is_absolute() else root / out).absolute()
-    check_out(out, "model", verb)  # refuse now, not in the queue, an out that the stage would refuse
+    check_out(out, getattr(module, "KIND", "model"), verb)  # refuse now, not in the queue, what the stage would refuse
     name = sbatch_value("--job-name", o.job_name or f"lmlab-{out.name}")
     script = Path(o.output).expanduser().absolute() if o.output else out.parent / "slurm" / f"{name}.sbatch"
     venv = default_venv() if o.venv is None else o.venv

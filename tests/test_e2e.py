@@ -26,13 +26,15 @@ def test_smoke_pipeline_writes_every_artifact(smoke):
     root, r, _ = smoke
     for name, kind in [("corpus", "corpus"), ("tokenizer", "tokenizer"), ("packed", "packed"), ("model", "model"),
                        ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
-                       ("dpo", "model"), ("eval_dpo", "eval"), ("report", "report"), ("hf", "hf_export")]:
+                       ("dpo", "model"), ("eval_dpo", "eval"), ("samples", "samples"), ("verifier", "verifier"),
+                       ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("report", "report"),
+                       ("hf", "hf_export")]:
         manifest = json.loads((root / name / "manifest.json").read_text())
         assert manifest["kind"] == kind
         assert manifest["lmlab_version"] and manifest["git_commit"]
     # Every stage after the tokenizer records the tokenizer's fingerprint it was built with.
     sha = json.loads((root / "tokenizer" / "manifest.json").read_text())["tokenizer_sha256"]
-    for name in ("packed", "model", "sft", "dpo"):
+    for name in ("packed", "model", "sft", "dpo", "grpo", "verifier", "reward"):
         assert json.loads((root / name / "manifest.json").read_text())["tokenizer_sha256"] == sha
     assert r.stdout.strip().splitlines()[-1] == f"report: {root / 'report' / 'report.md'}"
 
@@ -45,10 +47,12 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     for section in ("## Time per stage", "## Data", "## Model", "## Training curves", "## Evaluation",
                     "## Sample generations", "unigram"):
         assert section in report
-    assert "## The ladder: base → SFT → DPO" in report
+    assert "## The ladder: Base → SFT → DPO → GRPO → GRPO + verifier best-of-4" in report
     ladder = (root / "report" / "ladder.csv").read_text().splitlines()
     assert ladder[0].startswith("stage,model,eval,exact_match_strict") and [r.split(",")[0] for r in ladder[1:]] == [
-        "Base", "SFT", "DPO"]
+        "Base", "SFT", "DPO", "GRPO", "GRPO + verifier best-of-4"]
+    for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png"):
+        assert section in report, section
     assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
     rows = json.loads((root / "report" / "ladder.json").read_text())
     # the paired difference is over the same problems, so it equals the difference of the means
@@ -56,7 +60,8 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
         d = row["delta_exact_match"]
         assert d["n"] > 1 and d["diff"] == pytest.approx(row["exact_match_strict"] - prev["exact_match_strict"])
     assert rows[0]["delta_exact_match"] is None
-    for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png"):
+    for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png", "grpo_curves.png", "rerank_grpo.png",
+                "verifier_reliability.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,7 +76,7 @@ def test_smoke_rerun_is_a_noop(smoke):
 
 
 def test_exported_chat_model_generates_with_transformers(smoke):
-    """The exported DPO model: transformers formats the chat prompt and decodes as we do."""
+    """The exported GRPO model: transformers formats the chat prompt and decodes as we do."""
     root, _, _ = smoke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,7 +87,7 @@ def test_exported_chat_model_generates_with_transformers(smoke):
 
     hf = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     tok = AutoTokenizer.from_pretrained(root / "hf")
-    model, our_tok, _ = load_model(root / "dpo")
+    model, our_tok, _ = load_model(root / "grpo")
     messages = [{"role": "user", "content": "Ben has 4 cards. He finds 3 more. How many cards does Ben have now?"}]
     ids = prompt_ids("chatml", messages, our_tok)
     theirs = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)

@@ -237,3 +237,54 @@ def test_reward_errors_none_marks_the_reward_and_trains_on(chat, tmp_path, capsy
     lines = [r for r in _lines(out) if "loss" in r]
     assert all(r["rewards/raising_reward/mean"] is None for r in lines) and lines[0]["reward"] > 0
     assert capsys.readouterr().err.count("raised ZeroDivisionError") == 1   # warned once
+
+
+def test_malicious_code_completions_score_zero_and_the_trainer_survives(chat, tmp_path, monkeypatch):
+    """GRPO on MBPP-style problems whose completions loop, fork, allocate, write outside and connect:
+    every reward is 0 (a correct one 1), training goes on, nothing outside the sandbox changes."""
+    import socket
+
+    from lmlab.infer import engine
+
+    outside = tmp_path / "outside.txt"
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    evil = ["while True:\n    pass\n", "import os\nwhile True:\n    os.fork()\n",
+            "x = []\nwhile True:\n    x.append(' ' * 10**7)\n", f"open({str(outside)!r}, 'w').write('pwned')\n",
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}))\n",
+            "def add(a, b):\n    return a + b\n",          # the correct program
+            "def add(a, b):\n    return a - b\n", "def add(a, b) return\n"]
+    problems = tmp_path / "mbpp.jsonl"
+    problems.write_text("".join(json.dumps({"task_id": i, "text": "Add a, b.",
+                                            "code": "def add(a, b):\n    return a + b\n",
+                                            "test_list": ["assert add(1, 2) == 3"],
+                                            "test_setup_code": ""}) + "\n" for i in range(4)))
+    real = engine.complete_ids
+
+    def forced(model, tokenizer, prompts, sampling, stops=engine.Stops(), batch_size=32, device=None, bar=None):
+        outs = real(model, tokenizer, prompts, sampling, stops, batch_size, device, bar)
+        return [engine.Completion(o.ids, evil[i % len(evil)], o.finished) for i, o in enumerate(outs)]
+
+    monkeypatch.setattr(engine, "complete_ids", forced)
+    out = tmp_path / "code"
+    grpo.run(_cfg(chat, out, problems=str(problems), rewards=[{"name": "code", "params": {"timeout_s": 2.0}}],
+                  train={"steps": 2}, num_generations=8, log_completions_every=1))
+    comps = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    by_text = {c["completion"]: c["rewards"]["code"] for c in comps}
+    assert by_text["def add(a, b):\n    return a + b\n"] == 1.0
+    assert all(v == 0.0 for t, v in by_text.items() if t != "def add(a, b):\n    return a + b\n"), by_text
+    assert not outside.exists()
+    try:
+        conn, _ = server.accept()
+        conn.close()
+        connected = True
+    except OSError:
+        connected = False
+    server.close()
+    assert not connected
+    lines = [r for r in _lines(out) if "loss" in r]
+    assert len(lines) == 2 and lines[0]["rewards/code/mean"] == pytest.approx(1 / 8)
+    assert (out / "model.safetensors").is_file()

@@ -201,7 +201,8 @@ def test_build_pairs_counts_on_hand_made_samples():
     assert st["problems_without_pair"] == {"all_correct": 1, "no_chosen": 0, "no_rejected": 0}
     assert st["rejected_unparseable"] == 3
     assert st["per_task"]["arithmetic"] == {"problems": 2, "samples": 6, "samples_correct": 1, "pairs": 4,
-                                            "problems_all_correct": 0, "sample_accuracy": 1 / 6}
+                                            "problems_any_correct": 1, "problems_all_correct": 0,
+                                            "sample_accuracy": 1 / 6}
     assert st["per_task"]["sort"]["problems_all_correct"] == 1 and st["per_task"]["gsm8k"]["pairs"] == 1
     assert [s["correct"] for s in sample_recs[:3]] == [True, False, False] and sample_recs[0]["reference"] == "5"
     # without the fallback, q4 has no chosen reply

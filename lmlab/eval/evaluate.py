@@ -70,6 +70,17 @@ DEFAULT_PROMPTS = [
 ]
 
 
+class RerankSpec(Strict):
+    verifier: Optional[str] = Field(None, description="a `lmlab verifier` directory scoring each sample's P(correct)")
+    reward: Optional[str] = Field(None, description="a `lmlab reward` directory scoring each sample (instead of a "
+                                  "verifier)")
+    n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="N values for best-of-N, weighted vote, "
+                         "maj@N and pass@N (each <= n_samples)")
+
+    def path(self) -> str:
+        return self.verifier or self.reward or ""
+
+
 class GenerativeSpec(Strict):
     path: str = Field(description="GSM8K-format jsonl: question, answer (worked solution ending '#### N'), optional task")
     name: str = Field("", description="name in eval.json and manifest stats (default: the file's parent dir and stem, e.g. tasks_test)")
@@ -84,6 +95,9 @@ class GenerativeSpec(Strict):
     n_shot: int = Field(4, ge=0, description="few-shot examples per prompt for a base model (fewer when the context is short)")
     chat_n_shot: int = Field(0, ge=0, description="examples given as earlier turns to a chat-template model (0 = zero-shot)")
     batch_size: int = Field(32, ge=1, description="prompts decoded together")
+    rerank: Optional[RerankSpec] = Field(None, description="rerank the n_samples samples with a verifier or reward "
+                                         "model: {verifier: DIR | reward: DIR, n: [1, 2, 4, 8]} -> best_of_N, "
+                                         "weighted_vote@N, maj@N, pass@N")
 
 
 class Config(Strict):
@@ -358,6 +372,16 @@ def _vet_generative(cfg: Config, inputs: dict) -> list[tuple]:
         if spec.n_samples and any(k > spec.n_samples for k in spec.k):
             raise UserError(f"generative[{i}]: k={spec.k} needs n_samples >= {max(spec.k)}, got n_samples={spec.n_samples}")
         inputs[f"generative_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
+        if spec.rerank is not None:
+            r = spec.rerank
+            if bool(r.verifier) == bool(r.reward):
+                raise UserError(f"generative[{i}].rerank: give exactly one of verifier=DIR and reward=DIR")
+            if not r.n or max(r.n) > spec.n_samples or min(r.n) < 1:
+                raise UserError(f"generative[{i}].rerank: n={r.n} needs 1 <= N <= n_samples={spec.n_samples}; "
+                                f"raise n_samples to {max(r.n or [1])} or lower n")
+            kind = "verifier" if r.verifier else "reward"
+            m = artifacts.require_artifact(r.path(), kind, kind)
+            inputs[f"rerank_{i}"] = {"path": r.path(), "fingerprint": m.get("fingerprint")}
         fewshot = []
         if spec.fewshot:
             fewshot = read_problems(spec.fewshot)
@@ -379,16 +403,30 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
         if spec.prompting == "chat" and use is None:
             raise UserError(f"prompting=chat but {model_dir} has no chat.json (it is not an sft/dpo run); "
                             f"use prompting=fewshot or auto")
+        scorer = _load_scorer(spec.rerank, tokenizer, device) if spec.rerank is not None else None
         res = score_generative(model, tokenizer, problems, template=use, fewshot=fewshot,
                                n_shot=spec.chat_n_shot if use else spec.n_shot, n_samples=spec.n_samples, k=spec.k,
                                temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-                               batch_size=spec.batch_size, seed=cfg.seed, device=device)
+                               batch_size=spec.batch_size, seed=cfg.seed, device=device, scorer=scorer,
+                               rerank_n=spec.rerank.n if spec.rerank is not None else ())
         name = spec.name or _file_name(spec.path)
         for r in res.pop("records"):
             samples.append({"file": spec.path, "name": name, "kind": "generative", **r})
         outcomes.extend({"file": spec.path, "name": name, **r} for r in res.pop("problems"))
         results.append({"path": spec.path, "name": name, **res})
     return results
+
+
+def _load_scorer(spec: RerankSpec, tokenizer, device):
+    """The verifier / reward model, refused when it reads text with another tokenizer than the model's."""
+    from lmlab.infer.scorer import Scorer
+
+    scorer = Scorer.load(spec.path(), device=device)
+    if scorer.tokenizer_sha256 != tokenizer.sha256:
+        raise UserError(f"the scorer {spec.path()} was trained with another tokenizer than the evaluated model "
+                        f"(sha256 {scorer.tokenizer_sha256[:12]} vs {tokenizer.sha256[:12]}); rerank with a verifier "
+                        f"or reward model trained from this pipeline's models")
+    return scorer
 
 
 def _generate(model, tokenizer, cfg: Config, device) -> list[dict]:
@@ -432,6 +470,9 @@ def summary_stats(results: dict) -> dict:
         for key, value in g.items():
             if key.startswith(("exact_match", "pass@", "maj@")):
                 stats[f"{g['name']}_{key}"] = value
+        for key, value in (g.get("rerank") or {}).items():
+            if key.startswith(("best_of_", "weighted_vote@", "maj@", "pass@")) and not key.endswith("_stderr"):
+                stats[f"{g['name']}_rerank_{key}"] = value
     for c in results.get("choice", []):
         stats[f"{c['name']}_acc"] = c["acc"]
         stats[f"{c['name']}_acc_norm"] = c["acc_norm"]
@@ -450,6 +491,12 @@ def _print_summary(results: dict, out: Path) -> None:
         extra = "".join(f", {k} {v:.3f}" for k, v in g.items() if k.startswith(("pass@", "maj@")) and "_" not in k)
         print(f"eval {g['name']}: exact match {g['exact_match_strict']:.3f} strict, "
               f"{g['exact_match_flexible']:.3f} flexible ({g['n']} problems, {g['settings']['prompting']}){extra}")
+        rr = g.get("rerank")
+        if rr:
+            top = rr["ns"][-1]
+            print(f"eval {g['name']} rerank ({rr['kind']}): best-of-{top} {rr[f'best_of_{top}']:.3f}, weighted vote "
+                  f"{rr[f'weighted_vote@{top}']:.3f}, maj@{top} {rr[f'maj@{top}']:.3f}, pass@{top} "
+                  f"{rr[f'pass@{top}']:.3f}")
     for c in results.get("choice", []):
         print(f"eval {c['name']}: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} ({c['n']} items, {c['format']})")
     print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")

@@ -94,12 +94,16 @@ def _aggregate(records: list[dict], ks: list[int], n_samples: int) -> dict:
 def score_generative(model, tokenizer, problems: list[dict], template: Optional[str] = None,
                      fewshot: Sequence[dict] = (), n_shot: int = 4, n_samples: int = 0, k: Sequence[int] = (1,),
                      temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 128,
-                     batch_size: int = 32, seed: int = 0, device=None, n_records: int = 5) -> dict:
+                     batch_size: int = 32, seed: int = 0, device=None, n_records: int = 5, scorer=None,
+                     rerank_n: Sequence[int] = ()) -> dict:
     """Greedy exact match (strict, flexible) and, with n_samples > 0, pass@k and maj@k per k ≤ n_samples.
 
     `template` (a chat template name) prompts with the template, zero-shot unless n_shot > 0
     (examples then become earlier turns); None prompts lm-eval-style few-shot from `fewshot`.
     Returns metrics overall and per task, the settings, and `n_records` sample records.
+    With a `scorer` (lmlab.infer.scorer: a verifier or reward model) every sample is scored and
+    `rerank` holds best-of-N, weighted vote, maj@N and pass@N for each N in `rerank_n`
+    (lmlab.eval.rerank); each problem's values are in its `problems` entry.
     """
     from lmlab.infer.engine import complete
     from lmlab.infer.sampling import Sampling
@@ -148,6 +152,19 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
         records[-1]["flexible_ok"] = ref is not None and records[-1]["flexible"] == ref
 
     res = _aggregate(records, ks, n_samples)
+    if scorer is not None and n_samples:
+        from lmlab.eval.rerank import rerank_metrics
+
+        t_score = time.perf_counter()
+        questions = [r["question"] for r in records for _ in range(n_samples)]
+        flat = scorer.score(questions, [s for r in records for s in r["samples"]], batch_size=batch_size)
+        scores = [flat[i * n_samples:(i + 1) * n_samples] for i in range(len(records))]
+        rr = rerank_metrics(scores, [r["samples_strict"] for r in records], [r["reference"] for r in records],
+                            rerank_n)
+        for r, row, sc in zip(records, rr.pop("per_problem"), scores):
+            r["rerank"], r["scores"] = row, [round(float(x), 5) for x in sc]
+        res["rerank"] = {**rr, "scorer": str(getattr(scorer, "path", "")), "kind": getattr(scorer, "kind", None),
+                         "score_time_s": round(time.perf_counter() - t_score, 3)}
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
@@ -167,6 +184,7 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     res["problems"] = [{"i": i, "task": r["task"], "question": r["question"], "reference": r["reference"],
                         "completion": r["completion"], "strict": r["strict"], "correct": r["strict_ok"],
                         "flexible_correct": r["flexible_ok"],
-                        "samples_correct": sum(a == r["reference"] for a in r["samples_strict"])}
+                        "samples_correct": sum(a == r["reference"] for a in r["samples_strict"]),
+                        **({"rerank": r["rerank"], "scores": r["scores"]} if "rerank" in r else {})}
                        for i, r in enumerate(records)]
     return res

@@ -124,6 +124,49 @@ def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str 
     return _save(fig, path)
 
 
+# ---------------------------------------------------------------------- alignment (grpo, rerank)
+
+def small_multiples(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
+                    xlabel: str = "step") -> Path:
+    """One small panel per named curve, side by side (GRPO's reward, KL, zero-std share, length)."""
+    n = max(len(curves), 1)
+    fig, axes = plt.subplots(1, n, figsize=(max(FIGSIZE[0], 2.6 * n), 2.8), dpi=DPI, squeeze=False)
+    for ax, (name, pts) in zip(axes[0], curves.items()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color="#4c72b0", lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def against_n(ns: list[int], series: dict[str, list[float | None]], path: str | Path,
+              errors: dict[str, list[float | None]] | None = None, title: str = "exact match against N",
+              greedy: float | None = None) -> Path:
+    """Lines of a metric against the number of samples N (log2 axis), with error bars; the
+    greedy result as a dashed line (Cobbe et al. 2021's verifier figure)."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for name, vals in series.items():
+        pts = [(n, v, ((errors or {}).get(name) or [None] * len(ns))[i]) for i, (n, v) in enumerate(zip(ns, vals))
+               if v is not None]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], marker="o",
+                        ms=3, capsize=2, lw=1.2, label=name)
+    if greedy is not None:
+        ax.axhline(greedy, ls="--", color="grey", lw=1, label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("fraction of problems")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- sweeps (lmlab sweep)
 
 STATE_STYLE = {"COMPLETE": ("o", "#4c72b0", "complete"), "PRUNED": ("x", "#c44e52", "pruned (last reported value)")}

@@ -26,17 +26,19 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.report import plots
+from lmlab.report import alignment, plots
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import table
 from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
 
-STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "eval", "hf_export", "export"]
-LADDER_ORDER = ["Base", "SFT", "DPO"]
+STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "samples", "verifier", "reward", "eval", "hf_export",
+               "export"]
+LADDER_ORDER = ["Base", "SFT", "DPO", "GRPO"]
 STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "tasks": "tasks", "model": "pretrain",
-              "eval": "eval", "hf_export": "export", "export": "export"}
+              "eval": "eval", "hf_export": "export", "export": "export", "samples": "samples", "verifier": "verifier",
+              "reward": "reward"}
 
 
 class Config(Strict):
@@ -159,7 +161,7 @@ def _first(found, kind):
     return items[0] if items else (None, None)
 
 
-_STAGE_OF_VERB = {"pretrain": "Base", "sft": "SFT", "dpo": "DPO"}
+_STAGE_OF_VERB = {"pretrain": "Base", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}
 
 
 def model_stage(m: dict) -> str:
@@ -346,6 +348,8 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
         parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
 
     parts += ladder_section(found, out_dir)
+    parts += alignment.grpo_section(found, out_dir, read_metrics)
+    parts += alignment.scorer_sections(found, out_dir)
 
     parts += ["## Sample generations", ""]
     gens = _read_generations(eval_dir) if eval_dir else []
@@ -604,10 +608,23 @@ def ladder_rows(found) -> list[dict]:
         model_dir, model_m = _model_of_eval(found, eval_m)
         stage = model_stage(model_m) if model_m else "?"
         g = gens[0]
-        rows.append({"stage": stage, "model": str(model_dir or eval_m.get("inputs", {}).get("model", {}).get("path")),
-                     "eval": str(eval_dir), "result": g, "created": eval_m.get("created", "")})
+        row = {"stage": stage, "model": str(model_dir or eval_m.get("inputs", {}).get("model", {}).get("path")),
+               "eval": str(eval_dir), "result": g, "created": eval_m.get("created", "")}
+        rows.append(row)
+        rerank = g.get("rerank")
+        if rerank:  # the same model's samples reranked: "+verifier" (best-of-N at the largest N)
+            N = rerank["ns"][-1]
+            rows.append({**row, "stage": f"{stage} + {rerank.get('kind') or 'verifier'} best-of-{N}",
+                         "outcome": f"best_of_{N}", "created": row["created"] + "~",
+                         "result": {**{k: v for k, v in g.items()
+                                       if k not in ("rerank", "per_task") and not k.startswith(("pass@", "maj@"))},
+                                    "exact_match_strict": rerank[f"best_of_{N}"],
+                                    "exact_match_strict_stderr": rerank.get(f"best_of_{N}_stderr"),
+                                    "exact_match_flexible": None,
+                                    "settings": {**(g.get("settings") or {}),
+                                                 "prompting": f"best of {N} samples"}}})
     order = {s: i for i, s in enumerate(LADDER_ORDER)}
-    return sorted(rows, key=lambda r: (order.get(r["stage"], len(order)), r["created"]))
+    return sorted(rows, key=lambda r: (order.get(r["stage"].split(" + ")[0], len(order)), r["created"]))
 
 
 def _ks(g: dict, prefix: str) -> list[int]:
@@ -625,7 +642,9 @@ def paired_difference(a: dict, b: dict) -> dict | None:
     """Strict exact match of ladder row b minus row a on the problems both scored (from their
     problems.jsonl), with the standard error of the per-problem differences; None without them."""
     def outcomes(row: dict) -> dict:
-        return {(p.get("name"), p.get("question"), p.get("reference")): float(bool(p.get("correct")))
+        key = row.get("outcome")  # a reranked row: the problem's best-of-N value, else greedy correctness
+        return {(p.get("name"), p.get("question"), p.get("reference")):
+                float((p.get("rerank") or {}).get(key, 0.0)) if key else float(bool(p.get("correct")))
                 for p in _read_jsonl(Path(row["eval"]) / "problems.jsonl")}
 
     oa, ob = outcomes(a), outcomes(b)
@@ -648,7 +667,7 @@ def ladder_section(found, out_dir: Path) -> list[str]:
     cols = LADDER_METRICS + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks if k > 1]
     first = rows[0]["result"]
     settings = first.get("settings") or {}
-    out = ["## The ladder: base → SFT → DPO", "",
+    out = ["## The ladder: " + " → ".join(dict.fromkeys(r["stage"] for r in rows)), "",
            f"Held-out problems from `{first.get('path')}` (n = {first.get('n')}); greedy exact match with "
            f"lm-eval's GSM8K extraction (strict `#### N`, flexible last number); pass@k (unbiased estimator) "
            f"and maj@k from {settings.get('n_samples', '?')} samples at temperature {settings.get('temperature', '?')}, "
@@ -673,7 +692,8 @@ def ladder_section(found, out_dir: Path) -> list[str]:
 
     plot_cols = ["exact_match_strict"] + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks if k > 1]
     plots.ladder([r["stage"] for r in rows], {c: [r["result"].get(c) for r in rows] for c in plot_cols},
-                 out_dir / "ladder.png", errors={c: [r["result"].get(f"{c}_stderr") for r in rows] for c in plot_cols})
+                 out_dir / "ladder.png", errors={c: [r["result"].get(f"{c}_stderr") for r in rows] for c in plot_cols},
+                 title="held-out problems: " + " → ".join(r["stage"] for r in rows))
     out += ["![the ladder](ladder.png)", ""]
 
     import csv
@@ -691,9 +711,12 @@ def ladder_section(found, out_dir: Path) -> list[str]:
          for r in rows], indent=2) + "\n", encoding="utf-8")
     out += ["The ladder is also in `ladder.csv` and `ladder.json`; each stage's full metrics are in its "
             "eval directory's `eval.json`.", ""]
+    out += alignment.rerank_section(rows, out_dir)
 
     out += ["### Sample conversations per stage", ""]
     for r in rows:
+        if r.get("outcome"):
+            continue  # a reranked row shares its model's eval and samples
         samples = _read_jsonl(Path(r["eval"]) / "samples.jsonl")[:2]
         for s in samples:
             mark = "correct" if s.get("correct") else f"wrong (reference {s.get('reference')})"

@@ -2,6 +2,7 @@
 
     lmlab pairs runs/x/sft problems=runs/x/tasks/train.jsonl out=runs/x/pairs
     lmlab pairs runs/x/sft problems=../shared/data/gsm8k/train.jsonl out=runs/x/pairs_gsm8k n_samples=8
+    lmlab pairs samples=runs/x/samples out=runs/x/pairs      # the samples of `lmlab samples`, not drawn again
     lmlab dpo init=runs/x/sft data=runs/x/pairs/pairs.jsonl out=runs/x/dpo_onpolicy
 
 As in Iterative Reasoning Preference Optimization (Pang et al. 2024): for each problem the
@@ -10,11 +11,14 @@ replies, the others rejected ones. Unlike the synthetic pairs of `lmlab tasks`
 (dpo_train.jsonl: the reference with one arithmetic slip), the rejected replies are the
 model's own mistakes, so DPO pushes probability away from what it actually gets wrong.
 
-Sampling uses exactly the evaluation's chat prompt and stops (lmlab.tasks.problems:
-`build_prompt` with the model's template, zero-shot, the question as the user turn;
-`problem_stops`, the template's end of turn), and the answer is read with the evaluation's
+The samples are drawn and labelled by lmlab.tasks.samples (`draw`), the code of `lmlab
+samples`: exactly the evaluation's chat prompt and stops (lmlab.tasks.problems: `build_prompt`
+with the model's template, zero-shot; `problem_stops`), the answer read with the evaluation's
 strict extraction (`answer_rules`: `#### N`; a `sort` answer as its list), so "correct" means
-what exact match means in `lmlab eval`.
+what exact match means in `lmlab eval`. Sampling here is `lmlab samples` with the same options
+and its default chunk_size (64): `samples=DIR` of such a run gives these very pairs. With
+`samples=DIR` the model, problems and sampling options are the samples artifact's, and giving
+them too is an error.
 
 Per problem, up to `pairs_per_problem` pairs (`select_pairs`):
   chosen    a distinct correct sample (cycled when there are fewer than pairs); with none,
@@ -28,12 +32,14 @@ A problem whose samples are all correct gives no pair (counted as all-correct).
 Files in `out` (kind 'pairs'):
   pairs.jsonl    {"prompt": question, "chosen", "rejected", "task", "difficulty",
                   "chosen_from": "sample" | "reference"}: what `lmlab dpo data=...` reads
-  samples.jsonl  every sample: {"problem": index, "task", "sample", "answer", "reference", "correct"}
+  samples.jsonl  every sample, in the record layout of `lmlab samples` ({"problem", "question",
+                 "solution", "task", "difficulty", "k", "completion", "answer", "reference",
+                 "correct"}; see lmlab.tasks.samples)
   manifest.json  stats: problems, samples, sample accuracy (overall and per task), pairs,
                  chosen_from counts, problems without a pair and why, time
 The fingerprint covers the config (not `out` or `device`), the model's fingerprint and the
-problem file's sha256: the same command with nothing changed is a no-op, and the same seed
-gives byte-identical files.
+problem file's sha256 (with `samples=DIR`: the samples artifact's fingerprint): the same
+command with nothing changed is a no-op, and the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
+from lmlab.tasks import samples as sampler
+
+# What `lmlab pairs` prompts and samples with, under the names callers (and tests) know it by.
+problem_prompts = sampler.problem_prompts
+sample = sampler.sample
 
 KIND = "pairs"
 POSITIONAL = ("model", "the chat model run directory to sample (an sft or dpo run, with chat.json)")
@@ -59,7 +70,10 @@ class Config(Strict):
                        "samples become the pairs")
     problems: str = Field("", description="GSM8K-format jsonl: question, answer (worked solution ending '#### N'), "
                           "optional task and difficulty; `lmlab tasks` writes train.jsonl, GSM8K train files work too")
-    out: str = Field("", description="output directory (kind 'pairs'); default: 'pairs' next to the model directory")
+    samples: str = Field("", description="a samples artifact (`lmlab samples`) to take the samples from instead of "
+                         "sampling: model, problems and the sampling options are then the ones it was drawn with")
+    out: str = Field("", description="output directory (kind 'pairs'); default: 'pairs' next to the model (or "
+                     "samples) directory")
     template: Optional[str] = Field(None, description="chat template to prompt with (chatml, instruct, chat, "
                                     "alpaca); null = the model's chat.json")
     n_samples: int = Field(4, ge=1, description="sampled solutions per problem")
@@ -115,79 +129,99 @@ def select_pairs(samples: Sequence[str], correct: Sequence[bool], parsed: Sequen
 # ----------------------------------------------------------------------------- inputs
 
 def default_out(model_dir: str | Path) -> Path:
-    """runs/x/sft -> runs/x/pairs."""
+    """runs/x/sft -> runs/x/pairs (and runs/x/samples -> runs/x/pairs)."""
     return Path(model_dir).resolve().parent / "pairs"
-
-
-def _resolve_template(cfg: Config, model_dir: Path, tokenizer) -> str:
-    from lmlab.infer.prompting import resolve_template
-
-    template = resolve_template(model_dir, tokenizer, cfg.template, default=None)
-    if template is None:
-        raise UserError(f"{model_dir} has no chat template (no chat.json: it is not an sft/dpo run); on-policy "
-                        f"pairs sample a chat model: finetune it first (`lmlab sft init={model_dir} ...`) and "
-                        f"pass the sft run, or set template=chatml if it was trained with one")
-    return template
 
 
 # ----------------------------------------------------------------------------- the stage
 
 def run(cfg: Config) -> Path:
-    from lmlab.data.tokenizer import Tokenizer
-    from lmlab.tasks.problems import read_problems
-
+    if cfg.samples:
+        return _run(cfg, *_from_samples(cfg))
     if not cfg.model:
         raise UserError("no model given: pass a chat model run dir, e.g. `lmlab pairs runs/x/sft "
-                        "problems=runs/x/tasks/train.jsonl`")
+                        "problems=runs/x/tasks/train.jsonl` (or samples=DIR, a `lmlab samples` artifact)")
     if not cfg.problems:
         raise UserError("no problems given: set problems=PATH (GSM8K-format jsonl, e.g. runs/x/tasks/train.jsonl)")
+    from lmlab.data.tokenizer import Tokenizer
+
     model_dir = Path(cfg.model)
     model_manifest = artifacts.require_artifact(model_dir, "model", "model")
     out = Path(cfg.out) if cfg.out else default_out(model_dir)
     artifacts.check_out(out, KIND, "pairs", inputs={"model": model_dir}, suggest=default_out(model_dir))
     tokenizer = Tokenizer.load(model_dir / "tokenizer")  # cheap; vets the template before the weights load
-    template = _resolve_template(cfg, model_dir, tokenizer)
-    problems = read_problems(cfg.problems, cfg.max_problems or 0, checkable=True)
-
-    config = {**cfg.model_dump(mode="json"), "template": template}
-    fp_config = {k: v for k, v in config.items() if k not in ("out", "device")}
+    template = sampler.resolve_template(cfg, model_dir, tokenizer, "pairs")
+    problems = sampler.read_checkable(cfg.problems, cfg.max_problems)
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")},
               "problems": {"path": str(cfg.problems), "fingerprint": artifacts.sha256_file(cfg.problems)}}
+
+    def draw(timer: artifacts.Timer) -> tuple[list[dict], dict, str]:
+        """(sample records, timing stats, tokenizer sha256): the samples, drawn as `lmlab samples` draws them."""
+        from lmlab.models import load_model
+        from lmlab.runtime import pick_device
+
+        device = pick_device(cfg.device)
+        with timer("load"):
+            model, tok, _ = load_model(model_dir, device=device)
+        ctx = int(model.cfg.max_seq_len)
+        if cfg.max_new_tokens >= ctx:
+            raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's "
+                            f"{ctx}-token context; lower it")
+        t0 = time.perf_counter()
+        with timer("sample"):
+            records = sampler.draw(model, tok, problems, template, cfg, device, sampler.CHUNK_SIZE, desc="pairs")
+        sample_s = time.perf_counter() - t0
+        return records, {"time_s": round(sample_s, 3),
+                         "samples_per_s": round(len(records) / max(sample_s, 1e-9), 2)}, tok.sha256
+
+    return _run(cfg, out, {**cfg.model_dump(mode="json"), "template": template}, inputs, draw)
+
+
+def _from_samples(cfg: Config):
+    """(out, config, inputs, draw) for `samples=DIR`: the records of a samples artifact, as they are."""
+    given = sorted(f for f in sampler.SAMPLING_FIELDS if f in cfg.model_fields_set and f in Config.model_fields)
+    if given:
+        raise UserError(f"samples={cfg.samples} already fixes {', '.join(given)} (the samples were drawn with its "
+                        f"own); drop {' and '.join(given)}, or drop samples= to sample again")
+    src = Path(cfg.samples)
+    manifest = artifacts.require_artifact(src, sampler.KIND, "samples")
+    out = Path(cfg.out) if cfg.out else default_out(src)
+    artifacts.check_out(out, KIND, "pairs", inputs={"samples": src}, suggest=default_out(src))
+    records = sampler.read_records(src / sampler.SAMPLES)
+    drawn = manifest.get("config") or {}
+    # the manifest's config says how the samples were drawn, in this stage's field names
+    config = {**cfg.model_dump(mode="json"),
+              **{k: drawn[k] for k in sampler.SAMPLING_FIELDS if k in Config.model_fields and k in drawn}}
+    inputs = {"samples": {"path": str(src), "fingerprint": manifest.get("fingerprint")}}
+
+    def draw(timer: artifacts.Timer) -> tuple[list[dict], dict, str]:
+        rate = (manifest.get("stats") or {}).get("samples_per_s")
+        return records, {"time_s": 0.0, "samples_per_s": rate}, manifest.get("tokenizer_sha256")
+
+    return out, config, inputs, draw
+
+
+def _run(cfg: Config, out: Path, config: dict, inputs: dict, draw) -> Path:
+    """Draw (or read) the samples, select the pairs, write `out` atomically; a no-op when up to date."""
+    fp_config = {k: v for k, v in config.items() if k not in ("out", "device")}
     fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"pairs: up to date ({out}), nothing to do")
         return out
-
-    from lmlab.models import load_model
-    from lmlab.runtime import pick_device
-
     timer = artifacts.Timer()
-    device = pick_device(cfg.device)
-    with timer("load"):
-        model, tokenizer, _ = load_model(model_dir, device=device)
-    ctx = int(model.cfg.max_seq_len)
-    if cfg.max_new_tokens >= ctx:
-        raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's "
-                        f"{ctx}-token context; lower it")
-    t0 = time.perf_counter()
-    with timer("sample"):
-        samples = sample(model, tokenizer, problems, template, cfg, device)
-    sample_s = time.perf_counter() - t0
+    records, timing, tokenizer_sha256 = draw(timer)
     with timer("select"):
-        pairs, sample_records, stats = build_pairs(problems, samples, cfg)
-    stats["time_s"] = round(sample_s, 3)
-    stats["samples_per_s"] = round(stats["samples"] / max(sample_s, 1e-9), 2)
-
+        pairs, stats = pairs_from_records(records, cfg)
+    stats.update(timing)
     try:
         with artifacts.atomic_dir(out) as tmp:
-            for name, recs in (("pairs", pairs), ("samples", sample_records)):
-                with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                    for r in recs:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            with open(tmp / "pairs.jsonl", "w", encoding="utf-8") as f:
+                for r in pairs:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            (tmp / "samples.jsonl").write_bytes(sampler.records_bytes(records))
             stats["sha256"] = {f"{n}.jsonl": artifacts.sha256_file(tmp / f"{n}.jsonl") for n in ("pairs", "samples")}
             artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb="pairs",
-                                     tokenizer_sha256=tokenizer.sha256,
-                                     timings=timer.total(), stats=stats)
+                                     tokenizer_sha256=tokenizer_sha256, timings=timer.total(), stats=stats)
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
     print(summary_line(stats, out))
@@ -197,95 +231,49 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def problem_prompts(tokenizer, problems: list[dict], template: str, budget: int) -> list[list[int]]:
-    """Each problem's prompt ids: the evaluation's zero-shot chat prompt, within `budget` tokens."""
-    from lmlab.tasks.problems import build_prompt
-
-    return [build_prompt(tokenizer, p, template, (), 0, budget)[0] for p in problems]
-
-
-def sample(model, tokenizer, problems: list[dict], template: str, cfg: Config, device) -> list[list[str]]:
-    """`n_samples` completions per problem, prompted and stopped exactly as `lmlab eval` prompts a chat model."""
-    from lmlab.infer.engine import complete
-    from lmlab.infer.sampling import Sampling
-    from lmlab.runtime import progress
-    from lmlab.tasks.problems import problem_stops
-
-    ctx = int(model.cfg.max_seq_len)
-    prompts = problem_prompts(tokenizer, problems, template, ctx - cfg.max_new_tokens)
-    rep = [ids for ids in prompts for _ in range(cfg.n_samples)]
-    was_training = model.training
-    model.eval()
-    with progress(len(rep), "pairs", "completion") as bar:
-        flat = complete(model, tokenizer, rep, Sampling.of(cfg), problem_stops(template, tokenizer), cfg.batch_size,
-                        device, bar)
-    model.train(was_training)
-    n = cfg.n_samples
-    return [flat[i * n:(i + 1) * n] for i in range(len(problems))]
-
-
 def build_pairs(problems: list[dict], samples: list[list[str]], cfg: Config) -> tuple[list[dict], list[dict], dict]:
-    """(pair records, sample records, stats) from each problem's samples."""
-    from lmlab.tasks.problems import answer_rules
+    """(pair records, sample records, stats) from each problem's completions."""
+    records = sampler.label(problems, samples)
+    pairs, stats = pairs_from_records(records, cfg)
+    return pairs, records, stats
 
+
+def pairs_from_records(records: Sequence[dict], cfg: Config) -> tuple[list[dict], dict]:
+    """(pair records, stats) from sample records (lmlab.tasks.samples' layout), problem by problem."""
     pairs: list[dict] = []
-    records: list[dict] = []
-    per_task: dict[str, dict] = {}
     without = {"all_correct": 0, "no_chosen": 0, "no_rejected": 0}
-    counts = {"samples_correct": 0, "samples_unparseable": 0, "samples_empty": 0, "problems_any_correct": 0,
-              "rejected_unparseable": 0}
     chosen_from = {"sample": 0, "reference": 0}
-    for i, (p, outs) in enumerate(zip(problems, samples)):
-        task = p.get("task") or "gsm8k"
-        strict, _, ref_fn = answer_rules(p.get("task"))
-        ref = ref_fn(p["answer"])
-        answers = [strict(s) for s in outs]
-        correct = [a is not None and a == ref for a in answers]
-        parsed = [a is not None for a in answers]
-        for s, a, ok in zip(outs, answers, correct):
-            records.append({"problem": i, "task": task, "sample": s, "answer": a, "reference": ref, "correct": ok})
-        chosen = select_pairs(outs, correct, parsed, p["answer"], cfg.pairs_per_problem, cfg.reference_fallback)
+    rejected_unparseable = 0
+    stats = sampler.sample_stats(records)
+    for recs in sampler.by_problem(records):
+        outs = [r["completion"] for r in recs]
+        correct = [r["correct"] for r in recs]
+        parsed = [r["answer"] is not None for r in recs]
+        p = recs[0]
+        chosen = select_pairs(outs, correct, parsed, p["solution"], cfg.pairs_per_problem, cfg.reference_fallback)
         parsed_of = {s.strip(): ok for s, ok in zip(outs, parsed)}
         for c, r, source in chosen:
-            pairs.append({"prompt": p["question"], "chosen": c, "rejected": r, "task": task,
-                          "difficulty": p.get("difficulty"), "chosen_from": source})
+            pairs.append({"prompt": p["question"], "chosen": c, "rejected": r, "task": p["task"],
+                          "difficulty": p["difficulty"], "chosen_from": source})
             chosen_from[source] += 1
-            counts["rejected_unparseable"] += not parsed_of.get(r, False)
-        n_ok = sum(correct)
-        counts["samples_correct"] += n_ok
-        counts["samples_unparseable"] += sum(not x for x in parsed)
-        counts["samples_empty"] += sum(not s.strip() for s in outs)
-        counts["problems_any_correct"] += n_ok > 0
+            rejected_unparseable += not parsed_of.get(r, False)
+        stats["per_task"][p["task"]]["pairs"] = stats["per_task"][p["task"]].get("pairs", 0) + len(chosen)
         if not chosen:
+            n_ok = sum(correct)
             if n_ok == len(outs):
                 without["all_correct"] += 1
             elif n_ok == 0 and not cfg.reference_fallback:
                 without["no_chosen"] += 1
             else:
                 without["no_rejected"] += 1  # the wrong samples were empty or equal to the chosen reply
-        t = per_task.setdefault(task, {"problems": 0, "samples": 0, "samples_correct": 0, "pairs": 0,
-                                       "problems_all_correct": 0})
-        t["problems"] += 1
-        t["samples"] += len(outs)
-        t["samples_correct"] += n_ok
-        t["pairs"] += len(chosen)
-        t["problems_all_correct"] += n_ok == len(outs)
-    n_samples = sum(len(s) for s in samples)
-    for t in per_task.values():
-        t["sample_accuracy"] = t["samples_correct"] / t["samples"] if t["samples"] else 0.0
-    stats = {
-        "problems": len(problems),
-        "samples": n_samples,
-        "sample_accuracy": counts["samples_correct"] / n_samples if n_samples else 0.0,
-        **counts,
+    stats.update({
+        "rejected_unparseable": rejected_unparseable,
         "pairs": len(pairs),
         "chosen_from": chosen_from,
-        "problems_with_pairs": len(problems) - sum(without.values()),
-        "problems_all_correct": without["all_correct"],
+        "problems_with_pairs": stats["problems"] - sum(without.values()),
         "problems_without_pair": without,
-        "per_task": dict(sorted(per_task.items())),
-    }
-    return pairs, records, stats
+    })
+    return pairs, stats
 
 
 def summary_line(stats: dict, out: Path) -> str:

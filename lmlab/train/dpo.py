@@ -533,7 +533,8 @@ def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.data.formats import read_preferences
     from lmlab.models.lora import apply_lora, check_targets, param_counts
-    from lmlab.train.finetune import data_fingerprint, load_init, report_skipped, write_outputs
+    from lmlab.train.finetune import (data_fingerprint, final_line, load_init, pair_run_stats, report_skipped,
+                                      write_outputs)
 
     run = TrainingRun(cfg, "dpo", KIND)
     cfg, out, timer = run.cfg, run.out, run.timer
@@ -619,39 +620,14 @@ def run(cfg: Config) -> Path:
           f"-> {out}", file=sys.stderr)
     summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config, desc="dpo")
 
-    final = summary["final_eval"]
     total_steps = summary["steps"]  # with a time budget: the resolved length
-    pairs_trained = total_steps * t.batch_size * t.grad_accum
-    stats = {
-        "mode": "lora" if cfg.lora.enabled else "full",
-        "params": total,
-        "trainable_params": trainable,
-        "template": template,
-        "loss": cfg.loss,
-        "beta": cfg.beta,
-        **counts,
-        **invalid,
-        "pairs_train": int(len(train_idx)),
-        "pairs_val": int(len(val_idx)),
-        "max_len": max_len,
-        "steps": total_steps,
-        "pairs_trained": pairs_trained,
-        "tokens_trained": summary["tokens"],
-        "epochs": round(pairs_trained / objective.epoch_len, 4),
-        "final_train_loss": summary["final_loss"],
-        "final_val_loss": final.get("val_loss"),
-        "final_train_metrics": {k: summary["final_train"][k] for k in METRICS if k in summary["final_train"]},
-        "final_val_metrics": {k: final[f"val_{k}"] for k in METRICS if f"val_{k}" in final},
-        "reference_reused": reused,
-        "reference_time_s": timer.timings.get("reference"),
-        "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
-    }
+    stats = pair_run_stats(summary, cfg, objective, {**counts, **invalid}, len(train_idx), len(val_idx), max_len,
+                           METRICS, (trainable, total), template, loss=cfg.loss, beta=cfg.beta,
+                           reference_reused=reused, reference_time_s=timer.timings.get("reference"))
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
     run.finish(lambda m: write_outputs(out, m, tokenizer, cfg.model_copy(update={"template": template}), init_format),
                stats, inputs, tokenizer.sha256, summary)
-    shown = stats["final_val_metrics"] or stats["final_train_metrics"]
-    extra = (f", reward margin {shown['rewards/margins']:.4f}, accuracy {shown['rewards/accuracies']:.2f}"
-             f" ({'val' if stats['final_val_metrics'] else 'train'})" if shown else "")
+    extra = final_line(stats, [("rewards/margins", "reward margin", ".4f"), ("rewards/accuracies", "accuracy", ".2f")])
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
     print(f"dpo: wrote {out} ({mode}, {total_steps} steps, train loss {loss}{extra})")
     return out

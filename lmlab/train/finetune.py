@@ -183,6 +183,36 @@ def report_skipped(specs: list[DataSpec], read_stats: list[dict], verb: str) -> 
     return out
 
 
+# ----------------------------------------------------------------------------- stats
+
+def pair_run_stats(summary: dict, cfg, objective, counts: dict, n_train: int, n_val: int, max_len: int,
+                   metrics, params: tuple[int, int], template: str, **extra) -> dict:
+    """The manifest stats of a stage trained on preference pairs (dpo, reward), in one layout:
+    sizes, lengths, the final losses and the final train/val metrics (`metrics`: their names)."""
+    final, steps = summary["final_eval"], summary["steps"]
+    pairs_trained = steps * cfg.train.batch_size * cfg.train.grad_accum
+    trainable, total = params
+    return {
+        "mode": "lora" if cfg.lora.enabled else "full", "params": total, "trainable_params": trainable,
+        "template": template, **extra, **counts, "pairs_train": int(n_train), "pairs_val": int(n_val),
+        "max_len": max_len, "steps": steps, "pairs_trained": pairs_trained, "tokens_trained": summary["tokens"],
+        "epochs": round(pairs_trained / objective.epoch_len, 4), "final_train_loss": summary["final_loss"],
+        "final_val_loss": final.get("val_loss"),
+        "final_train_metrics": {k: summary["final_train"][k] for k in metrics if k in summary["final_train"]},
+        "final_val_metrics": {k: final[f"val_{k}"] for k in metrics if f"val_{k}" in final},
+        "pairs_per_s": round(pairs_trained / summary["train_time_s"], 2) if summary["train_time_s"] else None,
+    }
+
+
+def final_line(stats: dict, shown_keys: list[tuple[str, str, str]]) -> str:
+    """', margin 0.1234, accuracy 0.75 (val)' from the final val (else train) metrics; '' without them."""
+    shown = stats["final_val_metrics"] or stats["final_train_metrics"]
+    if not shown:
+        return ""
+    parts = ", ".join(f"{label} {shown[key]:{fmt}}" for key, label, fmt in shown_keys if key in shown)
+    return f", {parts} ({'val' if stats['final_val_metrics'] else 'train'})"
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(out: Path, model, tokenizer, cfg, init_format: str) -> None:

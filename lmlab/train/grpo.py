@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -237,6 +238,8 @@ class GRPOObjective:
         self._gen_metrics: list[dict] = []
         self._loss_metrics: list[torch.Tensor] = []  # per micro-batch: kl, entropy, clip_stats (LOSS_METRICS)
         self._log_started = False
+        # seconds spent in the rollout's parts (this process): the manifest's time split, `lmlab bench grpo`
+        self.timings = {"generate": 0.0, "score": 0.0, "reference": 0.0}
 
     # -- which prompts a step trains on: a fresh seeded order of the training prompts per epoch
     def prompt_of_slot(self, slot: int) -> int:
@@ -270,12 +273,16 @@ class GRPOObjective:
         row_problem = [step_problems[r // self.G] for r in self.my_rows]
         sampling = Sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, seed=_seed(cfg.train.seed, "grpo", gen, self.rank))
+        t0 = time.perf_counter()
         outs = complete_ids(model, self.tokenizer, [self.prompts[i] for i in row_problem], sampling, self.stops,
                             batch_size=max(len(self.my_rows), 1), device=self.device)
+        t1 = time.perf_counter()
         texts = [o.text for o in outs]
         questions = [self.problems[i]["question"] for i in row_problem]
         fields = problem_fields([self.problems[i] for i in row_problem])
         per_fn, _ = self.rewards.score(questions, texts, fields, self.cfg.reward_errors)
+        self.timings["generate"] += t1 - t0
+        self.timings["score"] += time.perf_counter() - t1
         lengths = [len(o.ids) for o in outs]
         finished = [o.finished for o in outs]
         # Every group's advantage needs its whole group: gather the rows' rewards over the processes.
@@ -295,6 +302,7 @@ class GRPOObjective:
         rollout = {"gen": gen, "problem": torch.tensor(row_problem, dtype=torch.long),
                    "completion": comp, "trained": torch.tensor(trained, dtype=torch.long),
                    "advantage": adv[self.my_rows].float()}
+        t2 = time.perf_counter()
         if self.mu > 1 or cfg.beta:
             batch = self._collate(rollout, range(len(self.my_rows)))
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -302,6 +310,7 @@ class GRPOObjective:
                 rollout["old"] = self._token_logps(model, batch)[0].float().cpu()
             if cfg.beta:
                 rollout["ref"] = self._reference_logps(model, batch).float().cpu()
+        self.timings["reference"] += time.perf_counter() - t2
         self._log_completions(step, gen, row_problem, texts, per_fn, adv[self.my_rows], finished)
         return rollout
 
@@ -621,6 +630,8 @@ def run(cfg: Config) -> Path:
         "final_frac_reward_zero_std": final_train.get("frac_reward_zero_std"),
         "final_train_metrics": {k: v for k, v in final_train.items() if k not in ("loss", "lr", "tokens", "time_s")},
         "final_val_metrics": final_eval,
+        # rank 0's rollout time by part; the rest of train_time_s is the update (forward, backward, AdamW)
+        "rollout_time_s": {k: round(v, 2) for k, v in objective.timings.items()},
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
     run.finish(lambda m: write_outputs(out, m, tokenizer, cfg.model_copy(update={"template": template}), init_format),

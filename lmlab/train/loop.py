@@ -207,7 +207,7 @@ class RunOptions(Strict):
                                              "in out/checkpoints; never: delete them and start over")
 
 
-def finished_run(out: Path, fp: str, verb: str) -> bool:
+def finished_run(out: Path, fp: str, verb: str, kind: str = "model") -> bool:
     """True (and says so) when `out` already holds this exact finished run.
 
     Anything at `out` that this run must not replace (a user's files, a file, another kind of
@@ -215,7 +215,7 @@ def finished_run(out: Path, fp: str, verb: str) -> bool:
     the stages call `artifacts.check_out` first thing too, before any expensive work, and
     again here in case a caller did not.
     """
-    artifacts.check_out(out, "model", verb)
+    artifacts.check_out(out, kind, verb)
     if artifacts.is_up_to_date(out, fp):
         print(f"{verb}: up to date ({out}), nothing to do")
         return True

@@ -73,7 +73,7 @@ class TrainingRun:
         """Fingerprint the run from its config and `inputs` ({name: {"path", "fingerprint"}})."""
         self.fp = artifacts.stage_fingerprint(self.kind, fingerprint_config(self.config),
                                               {k: v["fingerprint"] for k, v in inputs.items()})
-        return finished_run(self.out, self.fp, self.verb)
+        return finished_run(self.out, self.fp, self.verb, self.kind)
 
     def start(self, resume_config: dict) -> None:
         """Check the launch, that resumable checkpoints match, then mark `out` as this verb's unfinished run."""
