@@ -38,7 +38,6 @@ training stage; re-running a finished run is a no-op. See docs/verifier.md.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -51,13 +50,11 @@ from lmlab.data.formats import DataSpec
 from lmlab.errors import UserError
 from lmlab.models.lora import LoraConfig
 from lmlab.runtime import progress
-from lmlab.train.finetune import Mixture
 from lmlab.train.loop import RunOptions, as_data_specs
+from lmlab.train.scorer_common import (MIN_PROMPT_TOKENS, ScorerEvalConfig, ScorerRun, ScorerTrainConfig, Sequences,
+                                       conversation_key, encode_example, mix_sources, mixture_indices,
+                                       note_truncated, to_device, total_steps)
 from lmlab.train.scorer_losses import REWARD_METRICS, bradley_terry, reward_metric_sums
-from lmlab.train.stage import RESUMABLE_TRAIN_KEYS
-from lmlab.train.verifier import (MIN_PROMPT_TOKENS, ScorerEvalConfig, ScorerTrainConfig, Sequences, build_scorer,
-                                  conversation_key, encode_example, load_trunk, mixture_indices, scorer_meta,
-                                  total_steps)
 
 KIND = "reward"
 POSITIONAL = ("--config", "reward config YAML (same as --config)")
@@ -208,16 +205,9 @@ class RewardObjective:
         self.batch_size, self.grad_accum = cfg.train.batch_size, cfg.train.grad_accum
         self.eval_pairs = cfg.eval.batches * cfg.train.batch_size
         self.pad_id = pad_id
-        src = np.asarray(pairs.source)[train_idx]
-        self.by_source = [train_idx[src == s] for s in range(len(weights))]
-        empty = [s for s, ix in enumerate(self.by_source) if len(ix) == 0]
-        if empty:
-            raise UserError(f"data source {empty[0]} has no training pairs left (after truncation and the "
-                            f"validation split); remove it, add pairs or raise max_len")
-        self.mix = Mixture([len(ix) for ix in self.by_source], weights, cfg.train.seed)
+        self.by_source, self.mix, self.epoch_tokens = mix_sources(pairs.source, train_idx, weights, cfg.train.seed,
+                                                                  pairs.tokens, "pairs", "add pairs")
         self.epoch_len = self.mix.block
-        self.epoch_tokens = int(sum(c * np.mean([pairs.tokens(i) for i in ix])
-                                    for c, ix in zip(self.mix.counts, self.by_source)))
         self._reset()
 
     def _reset(self) -> None:
@@ -279,7 +269,7 @@ class RewardObjective:
         lo, hi = math.inf, -math.inf
         for s in range(0, len(val), self.batch_size):
             batch = self.pairs.collate(val[s:s + self.batch_size], self.pad_id)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             losses, rc, rr = self._losses(model, batch)
             loss_sum += losses.sum().item()
             sums += reward_metric_sums(rc, rr)
@@ -296,19 +286,16 @@ class RewardObjective:
 def run(cfg: Config) -> Path:
     from lmlab.data.formats import read_preferences
     from lmlab.infer.scorer import pad_id_of
-    from lmlab.models.lora import param_counts
-    from lmlab.models.scorer import save_scorer
     from lmlab.train.dpo import split_val
     from lmlab.train.finetune import data_fingerprint, final_line, pair_run_stats, report_skipped
 
     if not cfg.data:
         raise UserError("no preference data: set data=PATH (jsonl with prompt/chosen/rejected, e.g. "
                         "runs/tasks/dpo_train.jsonl) or data=[{hf: Anthropic/hh-rlhf, split: train}]")
-    run, trunk, tokenizer, init_fp, template, max_len = load_trunk(cfg, "reward")
-    cfg, out, timer = run.cfg, run.out, run.timer
-    inputs = {"init": {"path": cfg.init, "fingerprint": init_fp},
-              **{f"data_{i}": {"path": s.name(), "fingerprint": data_fingerprint(s)} for i, s in enumerate(cfg.data)}}
-    if run.up_to_date(inputs):
+    sr = ScorerRun(cfg, "reward")
+    cfg, out, timer, max_len = sr.cfg, sr.out, sr.timer, sr.max_len
+    if sr.up_to_date({f"data_{i}": {"path": s.name(), "fingerprint": data_fingerprint(s)}
+                      for i, s in enumerate(cfg.data)}):
         return out
 
     with timer("data"):
@@ -317,7 +304,7 @@ def run(cfg: Config) -> Path:
         records = [read_preferences(spec, stats=st, locations=w) for spec, st, w in zip(cfg.data, read_stats, where)]
         margins = [read_margins(spec, w) for spec, w in zip(cfg.data, where)]
         invalid = report_skipped(cfg.data, read_stats, "reward")
-        pairs, counts = tokenize_pairs(records, where, margins, template, tokenizer, max_len, cfg.truncation)
+        pairs, counts = tokenize_pairs(records, where, margins, sr.template, sr.tokenizer, max_len, cfg.truncation)
         del records, where, margins
         counts["pairs_identical_skipped"] = sum(st.get("identical_skipped", 0) for st in read_stats)
         counts["pairs_invalid_skipped"] = invalid.pop("invalid_skipped")
@@ -325,39 +312,20 @@ def run(cfg: Config) -> Path:
         raise UserError(f"no usable preference pairs: {counts['pairs_read']} read, {counts['pairs_dropped']} dropped "
                         f"because their replies leave fewer than {MIN_PROMPT_TOKENS} prompt tokens within "
                         f"max_len={max_len}; raise max_len or shorten the replies")
-    if counts["pairs_truncated"] or counts["pairs_dropped"]:
-        print(f"reward: {counts['pairs_truncated']} of {counts['pairs_read']} pairs had their prompts cut from the "
-              f"left to fit max_len={max_len}; {counts['pairs_dropped']} dropped (reply too long)", file=sys.stderr)
+    note_truncated("reward", counts, "pairs", max_len, "reply too long")
     t = cfg.train
     weights = [s.weight for s in cfg.data]
     train_idx, val_idx = split_val(pairs, len(cfg.data), cfg.val_fraction, t.seed)
-    objective = RewardObjective(pairs, train_idx, val_idx, weights, cfg, pad_id_of(tokenizer))
+    objective = RewardObjective(pairs, train_idx, val_idx, weights, cfg, pad_id_of(sr.tokenizer))
     steps = total_steps(t, objective.epoch_len, "reward")
-    resume_config = {"init": init_fp, "model": trunk.cfg.model_dump(mode="json"), "template": template,
-                     "pairs": pairs.fingerprint(), "weights": weights, "val_fraction": cfg.val_fraction,
-                     "max_len": max_len, "truncation": cfg.truncation,
-                     "center_rewards_coefficient": cfg.center_rewards_coefficient,
-                     "lora": cfg.lora.model_dump(mode="json", exclude={"merge"}),
-                     "train": t.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS), "total_steps": steps}
-    run.start(resume_config)
+    resume_config = sr.resume_config({"pairs": pairs.fingerprint()}, weights, steps,
+                                     center_rewards_coefficient=cfg.center_rewards_coefficient)
+    summary = sr.train(objective, resume_config, steps, sizes=f"{len(train_idx)} train / {len(val_idx)} val pairs",
+                       unit="pairs")
 
-    model = build_scorer(trunk, cfg)
-    trainable, total = param_counts(model)
-    mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
-    print(f"reward ({mode}): {trainable:,} trainable of {total:,} parameters; {len(train_idx)} train / "
-          f"{len(val_idx)} val pairs; {steps} steps x {t.batch_size * t.grad_accum} pairs"
-          f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} -> {out}", file=sys.stderr)
-    summary = run.train(model, objective, total_steps=steps, resume_config=resume_config, desc="reward")
-
-    steps = summary["steps"]
     stats = pair_run_stats(summary, cfg, objective, {**counts, **invalid}, len(train_idx), len(val_idx), max_len,
-                           METRICS, (trainable, total), template,
+                           METRICS, (sr.trainable, sr.total), sr.template,
                            center_rewards_coefficient=cfg.center_rewards_coefficient)
-    meta = scorer_meta("reward", template, "outcome", tokenizer, max_len, cfg.init)
-    inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    wrote = run.finish(lambda m: save_scorer(m, out, meta, tokenizer), stats, inputs, tokenizer.sha256, summary)
-    if wrote:
-        extra = final_line(stats, [("accuracy", "accuracy", ".2f"), ("margin", "margin", ".4f")])
-        loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
-        print(f"reward: wrote {out} ({mode}, {steps} steps, train loss {loss}{extra})")
+    sr.finish(summary, stats, "outcome",
+              final_line(stats, [("accuracy", "accuracy", ".2f"), ("margin", "margin", ".4f")]))
     return out
