@@ -142,3 +142,15 @@ def test_shipped_pipelines_validate(name):
     for entry in cfg.stages:
         module = importlib.import_module(STAGES[entry.stage][0])
         load_config(module.Config, None, base=pipeline._substitute(entry.config, cfg.root))
+
+
+@pytest.mark.parametrize("path,verb", [("grpo/gsm8k.yaml", "grpo"), ("verifier/gsm8k.yaml", "verifier")])
+def test_shipped_stage_recipes_validate(path, verb):
+    """The GSM8K recipes load as their stage's config (a renamed option fails here, not on a GPU)."""
+    import importlib
+    from pathlib import Path
+
+    from lmlab.cli import STAGES
+
+    module = importlib.import_module(STAGES[verb][0])
+    load_config(module.Config, Path(__file__).resolve().parent.parent / "configs" / path)

@@ -432,3 +432,33 @@ def test_per_rank_objective_state_is_checkpointed_per_rank_and_resumes_exactly(t
     shutil.rmtree(again / "checkpoints" / "step_000006")
     r = run([sys.executable, str(script), str(again)])
     assert r.returncode != 0 and "per-process objective state of 2 processes" in r.stderr
+
+
+def test_grpo_on_two_processes_gathers_groups_and_resumes_exactly(chat_model, tmp_path):
+    """GRPO under DDP: a group of 8 split over 2 processes (4 rows each) gets its advantages from
+    the gathered rewards; each process's rollout is its checkpointed state, so a resume is exact."""
+    import shutil
+
+    env = {**ENV, "PYTHONPATH": str(Path(__file__).resolve().parent)}  # test_grpo's reward function
+    problems = tmp_path / "short.jsonl"  # the micro model's 64-token context: short questions
+    problems.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+                                + "\n" for a, b in [(2, 3), (4, 1), (7, 2), (5, 5), (3, 6), (8, 1)]))
+    out = tmp_path / "g2"
+    args = ["-m", "lmlab", "grpo", f"init={chat_model['model']}", f"problems={problems}",
+            "num_generations=8", "max_completion_length=16", "long_prompts=skip", "train.steps=3",
+            "train.batch_size=8", "train.lr=1e-3", "train.device=cpu", "eval.batches=0", "log.every=1",
+            "checkpoint.every=1", "rewards=[{name: test_grpo:digits_reward}]", f"out={out}"]
+    r = subprocess.run(torchrun(2, *args[1:]), capture_output=True, text=True, env=env, timeout=240)
+    ok(r)
+    lines = [x for x in read_metrics(out) if "loss" in x]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(x["frac_reward_zero_std"] < 1 and x["grad_norm"] > 0 for x in lines), lines
+    assert json.loads((out / "manifest.json").read_text())["stats"]["parallel"] == {"strategy": "ddp", "world_size": 2}
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step_000003")
+    for f in ("manifest.json", "model.safetensors"):
+        (again / f).unlink()
+    r = subprocess.run(torchrun(2, *args[1:-1], f"out={again}"), capture_output=True, text=True, env=env, timeout=240)
+    ok(r)
+    assert max_diff(again, out) == 0.0
