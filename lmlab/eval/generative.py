@@ -31,48 +31,16 @@ strict extraction, with `_flexible` variants alongside.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Optional, Sequence
 
 from lmlab.errors import UserError
+from lmlab.eval.estimators import majority_vote, pass_at_k, stderr
 from lmlab.tasks.gsm8k import (FLEXIBLE_REGEX, IGNORE_REGEXES, STRICT_REGEX, extract_flexible,  # noqa: F401
                                extract_strict, normalize_answer, regex_filter)
 from lmlab.tasks.problems import answer_rules, build_prompt, problem_stops, read_problems  # noqa: F401
 
 
-# ------------------------------------------------------------------------ estimators
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
-    """The most frequent answer (None = no answer, never voted for); ties go to the earliest."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
-
-
 # ---------------------------------------------------------------------------- scoring
-
-def stderr(values: Sequence[float]) -> Optional[float]:
-    """Standard error of a mean over problems (sample std / sqrt(n)), as lm-eval reports it."""
-    n = len(values)
-    if n < 2:
-        return None
-    m = sum(values) / n
-    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
-
 
 def _aggregate(records: list[dict], ks: list[int], n_samples: int) -> dict:
     """Means over problems, each with its standard error as `<metric>_stderr`."""

@@ -56,7 +56,7 @@ def weighted_vote(answers: Sequence[Optional[str]], scores: Sequence[float]) -> 
 def rerank_metrics(scores: Sequence[Sequence[float]], answers: Sequence[Sequence[Optional[str]]],
                    references: Sequence[Optional[str]], ns: Sequence[int]) -> dict:
     """Per-N reranking metrics over problems (see the module docstring), with standard errors."""
-    from lmlab.eval.generative import majority_vote, pass_at_k, stderr
+    from lmlab.eval.estimators import majority_vote, pass_at_k, stderr
 
     if not scores:
         raise ValueError("no problems to rerank")

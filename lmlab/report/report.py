@@ -651,7 +651,7 @@ def paired_difference(a: dict, b: dict) -> dict | None:
     common = [k for k in ob if k in oa]
     if len(common) < 2:
         return None
-    from lmlab.eval.generative import stderr
+    from lmlab.eval.estimators import stderr
 
     diffs = [ob[k] - oa[k] for k in common]
     return {"diff": sum(diffs) / len(diffs), "stderr": stderr(diffs), "n": len(diffs),
