@@ -1,8 +1,9 @@
 """The reward functions GRPO and best-of-N score completions with, and how a list of them is applied.
 
-    from lmlab.rewards.functions import RewardSpec, build_rewards, score
-    fns = build_rewards([RewardSpec(name="exact"), RewardSpec(name="format", weight=0.1)])
-    per_fn, total = score(fns, prompts, completions, {"answer": [...], "task": [...]})
+    from lmlab.rewards.functions import RewardSpec, Rewards
+    rewards = Rewards([RewardSpec(name="exact"), RewardSpec(name="format", weight=0.1)])
+    per_fn, total = rewards.score(prompts, completions, {"answer": [...], "task": [...]})
+    fn = build_reward(RewardSpec(name="verifier", path="runs/x/verifier"))   # one function
 
 A reward function is a plain function `f(prompts, completions, **problem_fields) -> list[float |
 None]` (TRL's signature): `prompts[i]` is the question completion i answers, every problem
