@@ -74,6 +74,7 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     (lmlab.eval.rerank); each problem's values are in its `problems` entry.
     """
     from lmlab.infer.engine import complete
+    from lmlab.infer.prompting import prompt_room
     from lmlab.infer.sampling import Sampling
     from lmlab.runtime import progress
 
@@ -82,14 +83,11 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     ks = sorted(set(int(x) for x in k))
     if n_samples and any(x > n_samples for x in ks):
         raise UserError(f"k={ks} asks for more than n_samples={n_samples} samples; raise n_samples or lower k")
-    ctx = int(model.cfg.max_seq_len)
-    if max_new_tokens >= ctx:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
-                        f"{ctx}-token context; lower it")
+    budget = prompt_room(model, "max_new_tokens", max_new_tokens)
     stops = problem_stops(template, tokenizer)
     shots = n_shot if fewshot else 0
     t0 = time.perf_counter()
-    built = [build_prompt(tokenizer, p, template, fewshot, shots, ctx - max_new_tokens) for p in problems]
+    built = [build_prompt(tokenizer, p, template, fewshot, shots, budget) for p in problems]
     prompts = [b[0] for b in built]
     was_training = model.training
     model.eval()

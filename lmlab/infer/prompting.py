@@ -66,6 +66,18 @@ def question_prompt(template: str, question: str, tokenizer, shots: Sequence[tup
     return prompt_ids(template, messages, tokenizer, max_len=max_len)
 
 
+def prompt_room(model, option: str, new_tokens: int) -> int:
+    """Tokens the model's context leaves a prompt after `new_tokens` generated ones; a UserError
+    naming `option` (max_new_tokens, max_completion_length) when it leaves none."""
+    from lmlab.errors import UserError
+
+    ctx = int(model.cfg.max_seq_len)
+    if new_tokens >= ctx:
+        raise UserError(f"{option}={new_tokens} leaves no room for the prompt in the model's {ctx}-token context; "
+                        f"lower it")
+    return ctx - new_tokens
+
+
 # ----------------------------------------------------------------------------- stops
 
 @dataclass(frozen=True)

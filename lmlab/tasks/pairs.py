@@ -157,16 +157,7 @@ def run(cfg: Config) -> Path:
 
     def draw(timer: artifacts.Timer) -> tuple[list[dict], dict, str]:
         """(sample records, timing stats, tokenizer sha256): the samples, drawn as `lmlab samples` draws them."""
-        from lmlab.models import load_model
-        from lmlab.runtime import pick_device
-
-        device = pick_device(cfg.device)
-        with timer("load"):
-            model, tok, _ = load_model(model_dir, device=device)
-        ctx = int(model.cfg.max_seq_len)
-        if cfg.max_new_tokens >= ctx:
-            raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's "
-                            f"{ctx}-token context; lower it")
+        model, tok, device = sampler.load_sampler(model_dir, cfg, timer)
         t0 = time.perf_counter()
         with timer("sample"):
             records = sampler.draw(model, tok, problems, template, cfg, device, sampler.CHUNK_SIZE, desc="pairs")

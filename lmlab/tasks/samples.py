@@ -89,6 +89,20 @@ class Config(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
 
+def load_sampler(model_dir: Path, cfg, timer: artifacts.Timer):
+    """(model, tokenizer, device) to sample with, refused when max_new_tokens fills the context
+    (the `samples` and `pairs` stages load through here)."""
+    from lmlab.infer.prompting import prompt_room
+    from lmlab.models import load_model
+    from lmlab.runtime import pick_device
+
+    device = pick_device(cfg.device)
+    with timer("load"):
+        model, tokenizer, _ = load_model(model_dir, device=device)
+    prompt_room(model, "max_new_tokens", cfg.max_new_tokens)
+    return model, tokenizer, device
+
+
 # ----------------------------------------------------------------------------- inputs (shared with pairs)
 
 def default_out(model_dir: str | Path) -> Path:
@@ -147,11 +161,11 @@ def sample(model, tokenizer, problems: Sequence[dict], template: str, cfg, devic
     max_new_tokens, batch_size, seed); the draw is seeded with `chunk_seed(cfg.seed, chunk)`.
     """
     from lmlab.infer.engine import complete
+    from lmlab.infer.prompting import prompt_room
     from lmlab.infer.sampling import Sampling
     from lmlab.tasks.problems import problem_stops
 
-    ctx = int(model.cfg.max_seq_len)
-    prompts = problem_prompts(tokenizer, problems, template, ctx - cfg.max_new_tokens)
+    prompts = problem_prompts(tokenizer, problems, template, prompt_room(model, "max_new_tokens", cfg.max_new_tokens))
     rep = [ids for ids in prompts for _ in range(cfg.n_samples)]
     was_training = model.training
     model.eval()
@@ -336,17 +350,8 @@ def run(cfg: Config) -> Path:
         print(f"samples: up to date ({out}), nothing to do")
         return out
 
-    from lmlab.models import load_model
-    from lmlab.runtime import pick_device
-
     timer = artifacts.Timer()
-    device = pick_device(cfg.device)
-    with timer("load"):
-        model, tokenizer, _ = load_model(model_dir, device=device)
-    ctx = int(model.cfg.max_seq_len)
-    if cfg.max_new_tokens >= ctx:
-        raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for the prompt in the model's "
-                        f"{ctx}-token context; lower it")
+    model, tokenizer, device = load_sampler(model_dir, cfg, timer)
 
     n_chunks = -(-len(problems) // cfg.chunk_size)
     kept, state, stale = _finished_chunks(out, fp, n_chunks)

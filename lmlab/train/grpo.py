@@ -245,11 +245,10 @@ def run(cfg: Config) -> Path:
     check_template(template, tokenizer)
     if cfg.lora.enabled:
         check_targets(model, cfg.lora.target_modules)
-    ctx = int(model.cfg.max_seq_len)
-    if cfg.max_completion_length >= ctx:
-        raise UserError(f"max_completion_length={cfg.max_completion_length} leaves no room for the prompt in the "
-                        f"model's {ctx}-token context; lower it")
-    prompts, keep = encode_prompts(problems, template, tokenizer, ctx - cfg.max_completion_length, cfg.long_prompts)
+    from lmlab.infer.prompting import prompt_room
+
+    budget = prompt_room(model, "max_completion_length", cfg.max_completion_length)
+    prompts, keep = encode_prompts(problems, template, tokenizer, budget, cfg.long_prompts)
     problems = [problems[i] for i in keep]
     specs = cfg.rewards if cfg.rewards is not None else [RewardSpec(name="code" if problem_kind == "code" else "exact")]
     device = pick_device(t.device)
