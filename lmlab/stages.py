@@ -20,6 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "verifier": ("lmlab.train.verifier", "train an outcome verifier: (problem, solution) -> P(correct)"),
     "reward": ("lmlab.train.reward_model", "train a Bradley-Terry reward model on preference pairs"),
     "grpo": ("lmlab.train.grpo", "GRPO: RL with verifiable rewards, G completions per prompt, group advantages"),
+    "trm": ("lmlab.train.trm", "train a tiny recursive reasoning model (TRM) on a puzzle set, with ACT deep supervision"),
+    "puzzle-eval": ("lmlab.eval.puzzles", "evaluate a TRM on a puzzle split: exact accuracy by step, rating, halting; ARC votes"),
     "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte on held-out data and text files, sample generations"),
     "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),

@@ -60,8 +60,12 @@ def save_model(model, out_dir: str | Path) -> None:
     write_json_atomic(out / CONFIG, model_json(model))
 
 
-def load_weights(model_dir: str | Path, device: str | torch.device = "cpu"):
-    """Build the model of `model.json`'s family and fill it from `model.safetensors`."""
+def load_weights(model_dir: str | Path, device: str | torch.device = "cpu", kind: str = "lm"):
+    """Build the model of `model.json`'s family and fill it from `model.safetensors`.
+
+    `kind` is the family kind the caller works with (lmlab.models.family): a language-model
+    stage given a TRM (or the reverse) stops with a message naming the stages that take it.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -79,6 +83,10 @@ def load_weights(model_dir: str | Path, device: str | torch.device = "cpu"):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); the model directory is damaged, re-export or retrain it") from None
     fam = get_family(family)
+    if fam.kind != kind:
+        takes = "`lmlab trm` / `lmlab puzzle-eval`" if fam.kind == "puzzle" else "the language-model stages"
+        raise UserError(f"{d} holds a '{family}' model, a {fam.kind} model; this stage needs a "
+                        f"{'language' if kind == 'lm' else kind} model (a '{family}' model is used by {takes})")
     cfg = fam.config(fields)
     try:
         state = load_file(str(w_path), device="cpu")

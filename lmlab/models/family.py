@@ -19,6 +19,16 @@ The contract, as Protocols (checked by that suite for every registered family):
     model.family, model.cfg (a pydantic config whose model_dump is the rest of model.json)
 
     cache.pos, cache.max_len, cache.batch, cache.select(rows)    the engine's only operations
+
+A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
+that reads, generates or trains text takes them); "puzzle" families (TRM) are PuzzleModels,
+which fill a whole grid per call and are trained and evaluated by `lmlab trm` and
+`lmlab puzzle-eval` only:
+
+    model.initial_carry(batch_size, device=None) -> carry        every row halted
+    model(carry, batch) -> (carry, outputs)                      one supervision step; batch and
+                                                                 outputs as lmlab.models.trm.model
+    model.num_params(), model.flops_per_example(), model.family, model.cfg
 """
 
 from __future__ import annotations
@@ -72,6 +82,20 @@ class LanguageModel(Protocol):
     def flops_per_token(self, seq_len: int) -> float: ...
 
 
+@runtime_checkable
+class PuzzleModel(Protocol):
+    family: str
+    cfg: Any
+
+    def initial_carry(self, batch_size: int, device=None) -> Any: ...
+
+    def forward(self, carry: Any, batch: dict) -> tuple[Any, dict]: ...
+
+    def num_params(self, non_embedding: bool = False) -> int: ...
+
+    def flops_per_example(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build one family's model: `config(dict)` -> its config, `build(config)` -> the model."""
@@ -80,6 +104,7 @@ class Family:
     config: Callable[[dict], Any]
     build: Callable[[Any], torch.nn.Module]
     exports_hf: bool  # `lmlab export` writes a Hugging Face directory for it
+    kind: str = "lm"  # "lm": a LanguageModel; "puzzle": a PuzzleModel (see the module docstring)
 
 
 def _transformer() -> Family:
@@ -87,8 +112,17 @@ def _transformer() -> Family:
     return Family("transformer", resolve_model_config, Transformer, exports_hf=True)
 
 
+def _trm() -> Family:
+    from lmlab.models.trm import TRM, resolve_trm_config
+    return Family("trm", resolve_trm_config, TRM, exports_hf=False, kind="puzzle")
+
+
 # name -> a function returning the Family (imported on first use, so `import lmlab.models` stays light)
-FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer}
+FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer, "trm": _trm}
+
+
+def families_of_kind(kind: str) -> list[str]:
+    return [name for name in FAMILIES if get_family(name).kind == kind]
 
 
 def get_family(name: str) -> Family:

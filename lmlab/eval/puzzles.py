@@ -1,0 +1,173 @@
+"""`lmlab puzzle-eval`: measure a TRM on a puzzle split, the paper's way and the ways the report plots.
+
+    lmlab puzzle-eval model=runs/trm-sudoku/trm data=runs/trm-sudoku/puzzles
+    lmlab puzzle-eval model=runs/trm-sudoku/trm data=runs/real-sudoku out=runs/trm-sudoku/eval_real
+
+Every puzzle of the split runs all `halt_max_steps` supervision steps (lmlab.infer.puzzles).
+`OUT/metrics.json` holds:
+- exact_accuracy (the whole grid right after the last step: the paper's metric) with its
+  standard error, token_accuracy, q_halt_accuracy;
+- exact_accuracy_by_step (after 1, 2, ... steps), steps_used (the first step with q_halt >= 0)
+  as mean and histogram, exact_accuracy_at_halt (answering when the model says stop) and the
+  accuracy by steps used;
+- accuracy_by_rating: quantile bins of the puzzles' difficulty ratings (Sudoku: the solver's
+  search statistics; mazes: the shortest path's length);
+- ARC sets: predictions mapped back through each augmentation's inverse and voted per test
+  input (count, then mean Q-halt probability), pass@1 and pass@2 as the paper reports, and
+  `submission.json` in the ARC Prize layout.
+`OUT/predictions.npz` keeps the first `keep_predictions` puzzles (inputs, labels, answers,
+exactness per step, steps used) for the report's rendered puzzles. The model's own
+puzzles.json (written by `lmlab trm`) must describe the same cells and vocabulary as the set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from lmlab import artifacts
+from lmlab.config import Strict
+from lmlab.errors import UserError
+
+KIND = "puzzle_eval"
+POSITIONAL = ("model", "the TRM run directory (`lmlab trm`)")
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.npz"
+
+
+class Config(Strict):
+    model: str = Field("runs/trm", description="the TRM run directory")
+    data: str = Field("runs/puzzles", description="the puzzle set (`lmlab puzzles`)")
+    split: str = Field("test", description="the split to evaluate")
+    out: Optional[str] = Field(None, description="output directory (kind puzzle_eval); null = eval_<set name> next "
+                               "to the model")
+    limit: Optional[int] = Field(None, ge=1, description="evaluate the first N examples only")
+    batch_size: int = Field(256, ge=1, description="puzzles per forward")
+    keep_predictions: int = Field(64, ge=0, description="puzzles whose answers are kept for rendering")
+    pass_ks: list[int] = Field(default_factory=lambda: [1, 2], description="ARC: pass@k of the voted predictions")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="autocast as in training (auto: bf16 "
+                                                          "on CUDA and on CPUs with native bf16)")
+
+
+def default_out(model_dir: Path, data: Path) -> Path:
+    return model_dir.parent / f"eval_{data.name}"
+
+
+def check_compatible(model_dir: Path, model_cfg, info: dict, meta: dict, data: str) -> None:
+    """The set must have the model's cells, vocabulary and puzzle identifiers (a clear error otherwise)."""
+    from lmlab.data.puzzles.format import INFO
+
+    problems = []
+    for key, want in (("seq_len", model_cfg.seq_len), ("vocab_size", model_cfg.vocab_size)):
+        if int(meta[key]) != want:
+            problems.append(f"{key} {meta[key]} (the model's: {want})")
+    if int(meta["num_puzzle_identifiers"]) > model_cfg.num_puzzle_identifiers:
+        problems.append(f"{meta['num_puzzle_identifiers']} puzzle identifiers (the model has embeddings for "
+                        f"{model_cfg.num_puzzle_identifiers})")
+    trained = model_dir / INFO
+    if trained.is_file():
+        mine = json.loads(trained.read_text())
+        if mine.get("vocab") and info.get("vocab") and mine["vocab"] != info["vocab"]:
+            problems.append(f"vocabulary {info['vocab']} (the model's: {mine['vocab']})")
+        if mine.get("kind") and info.get("kind") and mine["kind"] != info["kind"]:
+            problems.append(f"kind {info['kind']!r} (the model was trained on {mine['kind']!r} puzzles)")
+    if problems:
+        raise UserError(f"the puzzle set {data} does not match the model {model_dir}: " + "; ".join(problems)
+                        + ". Evaluate it with a model trained on such puzzles, or build the set with the same "
+                          "kind and size")
+
+
+def run(cfg: Config) -> Path:
+    import torch
+
+    from lmlab.data.puzzles.format import read_info, read_split
+    from lmlab.data.puzzles.sampler import owners
+    from lmlab.eval.estimators import stderr
+    from lmlab.infer.puzzles import solve, summary
+    from lmlab.models import load_weights
+    from lmlab.runtime import pick_device, progress
+    from lmlab.train.loop import autocast_dtype
+
+    model_dir, data = Path(cfg.model), Path(cfg.data)
+    out = Path(cfg.out) if cfg.out else default_out(model_dir, data)
+    artifacts.check_out(out, KIND, "puzzle-eval", inputs={"model": model_dir, "puzzle set": data})
+    model_manifest = artifacts.require_artifact(model_dir, "trm", "TRM model")
+    set_manifest = artifacts.require_artifact(data, "puzzles", "puzzle set")
+    config = cfg.model_dump(mode="json")
+    inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")},
+              "puzzles": {"path": str(data), "fingerprint": set_manifest.get("fingerprint")}}
+    fp = artifacts.stage_fingerprint(KIND, {k: v for k, v in config.items() if k not in ("out", "device")},
+                                     {k: v["fingerprint"] for k, v in inputs.items()})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"puzzle-eval: up to date ({out}), nothing to do")
+        return out
+    info = read_info(data)
+    split, meta = read_split(data, cfg.split)
+    model = load_weights(model_dir, "cpu", kind="puzzle")
+    check_compatible(model_dir, model.cfg, info, meta, str(data))
+    device = pick_device(cfg.device)
+    model.to(device)
+    amp = autocast_dtype(cfg.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
+    timer = artifacts.Timer()
+    n = split.num_examples if cfg.limit is None else min(cfg.limit, split.num_examples)
+    with timer("solve"), progress(total=n, desc="puzzle-eval", unit="puzzle") as bar:
+        kw = {"autocast": autocast} if autocast is not None else {}
+        solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, **kw)
+    own = owners(split)
+    metrics = summary(solved, split.ratings, own)
+    last = solved.exact[solved.scored][:, -1].astype(float)
+    metrics["exact_accuracy_stderr"] = stderr(last.tolist())
+    metrics.update(split=cfg.split, kind=info.get("kind"), model=str(model_dir), data=str(data),
+                   halt_max_steps=model.cfg.halt_max_steps, puzzles_per_s=round(n / max(timer.total()["solve"], 1e-9), 1),
+                   precision="bf16 autocast" if amp is not None else "float32")
+    submission = None
+    if info.get("kind") == "arc":
+        metrics["arc"], submission = _arc_votes(data, split, solved, own, cfg.pass_ks)
+    k = min(cfg.keep_predictions, len(solved.examples))
+    rows = solved.examples[:k]
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            artifacts.write_json_atomic(tmp / METRICS, metrics)
+            np.savez_compressed(tmp / PREDICTIONS, inputs=np.asarray(split.inputs[rows]),
+                                labels=np.asarray(split.labels[rows]), preds=solved.preds[:k],
+                                exact=solved.exact[:k], steps_used=solved.steps_used[:k],
+                                ratings=(np.asarray(split.ratings)[own[rows]] if split.ratings is not None
+                                         else np.full(k, np.nan)), grid=np.asarray(info.get("grid", [0, 0])),
+                                vocab=np.asarray(info.get("vocab", []), dtype=object).astype(str))
+            if submission is not None:
+                artifacts.write_json_atomic(tmp / "submission.json", submission)
+            stats = {k2: metrics[k2] for k2 in ("examples", "exact_accuracy", "exact_accuracy_stderr", "token_accuracy",
+                                                 "steps_used_mean", "exact_accuracy_at_halt", "puzzles_per_s")}
+            if "arc" in metrics:
+                stats["arc"] = metrics["arc"]
+            artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb="puzzle-eval",
+                                     timings=timer.total(), stats=stats)
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    se = metrics["exact_accuracy_stderr"]
+    arc = "".join(f", pass@{kk} {v:.3f}" for kk, v in metrics.get("arc", {}).items() if kk.startswith("pass@"))
+    print(f"puzzle-eval: {metrics['examples']} puzzles, exact accuracy {metrics['exact_accuracy']:.3f}"
+          f"{f' ± {se:.3f}' if se is not None else ''}, token accuracy {metrics['token_accuracy']:.3f}, "
+          f"steps used {metrics['steps_used_mean']:.1f}{arc} -> {out}", file=sys.stderr)
+    return out
+
+
+def _arc_votes(data: Path, split, solved, own: np.ndarray, pass_ks: list[int]):
+    """ARC: vote the augmented predictions per test input (lmlab.data.puzzles.arc.vote)."""
+    from lmlab.data.puzzles import arc
+    from lmlab.data.puzzles.format import IDENTIFIERS, TEST_PUZZLES
+
+    names = json.loads((data / IDENTIFIERS).read_text())
+    test_puzzles = json.loads((data / TEST_PUZZLES).read_text())
+    q_prob = 1 / (1 + np.exp(-solved.q_halt[:, -1].astype(np.float64)))
+    ids = np.asarray(split.puzzle_identifiers)[own[solved.examples]]
+    preds = ((names[int(i)], np.asarray(split.inputs[e]), p, float(q))
+             for i, e, p, q in zip(ids, solved.examples, solved.preds, q_prob) if int(i) != 0)
+    return arc.vote(preds, test_puzzles, pass_ks=tuple(pass_ks))
