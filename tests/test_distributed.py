@@ -462,3 +462,29 @@ def test_grpo_on_two_processes_gathers_groups_and_resumes_exactly(chat_model, tm
     r = subprocess.run(torchrun(2, *args[1:-1], f"out={again}"), capture_output=True, text=True, env=env, timeout=240)
     ok(r)
     assert max_diff(again, out) == 0.0
+
+
+def test_trm_on_two_processes_matches_one_and_resumes_exactly(tmp_path):
+    """TRM under DDP: each process carries the ACT state of its rows (checkpointed per rank); the
+    exploration draws and batches are per (batch, row), so 2 processes train like 1 (within float
+    tolerance), and a resumed 2-process run is bitwise the uninterrupted one."""
+    import shutil
+
+    from test_trm_train import trm_args, write_toy_set
+
+    data = write_toy_set(tmp_path / "set")
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run(trm_args(data, one, 20, "train.device=cpu")))
+    ok(run(torchrun(2, *trm_args(data, two, 20, "train.device=cpu")[1:]), timeout=240))
+    assert json.loads((two / "manifest.json").read_text())["stats"]["parallel"] == {"strategy": "ddp", "world_size": 2}
+    assert max_diff(one, two) < 1e-4
+    a, b = ([x for x in read_metrics(d) if "loss" in x] for d in (one, two))
+    assert [x["exact_accuracy"] for x in a] == [x["exact_accuracy"] for x in b]  # the same rows halt, the same right
+    assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
+    again = tmp_path / "again"
+    shutil.copytree(two, again)
+    shutil.rmtree(again / "checkpoints" / "step_000020")
+    for f in ("manifest.json", "model.safetensors"):
+        (again / f).unlink()
+    ok(run(torchrun(2, *trm_args(data, again, 20, "train.device=cpu")[1:]), timeout=240))
+    assert max_diff(again, two) == 0.0
