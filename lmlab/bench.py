@@ -3,6 +3,7 @@
     lmlab bench train    preset=tiny batch_size=4 seq_len=256 steps=3 repeats=3
     lmlab bench generate preset=tiny batch_size=4 prompt_len=32 max_new_tokens=64 out=bench.json
     lmlab bench grpo model=runs/cpu/sft problems=runs/cpu/tasks/train.jsonl prompts=8 num_generations=8
+    lmlab bench trm trm_reference=PATH batch_size=64
 
 `train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
 `transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
@@ -12,6 +13,8 @@ weights (through the export mapping), on the same batch and threads.
 the two produce identical tokens.
 `grpo`: one GRPO step (generation, scoring, update) against TRL's GRPOTrainer on the same
 exported model, prompts, G, length and reward (lmlab.bench_grpo; TRL runs in its own venv).
+`trm`: puzzles/s of a TRM training step (ACT forward, loss, backward, optimizer) against the
+official TinyRecursiveModels code, same weights and batch (lmlab.bench_trm).
 
 The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
 machine slows both alike; each side's figure is the median over `repeats`.
@@ -31,12 +34,13 @@ from pydantic import Field
 from lmlab.config import Strict
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train, generate or grpo")
+POSITIONAL = ("what", "train, generate, grpo or trm")
 
 
 class Config(Strict):
-    what: Literal["train", "generate", "grpo"] = Field("train", description="train (fwd+bwd+AdamW tokens/s), generate "
-                                                       "(decode tokens/s) or grpo (a GRPO step against TRL)")
+    what: Literal["train", "generate", "grpo", "trm"] = Field("train", description="train (fwd+bwd+AdamW tokens/s), "
+                                                              "generate (decode tokens/s), grpo (a GRPO step against "
+                                                              "TRL) or trm (a TRM step against the official code)")
     preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base)")
     vocab_size: int = Field(32768, ge=16, description="vocabulary size of the benchmarked model")
     batch_size: int = Field(4, ge=1, description="sequences per step (train) or prompts decoded together (generate)")
@@ -57,6 +61,14 @@ class Config(Strict):
     max_completion_length: int = Field(64, ge=1, description="grpo: new tokens per completion at most")
     lr: float = Field(1e-5, gt=0, description="grpo: AdamW learning rate (constant) on both sides")
     beta: float = Field(0.0, ge=0, description="grpo: KL weight; > 0 adds the reference log-probs on both sides")
+    trm_reference: Optional[str] = Field(None, description="trm: a checkout of the official TinyRecursiveModels code "
+                                         "(default $LMLAB_TRM_REFERENCE)")
+    trm_hidden: int = Field(512, ge=8, description="trm: hidden size (heads = hidden / 64)")
+    trm_mlp_t: bool = Field(True, description="trm: the MLP variant (false: attention with RoPE)")
+    trm_h_cycles: int = Field(3, ge=1, description="trm: T")
+    trm_l_cycles: int = Field(6, ge=1, description="trm: n")
+    trm_seq_len: int = Field(81, ge=1, description="trm: cells per puzzle (81 Sudoku, 900 maze/ARC)")
+    trm_vocab: int = Field(11, ge=2, description="trm: token ids per cell (11 Sudoku, 6 maze, 12 ARC)")
     peer_python: Optional[str] = Field(None, description="grpo: python of the venv with trl (default .peers/trl/bin/"
                                        "python, or $LMLAB_PEER_PYTHON; ./scripts/setup_peers.sh makes it)")
 
@@ -184,6 +196,8 @@ def run(cfg: Config) -> dict:
 
     if cfg.what == "grpo":
         return _run_grpo(cfg)
+    if cfg.what == "trm":
+        return _run_trm(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
     if cfg.out:
@@ -213,7 +227,7 @@ def run(cfg: Config) -> dict:
 
 
 def _res_with_figures(res: dict) -> bool:
-    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") == "grpo")
+    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm"))
 
 
 def _run_grpo(cfg: Config) -> dict:
@@ -228,6 +242,37 @@ def _run_grpo(cfg: Config) -> dict:
     res = bench_grpo(cfg, pick_device(cfg.device))
     res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), torch=torch.__version__)
     print_grpo(cfg, res)
+    if cfg.out:
+        from lmlab.artifacts import write_json_atomic
+        write_json_atomic(cfg.out, res)
+    return res
+
+
+def _run_trm(cfg: Config) -> dict:
+    from lmlab.bench_trm import bench_trm
+    from lmlab.runtime import pick_device
+
+    if cfg.out:
+        from lmlab.artifacts import check_out_file
+        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    res = bench_trm(cfg, device)
+    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
+               torch=torch.__version__)
+    variant = "MLP" if cfg.trm_mlp_t else "attention"
+    print(f"bench trm: {variant} variant, hidden {cfg.trm_hidden}, T={cfg.trm_h_cycles} n={cfg.trm_l_cycles}, "
+          f"{cfg.trm_seq_len} cells, {res['params'] / 1e6:.2f}M params; batch {cfg.batch_size}, one supervision step "
+          f"(ACT forward, loss, backward, optimizer), median of {cfg.repeats * cfg.steps} interleaved timings, "
+          f"{res['threads']} threads, {device}")
+    print(f"  {'':<14}{'puzzles/s':>12}{'ms/step':>10}")
+    for k, v in res["puzzles_per_s"].items():
+        print(f"  {k:<14}{v:>12,.1f}{1000 * cfg.batch_size / v:>10,.1f}")
+    print(f"  ratio lmlab/official: {res['ratio']:.2f}x")
+    if "mfu" in res:
+        print("  MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in res["mfu"].items())
+              + f"; peak memory {res['peak_memory_gib']:.2f} GiB")
     if cfg.out:
         from lmlab.artifacts import write_json_atomic
         write_json_atomic(cfg.out, res)

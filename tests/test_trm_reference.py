@@ -12,7 +12,6 @@ lmlab's TRM and compare, for the attention and the MLP variant:
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,50 +27,23 @@ from lmlab.train.trm_losses import act_loss  # noqa: E402
 B, L, V, IDS = 6, 20, 11, 5
 
 
-def _reference():
+def _pair(mlp_t: bool):
+    """lmlab's TRM with random weights, and the official model and loss head holding the same ones."""
+    from lmlab.bench_trm import copy_to_official, import_official, official_config, official_names
+
     pytest.importorskip("einops")
-    if REF not in sys.path:
-        sys.path.insert(0, REF)
-    from models.losses import ACTLossHead  # type: ignore
-    from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1  # type: ignore
-    return TinyRecursiveReasoningModel_ACTV1, ACTLossHead
-
-
-def _pair(mlp_t: bool, no_act_continue: bool = True):
-    Ref, Head = _reference()
-    kw = dict(seq_len=L, vocab_size=V, num_puzzle_identifiers=IDS, hidden_size=32, num_heads=4, expansion=4,
-              h_cycles=2, l_cycles=3, l_layers=2, puzzle_emb_len=4, mlp_t=mlp_t,
-              pos_encodings="none" if mlp_t else "rope", halt_max_steps=16, halt_exploration_prob=0.5)
-    ours = TRM(TRMConfig(**kw))
-    ref_cfg = dict(batch_size=B, seq_len=L, puzzle_emb_ndim=32, num_puzzle_identifiers=IDS, vocab_size=V,
-                   H_cycles=2, L_cycles=3, H_layers=0, L_layers=2, hidden_size=32, expansion=4, num_heads=4,
-                   pos_encodings="none" if mlp_t else "rope", halt_max_steps=16, halt_exploration_prob=0.5,
-                   forward_dtype="float32", mlp_t=mlp_t, puzzle_emb_len=4, no_ACT_continue=no_act_continue)
-    ref = Ref(ref_cfg)
+    Ref, Head = import_official(REF)
+    cfg = TRMConfig(seq_len=L, vocab_size=V, num_puzzle_identifiers=IDS, hidden_size=32, num_heads=4, expansion=4,
+                    h_cycles=2, l_cycles=3, l_layers=2, puzzle_emb_len=4, mlp_t=mlp_t,
+                    pos_encodings="none" if mlp_t else "rope", halt_max_steps=16, halt_exploration_prob=0.5)
+    ours = TRM(cfg)
     torch.manual_seed(1)
     with torch.no_grad():  # random weights everywhere (the q head and puzzle table start at constants)
         for p in list(ours.parameters()) + [ours.y_init, ours.z_init]:
             p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
-    inner = ref.inner
-    names = {"embed": "embed_tokens.embedding_weight", "lm_head.weight": "lm_head.weight",
-             "q_head.weight": "q_head.weight", "q_head.bias": "q_head.bias", "puzzle_emb.weight": "puzzle_emb.weights",
-             "y_init": "H_init", "z_init": "L_init"}
-    for i in range(2):
-        mix = "mlp_t" if mlp_t else "self_attn"
-        names.update({f"blocks.{i}.mlp.gate_up.weight": f"L_level.layers.{i}.mlp.gate_up_proj.weight",
-                      f"blocks.{i}.mlp.down.weight": f"L_level.layers.{i}.mlp.down_proj.weight"})
-        if mlp_t:
-            names.update({f"blocks.{i}.mlp_t.gate_up.weight": f"L_level.layers.{i}.{mix}.gate_up_proj.weight",
-                          f"blocks.{i}.mlp_t.down.weight": f"L_level.layers.{i}.{mix}.down_proj.weight"})
-        else:
-            names.update({f"blocks.{i}.attn.qkv.weight": f"L_level.layers.{i}.{mix}.qkv_proj.weight",
-                          f"blocks.{i}.attn.o.weight": f"L_level.layers.{i}.{mix}.o_proj.weight"})
-    ref_state = dict(inner.named_parameters()) | dict(inner.named_buffers())
-    ours_state = dict(ours.named_parameters()) | dict(ours.named_buffers())
-    with torch.no_grad():
-        for mine, theirs in names.items():
-            ref_state[theirs].copy_(ours_state[mine])
-    return ours, ref, Head(ref, loss_type="stablemax_cross_entropy"), names
+    ref = Ref(official_config(cfg, B))
+    copy_to_official(ours, ref)
+    return ours, ref, Head(ref, loss_type="stablemax_cross_entropy"), official_names(cfg)
 
 
 def _batch(seed=0):
