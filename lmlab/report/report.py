@@ -9,9 +9,11 @@ baseline, tokens trained, training time, hardware), then: time per stage, data (
 source, tokenizer, packed token counts), model (parameters, FLOPs per token), training
 curves from `metrics.jsonl`, the evaluation table, sample generations, a section per
 hyperparameter sweep (a directory with a sweep.json from `lmlab sweep`, named in `inputs` or
-directly under root; lmlab/report/sweep.py), and every stage's resolved config in a
-collapsed block. A piece that is missing (say, no eval artifact yet) is named in the report
-instead of stopping it. The output is written atomically; `run` prints and returns the path
+directly under root; lmlab/report/sweep.py), TRM runs on puzzle sets with their puzzle
+evaluations and rendered puzzles (lmlab/report/trm.py; a pipeline of only puzzle artifacts
+skips the language-model sections), and every stage's resolved config in a collapsed block.
+A piece that is missing (say, no eval artifact yet) is named in the report instead of
+stopping it. The output is written atomically; `run` prints and returns the path
 of report.md.
 """
 
@@ -26,19 +28,19 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.report import alignment, plots
+from lmlab.report import alignment, plots, trm
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import table
 from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
 
-STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "samples", "verifier", "reward", "eval", "hf_export",
-               "export"]
+STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "samples", "verifier", "reward", "eval", "puzzles",
+               "trm", "puzzle_eval", "hf_export", "export"]
 LADDER_ORDER = ["Base", "SFT", "DPO", "GRPO"]
 STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "tasks": "tasks", "model": "pretrain",
               "eval": "eval", "hf_export": "export", "export": "export", "samples": "samples", "verifier": "verifier",
-              "reward": "reward"}
+              "reward": "reward", "puzzles": "puzzles", "trm": "trm", "puzzle_eval": "puzzle-eval"}
 
 
 class Config(Strict):
@@ -190,6 +192,8 @@ def _label(kind: str, p: Path, m: dict, found) -> str:
     if kind == "eval":
         _, mm = _model_of_eval(found, m)
         return f"eval ({model_stage(mm).lower()})" if mm else "eval"
+    if kind == "puzzle_eval":
+        return f"puzzle-eval ({p.name})"
     return STAGE_VERB.get(kind, kind)
 
 
@@ -267,6 +271,8 @@ def run(cfg: Config) -> Path:
 def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir: Path) -> str:
     """The markdown text; PNGs are written into `out_dir` next to it."""
     missing: list[str] = []
+    # A pipeline of puzzle sets, TRM runs and puzzle evals only: no language-model sections.
+    puzzles_only = bool(found) and set(found) <= set(trm.KINDS)
     # The pretraining sections describe the base model (and its eval); SFT/DPO models
     # appear in the ladder.
     models = found.get("model") or []
@@ -281,16 +287,18 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     train, val = read_metrics(model_dir) if model_dir else ([], [])
 
     title = cfg.title or (Path(cfg.root).resolve().name if cfg.root else Path(cfg.inputs[0]).resolve().parent.name)
-    parts = [f"# lmlab report: {title}", "", summary(model_m, eval_json, train, val, tok_m), ""]
+    parts = [f"# lmlab report: {title}", "",
+             trm.summary_line(found) if puzzles_only else summary(model_m, eval_json, train, val, tok_m), ""]
 
     # --- run
     commits = sorted({m.get("git_commit") for items in found.values() for _, m in items if m.get("git_commit")})
-    hw = (model_m or {}).get("stats", {}).get("hardware") or {}
+    hw_m = _first(found, "trm")[1] if puzzles_only else model_m
+    hw = (hw_m or {}).get("stats", {}).get("hardware") or {}
     here = hardware_summary()
     parts += ["## Run", "", table(["", ""], [
         ["git commit", ", ".join(f"`{c}`" for c in commits) or "–"],
         ["lmlab version", ", ".join(sorted({str(m.get("lmlab_version")) for it in found.values() for _, m in it})) or "–"],
-        ["trained on", _hardware_line(hw) if hw else (str((model_m or {}).get("stats", {}).get("device", "–")))],
+        ["trained on", _hardware_line(hw) if hw else (str((hw_m or {}).get("stats", {}).get("device", "–")))],
         ["report written on", f"{_hardware_line(here)}, {here.get('platform')}, Python {here.get('python')}, torch {here.get('torch')}"],
         ["artifacts", ", ".join(f"{k} (`{p}`)" for k in _ordered(found) for p, _ in found[k])],
     ]), ""]
@@ -310,53 +318,58 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
 
     # --- data
     parts += ["## Data", ""]
-    parts += corpus_section(corpus_dir, corpus_m, missing)
-    parts += tokenizer_section(tok_dir, tok_m, missing)
-    parts += packed_section(found.get("packed") or [], missing)
+    if not puzzles_only:
+        parts += corpus_section(corpus_dir, corpus_m, missing)
+        parts += tokenizer_section(tok_dir, tok_m, missing)
+        parts += packed_section(found.get("packed") or [], missing)
+    parts += trm.puzzle_sets_section(found)
 
-    # --- model + training
-    parts += ["## Model", ""]
-    if model_m:
-        parts += model_section(model_dir, model_m, train, val)
-    else:
-        missing.append("model (run `lmlab pretrain`)")
-        parts += ["_No model artifact found._", ""]
-
-    parts += ["## Training curves", ""]
-    if train or val:
-        plots.loss_curves([(r["step"], r["loss"]) for r in train], [(r["step"], r["val_loss"]) for r in val],
-                          out_dir / "loss.png", smoothing=cfg.smoothing)
-        parts += ["![train and val loss](loss.png)", ""]
-        bpb_points = [(r["step"], r["val_bpb"]) for r in val if r.get("val_bpb") is not None]
-        unigram = _unigram_bpb(eval_json)
-        if bpb_points or unigram is not None:
-            plots.val_bpb(bpb_points, unigram, out_dir / "val_bpb.png")
-            parts += ["![val bits per byte vs unigram baseline](val_bpb.png)", ""]
-        if unigram is None:
-            parts += ["_The unigram baseline line needs an eval artifact with `packed` data._", ""]
-    else:
+    if not puzzles_only:
+        # --- model + training
+        parts += ["## Model", ""]
         if model_m:
-            missing.append(f"training metrics ({model_dir}/metrics.jsonl)")
-        parts += ["_No training metrics found._", ""]
+            parts += model_section(model_dir, model_m, train, val)
+        else:
+            missing.append("model (run `lmlab pretrain`)")
+            parts += ["_No model artifact found._", ""]
 
-    # --- eval
-    parts += ["## Evaluation", ""]
-    if eval_json:
-        parts += eval_section(eval_dir, eval_json)
-    else:
-        missing.append("evaluation (run `lmlab eval MODEL_DIR`)")
-        parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
+        parts += ["## Training curves", ""]
+        if train or val:
+            plots.loss_curves([(r["step"], r["loss"]) for r in train], [(r["step"], r["val_loss"]) for r in val],
+                              out_dir / "loss.png", smoothing=cfg.smoothing)
+            parts += ["![train and val loss](loss.png)", ""]
+            bpb_points = [(r["step"], r["val_bpb"]) for r in val if r.get("val_bpb") is not None]
+            unigram = _unigram_bpb(eval_json)
+            if bpb_points or unigram is not None:
+                plots.val_bpb(bpb_points, unigram, out_dir / "val_bpb.png")
+                parts += ["![val bits per byte vs unigram baseline](val_bpb.png)", ""]
+            if unigram is None:
+                parts += ["_The unigram baseline line needs an eval artifact with `packed` data._", ""]
+        else:
+            if model_m:
+                missing.append(f"training metrics ({model_dir}/metrics.jsonl)")
+            parts += ["_No training metrics found._", ""]
+
+        # --- eval
+        parts += ["## Evaluation", ""]
+        if eval_json:
+            parts += eval_section(eval_dir, eval_json)
+        else:
+            missing.append("evaluation (run `lmlab eval MODEL_DIR`)")
+            parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
 
     parts += ladder_section(found, out_dir)
     parts += alignment.grpo_section(found, out_dir, read_metrics)
+    parts += trm.trm_section(found, out_dir, read_metrics)
     parts += alignment.scorer_sections(found, out_dir)
 
-    parts += ["## Sample generations", ""]
-    gens = _read_generations(eval_dir) if eval_dir else []
-    if gens:
-        parts += generations_section(gens, cfg.max_generations)
-    else:
-        parts += ["_No generations recorded._", ""]
+    if not puzzles_only:
+        parts += ["## Sample generations", ""]
+        gens = _read_generations(eval_dir) if eval_dir else []
+        if gens:
+            parts += generations_section(gens, cfg.max_generations)
+        else:
+            parts += ["_No generations recorded._", ""]
 
     parts += sweep_report.report_sections(sweep_report.find_sweeps(cfg.root, cfg.inputs), out_dir)
 
