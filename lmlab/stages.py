@@ -13,6 +13,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pack": ("lmlab.data.pack", "tokenize a corpus and pack it into fixed-length memmap shards"),
     "pretrain": ("lmlab.train.pretrain", "train the LLaMA-style model on packed data"),
     "tasks": ("lmlab.tasks.stage", "write the embedded verifiable tasks as SFT / DPO / test data files"),
+    "puzzles": ("lmlab.data.puzzles.stage", "make or import puzzle sets (Sudoku, mazes, ARC) for TRM"),
     "sft": ("lmlab.train.sft", "supervised finetuning on conversations: full or LoRA (PEFT)"),
     "pairs": ("lmlab.tasks.pairs", "on-policy DPO pairs: sample a chat model on problems, the task checkers pick"),
     "dpo": ("lmlab.train.dpo", "direct preference optimisation on chosen/rejected pairs"),
