@@ -27,9 +27,11 @@ from pydantic import Field
 
 from lmlab.config import Strict, load_config
 from lmlab.errors import UserError
+from lmlab.stages import STAGES
 
-StageName = Literal["corpus", "tokenizer", "pack", "pretrain", "tasks", "sft", "pairs", "samples", "dpo", "verifier",
-                    "reward", "grpo", "eval", "generate", "report", "export", "bench"]
+# every verb but those that are not a pipeline step (interactive, or launching/planning other runs)
+NOT_STAGES = ("pipeline", "chat", "slurm", "plan", "sweep")
+StageName = Literal[tuple(v for v in STAGES if v not in NOT_STAGES)]  # type: ignore[valid-type]
 
 POSITIONAL = ("--config", "the pipeline YAML file, e.g. configs/pipelines/cpu.yaml")
 PIPELINE_WAIT_S = 6 * 3600  # how long the other ranks wait for a stage rank 0 runs alone
@@ -39,6 +41,9 @@ class StageEntry(Strict):
     stage: StageName = Field(description="the verb to run")
     config_file: str | None = Field(None, description="a stage config YAML to start from")
     config: dict[str, Any] = Field(default_factory=dict, description="inline option values (may use {root})")
+    needs: list[str] = Field(default_factory=list, description="paths this stage reads that a fresh clone may lack "
+                             "(e.g. ../shared/data files): when one is missing the stage is skipped with a note "
+                             "(list the same path on the stages that read its output)")
 
 
 class ExpectedMinutes(Strict):
@@ -112,7 +117,7 @@ def _fmt_s(seconds: float) -> str:
 
 
 def run(cfg: Config) -> Path | None:
-    from lmlab.stages import STAGES, training_verbs
+    from lmlab.stages import training_verbs
 
     if not cfg.stages:
         raise UserError("the pipeline has no stages; list them under `stages:` (see configs/pipelines/cpu.yaml)")
@@ -128,6 +133,10 @@ def run(cfg: Config) -> Path | None:
     # not surface after twenty minutes of training.
     plan = []
     for i, entry in enumerate(cfg.stages):
+        missing = [p for p in entry.needs if not Path(_substitute(p, cfg.root)).exists()]
+        if missing:
+            print(f"[{cfg.name}] skipping stage {i + 1} ({entry.stage}): {', '.join(missing)} not found", flush=True)
+            continue
         module = importlib.import_module(STAGES[entry.stage][0])
         try:
             stage_cfg = load_config(module.Config, entry.config_file, base=_substitute(entry.config, cfg.root))

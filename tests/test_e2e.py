@@ -27,8 +27,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke):
     for name, kind in [("corpus", "corpus"), ("tokenizer", "tokenizer"), ("packed", "packed"), ("model", "model"),
                        ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
                        ("dpo", "model"), ("eval_dpo", "eval"), ("samples", "samples"), ("verifier", "verifier"),
-                       ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("report", "report"),
-                       ("hf", "hf_export")]:
+                       ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("puzzles", "puzzles"),
+                       ("trm", "trm"), ("eval_trm", "puzzle_eval"), ("report", "report"), ("hf", "hf_export")]:
         manifest = json.loads((root / name / "manifest.json").read_text())
         assert manifest["kind"] == kind
         assert manifest["lmlab_version"] and manifest["git_commit"]
@@ -51,7 +51,8 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     ladder = (root / "report" / "ladder.csv").read_text().splitlines()
     assert ladder[0].startswith("stage,model,eval,exact_match_strict") and [r.split(",")[0] for r in ladder[1:]] == [
         "Base", "SFT", "DPO", "GRPO", "GRPO + verifier best-of-4"]
-    for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png"):
+    for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png",
+                    "## TRM: tiny recursive models on puzzles", "### Puzzle sets", "trm_curves.png"):
         assert section in report, section
     assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
     rows = json.loads((root / "report" / "ladder.json").read_text())
@@ -61,7 +62,7 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
         assert d["n"] > 1 and d["diff"] == pytest.approx(row["exact_match_strict"] - prev["exact_match_strict"])
     assert rows[0]["delta_exact_match"] is None
     for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png", "grpo_curves.png", "rerank_grpo.png",
-                "verifier_reliability.png"):
+                "verifier_reliability.png", "trm_curves.png", "trm_puzzles_eval_trm.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

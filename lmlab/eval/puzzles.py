@@ -11,7 +11,9 @@ Every puzzle of the split runs all `halt_max_steps` supervision steps (lmlab.inf
   as mean and histogram, exact_accuracy_at_halt (answering when the model says stop) and the
   accuracy by steps used;
 - accuracy_by_rating: quantile bins of the puzzles' difficulty ratings (Sudoku: the solver's
-  search statistics; mazes: the shortest path's length);
+  backtracks or the file's rating; mazes: the shortest path's length), and accuracy_by_fill:
+  bins of the cells to fill (Sudoku's blanks, a maze's path cells), a second difficulty axis
+  that separates the easy puzzles a rating of 0 lumps together;
 - ARC sets: predictions mapped back through each augmentation's inverse and voted per test
   input (count, then mean Q-halt probability), pass@1 and pass@2 as the paper reports, and
   `submission.json` in the ARC Prize layout.
@@ -89,7 +91,7 @@ def run(cfg: Config) -> Path:
     from lmlab.data.puzzles.format import read_info, read_split
     from lmlab.data.puzzles.sampler import owners
     from lmlab.eval.estimators import stderr
-    from lmlab.infer.puzzles import solve, summary
+    from lmlab.infer.puzzles import cells_to_fill, solve, summary
     from lmlab.models import load_weights
     from lmlab.runtime import pick_device, progress
     from lmlab.train.loop import autocast_dtype
@@ -121,7 +123,7 @@ def run(cfg: Config) -> Path:
         kw = {"autocast": autocast} if autocast is not None else {}
         solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, **kw)
     own = owners(split)
-    metrics = summary(solved, split.ratings, own)
+    metrics = summary(solved, split.ratings, own, fill=cells_to_fill(split))
     last = solved.exact[solved.scored][:, -1].astype(float)
     metrics["exact_accuracy_stderr"] = stderr(last.tolist())
     metrics.update(split=cfg.split, kind=info.get("kind"), model=str(model_dir), data=str(data),
@@ -152,7 +154,7 @@ def run(cfg: Config) -> Path:
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
     se = metrics["exact_accuracy_stderr"]
-    arc = "".join(f", pass@{kk} {v:.3f}" for kk, v in metrics.get("arc", {}).items() if kk.startswith("pass@"))
+    arc = "".join(f", {kk} {v:.3f}" for kk, v in metrics.get("arc", {}).items() if kk.startswith("pass@"))
     print(f"puzzle-eval: {metrics['examples']} puzzles, exact accuracy {metrics['exact_accuracy']:.3f}"
           f"{f' ± {se:.3f}' if se is not None else ''}, token accuracy {metrics['token_accuracy']:.3f}, "
           f"steps used {metrics['steps_used_mean']:.1f}{arc} -> {out}", file=sys.stderr)
@@ -160,7 +162,8 @@ def run(cfg: Config) -> Path:
 
 
 def _arc_votes(data: Path, split, solved, own: np.ndarray, pass_ks: list[int]):
-    """ARC: vote the augmented predictions per test input (lmlab.data.puzzles.arc.vote)."""
+    """ARC: vote the augmented predictions per test input (lmlab.data.puzzles.arc.vote) ->
+    ({"pass@k": ..., "num_tasks", "tasks_without_predictions"}, the submission)."""
     from lmlab.data.puzzles import arc
     from lmlab.data.puzzles.format import IDENTIFIERS, TEST_PUZZLES
 
@@ -170,4 +173,6 @@ def _arc_votes(data: Path, split, solved, own: np.ndarray, pass_ks: list[int]):
     ids = np.asarray(split.puzzle_identifiers)[own[solved.examples]]
     preds = ((names[int(i)], np.asarray(split.inputs[e]), p, float(q))
              for i, e, p, q in zip(ids, solved.examples, solved.preds, q_prob) if int(i) != 0)
-    return arc.vote(preds, test_puzzles, pass_ks=tuple(pass_ks))
+    voted = arc.vote(preds, test_puzzles, pass_ks=tuple(pass_ks))
+    submission = voted.pop("submission")
+    return voted, submission

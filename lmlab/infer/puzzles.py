@@ -93,8 +93,31 @@ def rating_edges(ratings: np.ndarray, n_bins: int = 5) -> np.ndarray:
     return np.unique(np.quantile(r, np.linspace(0, 1, n_bins + 1))) if len(r) else np.zeros(0)
 
 
-def summary(solved: Solved, ratings: np.ndarray | None = None, owners: np.ndarray | None = None) -> dict:
-    """Metrics of a solved split. `ratings` are per puzzle, `owners` the puzzle of each example."""
+def binned(values: np.ndarray, correct: np.ndarray) -> list[dict]:
+    """Exact accuracy in quantile bins of `values`: [{"rating_min", "rating_max", "examples",
+    "exact_accuracy"}]; bins [e_i, e_i+1), the last one closed; one bin when all values agree."""
+    edges, rows = rating_edges(values), []
+    if not len(edges):
+        return rows
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, max(len(edges) - 2, 0))
+    for i in range(max(len(edges) - 1, 1)):
+        sel = np.isfinite(values) & (which == i)
+        if sel.any():
+            rows.append({"rating_min": float(edges[i]), "rating_max": float(edges[min(i + 1, len(edges) - 1)]),
+                         "examples": int(sel.sum()), "exact_accuracy": float(correct[sel].mean())})
+    return rows
+
+
+def cells_to_fill(split: PuzzleSplit) -> np.ndarray:
+    """(N,) scored cells whose answer differs from the input: Sudoku's blanks, a maze's path cells."""
+    labels, inputs = np.asarray(split.labels), np.asarray(split.inputs)
+    return ((labels != 0) & (labels != inputs)).sum(1)
+
+
+def summary(solved: Solved, ratings: np.ndarray | None = None, owners: np.ndarray | None = None,
+            fill: np.ndarray | None = None) -> dict:
+    """Metrics of a solved split. `ratings` are per puzzle, `owners` the puzzle of each example,
+    `fill` per example (cells_to_fill), a second difficulty axis."""
     s = solved.scored
     n = int(s.sum())
     if not n:
@@ -115,16 +138,11 @@ def summary(solved: Solved, ratings: np.ndarray | None = None, owners: np.ndarra
                                    for k in np.unique(steps_used)},
     }
     if ratings is not None and owners is not None:
-        r = np.asarray(ratings, dtype=np.float64)[owners[solved.examples]][s]
-        edges, rows = rating_edges(r), []
-        if len(edges):
-            # bins [e_i, e_i+1), the last one closed; one bin when every rating is the same
-            which = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, max(len(edges) - 2, 0))
-            for i in range(max(len(edges) - 1, 1)):
-                sel = np.isfinite(r) & (which == i)
-                if sel.any():
-                    rows.append({"rating_min": float(edges[i]), "rating_max": float(edges[min(i + 1, len(edges) - 1)]),
-                                 "examples": int(sel.sum()), "exact_accuracy": float(last[sel].mean())})
+        rows = binned(np.asarray(ratings, dtype=np.float64)[owners[solved.examples]][s], last)
         if rows:
             out["accuracy_by_rating"] = rows
+    if fill is not None:
+        rows = binned(np.asarray(fill, dtype=np.float64)[solved.examples][s], last)
+        if rows:
+            out["accuracy_by_fill"] = rows
     return out

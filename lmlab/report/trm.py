@@ -345,6 +345,12 @@ def _evals(runs, evals, out_dir: Path) -> list[str]:
                 out += [f"![exact accuracy by rating]({f})", ""]
             elif hist:
                 out += ["_No ratings in this set: no accuracy by rating._", ""]
+            fill = [b for b in mt.get("accuracy_by_fill") or [] if isinstance(b, dict)]
+            if len(fill) > 1:
+                f = f"trm_fill_{name}.png"
+                accuracy_by_rating(fill, out_dir / f, title=f"{name}: exact accuracy by cells to fill",
+                                   xlabel="cells to fill (Sudoku: blanks; maze: path cells)")
+                out += [f"![exact accuracy by cells to fill]({f})", ""]
         out += _rendered(Path(p), name, out_dir)
     return out
 
@@ -446,7 +452,8 @@ def steps_used(hist: dict[int, float], acc: dict[int, float], path: str | Path, 
     return plots._save(fig, path)
 
 
-def accuracy_by_rating(bins: list[dict], path: str | Path, title: str = "exact accuracy by rating") -> Path:
+def accuracy_by_rating(bins: list[dict], path: str | Path, title: str = "exact accuracy by rating",
+                       xlabel: str = "rating (difficulty) bin") -> Path:
     """Bars: exact accuracy per rating bin (rating_min..rating_max), each with its number of puzzles."""
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     labels = [f"{b.get('rating_min', 0):g}–{b.get('rating_max', 0):g}" for b in bins]
@@ -458,7 +465,7 @@ def accuracy_by_rating(bins: list[dict], path: str | Path, title: str = "exact a
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(bins)), labels, fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_xlabel("rating (difficulty) bin")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("exact accuracy")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
