@@ -241,3 +241,33 @@ def test_bad_input_clear_errors_and_nothing_lost(toy, reference, tmp_path):
     assert r.returncode == 2 and "ddp" in r.stderr and "Traceback" not in r.stderr
     split, _ = read_split(toy, "train")
     assert split.num_examples == 256  # the set is untouched
+
+
+def test_arc_end_to_end_votes_the_augmentations_back(tmp_path):
+    """A tiny ARC set through the CLI: puzzles (augmented), trm, puzzle-eval with the voted
+    pass@1 / pass@2 and the submission in the ARC Prize layout."""
+    def task(path, train, test):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"train": [{"input": i, "output": o} for i, o in train],
+                                    "test": [{"input": i, "output": o} for i, o in test]}))
+
+    src = tmp_path / "arc"
+    task(src / "training" / "t1.json", [([[1, 2], [3, 4]], [[4, 3], [2, 1]])], [([[5, 6, 7]], [[7, 6, 5]])])
+    for name in ("e1", "e2"):
+        task(src / "evaluation" / f"{name}.json", [([[1, 0], [0, 0]], [[0, 0], [0, 1]])],
+             [([[3, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 3]])])
+    data, run_dir, ev = tmp_path / "set", tmp_path / "trm", tmp_path / "ev"
+    r = run_cli([sys.executable, "-m", "lmlab", "puzzles", f"out={data}", "kind=arc", f"arc.path={src}", "arc.num_aug=3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli([sys.executable, "-m", "lmlab", "trm", f"data={data}", f"out={run_dir}", "model.hidden_size=32",
+                 "model.num_heads=2", "model.h_cycles=1", "model.l_cycles=1", "model.puzzle_emb_len=1",
+                 "model.halt_max_steps=2", "train.batch_size=8", "train.steps=3", "train.warmup_steps=1",
+                 "eval.batches=0"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli([sys.executable, "-m", "lmlab", "puzzle-eval", f"model={run_dir}", f"data={data}", f"out={ev}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    arc = json.loads((ev / "metrics.json").read_text())["arc"]
+    assert set(arc) >= {"pass@1", "pass@2", "num_tasks"} and arc["num_tasks"] == 2
+    assert 0 <= arc["pass@1"] <= arc["pass@2"] <= 1 and "pass@" in r.stderr
+    sub = json.loads((ev / "submission.json").read_text())
+    assert set(sub) == {"e1", "e2"} and set(sub["e1"][0]) == {"attempt_1", "attempt_2"}

@@ -39,6 +39,20 @@ CURVES = {"LM loss (cross-entropy)": [("lm_loss", "train", False)],
           "Q-halt loss (BCE)": [("q_halt_loss", "train", False)],
           "exact accuracy": [("exact_accuracy", "train (halted rows)", False), ("val_exact_accuracy", "val", True)]}
 
+WALL_CLOCK = "val exact accuracy vs wall-clock"
+
+
+def _wall_clock(train: list[dict], val: list[dict]) -> list[tuple[float, float]]:
+    """(training minutes, val exact accuracy) per evaluation, the minutes interpolated from the
+    train lines' (step, time_s)."""
+    pts = sorted((r["step"], r["time_s"]) for r in train if _num(r.get("time_s")) is not None)
+    if not pts:
+        return []
+    steps, secs = np.array([a for a, _ in pts], float), np.array([b for _, b in pts], float)
+    return [(float(np.interp(r["step"], steps, secs)) / 60, r["val_exact_accuracy"]) for r in val
+            if _num(r.get("val_exact_accuracy")) is not None]
+
+
 # The ARC Prize palette for colours 0..9.
 ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF",
                "#870C25"]
@@ -271,6 +285,9 @@ def _curves(i: int, p: Path, m: dict, out_dir: Path, read_metrics: Callable, sev
     val = _val_lines(p)
     panels = {title: {label: [(r["step"], r[key]) for r in (val if from_val else train) if _num(r.get(key)) is not None]
                       for key, label, from_val in series} for title, series in CURVES.items()}
+    clock = _wall_clock(train, val)
+    if clock:  # exact accuracy against the minutes of training steps (the loop's time_s; evals not counted)
+        panels[WALL_CLOCK] = {"val": clock}
     panels = {t: {k: v for k, v in ser.items() if v} for t, ser in panels.items()}
     panels = {t: ser for t, ser in panels.items() if ser}
     if not panels:
@@ -399,7 +416,7 @@ def learning_curves(panels: dict[str, dict[str, list[tuple[float, float]]]], pat
         if "accuracy" in name:
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("minutes of training" if name == WALL_CLOCK else "step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(series) > 1:
