@@ -19,8 +19,6 @@ with (seed, s, micro) picks, for each row, a dataset by weight and then a row un
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from lmlab.models.transformer import ModelConfig, resolve_model_config
 from lmlab.runtime import seed_everything
 from lmlab.train.batching import EvalShard
 from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig, as_data_specs, resolve_total_steps
-from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun
+from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun, swap_in
 
 KIND = "model"
 POSITIONAL = ("--config", "pretrain config YAML (same as --config)")
@@ -167,20 +165,11 @@ def write_final(out: Path, model, tokenizer) -> None:
     """model.safetensors + model.json + tokenizer/, each swapped in only when complete."""
     from lmlab.models import save_model
 
-    tmp = out / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         save_model(model, tmp)
         tokenizer.copy_to(tmp / "tokenizer")
-        for name in ("model.safetensors", "model.json"):
-            os.replace(tmp / name, out / name)
-        if (out / "tokenizer").exists():
-            shutil.rmtree(out / "tokenizer")
-        os.replace(tmp / "tokenizer", out / "tokenizer")
-    except OSError as e:
-        raise artifacts.disk_error(e, out) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    swap_in(out, write, ["model.safetensors", "model.json", "tokenizer"])
 
 
 def run(cfg: Config) -> Path:

@@ -17,6 +17,8 @@ alone writes run.json, the final weights and the manifest, and the others wait f
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -111,3 +113,22 @@ class TrainingRun:
         lmdist.barrier()
         return wrote
 
+
+
+def swap_in(out: Path, write: Callable[[Path], None], names: list[str]) -> None:
+    """`write(tmp)` the final files into a temporary directory inside `out`, then move each of
+    `names` (files or directories) into `out`, replacing what was there: a failure while
+    writing (a full disk) leaves the previous files whole."""
+    tmp = out / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for name in names:
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+            os.replace(tmp / name, out / name)
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -22,8 +22,6 @@ accuracy, manifest). `lmlab puzzle-eval` measures it on a whole test split. See 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -35,7 +33,7 @@ from lmlab.errors import UserError
 from lmlab.models.trm import TRMConfig
 from lmlab.runtime import seed_everything
 from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig
-from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun
+from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun, swap_in
 
 KIND = "trm"  # not "model": the language-model stages refuse it by kind, naming it
 POSITIONAL = ("--config", "trm config YAML (same as --config)")
@@ -119,17 +117,11 @@ def write_final(out: Path, model, info: dict) -> None:
     from lmlab.data.puzzles.format import INFO
     from lmlab.models import save_model
 
-    tmp = out / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         save_model(model, tmp)
         artifacts.write_json_atomic(tmp / INFO, info)
-        for name in ("model.safetensors", "model.json", INFO):
-            os.replace(tmp / name, out / name)
-    except OSError as e:
-        raise artifacts.disk_error(e, out) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    swap_in(out, write, ["model.safetensors", "model.json", INFO])
 
 
 def run(cfg: Config) -> Path:
