@@ -195,7 +195,8 @@ def summary_line(found: dict) -> str:
         if arc.get("pass@2") is not None:
             s += f", ARC pass@2 {arc['pass@2']:.3f}"
         bits.append(s)
-        break
+    if len(bits) > 1:  # every evaluation, in the order found (sorted by directory)
+        bits = ["; ".join(bits)]
     if runs:
         p, m = runs[0]
         st = m.get("stats") or {}
