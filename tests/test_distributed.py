@@ -474,8 +474,8 @@ def test_trm_on_two_processes_matches_one_and_resumes_exactly(tmp_path):
 
     data = write_toy_set(tmp_path / "set")
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(run(trm_args(data, one, 20, "train.device=cpu")))
-    ok(run(torchrun(2, *trm_args(data, two, 20, "train.device=cpu")[1:]), timeout=240))
+    ok(run(trm_args(data, one, 12, "train.device=cpu")))
+    ok(run(torchrun(2, *trm_args(data, two, 12, "train.device=cpu")[1:]), timeout=240))
     assert json.loads((two / "manifest.json").read_text())["stats"]["parallel"] == {"strategy": "ddp", "world_size": 2}
     assert max_diff(one, two) < 1e-4
     a, b = ([x for x in read_metrics(d) if "loss" in x] for d in (one, two))
@@ -483,8 +483,8 @@ def test_trm_on_two_processes_matches_one_and_resumes_exactly(tmp_path):
     assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
     again = tmp_path / "again"
     shutil.copytree(two, again)
-    shutil.rmtree(again / "checkpoints" / "step_000020")
+    shutil.rmtree(again / "checkpoints" / "step_000012")
     for f in ("manifest.json", "model.safetensors"):
         (again / f).unlink()
-    ok(run(torchrun(2, *trm_args(data, again, 20, "train.device=cpu")[1:]), timeout=240))
+    ok(run(torchrun(2, *trm_args(data, again, 12, "train.device=cpu")[1:]), timeout=240))
     assert max_diff(again, two) == 0.0

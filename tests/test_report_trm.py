@@ -37,11 +37,19 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """root/set (toy puzzles) -> root/trm (10 steps, evals at 5 and 10) -> root/eval_set."""
+    from lmlab.config import build_config, parse_override, set_dotted
+    from lmlab.eval import puzzles as eval_stage
+    from lmlab.train import trm as trm_stage
+
     r = tmp_path_factory.mktemp("trmrep")
     data = write_toy_set(r / "set", n_train=128, n_test=24)
-    _run(trm_args(data, r / "trm", 10, "eval.every=5", "checkpoint.every=0"))
-    _run([sys.executable, "-m", "lmlab", "puzzle-eval", f"model={r / 'trm'}", f"data={data}", "batch_size=8",
-          "keep_predictions=6"])
+    # in process (the CLI runs in tests/test_trm_train.py): the same options as there
+    cfg: dict = {}
+    for arg in trm_args(data, r / "trm", 10, "eval.every=5", "checkpoint.every=0")[4:]:
+        set_dotted(cfg, *parse_override(arg))
+    trm_stage.run(build_config(trm_stage.Config, cfg))
+    eval_stage.run(build_config(eval_stage.Config, {"model": str(r / "trm"), "data": str(data), "batch_size": 8,
+                                                    "keep_predictions": 6}))
     assert (r / "eval_set" / "predictions.npz").is_file()
     return r
 
@@ -132,7 +140,7 @@ def _red_pixels(img: np.ndarray) -> int:
 
 
 def test_render_sudoku(tmp_path):
-    from lmlab.report.trm import puzzle_style, render_puzzles
+    from lmlab.report.puzzle_images import puzzle_style, render_puzzles
 
     rng = np.random.default_rng(0)
     solutions = np.stack([_solved_sudoku(s) for s in range(3)])
@@ -163,7 +171,7 @@ def test_render_sudoku(tmp_path):
 
 
 def test_render_maze_arc_and_generic(tmp_path):
-    from lmlab.report.trm import puzzle_style, render_puzzles
+    from lmlab.report.puzzle_images import puzzle_style, render_puzzles
 
     vocab = ["<pad>", "#", " ", "S", "G", "o"]
     maze = np.array(["#######",

@@ -235,17 +235,29 @@ def test_bad_input_clear_errors_and_nothing_lost(toy, reference, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "e").exists()
     r = run_cli([sys.executable, "-m", "lmlab", "eval", str(reference)])
     assert r.returncode == 2 and "'trm' artifact" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli(trm_args(toy, tmp_path / "x", 10, "model.vocab_size=9"))
-    assert r.returncode == 2 and "model.vocab_size=9" in r.stderr
-    r = run_cli(trm_args(toy, tmp_path / "y", 10, "parallel.strategy=fsdp"))
-    assert r.returncode == 2 and "ddp" in r.stderr and "Traceback" not in r.stderr
+    from lmlab.config import build_config
+    from lmlab.errors import UserError
+    from lmlab.train import trm as trm_stage
+
+    for key, value, says in (("model", {"vocab_size": 9}, "model.vocab_size=9"),
+                             ("parallel", {"strategy": "fsdp"}, "ddp")):
+        cfg = build_config(trm_stage.Config, {"data": str(toy), "out": str(tmp_path / key), "train": {"steps": 2},
+                                              key: value})
+        with pytest.raises(UserError, match=says):
+            trm_stage.run(cfg)
+        assert not (tmp_path / key / "run.json").exists()
     split, _ = read_split(toy, "train")
     assert split.num_examples == 256  # the set is untouched
 
 
 def test_arc_end_to_end_votes_the_augmentations_back(tmp_path):
-    """A tiny ARC set through the CLI: puzzles (augmented), trm, puzzle-eval with the voted
-    pass@1 / pass@2 and the submission in the ARC Prize layout."""
+    """A tiny ARC set through the stages (in process: the CLI is tested above): puzzles (augmented),
+    trm, puzzle-eval with the voted pass@1 / pass@2 and the submission in the ARC Prize layout."""
+    from lmlab.config import build_config
+    from lmlab.data.puzzles import stage as puzzles_stage
+    from lmlab.eval import puzzles as eval_stage
+    from lmlab.train import trm as trm_stage
+
     def task(path, train, test):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"train": [{"input": i, "output": o} for i, o in train],
@@ -257,17 +269,15 @@ def test_arc_end_to_end_votes_the_augmentations_back(tmp_path):
         task(src / "evaluation" / f"{name}.json", [([[1, 0], [0, 0]], [[0, 0], [0, 1]])],
              [([[3, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 3]])])
     data, run_dir, ev = tmp_path / "set", tmp_path / "trm", tmp_path / "ev"
-    r = run_cli([sys.executable, "-m", "lmlab", "puzzles", f"out={data}", "kind=arc", f"arc.path={src}", "arc.num_aug=3"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli([sys.executable, "-m", "lmlab", "trm", f"data={data}", f"out={run_dir}", "model.hidden_size=32",
-                 "model.num_heads=2", "model.h_cycles=1", "model.l_cycles=1", "model.puzzle_emb_len=1",
-                 "model.halt_max_steps=2", "train.batch_size=8", "train.steps=3", "train.warmup_steps=1",
-                 "eval.batches=0"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli([sys.executable, "-m", "lmlab", "puzzle-eval", f"model={run_dir}", f"data={data}", f"out={ev}"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    puzzles_stage.run(build_config(puzzles_stage.Config, {"out": str(data), "kind": "arc",
+                                                         "arc": {"path": str(src), "num_aug": 3}}))
+    trm_stage.run(build_config(trm_stage.Config, {
+        "data": str(data), "out": str(run_dir), "eval": {"batches": 0},
+        "model": {"hidden_size": 32, "num_heads": 2, "h_cycles": 1, "l_cycles": 1, "puzzle_emb_len": 1,
+                  "halt_max_steps": 2}, "train": {"batch_size": 8, "steps": 3, "warmup_steps": 1}}))
+    eval_stage.run(build_config(eval_stage.Config, {"model": str(run_dir), "data": str(data), "out": str(ev)}))
     arc = json.loads((ev / "metrics.json").read_text())["arc"]
     assert set(arc) >= {"pass@1", "pass@2", "num_tasks"} and arc["num_tasks"] == 2
-    assert 0 <= arc["pass@1"] <= arc["pass@2"] <= 1 and "pass@" in r.stderr
+    assert 0 <= arc["pass@1"] <= arc["pass@2"] <= 1
     sub = json.loads((ev / "submission.json").read_text())
     assert set(sub) == {"e1", "e2"} and set(sub["e1"][0]) == {"attempt_1", "attempt_2"}

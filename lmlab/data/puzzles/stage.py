@@ -27,19 +27,19 @@ an `out`), and `build(section, seed, on_error) -> dict` with the keys
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from lmlab import artifacts
-from lmlab.config import Strict, build_config
+from lmlab.config import Strict
+from lmlab.data.puzzles import arc as arc_kind
 from lmlab.data.puzzles import format as fmt
+from lmlab.data.puzzles import maze as maze_kind
 from lmlab.data.puzzles import sudoku as sudoku_kind
-from lmlab.errors import UserError
 
 POSITIONAL = ("out", "output directory of the puzzle set (kind 'puzzles')")
 KIND = "puzzles"
@@ -55,38 +55,24 @@ class Config(Strict):
                                               "its file and line, or skip it and count it in the manifest")
     sudoku: sudoku_kind.Config = Field(default_factory=sudoku_kind.Config, description="kind=sudoku: train/test sources "
                                   "and augmentation (docs/puzzles.md)")
-    maze: dict[str, Any] = Field(default_factory=dict, description="kind=maze: the options of "
-                                 "lmlab.data.puzzles.maze.Config (docs/puzzles.md, Mazes)")
-    arc: dict[str, Any] = Field(default_factory=dict, description="kind=arc: the options of "
-                                "lmlab.data.puzzles.arc.Config (docs/puzzles.md, ARC)")
+    maze: maze_kind.Config = Field(default_factory=maze_kind.Config, description="kind=maze: generated or imported "
+                                   "mazes (docs/puzzles.md, Mazes)")
+    arc: arc_kind.Config = Field(default_factory=arc_kind.Config, description="kind=arc: ARC-AGI tasks to import "
+                                 "and augment (docs/puzzles.md, ARC)")
 
 
-def kind_module(kind: str):
-    """The module that builds `kind` (imported only when used)."""
-    name = f"lmlab.data.puzzles.{kind}"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        raise UserError(f"kind={kind} is not available in this version of lmlab ({name} is missing); "
-                        f"use kind=sudoku") from None
+KINDS = {"sudoku": sudoku_kind, "maze": maze_kind, "arc": arc_kind}
 
 
 def section(cfg: Config):
-    """(kind module, its validated config section)."""
-    if cfg.kind == "sudoku":
-        return sudoku_kind, cfg.sudoku
-    module = kind_module(cfg.kind)
-    return module, build_config(module.Config, getattr(cfg, cfg.kind), f"the `{cfg.kind}` section")
+    """(kind module, its config section)."""
+    return KINDS[cfg.kind], getattr(cfg, cfg.kind)
 
 
-def _file_fingerprint(path: str) -> Any:
+def _file_fingerprint(path: str) -> str:
+    """The content's sha256 (the set follows its input files' bytes, wherever they are)."""
     p = Path(path)
-    if not p.is_file():
-        return "missing"
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    return artifacts.sha256_file(p) if p.is_file() else "missing"
 
 
 def rating_summary(split: fmt.PuzzleSplit) -> dict:
@@ -135,8 +121,7 @@ def run(cfg: Config) -> Path:
     config = cfg.model_dump(mode="json")
     # Only what makes this kind's set: changing the other kinds' sections keeps it up to date.
     relevant = {"kind": cfg.kind, "seed": cfg.seed, "on_error": cfg.on_error, cfg.kind: sec.model_dump(mode="json")}
-    fp = artifacts.stage_fingerprint(KIND, relevant, {name: artifacts.fingerprint(_file_fingerprint(p))
-                                                      for name, p in sorted(ins.items())})
+    fp = artifacts.stage_fingerprint(KIND, relevant, {name: _file_fingerprint(p) for name, p in sorted(ins.items())})
     if artifacts.is_up_to_date(out, fp) and (out / fmt.INFO).is_file():
         print(f"puzzles: up to date ({out}), nothing to do")
         return out
