@@ -23,8 +23,6 @@ machine slows both alike; each side's figure is the median over `repeats`.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -32,6 +30,8 @@ import torch
 from pydantic import Field
 
 from lmlab.config import Strict
+from lmlab.bench_timing import interleaved as _interleaved
+from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
 POSITIONAL = ("what", "train, generate, grpo or trm")
@@ -93,10 +93,6 @@ def build_pair(cfg: Config, device):
     return ours, hf, mcfg
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def bench_train(cfg: Config, device) -> dict:
     ours, hf, mcfg = build_pair(cfg, device)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -153,32 +149,6 @@ def bench_generate(cfg: Config, device) -> dict:
     return {"what": "generate", "params": ours.num_params(), "tokens_per_s": tps,
             "ratio": tps["lmlab"] / tps["transformers"], "times_s": times,
             "greedy_identical": results["lmlab"] == results["transformers"]}
-
-
-def _interleaved(sides: dict, warmup: int, n: int, device) -> dict[str, list[float]]:
-    """Run each side `n` times, alternating which goes first, timing every call separately.
-
-    Alternating single calls (A B B A A B ...) spreads a noisy neighbour's load evenly over
-    both sides; the caller reports the median call time, which ignores the worst bursts.
-    """
-    for fn in sides.values():
-        for _ in range(warmup):
-            fn()
-    names = list(sides)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(n):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            _sync(device)
-            t = time.perf_counter()
-            sides[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    return times
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _is_bench_result(path: Path) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT / "scripts" / "peers" / "trl_grpo.py"
-
-
-def _median(xs) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def _peer_python(cfg) -> Path:

@@ -84,7 +84,8 @@ def copy_to_official(ours, official) -> None:
 
 
 def bench_trm(cfg, device) -> dict:
-    from lmlab.bench import _interleaved, _median
+    from lmlab.bench_timing import interleaved as _interleaved
+    from lmlab.bench_timing import median as _median
     from lmlab.models.trm import TRM, TRMConfig
     from lmlab.train.trm_losses import act_loss
     from lmlab.train.trm_optim import TRMOptimizer

@@ -30,7 +30,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import alignment, plots, trm
 from lmlab.report import sweep as sweep_report
-from lmlab.report.markdown import table
+from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
 from lmlab.runtime import hardware_summary
 
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
@@ -54,29 +54,6 @@ class Config(Strict):
 
 
 # ------------------------------------------------------------------------- formatting
-
-def fmt_count(n: float | None) -> str:
-    """12345678 -> '12.3M'; small numbers stay exact."""
-    if n is None:
-        return "–"
-    n = float(n)
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.3g}{suffix}" if v < 100 else f"{v:.0f}{suffix}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.3g}"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    s = float(seconds)
-    if s < 60:
-        return f"{s:.1f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
-
 
 def fmt_num(x, digits: int = 4) -> str:
     if x is None:
@@ -204,14 +181,6 @@ def _load_json(path: Path) -> dict | list | None:
         return None
 
 
-def _hardware_line(hw: dict) -> str:
-    if hw.get("gpu"):
-        n = hw.get("gpu_count", 1)
-        return f"{n}× {hw['gpu']}" if n and n > 1 else str(hw["gpu"])
-    cores = hw.get("cpu_count")
-    return f"{cores} CPU cores" if cores else (hw.get("cpu") or "CPU")
-
-
 # ----------------------------------------------------------------------------- stage
 
 def run(cfg: Config) -> Path:
@@ -298,8 +267,8 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     parts += ["## Run", "", table(["", ""], [
         ["git commit", ", ".join(f"`{c}`" for c in commits) or "–"],
         ["lmlab version", ", ".join(sorted({str(m.get("lmlab_version")) for it in found.values() for _, m in it})) or "–"],
-        ["trained on", _hardware_line(hw) if hw else (str((hw_m or {}).get("stats", {}).get("device", "–")))],
-        ["report written on", f"{_hardware_line(here)}, {here.get('platform')}, Python {here.get('python')}, torch {here.get('torch')}"],
+        ["trained on", hardware_line(hw) if hw else (str((hw_m or {}).get("stats", {}).get("device", "–")))],
+        ["report written on", f"{hardware_line(here)}, {here.get('platform')}, Python {here.get('python')}, torch {here.get('torch')}"],
         ["artifacts", ", ".join(f"{k} (`{p}`)" for k in _ordered(found) for p, _ in found[k])],
     ]), ""]
 
@@ -419,7 +388,7 @@ def summary(model_m, eval_json, train, val, tok_m) -> str:
         bits.append(f"in {fmt_duration(secs)}")
     hw = stats.get("hardware")
     if hw:
-        bits.append(f"on {_hardware_line(hw)}")
+        bits.append(f"on {hardware_line(hw)}")
     if stats.get("params"):
         bits.append(f"({fmt_count(stats['params'])} parameters)")
     lines = [" ".join(bits) + "." if bits else "_No trained model or evaluation found yet._"]

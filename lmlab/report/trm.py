@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from lmlab.report import plots
-from lmlab.report.markdown import table
+from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
 from lmlab.report.puzzle_images import render_puzzles
 from lmlab.report.plots import DPI, FIGSIZE, plt
 
@@ -134,8 +134,6 @@ def _split_counts(p: Path, m: dict) -> dict[str, dict]:
 
 def puzzle_sets_section(found: dict) -> list[str]:
     """One line per puzzle set: kind, grid, vocabulary, examples / puzzles / groups per split."""
-    from lmlab.report.report import fmt_count
-
     sets = found.get("puzzles") or []
     if not sets:
         return []
@@ -168,7 +166,6 @@ def puzzle_sets_section(found: dict) -> list[str]:
 
 def summary_line(found: dict) -> str:
     """The opening paragraph of a report whose artifacts are all puzzle sets, TRM runs and evals."""
-    from lmlab.report.report import _hardware_line, fmt_count, fmt_duration
 
     runs = found.get("trm") or []
     evals = found.get("puzzle_eval") or []
@@ -207,7 +204,7 @@ def summary_line(found: dict) -> str:
         if secs:
             run += f" in {fmt_duration(secs)}"
         if st.get("hardware"):
-            run += f" on {_hardware_line(st['hardware'])}"
+            run += f" on {hardware_line(st['hardware'])}"
         bits.append(("from " if bits else "") + run)
     if not bits:
         return "_No trained TRM or puzzle evaluation found yet._"
@@ -242,7 +239,6 @@ def _model_fields(p: Path) -> dict:
 
 
 def _runs_table(runs) -> list[str]:
-    from lmlab.report.report import fmt_count, fmt_duration
 
     if not runs:
         return ["_No TRM run found (the evaluations below name their model)._", ""]
@@ -298,8 +294,6 @@ def _curves(i: int, p: Path, m: dict, out_dir: Path, read_metrics: Callable, sev
 
 
 def _evals(runs, evals, out_dir: Path) -> list[str]:
-    from lmlab.report.report import fmt_count
-
     names = _eval_names(evals)
     loaded = [_load_json(Path(p) / "metrics.json") for p, _ in evals]
     arc = any(isinstance((mt or {}).get("arc"), dict) for mt in loaded)
