@@ -24,6 +24,7 @@ puzzles.json (written by `lmlab trm`) must describe the same cells and vocabular
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -116,12 +117,11 @@ def run(cfg: Config) -> Path:
     device = pick_device(cfg.device)
     model.to(device)
     amp = autocast_dtype(cfg.dtype, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     timer = artifacts.Timer()
     n = split.num_examples if cfg.limit is None else min(cfg.limit, split.num_examples)
     with timer("solve"), progress(total=n, desc="puzzle-eval", unit="puzzle") as bar:
-        kw = {"autocast": autocast} if autocast is not None else {}
-        solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, **kw)
+        solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, autocast=autocast)
     own = owners(split)
     metrics = summary(solved, split.ratings, own, fill=cells_to_fill(split))
     last = solved.exact[solved.scored][:, -1].astype(float)

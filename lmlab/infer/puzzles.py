@@ -20,6 +20,7 @@ import torch
 
 from lmlab.data.puzzles.format import PuzzleSplit
 from lmlab.data.puzzles.sampler import eval_batches
+from lmlab.models import unwrap
 
 
 @dataclass
@@ -42,16 +43,11 @@ class Solved:
         return self.exact[np.arange(len(self.exact)), self.steps_used - 1]
 
 
-def _unwrap(model):
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
 @torch.no_grad()
 def solve(model, split: PuzzleSplit, batch_size: int, device, limit: int | None = None,
           autocast=contextlib.nullcontext, progress_bar=None) -> Solved:
     """Run every example of `split` (the first `limit`) through all supervision steps."""
-    base = _unwrap(model)
+    base = unwrap(model)
     steps = base.cfg.halt_max_steps
     was_training = base.training
     base.eval()

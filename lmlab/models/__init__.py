@@ -28,7 +28,7 @@ BASE_POINTER = "base.json"
 CHAT = "chat.json"
 
 
-def _unwrap(model):
+def unwrap(model):
     """The plain model behind torch.compile / DDP wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
@@ -41,7 +41,7 @@ def save_model(model, out_dir: str | Path) -> None:
     """
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tied = bool(getattr(model.cfg, "tie_embeddings", False))

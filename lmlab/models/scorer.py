@@ -144,9 +144,9 @@ def save_scorer(model: ScorerModel, out_dir: str | Path, meta: dict, tokenizer=N
     from safetensors.torch import save_file
 
     from lmlab.artifacts import disk_error, write_json_atomic
-    from lmlab.models import _unwrap, save_model
+    from lmlab.models import save_model, unwrap
 
-    model = _unwrap(model)
+    model = unwrap(model)
     if meta.get("kind") not in KINDS or meta.get("level") not in LEVELS:
         raise ValueError(f"scorer meta needs kind in {KINDS} and level in {LEVELS}: {meta}")
     out = Path(out_dir)

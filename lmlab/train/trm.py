@@ -87,7 +87,7 @@ class Config(RunOptions):
                                     "model.no_act_continue=false)")
 
 
-def model_config_for(cfg: Config, info: dict, meta: dict) -> TRMConfig:
+def model_config_for(cfg: Config, meta: dict) -> TRMConfig:
     """The TRM config with the puzzle set's shape; a shape the user set that disagrees is an error."""
     data = {"seq_len": int(meta["seq_len"]), "vocab_size": int(meta["vocab_size"]),
             "num_puzzle_identifiers": int(meta["num_puzzle_identifiers"])}
@@ -139,7 +139,7 @@ def run(cfg: Config) -> Path:
     info = read_info(cfg.data)
     train_split, meta = read_split(cfg.data, "train")
     test_split = read_split(cfg.data, "test")[0] if (Path(cfg.data) / "test" / "dataset.json").is_file() else None
-    model_cfg = model_config_for(cfg, info, meta)
+    model_cfg = model_config_for(cfg, meta)
     inputs = {"puzzles": {"path": cfg.data, "fingerprint": manifest["fingerprint"]}}
     if run.up_to_date(inputs):
         return out

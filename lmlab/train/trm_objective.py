@@ -26,16 +26,12 @@ from lmlab import dist as lmdist
 from lmlab.data.puzzles.format import PuzzleSplit
 from lmlab.data.puzzles.sampler import PuzzleBatches, owners
 from lmlab.infer.puzzles import solve, summary
+from lmlab.models import unwrap
 from lmlab.models.trm.model import Carry
 from lmlab.train.trm_losses import act_loss
 from lmlab.train.trm_optim import TRMOptimizer
 
 STAT_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
-
-
-def _unwrap(model):
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 class TRMObjective:
@@ -80,7 +76,7 @@ class TRMObjective:
         if isinstance(carry, dict):  # restored from a checkpoint: move it to the device once
             carry = Carry.from_state(carry, device)
         if carry is None:
-            carry = _unwrap(model).initial_carry(rows, device=device)
+            carry = unwrap(model).initial_carry(rows, device=device)
         carry, out = model(carry, batch)
         self.carries[slot] = carry
         terms = act_loss(out, carry.labels.long(), carry.halted, carry.steps, self.cfg.loss, self.cfg.halt_loss_weight)
@@ -93,7 +89,7 @@ class TRMObjective:
         return terms.loss, rows
 
     def _add(self, key: str, value: torch.Tensor) -> None:
-        v = value.detach().double().cpu() if value.device.type == "cpu" else value.detach().double()
+        v = value.detach().double()
         self._sums[key] = self._sums[key] + v if key in self._sums else v
 
     def train_metrics(self) -> dict:
