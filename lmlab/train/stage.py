@@ -70,6 +70,9 @@ class TrainingRun:
 
     def check_out(self, inputs: dict | None = None) -> None:
         artifacts.check_out(self.out, self.kind, self.verb, inputs=inputs)
+        # every rank has looked at `out` before rank 0 writes into it (run.json, its temp file):
+        # a slower rank must not see rank 0's half-written start as someone else's directory
+        lmdist.barrier()
 
     def up_to_date(self, inputs: dict) -> bool:
         """Fingerprint the run from its config and `inputs` ({name: {"path", "fingerprint"}})."""
