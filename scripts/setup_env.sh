@@ -48,4 +48,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c 'import 
   "${PIP[@]}" -e "$LMLAB_ROOT[dev]"
   echo "$want" > "$stamp"
 fi
+# The Griffin parity test's reference (Google DeepMind's recurrentgemma, its torch model): it
+# pins numpy<2.4 and pulls jax for its other half, neither of which the test needs, so it is
+# installed without dependencies (its torch part needs einops and jaxtyping: the dev extra).
+if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("recurrentgemma") is None)' 2>/dev/null; then
+  "${PIP[@]}" --no-deps "recurrentgemma==1.0.1" || echo "[setup] recurrentgemma not installed: its parity test will skip" >&2
+fi
 export PATH="$VENV/bin:$PATH"

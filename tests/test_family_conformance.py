@@ -23,6 +23,9 @@ V = 97
 SMALL = {
     "transformer": {"family": "transformer", "preset": "micro", "vocab_size": V, "max_seq_len": 64,
                     "n_kv_head": 2, "tie_embeddings": False},
+    # window 6 < the test sequences: the local attention's band and its ring cache are exercised
+    "griffin": {"family": "griffin", "preset": "micro", "vocab_size": V, "width": 32, "num_heads": 4,
+                "mlp_expanded_width": 48, "attention_window_size": 6, "max_seq_len": 64},
 }
 ATOL = 1e-5
 

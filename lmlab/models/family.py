@@ -112,13 +112,18 @@ def _transformer() -> Family:
     return Family("transformer", resolve_model_config, Transformer, exports_hf=True)
 
 
+def _griffin() -> Family:
+    from lmlab.models.griffin import Griffin, resolve_griffin_config
+    return Family("griffin", resolve_griffin_config, Griffin, exports_hf=True)
+
+
 def _trm() -> Family:
     from lmlab.models.trm import TRM, resolve_trm_config
     return Family("trm", resolve_trm_config, TRM, exports_hf=False, kind="puzzle")
 
 
 # name -> a function returning the Family (imported on first use, so `import lmlab.models` stays light)
-FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer, "trm": _trm}
+FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer, "griffin": _griffin, "trm": _trm}
 
 
 def families_of_kind(kind: str) -> list[str]:

@@ -130,7 +130,8 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for an HF Llama/Qwen3 config, refusing features we do not implement."""
     mt = c.get("model_type")
     if mt not in ("llama", "qwen3"):
-        raise UserError(f"{source}: model_type '{mt}' is not supported; import_hf reads llama and qwen3 checkpoints")
+        raise UserError(f"{source}: model_type '{mt}' is not supported; import_hf reads llama, qwen3 and "
+                        f"recurrent_gemma checkpoints")
     problems = []
     if c.get("attention_bias") or c.get("mlp_bias"):
         problems.append("biases")
@@ -156,7 +157,7 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
     })
 
 
-def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if single.is_file():
@@ -170,15 +171,23 @@ def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"{d} holds no model.safetensors (or sharded index); import_hf reads safetensors checkpoints only")
 
 
-def import_hf(hf_dir: str | Path, device: str = "cpu") -> tuple[Transformer, ModelConfig]:
-    """A Llama- or Qwen3-layout HF directory -> (our Transformer in float32, its ModelConfig)."""
+def import_hf(hf_dir: str | Path, device: str = "cpu"):
+    """A Llama-, Qwen3- or RecurrentGemma-layout HF directory -> (our model in float32, its config)."""
     d = Path(hf_dir)
     cpath = d / "config.json"
     if not cpath.is_file():
         raise UserError(f"{cpath} not found; give import_hf a Hugging Face model directory")
-    cfg = model_config_from_hf(json.loads(cpath.read_text()), str(cpath))
     try:
-        state = from_hf_state_dict(_read_hf_weights(d), cfg)
+        hf_cfg = json.loads(cpath.read_text())
+    except ValueError as e:
+        raise UserError(f"{cpath} is not valid JSON ({e})") from None
+    if hf_cfg.get("model_type") == "recurrent_gemma":
+        from lmlab.models.griffin.checkpoints import import_hf_griffin
+        model, cfg = import_hf_griffin(d)
+        return model.to(device), cfg
+    cfg = model_config_from_hf(hf_cfg, str(cpath))
+    try:
+        state = from_hf_state_dict(read_hf_weights(d), cfg)
     except KeyError as e:
         raise UserError(f"{d}: tensor {e} is missing from the checkpoint; is it a complete Llama/Qwen3 model?") from None
     model = Transformer(cfg)
@@ -187,6 +196,14 @@ def import_hf(hf_dir: str | Path, device: str = "cpu") -> tuple[Transformer, Mod
 
 
 # ----------------------------------------------------------------------------- the stage
+
+def hf_parts(model):
+    """(state_dict under HF names, config.json builder) for the model's family."""
+    if getattr(model, "family", "transformer") == "griffin":
+        from lmlab.models.griffin import checkpoints
+        return checkpoints.to_hf_state_dict(model), checkpoints.hf_config
+    return to_hf_state_dict(model), hf_config
+
 
 def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokenizer=None,
              chat_template: str | None = None) -> None:
@@ -202,9 +219,11 @@ def write_hf(model: Transformer, out: str | Path, dtype: str = "float32", tokeni
     if tokenizer is not None:
         ids = {k: getattr(tokenizer, k, None) for k in ids}
         ids = {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
-    state = {k: v.to(DTYPES[dtype]).cpu() for k, v in to_hf_state_dict(model).items()}
+    hf_state, config_of = hf_parts(model)
+    config = config_of(model.cfg, dtype, **ids)  # before writing anything: it refuses what HF cannot express
+    state = {k: v.to(DTYPES[dtype]).cpu() for k, v in hf_state.items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.cfg, dtype, **ids), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
     (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
     if tokenizer is not None:
@@ -274,6 +293,7 @@ def run(cfg: Config) -> Path:
     _check_family_exports(src)
     with timer("load"):
         model, tokenizer, _ = load_model(src)
+    arch = hf_parts(model)[1](model.cfg)["architectures"][0]
     try:
         with artifacts.atomic_dir(out) as tmp:
             with timer("write"):
@@ -281,8 +301,8 @@ def run(cfg: Config) -> Path:
             artifacts.write_manifest(
                 tmp, "hf_export", conf, fp, verb="export", inputs={"model": {"path": str(src), "fingerprint": in_fp}},
                 tokenizer_sha256=getattr(tokenizer, "sha256", None), timings=timer.total(),
-                stats={"architecture": hf_config(model.cfg)["architectures"][0], "params": model.num_params()})
+                stats={"architecture": arch, "params": model.num_params()})
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
-    print(f"export: wrote {out} ({hf_config(model.cfg)['architectures'][0]}, {model.num_params():,} params, {cfg.dtype})")
+    print(f"export: wrote {out} ({arch}, {model.num_params():,} params, {cfg.dtype})")
     return out

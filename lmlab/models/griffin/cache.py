@@ -1,0 +1,93 @@
+"""Griffin's decoding state, built by the model for the shared engine (lmlab.infer.engine).
+
+Per recurrent layer a constant-size state: the RG-LRU's hidden state (B, lru_width) in
+float32 and the conv's last W-1 inputs (B, W-1, lru_width). Per attention layer a ring
+buffer of the last R = min(attention_window_size, max_len) keys and values (one head each):
+the window is all a token attends to, so memory stays flat however long decoding runs. The
+ring is unordered; `slot_pos` holds each slot's absolute position (-1 = empty), and the
+attention mask is built from positions, never from slot order.
+
+`left_pad[i]` leading positions of row i are padding (left-padded prompts of different
+lengths): the recurrent branch's input is zeroed there and the state resets at the row's
+first real token, padding keys are masked, and RoPE positions start after the padding, so a
+padded row computes what it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+class GriffinCache:
+    def __init__(self, cfg, batch: int, max_len: int, device, dtype, left_pad: Optional[Sequence[int]] = None):
+        self.max_len, self.pos = max_len, 0
+        self.window = cfg.attention_window_size
+        self.ring = max(1, min(self.window, max_len))
+        L, hd, W = cfg.lru_width, cfg.head_dim, cfg.conv1d_width
+        self.conv: dict[int, torch.Tensor] = {}
+        self.rg_state: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i, kind in enumerate(cfg.block_types):
+            if kind == "recurrent":
+                self.conv[i] = torch.zeros(batch, W - 1, L, device=device, dtype=dtype)
+                self.rg_state[i] = torch.zeros(batch, L, device=device, dtype=torch.float32)
+            else:
+                self.k[i] = torch.zeros(batch, 1, self.ring, hd, device=device, dtype=dtype)
+                self.v[i] = torch.zeros(batch, 1, self.ring, hd, device=device, dtype=dtype)
+        self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
+        self.left_pad: Optional[torch.Tensor] = None
+        self._batch = batch
+        if left_pad is not None and any(int(n) for n in left_pad):
+            if len(left_pad) != batch:
+                raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch}")
+            self.left_pad = torch.as_tensor(list(left_pad), dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences."""
+        sel = torch.as_tensor(rows, dtype=torch.long, device=self.slot_pos.device)
+        for d in (self.conv, self.rg_state, self.k, self.v):
+            for i in d:
+                d[i] = d[i].index_select(0, sel)
+        if self.left_pad is not None:
+            self.left_pad = self.left_pad.index_select(0, sel)
+        self._batch = len(sel)
+
+    # --- used by the model during one forward over T new tokens
+
+    def step_mask(self, abs_pos: torch.Tensor) -> torch.Tensor:
+        """(B or 1, 1, T, R+T) bool: which of [ring slots, new tokens] each new token attends to."""
+        key_pos = torch.cat([self.slot_pos, abs_pos])                               # (R+T,)
+        q = abs_pos[:, None]
+        ok = (key_pos[None] >= 0) & (key_pos[None] <= q) & (q - key_pos[None] <= self.window)  # (T, R+T)
+        if self.left_pad is not None:
+            ok = ok[None] & (key_pos[None, None] >= self.left_pad[:, None, None])             # (B, T, R+T)
+            # a padding token sees only itself, so its (unused) output stays finite
+            itself = torch.zeros_like(ok[0])
+            itself[:, self.ring:] = torch.eye(len(abs_pos), dtype=torch.bool, device=ok.device)
+            ok = ok | itself[None]
+        else:
+            ok = ok[None]
+        return ok[:, None]
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, abs_pos: torch.Tensor):
+        """-> (keys, values, mask) for attention over the ring plus the new (B, 1, T, hd) k/v,
+        then store the newest keys in the ring."""
+        keys = torch.cat([self.k[layer], k.to(self.k[layer].dtype)], 2)
+        values = torch.cat([self.v[layer], v.to(self.v[layer].dtype)], 2)
+        n = min(k.shape[2], self.ring)
+        slots = abs_pos[-n:] % self.ring
+        self.k[layer][:, :, slots] = k[:, :, -n:].to(self.k[layer].dtype)
+        self.v[layer][:, :, slots] = v[:, :, -n:].to(self.v[layer].dtype)
+        return keys.to(k.dtype), values.to(v.dtype), mask
+
+    def advance(self, abs_pos: torch.Tensor) -> None:
+        n = min(len(abs_pos), self.ring)
+        self.slot_pos[abs_pos[-n:] % self.ring] = abs_pos[-n:]
+        self.pos += len(abs_pos)
