@@ -193,6 +193,18 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, f in cls.model_fields.items():
         key = prefix + name
+        members = [a for a in typing.get_args(f.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if typing.get_origin(f.annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+                and len(members) > 1 and "family" in members[0].model_fields:
+            # one of several model families: each family's fields, under its name
+            if f.description:
+                out.append(f"  {key}.*  {f.description}")
+            names = [m.model_fields["family"].default for m in members]
+            out.append(f"  {key}.family  [{' | '.join(repr(n) for n in names)}] (default: {names[0]!r})")
+            for m in members:
+                out.append(f"  {key}.* with {key}.family={m.model_fields['family'].default}:")
+                out.extend(line for line in describe(m, key + ".") if not line.lstrip().startswith(key + ".family "))
+            continue
         sub = _model_of(f.annotation)
         if sub is not None and typing.get_origin(f.annotation) not in (list, typing.Union) and f.annotation is sub:
             if f.description:

@@ -240,10 +240,13 @@ def model_dims(model, lora=None) -> ModelDims:
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     trainable, trainable_block = params, block_params
     if lora is not None and lora.enabled:
+        from lmlab.models.lora import targets_of
+        targets = targets_of(model, lora)
+
         def adapters(module) -> int:
             return sum(lora.r * (mod.in_features + mod.out_features) + (mod.out_features if lora.use_dora else 0)
                        for name, mod in module.named_modules()
-                       if isinstance(mod, nn.Linear) and name.split(".")[-1] in lora.target_modules)
+                       if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets)
         trainable, trainable_block = adapters(model), adapters(model.blocks[0])
     full = trainable == params
     return ModelDims(name=c.preset, params=params, trainable=trainable, matmul=matmul,
@@ -295,10 +298,18 @@ def _init_model_config(init: str):
     raise UserError(f"init {d} holds no model.json (lmlab model) or config.json (HF model); set init=RUN_DIR")
 
 
+def _transformer_only(model_cfg) -> None:
+    family = getattr(model_cfg, "family", "transformer")
+    if family != "transformer":
+        raise UserError(f"lmlab plan estimates transformer models only; a '{family}' model is not covered "
+                        f"(measure its peak memory with a short run: the metrics log it)")
+
+
 def resolve_model(verb: str, cfg, vocab_size: int | None) -> tuple[object, int, str]:
     """-> (meta model, positions per sequence, where the vocabulary came from)."""
     from lmlab.models.transformer import resolve_model_config
     if verb == "pretrain":
+        _transformer_only(cfg.model)
         data_vocab, packed_seq = _packed_info(cfg)
         vocab = data_vocab or vocab_size
         source = ("the packed data's tokenizer" if data_vocab else "--vocab-size" if vocab_size
@@ -307,6 +318,7 @@ def resolve_model(verb: str, cfg, vocab_size: int | None) -> tuple[object, int, 
         seq = (cfg.train.seq_len or packed_seq or mc.max_seq_len) - 1  # the model sees x = row[:-1]
     else:
         mc = _init_model_config(cfg.init)
+        _transformer_only(mc)
         source = f"init {cfg.init}"
         seq = (cfg.seq_len if verb == "sft" else cfg.max_len) or mc.max_seq_len
     return build_meta(mc), seq, source

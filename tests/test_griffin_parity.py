@@ -193,3 +193,22 @@ def test_export_then_transformers_load_gives_equal_logits_past_the_window(tmp_pa
     back, _ = import_hf_griffin(tmp_path)
     assert back.cfg.attention_window_size == 5
     assert torch.equal(back(x)[0], ours(x)[0])
+
+
+@torch.no_grad()
+def test_deepmind_pt_file_loads_and_a_damaged_one_is_named(deepmind, tmp_path):
+    from lmlab.errors import UserError
+    from lmlab.models.griffin.checkpoints import load_deepmind
+
+    theirs, ours = deepmind
+    sd = theirs.state_dict()
+    torch.save(sd, tmp_path / "rg.pt")  # what Kaggle's torch checkpoints are: the reference's state_dict
+    loaded = load_deepmind(tmp_path / "rg.pt", attention_window_size=WINDOW, max_seq_len=128)
+    x = _ids(1, 20, 9)
+    assert torch.equal(loaded(x)[0], ours(x)[0])
+    broken = {k: v for k, v in sd.items() if k != "blocks.1.recurrent_block.rg_lru.a_param"}
+    broken["blocks.0.extra.w"] = torch.zeros(1)
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(UserError, match=r"missing blocks\.1\.recurrent_block\.rg_lru\.a_param; unexpected "
+                                        r"blocks\.0\.extra\.w \(expected names like"):
+        load_deepmind(tmp_path / "broken.pt")

@@ -98,10 +98,12 @@ class PuzzleModel(Protocol):
 
 @dataclass(frozen=True)
 class Family:
-    """How to build one family's model: `config(dict)` -> its config, `build(config)` -> the model."""
+    """How to build one family's model: `config(dict or config, vocab_size=None)` -> its resolved
+    config (presets filled, the tokenizer's vocabulary when the config sets none), `build(config)`
+    -> the model."""
 
     name: str
-    config: Callable[[dict], Any]
+    config: Callable[..., Any]
     build: Callable[[Any], torch.nn.Module]
     exports_hf: bool  # `lmlab export` writes a Hugging Face directory for it
     kind: str = "lm"  # "lm": a LanguageModel; "puzzle": a PuzzleModel (see the module docstring)
@@ -151,4 +153,5 @@ def build_model(data: dict) -> torch.nn.Module:
 
 def model_json(model) -> dict:
     """What save_model writes to model.json: the family, then the resolved config."""
-    return {"family": getattr(model, "family", DEFAULT_FAMILY), **model.cfg.model_dump(mode="json")}
+    fields = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k != "family"}
+    return {"family": getattr(model, "family", DEFAULT_FAMILY), **fields}

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from pydantic import Field
@@ -47,9 +47,10 @@ class LoraConfig(Strict):
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) * B @ A "
                          "(alpha / sqrt(r) with use_rslora)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
-                                      description="names of the linear layers that get adapters: qkv, o_proj "
-                                      "(attention), gate_up, down_proj (MLP)")
+    target_modules: Optional[list[str]] = Field(
+        None, description="names of the linear layers that get adapters; unset = the family's default: "
+        "qkv, o_proj, gate_up, down_proj (transformer); q_proj, k_proj, v_proj, o_proj, linear_x, linear_y, "
+        "linear_out, gate_proj, up_proj, down_proj (griffin)")
     use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r")
     use_dora: bool = Field(False, description="DoRA: learn a per-output-channel magnitude as well as the "
                            "LoRA direction (slower per step)")
@@ -76,11 +77,18 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
                             f"valid targets: {', '.join(real)}")
 
 
-def peft_config(cfg: LoraConfig):
+def targets_of(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+    """The configured targets, or the family's default ones (`model.lora_targets`)."""
+    if cfg.target_modules is not None:
+        return list(cfg.target_modules)
+    return list(getattr(model, "lora_targets", DEFAULT_TARGETS))
+
+
+def peft_config(cfg: LoraConfig, targets: list[str]):
     import peft
 
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=list(cfg.target_modules), use_rslora=cfg.use_rslora,
+                           target_modules=list(targets), use_rslora=cfg.use_rslora,
                            use_dora=cfg.use_dora, bias="none")
 
 
@@ -93,8 +101,9 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig):
     """
     import peft
 
-    check_targets(model, cfg.target_modules)
-    wrapped = peft.get_peft_model(model, peft_config(cfg))
+    targets = targets_of(model, cfg)
+    check_targets(model, targets)
+    wrapped = peft.get_peft_model(model, peft_config(cfg, targets))
     return wrapped
 
 

@@ -24,7 +24,7 @@ splits them back into the Hugging Face layout on export.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ from lmlab.models.fused_ce import LinearCrossEntropy
 class ModelConfig(Strict):
     """Shape of the transformer. Fields left unset (None) take the preset's value."""
 
+    family: Literal["transformer"] = Field("transformer", description="model family: transformer (this) or griffin")
     preset: str = Field("tiny", description="size preset that fills every field left unset: micro, tiny, small, base")
     vocab_size: Optional[int] = Field(None, ge=2, description="vocabulary size; unset = the tokenizer's vocab size")
     n_layer: Optional[int] = Field(None, ge=1, description="number of transformer blocks")

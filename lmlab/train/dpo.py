@@ -532,7 +532,7 @@ def _weights_fingerprint(init: str) -> str:
 def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.data.formats import read_preferences
-    from lmlab.models.lora import apply_lora, check_targets, param_counts
+    from lmlab.models.lora import apply_lora, check_targets, param_counts, targets_of
     from lmlab.train.finetune import (data_fingerprint, final_line, load_init, pair_run_stats, report_skipped,
                                       write_outputs)
 
@@ -548,7 +548,7 @@ def run(cfg: Config) -> Path:
     template = _resolve_template(cfg)
     check_template(template, tokenizer)
     if cfg.lora.enabled:
-        check_targets(model, cfg.lora.target_modules)
+        check_targets(model, targets_of(model, cfg.lora))
     max_seq = model.cfg.max_seq_len
     max_len = cfg.max_len or max_seq
     if max_len > max_seq:

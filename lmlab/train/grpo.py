@@ -223,7 +223,7 @@ def run(cfg: Config) -> Path:
     import copy
 
     from lmlab.data.chat import check_template
-    from lmlab.models.lora import apply_lora, check_targets, param_counts
+    from lmlab.models.lora import apply_lora, check_targets, param_counts, targets_of
     from lmlab.train.finetune import load_init, write_outputs
     from lmlab.train.parallelize import resolve_strategy
 
@@ -244,7 +244,7 @@ def run(cfg: Config) -> Path:
     template = _resolve_template(cfg, tokenizer)
     check_template(template, tokenizer)
     if cfg.lora.enabled:
-        check_targets(model, cfg.lora.target_modules)
+        check_targets(model, targets_of(model, cfg.lora))
     from lmlab.infer.prompting import prompt_room
 
     budget = prompt_room(model, "max_completion_length", cfg.max_completion_length)

@@ -30,19 +30,32 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed group (linear weights) and the rest."""
+    """Split trainable parameters into a decayed group (linear weights) and the rest.
+
+    A family can keep more out of decay with `no_decay_patterns` (substrings of parameter
+    names): Griffin's RG-LRU parameters, as the reference's finetuning does.
+    """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    patterns = tuple(getattr(_family_model(model), "no_decay_patterns", ()))
     decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        if p.dim() >= 2 and id(p) not in embedding_params:
+        if p.dim() >= 2 and id(p) not in embedding_params and not any(s in "." + name for s in patterns):
             decay.append(p)
         else:
             no_decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _family_model(model: nn.Module) -> nn.Module:
+    """The family's model behind compile / DDP / PEFT wrappers."""
+    from lmlab.models import unwrap
+    model = unwrap(model)
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],

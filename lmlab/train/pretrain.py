@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Annotated, Union
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.family import get_family
-from lmlab.models.transformer import ModelConfig, resolve_model_config
+from lmlab.models.griffin.config import GriffinConfig
+from lmlab.models.transformer import ModelConfig
 from lmlab.runtime import seed_everything
 from lmlab.train.batching import EvalShard
 from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig, as_data_specs, resolve_total_steps
@@ -50,8 +52,9 @@ class Config(RunOptions):
                                    "a list of {path, weight}; rows are drawn from each in proportion to weight. "
                                    "All must share one tokenizer")
     out: str = Field("runs/pretrain", description="run directory (model artifact, checkpoints, metrics)")
-    model: ModelConfig = Field(default_factory=ModelConfig,
-                               description="model: a preset plus any overrides; vocab_size comes from the tokenizer")
+    model: Annotated[Union[ModelConfig, GriffinConfig], Field(discriminator="family")] = Field(
+        default_factory=ModelConfig, description="model: a family (transformer or griffin), a preset and any "
+        "overrides; vocab_size comes from the tokenizer")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation loss / perplexity / bits per byte")
 
@@ -59,6 +62,13 @@ class Config(RunOptions):
     @classmethod
     def _paths_as_sources(cls, v):
         return as_data_specs(v)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _transformer_by_default(cls, v):
+        if isinstance(v, dict) and "family" not in v:
+            return {**v, "family": "transformer"}  # every config written before families
+        return v
 
 
 class PackedLM:
@@ -181,7 +191,8 @@ def run(cfg: Config) -> Path:
     train_sets, val_sets, manifests, seq_len = open_datasets(cfg)
     tok_dir = _tokenizer_dir(manifests[0], cfg.data[0].path)
     tokenizer = Tokenizer.load(tok_dir)
-    model_cfg = resolve_model_config(cfg.model, vocab_size=tokenizer.vocab_size)
+    family = get_family(cfg.model.family)
+    model_cfg = family.config(cfg.model, vocab_size=tokenizer.vocab_size)
     if model_cfg.max_seq_len < seq_len - 1:
         raise UserError(f"model.max_seq_len={model_cfg.max_seq_len} is shorter than the training context "
                         f"(train.seq_len-1 = {seq_len - 1}); set model.max_seq_len={seq_len} or lower train.seq_len")
@@ -191,7 +202,7 @@ def run(cfg: Config) -> Path:
         return out
 
     seed_everything(cfg.train.seed)
-    model = get_family("transformer").build(model_cfg)  # `model:` is a transformer ModelConfig today
+    model = family.build(model_cfg)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * (seq_len - 1)
     total_steps = resolve_total_steps(cfg.train, tokens_per_step, model.num_params())
     objective = PackedLM(train_sets, [s.weight for s in cfg.data], val_sets, cfg.train.batch_size, seq_len,

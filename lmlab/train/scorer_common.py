@@ -198,7 +198,7 @@ def load_trunk(cfg, verb: str):
     -> (run, trunk, tokenizer, init_fp, template, max_len).
     """
     from lmlab.data.chat import check_template
-    from lmlab.models.lora import check_targets
+    from lmlab.models.lora import check_targets, targets_of
     from lmlab.train.finetune import load_init
 
     run = TrainingRun(cfg, verb, verb)  # the artifact kind is the verb: 'verifier' or 'reward'
@@ -209,7 +209,7 @@ def load_trunk(cfg, verb: str):
     template = resolve_template(run.cfg, verb)
     check_template(template, tokenizer)
     if run.cfg.lora.enabled:
-        check_targets(trunk, run.cfg.lora.target_modules)
+        check_targets(trunk, targets_of(trunk, run.cfg.lora))
     max_seq = trunk.max_context
     max_len = run.cfg.max_len or max_seq
     if max_len is None:

@@ -332,7 +332,7 @@ def resolve_steps(t: FinetuneTrainConfig, rows_per_step: int, epoch_rows: int, s
 def run(cfg: Config) -> Path:
     from lmlab.data.chat import check_template
     from lmlab.infer.prompting import chat_stops, question_prompt
-    from lmlab.models.lora import apply_lora, check_targets, param_counts
+    from lmlab.models.lora import apply_lora, check_targets, param_counts, targets_of
 
     run = TrainingRun(cfg, "sft", KIND)
     cfg, out, timer = run.cfg, run.out, run.timer
@@ -341,7 +341,7 @@ def run(cfg: Config) -> Path:
         model, tokenizer, init_fp, init_format = load_init(cfg)
     check_template(cfg.template, tokenizer)
     if cfg.lora.enabled:
-        check_targets(model, cfg.lora.target_modules)
+        check_targets(model, targets_of(model, cfg.lora))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise UserError(f"seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "

@@ -8,16 +8,17 @@ writes `attention_window_size: W + 1` so transformers computes the same logits, 
 in `lmlab_attention_window_size` for the way back. A Google HF checkpoint (window 2048, no
 lmlab key) is read as DeepMind's 2048: identical to transformers up to 2048 tokens.
 
-Our parameter names are transformers' RecurrentGemma names without the `model.` prefix (and
-without `lm_head`, which is the tied embedding), so the HF mapping only renames. The DeepMind
+Our parameter names are transformers' RecurrentGemma names without the `model.` prefix, with
+`blocks.N` for `layers.N` (the blocks every family keeps in `model.blocks`) and without
+`lm_head` (the tied embedding), so the HF mapping only renames. The DeepMind
 layout (recurrentgemma.torch.Griffin's state_dict, the `.pt` files Kaggle ships) differs:
 
     embedder.input_embedding                     -> embed_tokens.weight
-    blocks.N.{temporal,channel}_pre_norm.scale   -> layers.N.{temporal,channel}_pre_norm.weight
-    blocks.N.recurrent_block.conv_1d.w (W, L)    -> layers.N.temporal_block.conv_1d.weight (L, 1, W)
+    blocks.N.{temporal,channel}_pre_norm.scale   -> blocks.N.{temporal,channel}_pre_norm.weight
+    blocks.N.recurrent_block.conv_1d.w (W, L)    -> blocks.N.temporal_block.conv_1d.weight (L, 1, W)
     blocks.N.recurrent_block.rg_lru.a_param      -> ....rg_lru.recurrent_param
     blocks.N.recurrent_block.rg_lru.{input,a}_gate.{w,b} -> ....rg_lru.{input,recurrent}_gate_{weight,bias}
-    blocks.N.attention_block.proj_{q,k,v,final}  -> layers.N.temporal_block.{q,k,v,o}_proj
+    blocks.N.attention_block.proj_{q,k,v,final}  -> blocks.N.temporal_block.{q,k,v,o}_proj
     blocks.N.mlp_block.ffw_up.w (2, D, E), b (2, 1, 1, E) -> mlp_block.{gate,up}_proj.{weight,bias}
     blocks.N.mlp_block.ffw_down                  -> mlp_block.down_proj
     final_norm.scale                             -> final_norm.weight
@@ -111,7 +112,7 @@ def from_deepmind_state_dict(sd: dict[str, torch.Tensor], cfg: GriffinConfig,
     check_keys(sd, deepmind_names(cfg), source, "DeepMind recurrentgemma")
     out = {"embed_tokens.weight": sd["embedder.input_embedding"], "final_norm.weight": sd["final_norm.scale"]}
     for i, kind in enumerate(cfg.block_types):
-        b, o = f"blocks.{i}.", f"layers.{i}."
+        b = o = f"blocks.{i}."
         up_w, up_b = sd[b + "mlp_block.ffw_up.w"], sd[b + "mlp_block.ffw_up.b"]
         out.update({
             o + "temporal_pre_norm.weight": sd[b + "temporal_pre_norm.scale"],
@@ -171,22 +172,31 @@ def load_deepmind(path: str | Path, **overrides):
 
 # ----------------------------------------------------------------------------- Hugging Face layout
 
+def _to_hf_name(name: str) -> str:
+    return "model." + ("layers." + name[len("blocks."):] if name.startswith("blocks.") else name)
+
+
+def _from_hf_name(name: str) -> str:
+    name = name[len("model."):]
+    return "blocks." + name[len("layers."):] if name.startswith("layers.") else name
+
+
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our parameters under transformers' RecurrentGemma names (the head is tied: not stored)."""
-    return {"model." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return {_to_hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
 def hf_names(cfg: GriffinConfig) -> set[str]:
     from lmlab.models.griffin.model import Griffin
     with torch.device("meta"):
         m = Griffin(cfg)
-    return {"model." + k for k in m.state_dict()}
+    return {_to_hf_name(k) for k in m.state_dict()}
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GriffinConfig, source: str = "checkpoint") -> dict:
     hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}  # tied to the embedding
     check_keys(hf, hf_names(cfg), source, "Hugging Face RecurrentGemma")
-    return {k[len("model."):]: v for k, v in hf.items()}
+    return {_from_hf_name(k): v for k, v in hf.items()}
 
 
 def hf_config(cfg: GriffinConfig, dtype: str = "float32", bos_id=None, eos_id=None, pad_id=None) -> dict:

@@ -27,6 +27,7 @@ GRIFFIN_PATTERN = ["recurrent", "recurrent", "attention"]
 class GriffinConfig(Strict):
     """Shape of a Griffin model. Fields left unset (None) take the preset's value."""
 
+    family: Literal["griffin"] = Field("griffin", description="model family: griffin (this) or transformer")
     preset: str = Field("tiny", description="size preset filling every unset field: micro, tiny, small, 2b, 9b")
     vocab_size: Optional[int] = Field(None, ge=2, description="vocabulary size; unset = the tokenizer's vocab size")
     width: Optional[int] = Field(None, ge=8, description="width of the residual stream")

@@ -54,13 +54,19 @@ def _segment_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 
 class Griffin(nn.Module):
     family = "griffin"
+    # LoRA's default targets (lmlab.models.lora): every linear layer, under transformers' names
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "linear_x", "linear_y", "linear_out",
+                    "gate_proj", "up_proj", "down_proj"]
+    # never weight-decayed (lmlab.train.optim), as the reference's finetuning: the RG-LRU's
+    # parameters (besides embeddings, biases and norm scales, which no family decays)
+    no_decay_patterns = (".rg_lru.",)
 
     def __init__(self, cfg: GriffinConfig | dict):
         super().__init__()
         cfg = resolve_griffin_config(cfg)
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.layers = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.block_types)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg, kind) for kind in cfg.block_types)
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
         # sqrt(width) rounded to bfloat16, as recurrentgemma (a bf16 constant) and transformers
         # (a bf16 `normalizer` buffer) both do: 50.5 rather than 50.596 for the 2B model.
@@ -71,7 +77,7 @@ class Griffin(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed_tokens.weight, 0.0, math.sqrt(1.0 / self.cfg.width))
-        for block in self.layers:
+        for block in self.blocks:
             init_weights(block, self.cfg)
         self.final_norm.weight.zero_()
 
@@ -182,7 +188,7 @@ class Griffin(nn.Module):
         device = idx.device
         dtype = x.dtype if not torch.is_autocast_enabled(device.type) else torch.get_autocast_dtype(device.type)
         step = self._step(B, T, device, dtype, doc_ids, cache)
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(self.blocks):
             x = block(x, step, cache, i)
         if cache is not None:
             cache.advance(step.abs_pos)
