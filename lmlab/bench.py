@@ -4,6 +4,8 @@
     lmlab bench generate preset=tiny batch_size=4 prompt_len=32 max_new_tokens=64 out=bench.json
     lmlab bench grpo model=runs/cpu/sft problems=runs/cpu/tasks/train.jsonl prompts=8 num_generations=8
     lmlab bench trm trm_reference=PATH batch_size=64
+    lmlab bench griffin preset=tiny batch_size=4 seq_len=2048
+    lmlab bench decode preset=tiny contexts='[256, 1024, 4096]' plot=decode.png
 
 `train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
 `transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
@@ -15,6 +17,10 @@ the two produce identical tokens.
 exported model, prompts, G, length and reward (lmlab.bench_grpo; TRL runs in its own venv).
 `trm`: puzzles/s of a TRM training step (ACT forward, loss, backward, optimizer) against the
 official TinyRecursiveModels code, same weights and batch (lmlab.bench_trm).
+`griffin`: forward+backward of Griffin's RG-LRU scan and of the whole model at sequence 2048
+against Google DeepMind's recurrentgemma torch code, same weights (lmlab.bench_griffin).
+`decode`: decode tokens/s and decoding-state size against the context length, Griffin beside
+our transformer (lmlab.bench_griffin), optionally plotted.
 
 The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
 machine slows both alike; each side's figure is the median over `repeats`.
@@ -34,17 +40,22 @@ from lmlab.bench_timing import interleaved as _interleaved
 from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train, generate, grpo or trm")
+POSITIONAL = ("what", "train, generate, grpo, trm, griffin or decode")
 
 
 class Config(Strict):
-    what: Literal["train", "generate", "grpo", "trm"] = Field("train", description="train (fwd+bwd+AdamW tokens/s), "
-                                                              "generate (decode tokens/s), grpo (a GRPO step against "
-                                                              "TRL) or trm (a TRM step against the official code)")
-    preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base)")
+    what: Literal["train", "generate", "grpo", "trm", "griffin", "decode"] = Field(
+        "train", description="train (fwd+bwd+AdamW tokens/s), generate (decode tokens/s), grpo (a GRPO step "
+        "against TRL), trm (a TRM step against the official code), griffin (Griffin's scan and model against "
+        "recurrentgemma) or decode (Griffin beside the transformer against the context length)")
+    preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base; griffin: "
+                        "micro, tiny, small, 2b, 9b)")
     vocab_size: int = Field(32768, ge=16, description="vocabulary size of the benchmarked model")
     batch_size: int = Field(4, ge=1, description="sequences per step (train) or prompts decoded together (generate)")
-    seq_len: int = Field(256, ge=2, description="training sequence length (train)")
+    seq_len: int = Field(256, ge=2, description="training sequence length (train; griffin: 2048 unless set)")
+    contexts: list[int] = Field(default_factory=lambda: [128, 512, 2048, 8192],
+                                description="decode: prompt lengths to decode after")
+    plot: Optional[str] = Field(None, description="decode: a PNG file for the speed and memory curves")
     prompt_len: int = Field(32, ge=1, description="prompt length in tokens (generate)")
     steps: int = Field(3, ge=1, description="timed training steps per repetition (train); each step is timed alone")
     warmup: int = Field(1, ge=0, description="untimed steps (train) or runs (generate) before the first repetition")
@@ -168,6 +179,8 @@ def run(cfg: Config) -> dict:
         return _run_grpo(cfg)
     if cfg.what == "trm":
         return _run_trm(cfg)
+    if cfg.what in ("griffin", "decode"):
+        return _run_griffin(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
     if cfg.out:
@@ -197,7 +210,30 @@ def run(cfg: Config) -> dict:
 
 
 def _res_with_figures(res: dict) -> bool:
-    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm"))
+    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm", "griffin", "decode"))
+
+
+def _run_griffin(cfg: Config) -> dict:
+    from lmlab import bench_griffin as bg
+    from lmlab.runtime import pick_device
+
+    if cfg.out:
+        from lmlab.artifacts import check_out_file
+        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    res = (bg.bench_griffin if cfg.what == "griffin" else bg.bench_decode)(cfg, device)
+    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
+               torch=torch.__version__)
+    (bg.print_griffin if cfg.what == "griffin" else bg.print_decode)(cfg, res, device)
+    if cfg.what == "decode" and cfg.plot:
+        bg.plot_decode(res, cfg.plot)
+        print(f"  plot: {cfg.plot}")
+    if cfg.out:
+        from lmlab.artifacts import write_json_atomic
+        write_json_atomic(cfg.out, res)
+    return res
 
 
 def _run_grpo(cfg: Config) -> dict:

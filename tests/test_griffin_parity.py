@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from griffin_reference import recurrentgemma_torch
+from lmlab.models.griffin.reference import recurrentgemma_torch
 from lmlab.models.griffin.checkpoints import (config_from_deepmind, from_deepmind_state_dict,
                                               import_hf_griffin)
 from lmlab.models.griffin.model import Griffin

@@ -28,8 +28,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             logits = (hc @ w.t()).float()
-            if softcap:
-                capped = torch.tanh(logits / softcap)
+            if softcap:  # in place where it can be: these are the largest tensors of the step
+                capped = logits.mul_(1.0 / softcap).tanh_()
                 logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             valid = tc != -100
@@ -40,7 +40,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
                 g.mul_(valid[:, None])
                 if softcap:  # d(cap·tanh(z/cap))/dz = 1 - tanh²
-                    g.mul_(1.0 - capped.square_())
+                    g.mul_(capped.square_().neg_().add_(1.0))
                 g = g.to(hc.dtype)
                 grad_h[s:s + chunk] = g @ w.to(hc.dtype)
                 if grad_w is None:

@@ -196,17 +196,32 @@ class LocalAttention(nn.Module):
             k, v, mask = cache.attend(layer, k, v, ctx.mask, ctx.abs_pos)
         else:
             mask = ctx.mask
-        # scale 1/sqrt(head_dim) and a float32 softmax (SDPA's math accumulates in float32), as the reference
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)
+        if T == 1 and cache is not None:
+            y = _one_query(q, k, v, mask)
+        else:  # scale 1/sqrt(head_dim) and a float32 softmax (SDPA accumulates in float32), as the reference
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (B, T, 1, head_dim/2) for RoPE on the first half of each head (the reference's
-    frequencies: 1 / theta^(2i / (head_dim/2)), i < head_dim/4, each used for a pair of dims)."""
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decoding attention for one new token: q (B, H, 1, hd) against the one key/value head
+    (B, 1, S, hd) as two small matmuls. SDPA's kernels cost more than the work at this size."""
+    B, H, _, hd = q.shape
+    scores = torch.matmul(q.reshape(B, 1, H, hd), k.transpose(-1, -2)).float() * hd ** -0.5   # (B, 1, H, S)
+    scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, H, 1, hd)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """The reference's RoPE frequencies on the first half of each head: 1 / theta^(2i / (head_dim/2))."""
     rot = head_dim // 2
-    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=positions.device) / rot))
+    return 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+
+
+def rope_tables(positions: torch.Tensor, inv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, 1, head_dim/2) at `positions` (B, T), each frequency used for a pair of dims."""
     ang = positions.float()[..., None] * inv                     # (B, T, rot/2)
     ang = torch.cat([ang, ang], -1)[:, :, None]                  # (B, T, 1, rot)
     return ang.cos().to(dtype), ang.sin().to(dtype)

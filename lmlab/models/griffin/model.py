@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lmlab.models.fused_ce import LinearCrossEntropy
 from lmlab.models.griffin.cache import GriffinCache
 from lmlab.models.griffin.config import GriffinConfig, resolve_griffin_config
-from lmlab.models.griffin.layers import RGLRU, RMSNorm, ResidualBlock, init_weights, rope_tables
+from lmlab.models.griffin.layers import RGLRU, RMSNorm, ResidualBlock, init_weights, rope_inv_freq, rope_tables
 
 
 @dataclass
@@ -72,7 +72,16 @@ class Griffin(nn.Module):
         # (a bf16 `normalizer` buffer) both do: 50.5 rather than 50.596 for the 2B model.
         self.embed_scale = (float(torch.tensor(math.sqrt(cfg.width), device="cpu").to(torch.bfloat16).float())
                             if cfg.embeddings_scale_by_sqrt_dim else 1.0)
+        self._inv_freq: dict = {}  # device -> RoPE frequencies (not a buffer: model.to(bf16) must not round them)
         self.reset_parameters()
+
+    def _rope(self, positions: torch.Tensor, dtype):
+        inv = self._inv_freq.get(positions.device)
+        if inv is None:
+            with torch.inference_mode(False):  # usable by a later training forward (GRPO generates, then trains)
+                inv = self._inv_freq[positions.device] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta,
+                                                                       positions.device)
+        return rope_tables(positions, inv, dtype)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -164,7 +173,7 @@ class Griffin(nn.Module):
             if cache.left_pad is not None:
                 seg = seg - cache.left_pad.to(device)[:, None]
                 valid = seg >= 0
-            cos, sin = rope_tables(seg.clamp_min(0), c.head_dim, c.rope_theta, dtype)
+            cos, sin = self._rope(seg.clamp_min(0), dtype)
             return _Step(seg == 0, valid, cos, sin, cache.step_mask(abs_pos), abs_pos)
         ar = torch.arange(T, device=device)
         if doc_ids is not None:
@@ -177,7 +186,7 @@ class Griffin(nn.Module):
             mask = None
             if T > c.attention_window_size + 1:  # a band: each token sees the window before it
                 mask = ((ar[None, :] <= ar[:, None]) & (ar[:, None] - ar[None, :] <= c.attention_window_size))
-        cos, sin = rope_tables(seg, c.head_dim, c.rope_theta, dtype)
+        cos, sin = self._rope(seg, dtype)
         return _Step(seg == 0, None, cos, sin, mask)
 
     def _hidden(self, idx, *, doc_ids=None, cache=None) -> torch.Tensor:
