@@ -11,7 +11,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "corpus": ("lmlab.data.corpus", "collect, clean, deduplicate and shard raw text"),
     "tokenizer": ("lmlab.data.tokenizer", "train (or import) the tokenizer once, fingerprinted"),
     "pack": ("lmlab.data.pack", "tokenize a corpus and pack it into fixed-length memmap shards"),
-    "pretrain": ("lmlab.train.pretrain", "train the LLaMA-style model on packed data"),
+    "pretrain": ("lmlab.train.pretrain", "train a model (transformer or griffin) from scratch on packed data"),
     "tasks": ("lmlab.tasks.stage", "write the embedded verifiable tasks as SFT / DPO / test data files"),
     "puzzles": ("lmlab.data.puzzles.stage", "make or import puzzle sets (Sudoku, mazes, ARC) for TRM"),
     "sft": ("lmlab.train.sft", "supervised finetuning on conversations: full or LoRA (PEFT)"),
@@ -28,6 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
     "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
     "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
+    "import": ("lmlab.models.importer", "import a Hugging Face (Llama, Qwen3, RecurrentGemma) or DeepMind "
+               "recurrentgemma checkpoint as an lmlab model"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
     "bench": ("lmlab.bench", "benchmarks against transformers (train, generate)"),
     "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),
