@@ -9,6 +9,8 @@ generative exact match / pass@k / maj@k on problems with checkable answers, mult
         generative='[{path: runs/x/tasks/test.jsonl, n: 200, n_samples: 4, k: [1, 4]}]'
     lmlab eval runs/x/model generative='[{path: ../shared/data/gsm8k/test.jsonl, fewshot: ../shared/data/gsm8k/train.jsonl}]'
     lmlab eval runs/x/model choice='[data/arc_easy.jsonl, data/boolq.jsonl]'
+    lmlab eval runs/h/sft packed_default=false max_new_tokens=0 \
+        proofs='[{path: data/herald_proofs.parquet, n: 200, lean: {project: ~/lean/mathproj}}]'
 
 What it measures (all written to `OUT/eval.json`):
 
@@ -32,12 +34,20 @@ What it measures (all written to `OUT/eval.json`):
   them across stages for the error bar of a difference).
 * choice: for each BoolQ- or ARC-style jsonl file, multiple-choice acc and acc_norm by
   summed log-likelihood (lmlab/eval/choice.py).
+* proofs: for each Herald_proofs file, the model writes Lean 4 proofs of its theorems
+  (prompted as SFT trained it) and Lean judges them (lmlab/eval/proofs.py, docs/lean.md):
+  pass@1 (the proof success rate) and pass@k with standard errors, inference time per proof
+  and per token, verification time per proof, counts by outcome. Each theorem's samples and
+  verdicts go to `OUT/problems.jsonl`, a few sample proofs to `OUT/samples.jsonl` (`kind`
+  "proofs"; the generative section's records have `kind` "generative").
 
 `out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
 the pipeline layout; another model's eval is named after it (runs/smoke/sft ->
 runs/smoke/eval_sft), so one eval never replaces another's. The artifact is fingerprinted over this config, the model's
 fingerprint, the packed artifacts' fingerprints and the sha256 of the text, problem,
-few-shot and multiple-choice files, so re-running with nothing changed is a no-op.
+few-shot, multiple-choice and Herald files, and the Lean settings that change verdicts (its
+project, with the sha256 of its lean-toolchain and lake-manifest.json, command, limits; not
+its worker count), so re-running with nothing changed is a no-op.
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
@@ -57,6 +67,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.eval import perplexity
 from lmlab.eval.choice import read_choice_file, score_choices
+from lmlab.eval.proofs import ProofSpec
 from lmlab.runtime import pick_device, progress, seed_everything
 
 POSITIONAL = ("model", "the model run directory to evaluate (written by `lmlab pretrain`)")
@@ -127,6 +138,9 @@ class Config(Strict):
     generative: list[GenerativeSpec] = Field(default_factory=list,
                                              description="problem files scored by generated answers: exact match, pass@k, maj@k")
     choice: list[str] = Field(default_factory=list, description="BoolQ- or ARC-style jsonl files scored by multiple-choice log-likelihood")
+    proofs: list[ProofSpec] = Field(default_factory=list,
+                                    description="Herald_proofs files whose theorems the model proves and Lean checks: "
+                                                "pass@k, time per proof (docs/lean.md)")
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
@@ -231,6 +245,7 @@ def run(cfg: Config) -> Path:
         fmt, items = read_choice_file(p, cfg.choice_n)  # vets the file before any model work
         choice_inputs.append((p, fmt, items))
         inputs[f"choice_{i}"] = {"path": str(p), "fingerprint": artifacts.sha256_file(p)}
+    proof_inputs = _vet_proofs(cfg, inputs, fp_config)
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"eval: up to date ({out}), nothing to do")
@@ -272,6 +287,8 @@ def run(cfg: Config) -> Path:
             for r in res.pop("records"):
                 samples.append({"file": str(path), "kind": "choice", **r})
             results["choice"].append({"path": str(path), "name": _file_name(path), "format": fmt, **res})
+    with timer("proofs"):
+        results["proofs"] = _eval_proofs(model, tokenizer, proof_inputs, cfg, device, samples, problems)
 
     try:
         with artifacts.atomic_dir(out) as tmp:
@@ -286,7 +303,7 @@ def run(cfg: Config) -> Path:
                 with open(tmp / "problems.jsonl", "w", encoding="utf-8") as f:
                     for r in problems:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            artifacts.write_manifest(tmp, "eval", cfg.model_dump(mode="json"), fp, inputs=inputs, verb="eval",
+            artifacts.write_manifest(tmp, "eval", _manifest_config(cfg), fp, inputs=inputs, verb="eval",
                                      tokenizer_sha256=tok_sha, timings=timer.total(), stats=summary_stats(results))
     except OSError as e:
         raise artifacts.disk_error(e, out) from None
@@ -412,9 +429,53 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
         name = spec.name or _file_name(spec.path)
         for r in res.pop("records"):
             samples.append({"file": spec.path, "name": name, "kind": "generative", **r})
-        outcomes.extend({"file": spec.path, "name": name, **r} for r in res.pop("problems"))
+        outcomes.extend({"file": spec.path, "name": name, "kind": "generative", **r} for r in res.pop("problems"))
         results.append({"path": spec.path, "name": name, **res})
     return results
+
+
+def _vet_proofs(cfg: Config, inputs: dict, fp_config: dict) -> list[tuple]:
+    """Read every Herald file and check every Lean setup up front; the files' sha256 go to `inputs`,
+    the Lean settings that change verdicts to the fingerprinted config."""
+    from lmlab.eval.proofs import check_spec, read_theorems, spec_fingerprint
+
+    out = []
+    for i, spec in enumerate(cfg.proofs):
+        where = f"proofs[{i}]"
+        check_spec(spec, where)
+        examples, data = read_theorems(spec, where)
+        inputs[f"proofs_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
+        out.append((spec, examples, data))
+    if cfg.proofs:
+        fp_config["proofs"] = [spec_fingerprint(spec) for spec in cfg.proofs]
+    else:  # left out, so evals made before proofs existed keep their fingerprint
+        fp_config.pop("proofs", None)
+    return out
+
+
+def _eval_proofs(model, tokenizer, proof_inputs: list[tuple], cfg: Config, device, samples: list,
+                 outcomes: list) -> list[dict]:
+    from lmlab.eval.proofs import score_proofs
+
+    results = []
+    for i, (spec, examples, data) in enumerate(proof_inputs):
+        res = score_proofs(model, tokenizer, examples, spec, seed=cfg.seed, device=device,
+                           option=f"proofs[{i}].max_new_tokens")
+        name = spec.name or _file_name(spec.path)
+        for r in res.pop("records"):
+            samples.append({"file": spec.path, "name": name, "kind": "proofs", **r})
+        outcomes.extend({"file": spec.path, "name": name, "kind": "proofs", **r} for r in res.pop("problems"))
+        results.append({"path": spec.path, "name": name, "data": data, **res})
+    return results
+
+
+def _manifest_config(cfg: Config) -> dict:
+    """The resolved config for the manifest (and the report that prints it), Lean API keys masked."""
+    out = cfg.model_dump(mode="json")
+    for spec in out.get("proofs") or []:
+        if spec["lean"].get("api_key"):
+            spec["lean"]["api_key"] = "***"
+    return out
 
 
 def _load_scorer(spec: RerankSpec, tokenizer, device):
@@ -476,6 +537,10 @@ def summary_stats(results: dict) -> dict:
     for c in results.get("choice", []):
         stats[f"{c['name']}_acc"] = c["acc"]
         stats[f"{c['name']}_acc_norm"] = c["acc_norm"]
+    for p in results.get("proofs", []):
+        for key, value in p.items():
+            if key.startswith("pass@") or key in ("inference_s_per_proof", "verify_s_per_proof"):
+                stats[f"{p['name']}_proof_{key}"] = value
     return stats
 
 
@@ -499,4 +564,20 @@ def _print_summary(results: dict, out: Path) -> None:
                   f"{rr[f'pass@{top}']:.3f}")
     for c in results.get("choice", []):
         print(f"eval {c['name']}: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} ({c['n']} items, {c['format']})")
+    for p in results.get("proofs", []):
+        print(_proofs_line(p))
     print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")
+
+
+def _proofs_line(p: dict) -> str:
+    """eval NAME: pass@1 0.250 ± 0.097, pass@4 0.400 (20 theorems, 80 samples: 20 valid; failed ...); times."""
+    def num(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
+    ks = ", ".join(f"{k} {num(v, '.3f')}" + (f" ± {p[k + '_stderr']:.3f}" if p.get(k + "_stderr") is not None else "")
+                   for k, v in p.items() if k.startswith("pass@") and not k.endswith("_stderr"))
+    failed = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in p["failed"].items() if n) or "none"
+    return (f"eval {p['name']}: {ks} ({p['theorems']} theorems, {p['samples']} samples: {p['valid']} valid; "
+            f"failed: {failed}); inference {num(p['inference_s_per_proof'], '.3f')} s/proof "
+            f"({num(p['inference_ms_per_token'], '.1f')} ms/token), verification "
+            f"{num(p['verify_s_per_proof'], '.3f')} s/proof")

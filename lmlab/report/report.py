@@ -7,7 +7,8 @@
 The report opens with a one-paragraph summary (val bits per byte against the unigram
 baseline, tokens trained, training time, hardware), then: time per stage, data (corpus per
 source, tokenizer, packed token counts), model (parameters, FLOPs per token), training
-curves from `metrics.jsonl`, the evaluation table, sample generations, a section per
+curves from `metrics.jsonl`, the evaluation table, Lean proof checking of every eval with a
+`proofs` section (lmlab/report/lean.py), sample generations, a section per
 hyperparameter sweep (a directory with a sweep.json from `lmlab sweep`, named in `inputs` or
 directly under root; lmlab/report/sweep.py), TRM runs on puzzle sets with their puzzle
 evaluations and rendered puzzles (lmlab/report/trm.py; a pipeline of only puzzle artifacts
@@ -29,6 +30,7 @@ from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import alignment, plots, trm
+from lmlab.report import lean as lean_report
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
 from lmlab.runtime import hardware_summary
@@ -328,6 +330,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
             parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
 
     parts += ladder_section(found, out_dir)
+    parts += lean_report.proofs_section(found, lambda m: model_stage(mm) if (mm := _model_of_eval(found, m)[1]) else None)
     parts += alignment.grpo_section(found, out_dir, read_metrics)
     parts += trm.trm_section(found, out_dir, read_metrics)
     parts += alignment.scorer_sections(found, out_dir)
@@ -627,7 +630,7 @@ def paired_difference(a: dict, b: dict) -> dict | None:
         key = row.get("outcome")  # a reranked row: the problem's best-of-N value, else greedy correctness
         return {(p.get("name"), p.get("question"), p.get("reference")):
                 float((p.get("rerank") or {}).get(key, 0.0)) if key else float(bool(p.get("correct")))
-                for p in _read_jsonl(Path(row["eval"]) / "problems.jsonl")}
+                for p in _read_jsonl(Path(row["eval"]) / "problems.jsonl") if p.get("kind") != "proofs"}
 
     oa, ob = outcomes(a), outcomes(b)
     common = [k for k in ob if k in oa]
@@ -699,7 +702,7 @@ def ladder_section(found, out_dir: Path) -> list[str]:
     for r in rows:
         if r.get("outcome"):
             continue  # a reranked row shares its model's eval and samples
-        samples = _read_jsonl(Path(r["eval"]) / "samples.jsonl")[:2]
+        samples = [s for s in _read_jsonl(Path(r["eval"]) / "samples.jsonl") if s.get("kind") != "proofs"][:2]
         for s in samples:
             mark = "correct" if s.get("correct") else f"wrong (reference {s.get('reference')})"
             out += [f"**{r['stage']}** — {mark}", "", "```", f"{s.get('prompt', '')}⟨{s.get('completion', '')}⟩", "```", ""]
