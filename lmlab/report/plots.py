@@ -124,6 +124,27 @@ def ladder(stages: list[str], metrics: dict[str, list[float | None]], path: str 
     return _save(fig, path)
 
 
+def compare_curves(train: dict[str, list[tuple[float, float]]], val: dict[str, list[tuple[float, float]]],
+                   path: str | Path, smoothing: float = 0.9) -> Path:
+    """Several runs' loss against tokens in one plot: train smoothed (solid), val (markers), one colour each."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(dict.fromkeys([*train, *val])):
+        c = colours[i % len(colours)]
+        pts = train.get(name) or []
+        if pts:
+            ax.plot([x for x, _ in pts], ema([y for _, y in pts], smoothing), color=c, lw=1.3, label=f"{name} train")
+        vpts = val.get(name) or []
+        if vpts:
+            ax.plot([x for x, _ in vpts], [y for _, y in vpts], "o--", color=c, ms=3, lw=0.8, label=f"{name} val")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("pretraining runs compared")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- alignment (grpo, rerank)
 
 def small_multiples(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",

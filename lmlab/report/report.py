@@ -29,7 +29,7 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.report import alignment, plots, trm
+from lmlab.report import alignment, families, plots, trm
 from lmlab.report import lean as lean_report
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
@@ -329,6 +329,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
             missing.append("evaluation (run `lmlab eval MODEL_DIR`)")
             parts += ["_No eval artifact found: run `lmlab eval runs/…/model` and then this report again._", ""]
 
+    parts += families.pretrain_comparison(found, out_dir, read_metrics, lambda m: model_stage(m) == "Base")
     parts += ladder_section(found, out_dir)
     parts += lean_report.proofs_section(found, lambda m: model_stage(mm) if (mm := _model_of_eval(found, m)[1]) else None)
     parts += alignment.grpo_section(found, out_dir, read_metrics)
@@ -510,8 +511,9 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
         rows.append(["final val loss", fmt_num(val[-1]["val_loss"])])
         if val[-1].get("val_bpb") is not None:
             rows.append(["final val bits per byte", fmt_num(val[-1]["val_bpb"])])
-    arch = ", ".join(f"{k}={mcfg[k]}" for k in ("preset", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_dim",
-                                               "vocab_size", "max_seq_len") if k in mcfg)
+    arch = ", ".join(f"{k}={mcfg[k]}" for k in ("family", "preset", "n_layer", "d_model", "n_head", "n_kv_head",
+                                               "ffn_dim", "width", "num_heads", "lru_width", "mlp_expanded_width",
+                                               "attention_window_size", "vocab_size", "max_seq_len") if k in mcfg)
     if arch:
         rows.append(["architecture", arch])
     return [table(["", ""], rows), "", f"`{model_dir}`", ""]
