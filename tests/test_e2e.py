@@ -25,7 +25,7 @@ def smoke(tmp_path_factory):
 def test_smoke_pipeline_writes_every_artifact(smoke):
     root, r, _ = smoke
     for name, kind in [("corpus", "corpus"), ("tokenizer", "tokenizer"), ("packed", "packed"), ("model", "model"),
-                       ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
+                       ("griffin", "model"), ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
                        ("dpo", "model"), ("eval_dpo", "eval"), ("samples", "samples"), ("verifier", "verifier"),
                        ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("puzzles", "puzzles"),
                        ("trm", "trm"), ("eval_trm", "puzzle_eval"), ("report", "report"), ("hf", "hf_export")]:
@@ -34,7 +34,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke):
         assert manifest["lmlab_version"] and manifest["git_commit"]
     # Every stage after the tokenizer records the tokenizer's fingerprint it was built with.
     sha = json.loads((root / "tokenizer" / "manifest.json").read_text())["tokenizer_sha256"]
-    for name in ("packed", "model", "sft", "dpo", "grpo", "verifier", "reward"):
+    assert json.loads((root / "griffin" / "model.json").read_text())["family"] == "griffin"
+    for name in ("packed", "model", "griffin", "sft", "dpo", "grpo", "verifier", "reward"):
         assert json.loads((root / name / "manifest.json").read_text())["tokenizer_sha256"] == sha
     assert r.stdout.strip().splitlines()[-1] == f"report: {root / 'report' / 'report.md'}"
 
@@ -52,7 +53,8 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     assert ladder[0].startswith("stage,model,eval,exact_match_strict") and [r.split(",")[0] for r in ladder[1:]] == [
         "Base", "SFT", "DPO", "GRPO", "GRPO + verifier best-of-4"]
     for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png",
-                    "## TRM: tiny recursive models on puzzles", "### Puzzle sets", "trm_curves.png"):
+                    "## TRM: tiny recursive models on puzzles", "### Puzzle sets", "trm_curves.png",
+                    "## Pretraining compared", "| `griffin` | griffin | micro |"):
         assert section in report, section
     assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
     rows = json.loads((root / "report" / "ladder.json").read_text())
@@ -62,7 +64,7 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
         assert d["n"] > 1 and d["diff"] == pytest.approx(row["exact_match_strict"] - prev["exact_match_strict"])
     assert rows[0]["delta_exact_match"] is None
     for png in ("loss.png", "val_bpb.png", "stage_times.png", "ladder.png", "grpo_curves.png", "rerank_grpo.png",
-                "verifier_reliability.png", "trm_curves.png", "trm_puzzles_eval_trm.png"):
+                "verifier_reliability.png", "trm_curves.png", "trm_puzzles_eval_trm.png", "pretrain_compared.png"):
         assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

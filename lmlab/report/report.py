@@ -247,7 +247,9 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     # The pretraining sections describe the base model (and its eval); SFT/DPO models
     # appear in the ladder.
     models = found.get("model") or []
-    model_dir, model_m = next(((p, m) for p, m in models if model_stage(m) == "Base"), _first(found, "model"))
+    bases = [(p, m) for p, m in models if model_stage(m) == "Base"]
+    # several base models (a Griffin beside a transformer): describe the one most artifacts build on
+    model_dir, model_m = max(bases, key=lambda pm: _users(found, pm[0])) if bases else _first(found, "model")
     evals = found.get("eval") or []
     eval_dir, eval_m = next(((p, m) for p, m in evals if _same(_model_of_eval(found, m)[0], model_dir)),
                             _first(found, "eval"))
@@ -357,6 +359,13 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     if missing:
         parts += ["## Missing", "", "This report is incomplete; not found:", ""] + [f"- {m}" for m in missing] + [""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _users(found: dict, path: Path) -> int:
+    """How many artifacts list `path` among their inputs."""
+    target = path.resolve()
+    return sum(1 for items in found.values() for _, m in items for inp in (m.get("inputs") or {}).values()
+               if isinstance(inp, dict) and inp.get("path") and Path(inp["path"]).resolve() == target)
 
 
 def _ordered(found: dict) -> list[str]:
