@@ -12,9 +12,18 @@ message may also carry `"input"`, the Alpaca input field). Templates (see docs/c
     instruct  ### Instruction:\\n{user}\\n\\n### Response:\\n{reply}<|eos|>
     chat      Human: {user}\\nAssistant: {reply}<|eos|>
     alpaca    the Alpaca preamble, ### Instruction: / ### Input: / ### Response:, <|eos|>
+    gemma     <bos><start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n
 
 `instruct` and `chat` put a system message first as plain text followed by a blank line;
 `alpaca` uses it instead of its preamble. Every conversation starts with bos.
+
+`gemma` is Gemma's and RecurrentGemma's instruction-tuned format, as their Hugging Face
+chat template writes it: no system role (a system message and a blank line are prepended to
+the next turn, as Gemma 3's template does), each message's text stripped of surrounding
+whitespace (Jinja's `trim`), the reply ends at `<end_of_turn>` (trained, with the reply; the
+newline after it is not). Its tokens are Gemma's own (`<bos>`, `<eos>`, `<start_of_turn>`,
+`<end_of_turn>`), so it needs a Gemma tokenizer (`lmlab tokenizer from_file=.../tokenizer.model`);
+TEMPLATES lists the four every lmlab-trained tokenizer supports, ALL_TEMPLATES adds gemma.
 
 The text is tokenized segment by segment (special tokens inserted as their single ids), so
 the train mask is exact: True on each assistant reply and its end-of-turn token, nothing
@@ -36,16 +45,24 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lmlab.data.tokenizer import SPECIAL_TOKENS, TEXT_BREAK, escape_order, escape_specials
+from lmlab.data.tokenizer import GEMMA_TURN_TOKENS, SPECIAL_TOKENS, TEXT_BREAK, escape_order, escape_specials
 from lmlab.errors import UserError
 
+# The templates every lmlab-trained tokenizer supports (its special tokens are lmlab's).
 TEMPLATES = ("chatml", "instruct", "chat", "alpaca")
+# Templates whose tokens come with an imported tokenizer (Gemma's tokenizer.model).
+IMPORTED_TEMPLATES = ("gemma",)
+ALL_TEMPLATES = TEMPLATES + IMPORTED_TEMPLATES
 DEFAULT_TEMPLATE = "chatml"
 ROLES = ("system", "user", "assistant")
 CHAT_FILE = "chat.json"
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Gemma's pieces (its tokenizer.model: <pad> 0, <eos> 1, <bos> 2, <unk> 3, the turn markers user-defined).
+GEMMA_BOS, GEMMA_EOS = "<bos>", "<eos>"
+START_OF_TURN, END_OF_TURN = GEMMA_TURN_TOKENS
+GEMMA_TOKENS = (GEMMA_BOS, GEMMA_EOS, START_OF_TURN, END_OF_TURN)
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n")
@@ -64,7 +81,7 @@ def _special_ids(tokenizer) -> dict[str, int]:
     if isinstance(st, dict):
         return dict(st)
     vocab = tokenizer.get_vocab()
-    return {t: vocab[t] for t in (BOS, EOS, IM_START, IM_END) if t in vocab}
+    return {t: vocab[t] for t in (BOS, EOS, IM_START, IM_END) + GEMMA_TOKENS if t in vocab}
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -74,10 +91,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return [i for part in text.split(TEXT_BREAK) if part for i in tokenizer.encode(part, add_special_tokens=False)]
 
 
-def control_tokens(tokenizer=None) -> tuple[str, ...]:
-    """The special-token strings a tokenizer matches in text, which messages are escaped against."""
+def control_tokens(tokenizer=None, template: Optional[str] = None) -> tuple[str, ...]:
+    """The special-token strings a tokenizer matches in text, which messages are escaped against.
+
+    Without a tokenizer: lmlab's special tokens, and Gemma's too for the gemma template."""
     if tokenizer is None:
-        return tuple(escape_order(SPECIAL_TOKENS))
+        return tuple(escape_order(SPECIAL_TOKENS + (list(GEMMA_TOKENS) if template == "gemma" else [])))
     ct = getattr(tokenizer, "control_tokens", None)
     if ct is not None:
         return tuple(ct)
@@ -88,26 +107,32 @@ def control_tokens(tokenizer=None) -> tuple[str, ...]:
 
 def required_tokens(template: str) -> list[str]:
     _check_name(template)
+    if template == "gemma":
+        return list(GEMMA_TOKENS)
     return [BOS, IM_START, IM_END] if template == "chatml" else [BOS, EOS]
 
 
 def _check_name(template: str) -> None:
-    if template not in TEMPLATES:
-        raise UserError(f"unknown chat template '{template}'; valid: {', '.join(TEMPLATES)}")
+    if template not in ALL_TEMPLATES:
+        raise UserError(f"unknown chat template '{template}'; valid: {', '.join(ALL_TEMPLATES)}")
 
 
 def check_template(template: str, tokenizer) -> None:
-    """UserError when `tokenizer` lacks a special token that `template` needs (each must be one id)."""
+    """UserError when `tokenizer` lacks a special token that `template` needs (each must be one id);
+    the message lists the templates the tokenizer does support."""
     _check_name(template)
     have = _special_ids(tokenizer)
     missing = [t for t in required_tokens(template) if t not in have]
     if missing:
-        works = [t for t in TEMPLATES if all(x in have for x in required_tokens(t))]
+        works = [t for t in ALL_TEMPLATES if all(x in have for x in required_tokens(t))]
         where = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", "the tokenizer")
+        fix = (f"import Gemma's tokenizer.model with `lmlab tokenizer from_file=PATH/tokenizer.model`: it holds "
+               f"{START_OF_TURN} and {END_OF_TURN}" if template == "gemma" else
+               f"retrain the tokenizer: lmlab tokenizers include {IM_START} and {IM_END}")
         raise UserError(f"chat template '{template}' needs special token(s) {', '.join(missing)}, which {where} lacks; "
                         + (f"use template={' or template='.join(works)}" if works else
                            "no template works with it (it has no bos/eos token); use an lmlab tokenizer")
-                        + f" (or retrain the tokenizer: lmlab tokenizers include {IM_START} and {IM_END})")
+                        + f" (or {fix})")
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -159,6 +184,8 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
     text escaped against `tokens` (so only the template writes special tokens)."""
     _check_name(template)
     messages = _escaped(messages, tokens)
+    if template == "gemma":
+        return _gemma_pieces(messages, generation_prompt)
     p: list[tuple[str, bool, bool, int]] = [(BOS, True, False, 0)]
     turn, started = 0, False
 
@@ -208,6 +235,39 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
     return p
 
 
+def _gemma_pieces(messages: list[dict], generation_prompt: bool) -> list[tuple[str, bool, bool, int]]:
+    """The gemma template's pieces (messages already escaped): see the module docstring.
+
+    As in Gemma 3's Hugging Face template, a system message is no turn: its text and a blank line
+    open the next turn (a system message with nothing after it becomes a user turn of its own,
+    rather than being lost), and each message's text is stripped (`| trim`)."""
+    p: list[tuple[str, bool, bool, int]] = [(GEMMA_BOS, True, False, 0)]
+    turn, prefix = 0, ""
+    for m in messages:
+        role = m["role"]
+        if role == "system":
+            prefix = m["content"] + "\n\n"
+            continue
+        if role == "user" and any(x[3] == turn and x[2] for x in p):
+            turn += 1  # a new exchange begins after an assistant reply
+        p.append((START_OF_TURN, True, False, turn))
+        if role == "assistant":
+            p.append(("model\n" + prefix, False, False, turn))
+            p.append((m["content"].strip(), False, True, turn))
+            p.append((END_OF_TURN, True, True, turn))
+        else:
+            p.append(("user\n" + prefix + _user_text(m, "gemma").strip(), False, False, turn))
+            p.append((END_OF_TURN, True, False, turn))
+        p.append(("\n", False, False, turn))
+        prefix = ""
+    if prefix:
+        p += [(START_OF_TURN, True, False, turn), ("user\n" + prefix, False, False, turn),
+              (END_OF_TURN, True, False, turn), ("\n", False, False, turn)]
+    if generation_prompt:
+        p += [(START_OF_TURN, True, False, turn), ("model\n", False, False, turn)]
+    return p
+
+
 def _assistant_header(template: str) -> str:
     return {"chatml": "assistant\n", "instruct": "### Response:\n", "chat": "Assistant:",
             "alpaca": "### Response:\n"}[template]
@@ -249,8 +309,9 @@ def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
 
 def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False, tokenizer=None) -> str:
     """The conversation as text, special tokens spelled out (what `hf_chat_template` produces);
-    messages escaped against `tokenizer`'s special tokens (lmlab's when None)."""
-    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, control_tokens(tokenizer)))
+    messages escaped against `tokenizer`'s special tokens (when None: see `control_tokens`)."""
+    tokens = control_tokens(tokenizer, template)
+    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, tokens))
 
 
 def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
@@ -267,7 +328,7 @@ def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int
     """
     if truncation not in TRUNCATIONS:
         raise UserError(f"unknown truncation '{truncation}'; valid: {', '.join(TRUNCATIONS)}")
-    ids, mask, turns = _tokenize(_pieces(template, messages, False, control_tokens(tokenizer)), tokenizer)
+    ids, mask, turns = _tokenize(_pieces(template, messages, False, control_tokens(tokenizer, template)), tokenizer)
     if max_len is not None and len(ids) > max_len:
         if truncation == "error":
             raise UserError(f"a conversation has {len(ids)} tokens, more than max_len={max_len}; raise the "
@@ -300,7 +361,7 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     `stats`, when given, counts `dropped_messages` and `cut_tokens`.
     """
     msgs = list(messages)
-    tokens = control_tokens(tokenizer)
+    tokens = control_tokens(tokenizer, template)
     ids = _tokenize(_pieces(template, msgs, True, tokens), tokenizer)[0]
     if max_len is None or len(ids) <= max_len:
         return ids
@@ -324,14 +385,15 @@ def stop_strings(template: str) -> list[str]:
     """Text that, when generated, means the model has started another turn (cut the reply there)."""
     _check_name(template)
     return {"chatml": [IM_END, IM_START], "instruct": ["### Instruction:", "### Response:"],
-            "chat": ["\nHuman:", "\nAssistant:"], "alpaca": ["### Instruction:", "### Input:", "### Response:"]}[template]
+            "chat": ["\nHuman:", "\nAssistant:"], "alpaca": ["### Instruction:", "### Input:", "### Response:"],
+            "gemma": [END_OF_TURN, START_OF_TURN]}[template]
 
 
 def end_of_turn_ids(template: str, tokenizer) -> list[int]:
     """Token ids that end a reply: the template's end-of-turn token first, then eos if different."""
-    specials = _special_ids(tokenizer)
-    names = [IM_END, EOS] if template == "chatml" else [EOS]
     _check_name(template)
+    specials = _special_ids(tokenizer)
+    names = {"chatml": [IM_END, EOS], "gemma": [END_OF_TURN, GEMMA_EOS]}.get(template, [EOS])
     return [specials[n] for n in names if n in specials]
 
 
@@ -386,6 +448,26 @@ _HF_ALPACA = (
 )
 
 
+# Gemma 3's template (no system turn: it opens the next turn; text trimmed), plus lmlab's escaping,
+# the Alpaca input folded into the user text, and a trailing system message kept as a user turn.
+_HF_GEMMA = (
+    "{{ bos_token }}{% set ns = namespace(prefix='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = esc(message['content']) + '\\n\\n' %}"
+    "{% else %}"
+    "{% set text = esc(message['content']) %}"
+    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
+    "{% set text = text + '\\n\\n' + esc(message['input']) %}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' + ns.prefix"
+    " + (text | trim) + '<end_of_turn>\\n' }}"
+    "{% set ns.prefix = '' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if ns.prefix %}{{ '<start_of_turn>user\\n' + ns.prefix + '<end_of_turn>\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
 def _hf_escape_macro(tokens: tuple[str, ...]) -> str:
     """`esc(s)`: `escape_specials(s, tokens)` in Jinja, the same replacements in the same order."""
     body = "s" + "".join(f" | replace('{_js(t)}', '{_js(t[0] + TEXT_BREAK + t[1:])}')" for t in tokens)
@@ -394,9 +476,11 @@ def _hf_escape_macro(tokens: tuple[str, ...]) -> str:
 
 def hf_chat_template(template: str, tokenizer=None) -> str:
     """The Jinja chat template for transformers' `apply_chat_template`, equal to `render_text`
-    (messages escaped against `tokenizer`'s special tokens, lmlab's when None)."""
+    (messages escaped against `tokenizer`'s special tokens; when None: see `control_tokens`)."""
     _check_name(template)
-    if template == "chatml":
+    if template == "gemma":
+        body = _HF_GEMMA
+    elif template == "chatml":
         body = _HF_CHATML
     elif template == "instruct":
         body = _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
@@ -404,16 +488,23 @@ def hf_chat_template(template: str, tokenizer=None) -> str:
         body = _hf_eos_template("Human: ", "\\n", "Assistant:", " ")
     else:
         body = _HF_ALPACA
-    return _hf_escape_macro(control_tokens(tokenizer)) + body
+    return _hf_escape_macro(control_tokens(tokenizer, template)) + body
 
 
 # ----------------------------------------------------------------------------- chat.json
 
-def save_chat_template(run_dir: str | Path, name: str) -> Path:
-    """Write `chat.json` ({"template", "stop_strings"}) into a model run dir."""
+def save_chat_template(run_dir: str | Path, name: Optional[str]) -> Path:
+    """Write `chat.json` ({"template", "stop_strings"}) into a model run dir.
+
+    `name=None` says the model is not a chat model (e.g. SFT on raw prompt/completion data):
+    any chat.json is removed, since a stale one from an earlier run in the same directory would
+    make `lmlab chat` and eval prompt the model in a template it was never trained on."""
     from lmlab.artifacts import write_json_atomic
-    _check_name(name)
     path = Path(run_dir) / CHAT_FILE
+    if name is None:
+        path.unlink(missing_ok=True)
+        return path
+    _check_name(name)
     write_json_atomic(path, {"template": name, "stop_strings": stop_strings(name)})
     return path
 
@@ -427,6 +518,6 @@ def load_chat_template(run_dir: str | Path) -> Optional[str]:
         name = json.loads(path.read_text()).get("template")
     except (OSError, json.JSONDecodeError, AttributeError):
         raise UserError(f"{path} is not a readable chat.json ({{\"template\": NAME}}); rewrite or delete it") from None
-    if name not in TEMPLATES:
-        raise UserError(f"{path}: unknown chat template {name!r}; valid: {', '.join(TEMPLATES)}")
+    if name not in ALL_TEMPLATES:
+        raise UserError(f"{path}: unknown chat template {name!r}; valid: {', '.join(ALL_TEMPLATES)}")
     return name

@@ -1,12 +1,19 @@
-"""Reading conversation and preference data: local files or Hugging Face datasets, validated.
+"""Reading conversation, prompt/completion and preference data: local files or Hugging Face datasets, validated.
 
-    from lmlab.data.formats import DataSpec, read_conversations, read_preferences
+    from lmlab.data.formats import DataSpec, read_completions, read_conversations, read_preferences, read_sft_data
     convs = read_conversations(DataSpec(path="data/sft.jsonl"))                 # format: auto
     convs = read_conversations(DataSpec(hf="openai/gsm8k", hf_config="main", format="gsm8k"))
     pairs = read_preferences(DataSpec(path="data/hh.jsonl", format="preference"))
+    raw = read_completions(DataSpec(path="data/herald.parquet", format="herald"))  # [(prompt, completion)]
+    kind, items = read_sft_data("data/x.jsonl")   # ("chat", conversations) or ("raw", (prompt, completion)s)
 
 A conversation is `list[{"role", "content"}]` (see lmlab.data.chat); a preference pair is
-`{"prompt": conversation, "chosen": str, "rejected": str}` (the two assistant replies).
+`{"prompt": conversation, "chosen": str, "rejected": str}` (the two assistant replies); a raw
+example is a `(prompt, completion)` pair of texts. Raw examples are not conversations: SFT
+trains them without a chat template, as `[bos] + tokens(prompt) + tokens(completion) + [eos]`
+with the loss on the completion and eos only (lmlab.train.sft.completion_ids), so they have a
+reader of their own (`read_completions`); `read_conversations` refuses them and
+`read_sft_data` returns whichever kind a source holds.
 
 Formats (`format: auto` picks one from the first record's keys):
   messages    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
@@ -17,6 +24,15 @@ Formats (`format: auto` picks one from the first record's keys):
               dropped), or with `oasst1_threads: best` into one conversation per tree that
               follows the best-ranked reply (rank 0) at each level
   gsm8k       {"question", "answer"} -> user / assistant (the answer ends "#### N")
+  prompt_completion
+              {"prompt": str, "completion": str} -> a raw (prompt, completion) example; both
+              must be non-empty text
+  herald      FrenzyMath/Herald_proofs rows {id, name, formal_theorem, informal_theorem,
+              formal_proof, header, ...}, cleaned and renamed by lmlab.data.herald and made
+              into herald.to_record's (prompt, completion); `herald_split` picks the train
+              part (default), the valid part or all of herald.split_examples' deterministic
+              split (`herald_valid_fraction`, default 0.1). Never chosen by `auto`: name it.
+              Rows the cleaning drops are counted in `stats["herald"]` (`herald_summary`)
   preference  {"chosen", "rejected"} and optionally "prompt":
               - text pairs with a prompt: prompt -> user, chosen/rejected are the replies
               - hh-rlhf transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..."): the shared prefix up
@@ -55,12 +71,15 @@ from lmlab.config import Strict
 from lmlab.data.chat import validate_conversation
 from lmlab.errors import UserError
 
-FORMATS = ("messages", "alpaca", "oasst1", "gsm8k", "preference")
+FORMATS = ("messages", "alpaca", "oasst1", "gsm8k", "preference", "prompt_completion", "herald")
+# Formats whose records are raw (prompt, completion) examples rather than conversations.
+RAW_FORMATS = ("prompt_completion", "herald")
 
 # Default record keys per logical field; `DataSpec.fields` renames them.
 DEFAULT_FIELDS = {
     "messages": "messages", "instruction": "instruction", "input": "input", "output": "output",
     "question": "question", "answer": "answer", "prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+    "completion": "completion",
 }
 
 
@@ -70,15 +89,21 @@ class DataSpec(Strict):
     hf_config: Optional[str] = Field(None, description="dataset configuration name, e.g. 'main' for gsm8k")
     data_files: Optional[list[str]] = Field(None, description="data_files for load_dataset, e.g. hf=json data_files=[a.jsonl]")
     split: str = Field("train", description="dataset split to read (hf datasets)")
-    format: Literal["auto", "messages", "alpaca", "oasst1", "gsm8k", "preference"] = Field(
-        "auto", description="record format; auto detects it from the first record's keys")
+    format: Literal["auto", "messages", "alpaca", "oasst1", "gsm8k", "preference", "prompt_completion",
+                    "herald"] = Field("auto", description="record format; auto detects it from the first record's "
+                                      "keys (every format but herald)")
     weight: float = Field(1.0, gt=0, description="relative sampling weight when several datasets are mixed")
-    max_records: Optional[int] = Field(None, ge=1, description="use at most this many conversations/pairs (the first ones)")
+    max_records: Optional[int] = Field(None, ge=1, description="use at most this many conversations/pairs/examples (the first ones)")
     fields: dict[str, str] = Field(default_factory=dict, description=(
         "rename record keys, e.g. {messages: conversations} or {question: problem}; keys: " + ", ".join(DEFAULT_FIELDS)))
     oasst1_threads: Literal["leaves", "best"] = Field(
         "leaves", description="oasst1: one conversation per leaf (path from root), or per tree following rank-0 replies")
     lang: Optional[str] = Field(None, description="oasst1: keep only messages in this language, e.g. en")
+    herald_split: Literal["train", "valid", "all"] = Field(
+        "train", description="herald: which side of lmlab.data.herald's deterministic split to read (valid is "
+        "what a proof evaluation of the same file holds out)")
+    herald_valid_fraction: float = Field(0.1, ge=0, lt=1, description="herald: the share of rows (by id hash) "
+                                         "in the valid side of the split")
     identical_pairs: Literal["error", "skip"] = Field(
         "error", description="preference pairs whose chosen equals rejected: stop with an error, or skip and count them")
     invalid: Literal["error", "skip"] = Field(
@@ -312,15 +337,22 @@ def detect_format(record: Any, where: str, fields: dict[str, str] | None = None)
         return "preference"
     if f["messages"] in keys:
         return "messages"
+    if f["prompt"] in keys and f["completion"] in keys:
+        return "prompt_completion"
     if {"message_id", "parent_id", "text", "role"} <= keys:
         return "oasst1"
     if f["instruction"] in keys and f["output"] in keys:
         return "alpaca"
     if f["question"] in keys and f["answer"] in keys:
         return "gsm8k"
+    if {"formal_theorem", "formal_proof", "header"} <= keys:
+        # Herald rows are never detected: the format also picks a side of a split, which should be said.
+        raise RecordError(f"{where}: these look like Herald_proofs rows (formal_theorem, formal_proof, header); "
+                          f"set format=herald (and herald_split=train|valid|all, default train)", "unknown_format")
     raise RecordError(f"{where}: cannot tell the data format from the keys {sorted(keys)}; expected one of: "
                     f"messages {{messages}}, alpaca {{instruction, input, output}}, oasst1 {{message_id, parent_id, "
-                    f"role, text}}, gsm8k {{question, answer}}, preference {{prompt, chosen, rejected}}; "
+                    f"role, text}}, gsm8k {{question, answer}}, preference {{prompt, chosen, rejected}}, "
+                    f"prompt_completion {{prompt, completion}}, herald (Herald_proofs rows, format=herald only); "
                     f"or set format=... and fields={{...}}", "unknown_format")
 
 
@@ -371,12 +403,50 @@ def read_conversations(source, stats: Optional[dict] = None, locations: Optional
 
     `stats` and `locations` as for read_preferences: the skip counts (invalid=skip; for preference
     data also `identical_skipped`), and the location of each returned conversation (`file:line`;
-    for oasst1 the conversation's last message).
+    for oasst1 the conversation's last message). Raw prompt/completion data (RAW_FORMATS) is a
+    UserError: it is not a conversation (read it with read_completions or read_sft_data).
     """
     spec = as_spec(source)
-    f = {**DEFAULT_FIELDS, **spec.fields}
     invalid = _Invalid(spec)
     records, fmt = _read(spec, invalid)
+    if fmt in RAW_FORMATS:
+        raise UserError(f"{spec.name()}: is '{fmt}' data, raw prompt/completion examples rather than "
+                        f"conversations; read it with read_completions (sft trains it without a chat template)")
+    return _conversations(spec, records, fmt, invalid, stats, locations)
+
+
+def read_completions(source, stats: Optional[dict] = None, locations: Optional[list] = None) -> list[tuple[str, str]]:
+    """Raw (prompt, completion) examples from a DataSpec (or dict / path) in a RAW_FORMATS format.
+
+    `stats` and `locations` as for read_preferences (malformed records under invalid=skip, each
+    example's location); for herald data `stats["herald"]` also gets lmlab.data.herald's counts
+    (see `herald_summary`). Conversation or preference data is a UserError naming the format.
+    """
+    spec = as_spec(source)
+    invalid = _Invalid(spec)
+    records, fmt = _read(spec, invalid)
+    if fmt not in RAW_FORMATS:
+        raise UserError(f"{spec.name()}: is '{fmt}' data, not prompt/completion examples; a raw example is "
+                        f"{{prompt, completion}} (format=prompt_completion) or a Herald_proofs row (format=herald)")
+    return _completions(spec, records, fmt, invalid, stats, locations)
+
+
+def read_sft_data(source, stats: Optional[dict] = None,
+                  locations: Optional[list] = None) -> tuple[Literal["chat", "raw"], list]:
+    """("chat", conversations) or ("raw", (prompt, completion) examples): whichever the source
+    holds, read once. `stats` and `locations` as for read_conversations / read_completions."""
+    spec = as_spec(source)
+    invalid = _Invalid(spec)
+    records, fmt = _read(spec, invalid)
+    if fmt in RAW_FORMATS:
+        return "raw", _completions(spec, records, fmt, invalid, stats, locations)
+    return "chat", _conversations(spec, records, fmt, invalid, stats, locations)
+
+
+def _conversations(spec: DataSpec, records: list[tuple[str, Any]], fmt: str, invalid: _Invalid,
+                   stats: Optional[dict], locations: Optional[list]) -> list[list[dict]]:
+    """The conversations of a chat-format source's records (the body of read_conversations)."""
+    f = {**DEFAULT_FIELDS, **spec.fields}
     out: list[list[dict]] = []
     where_out: list[str] = []
     if fmt == "oasst1":
@@ -414,6 +484,124 @@ def read_conversations(source, stats: Optional[dict] = None, locations: Optional
     if locations is not None:
         locations.extend(where_out)
     return out
+
+
+# ----------------------------------------------------------------------------- raw prompt/completion examples
+
+def _completions(spec: DataSpec, records: list[tuple[str, Any]], fmt: str, invalid: _Invalid,
+                 stats: Optional[dict], locations: Optional[list]) -> list[tuple[str, str]]:
+    """The (prompt, completion) examples of a RAW_FORMATS source's records."""
+    herald_stats: dict = {}
+    if fmt == "herald":
+        if stats is not None:
+            herald_stats = stats.setdefault("herald", {})
+        out, where_out = _herald_completions(spec, records, invalid, herald_stats)
+    else:
+        f = {**DEFAULT_FIELDS, **spec.fields}
+        out, where_out = [], []
+        for where, rec in records:
+            try:
+                prompt, completion = _get(rec, f["prompt"], where), _get(rec, f["completion"], where)
+                for key, value in ((f["prompt"], prompt), (f["completion"], completion)):
+                    if not value.strip():
+                        raise RecordError(f"{where}: field '{key}' is empty; a prompt/completion record needs text "
+                                          f"in both fields", "empty_field")
+            except UserError as e:
+                invalid(e, where)
+                continue
+            out.append((prompt, completion))
+            where_out.append(where)
+            if spec.max_records and len(out) >= spec.max_records:
+                break
+    invalid.report(stats)
+    if not out:
+        if herald_stats.get("examples"):
+            raise UserError(f"{spec.name()}: none of its {herald_stats['examples']} usable Herald_proofs rows is in "
+                            f"the '{spec.herald_split}' split (herald_valid_fraction={spec.herald_valid_fraction:g}); "
+                            f"use herald_split=all or change herald_valid_fraction")
+        if herald_stats.get("rows"):
+            from lmlab.data.herald import summary
+            raise UserError(f"{spec.name()}: no usable Herald_proofs row ({summary(herald_stats)}); check the data")
+        raise invalid.nothing_left("prompt/completion examples")
+    if locations is not None:
+        locations.extend(where_out)
+    return out
+
+
+def _herald_row(rec: Any, where: str):
+    """lmlab.data.herald.clean_row of one record: (example, None) or (None, drop reason); a record
+    that is not a Herald_proofs row (not JSON, missing columns, wrong types) is a RecordError."""
+    from lmlab.data import herald
+
+    if isinstance(rec, _BadLine):
+        raise rec.error
+    try:
+        row = herald.check_columns(rec, where)
+    except UserError as e:
+        raise RecordError(str(e), "missing_field" if isinstance(rec, dict) else "not_an_object") from None
+    try:
+        return herald.clean_row(row, where)
+    except UserError as e:
+        raise RecordError(str(e), "wrong_type") from None
+
+
+def _herald_completions(spec: DataSpec, records: list[tuple[str, Any]], invalid: _Invalid,
+                        st: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """Herald_proofs rows -> (herald.to_record's (prompt, completion) of the rows in spec.herald_split,
+    their locations). Rows are cleaned as lmlab.data.herald.read_herald does, and its counts (`rows`,
+    `examples`, `dropped`, `dropped_first`, the layout herald.summary words) are added to `st`, with
+    the split's `split`, `valid_fraction` and `in_split` (examples on the chosen side).
+
+    The loop is read_herald's, run on the records already read here: so that malformed rows follow
+    the spec's `invalid` rule (read_herald always stops at them) and `hf:` sources keep their
+    hf_config and data_files.
+    """
+    from lmlab.data import herald
+
+    for key in ("rows", "examples", "in_split"):
+        st.setdefault(key, 0)
+    dropped, first = st.setdefault("dropped", {}), st.setdefault("dropped_first", {})
+    st["split"], st["valid_fraction"] = spec.herald_split, spec.herald_valid_fraction
+    out, where_out = [], []
+    for where, rec in records:
+        try:
+            ex, reason = _herald_row(rec, where)
+        except UserError as e:
+            invalid(e, where)
+            continue
+        st["rows"] += 1
+        if ex is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            locs = first.setdefault(reason, [])
+            if len(locs) < herald.FIRST_LOCATIONS:
+                name = str(rec.get("name") or "").strip()
+                locs.append(f"{where} ({name})" if name else where)
+            continue
+        st["examples"] += 1
+        # herald.split_examples decides the side, so the proof evaluation's split is this one by construction.
+        in_valid = bool(herald.split_examples([ex], spec.herald_valid_fraction)[1])
+        if spec.herald_split != "all" and in_valid != (spec.herald_split == "valid"):
+            continue
+        record = herald.to_record(ex)
+        out.append((record["prompt"], record["completion"]))
+        where_out.append(where)
+        st["in_split"] += 1
+        if spec.max_records and len(out) >= spec.max_records:
+            break
+    return out, where_out
+
+
+def herald_summary(stats: dict, name: str) -> Optional[str]:
+    """One line about a herald source's rows (from read_completions' stats["herald"]), or None for
+    other data: e.g. "data/h.parquet: kept 191 of 200 rows; dropped unanalyzable_header 8 (first:
+    ...); self_citation 1 (...); 172 examples in the train split (herald_valid_fraction 0.1)"."""
+    from lmlab.data import herald
+
+    st = stats.get("herald")
+    if not st:
+        return None
+    return (f"{name}: {herald.summary(st)}; {st['in_split']} example{'s' if st['in_split'] != 1 else ''} in the "
+            f"{st['split']} split (herald_valid_fraction {st['valid_fraction']:g})")
 
 
 def _oasst1_conversations(records: list[tuple[str, Any]], spec: DataSpec,

@@ -23,6 +23,10 @@ exported Hugging Face tokenizer (docs/data.md, "Special tokens in text"):
   special token's string broken by it after its first character (`escape_specials`) is
   encoded as ordinary text. Chat templates escape every message this way, so a message can
   never produce a control token (a user typing `<|im_end|>` cannot end its turn).
+An imported SentencePiece model keeps its own control pieces as bos/eos/pad (Gemma's
+`tokenizer.model`: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3); it must hold lmlab's chat
+markers or Gemma's `<start_of_turn>` / `<end_of_turn>` (user-defined pieces, recorded as special
+tokens like the chat markers, which the `gemma` chat template uses).
 The tokenizer's fingerprint is the sha256 of its model file. `Tokenizer` is the class every
 other stage uses: `Tokenizer.load(dir)`, encode/encode_batch/decode, ids, `export_hf(dir)`.
 """
@@ -55,6 +59,10 @@ RESERVED = [f"<|reserved_{i}|>" for i in range(6)]
 # control symbols, which lmlab matches (Tokenizer._split) so that all specials behave alike.
 TEXT_SPECIALS = [IM_START, IM_END] + RESERVED
 SPECIAL_TOKENS = [BOS, EOS, PAD] + TEXT_SPECIALS
+# Gemma's turn markers, user-defined pieces of its tokenizer.model (bos/eos/pad are its control
+# pieces <bos>, <eos>, <pad>). An imported model that has them records them as special tokens, for
+# the gemma chat template; lmlab's own tokenizers never hold them.
+GEMMA_TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 # Dropped from text, and the text is split there (docs/data.md, "Special tokens in text"). A
 # noncharacter: Unicode keeps U+FDD0..U+FDEF for a program's internal use, so real text never
 # carries it (the private-use area, by contrast, shows up in scraped web text as icon glyphs).
@@ -254,7 +262,9 @@ class Tokenizer:
 
 
 def TEXT_SPECIALS_IN(special_tokens: dict[str, int]) -> list[str]:
-    return [t for t in TEXT_SPECIALS if t in special_tokens]
+    """The special tokens that are text-like (user-defined pieces: kept when decoding), lmlab's chat
+    markers and reserved tokens and Gemma's turn markers, that `special_tokens` holds."""
+    return [t for t in TEXT_SPECIALS + GEMMA_TURN_TOKENS if t in special_tokens]
 
 
 def sentencepiece_to_hf(sp, special_tokens: dict[str, int]):
@@ -284,9 +294,10 @@ def sentencepiece_to_hf(sp, special_tokens: dict[str, int]):
     tok = HFTokenizer(model)
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    text_like = TEXT_SPECIALS_IN(special_tokens)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in special_tokens if t not in TEXT_SPECIALS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_SPECIALS if t in special_tokens])
+                            for t in special_tokens if t not in text_like])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in text_like])
     return tok
 
 
@@ -379,7 +390,7 @@ def _write_meta(dest: Path, type_: str) -> dict:
         for name, i in ((BOS, sp.bos_id()), (EOS, sp.eos_id()), (PAD, sp.pad_id())):
             if i >= 0:
                 specials[sp.id_to_piece(i)] = i
-        for t in TEXT_SPECIALS:
+        for t in TEXT_SPECIALS + GEMMA_TURN_TOKENS:
             i = sp.piece_to_id(t)
             if i != sp.unk_id():
                 specials[t] = i
@@ -408,12 +419,16 @@ def import_file(path: Path, dest: Path) -> str:
             sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
             raise UserError(f"{path} is not a SentencePiece model: {e}") from None
-        missing = [t for t in TEXT_SPECIALS[:2] if sp.piece_to_id(t) == sp.unk_id()]
+        # Chat markers: lmlab's (a model lmlab trained) or Gemma's (Gemma's tokenizer.model, for the
+        # gemma template); the control pieces bos/eos keep the model's own names (<bos>, <eos>, ...).
+        gemma = all(sp.piece_to_id(t) != sp.unk_id() for t in GEMMA_TURN_TOKENS)
+        missing = [] if gemma else [t for t in TEXT_SPECIALS[:2] if sp.piece_to_id(t) == sp.unk_id()]
         if sp.bos_id() < 0 or sp.eos_id() < 0:
-            missing = ["bos", "eos"][int(sp.bos_id() >= 0):] + missing
+            missing = [n for n, i in (("bos", sp.bos_id()), ("eos", sp.eos_id())) if i < 0] + missing
         if missing:
             raise UserError(f"SentencePiece model {path} lacks special tokens {', '.join(missing)}; lmlab needs bos/eos and "
-                            f"{IM_START}/{IM_END} as user-defined symbols. Retrain with `lmlab tokenizer` or use a tokenizer.json "
+                            f"either {IM_START}/{IM_END} (lmlab's chat markers) or {'/'.join(GEMMA_TURN_TOKENS)} "
+                            f"(Gemma's) as user-defined symbols. Retrain with `lmlab tokenizer` or use a tokenizer.json "
                             f"(special tokens are added to those automatically)")
         shutil.copy2(path, dest / SP_FILE)
         return "sentencepiece"

@@ -140,10 +140,12 @@ def _import_hf_tokenizer(d: Path):
 
     from lmlab.data import tokenizer as tk
 
-    src = d / "tokenizer.json"
-    if not src.is_file():
-        raise UserError(f"{d} has no tokenizer.json; pass tokenizer=DIR (an lmlab tokenizer, e.g. from "
-                        f"`lmlab tokenizer from_file=...`)")
+    # tokenizer.model first: a SentencePiece model imports as it is (Gemma's 256k pieces fill the
+    # embedding table exactly), while a tokenizer.json gets lmlab's special tokens added
+    src = next((f for f in (d / "tokenizer.model", d / "tokenizer.json") if f.is_file()), None)
+    if src is None:
+        raise UserError(f"{d} has no tokenizer.model or tokenizer.json; pass tokenizer=DIR (an lmlab tokenizer, "
+                        f"e.g. from `lmlab tokenizer from_file=...`)")
     dest = Path(tempfile.mkdtemp(prefix="lmlab-hf-tok-"))
     kind = tk.import_file(src, dest)
     tk._write_meta(dest, kind)

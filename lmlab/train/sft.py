@@ -1,18 +1,27 @@
-"""Supervised finetuning (SFT) on conversations: full finetuning or LoRA (PEFT).
+"""Supervised finetuning (SFT) on conversations or raw prompt/completion examples: full finetuning or LoRA (PEFT).
 
     lmlab sft --config configs/sft/alpaca_oasst1_lora_tiny.yaml
     lmlab sft init=runs/pretrain data=runs/tasks/sft_train.jsonl out=runs/sft train.epochs=2
     lmlab sft ... 'data=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, format: oasst1, weight: 0.3}]'
     lmlab sft ... lora.enabled=true lora.r=16 lora.merge=true
+    lmlab sft init=runs/griffin 'data=[{path: herald.parquet, format: herald}]' out=runs/prover
 
 Starts from a model run dir (`init`: pretrained, or an earlier SFT/DPO run) or a Hugging
-Face Llama/Qwen3 directory, and writes a model run dir (kind `model`) that carries its chat
-template (`chat.json`), so generation and evaluation format prompts the same way.
+Face Llama/Qwen3 directory, and writes a model run dir (kind `model`); trained on
+conversations, it carries its chat template (`chat.json`), so generation and evaluation
+format prompts the same way.
 
 - Loss on assistant tokens only: each conversation is rendered by `lmlab.data.chat.render`,
   whose train mask is True on the assistant replies and their end-of-turn token; every
   other target is -100. Conversations longer than the context lose whole later exchanges
   first (chat.render's `turns` rule); the manifest counts them.
+- Raw prompt/completion data (formats prompt_completion and herald, lmlab.data.formats) is
+  no conversation and gets no chat template: `completion_ids` makes [bos] + tokens(prompt) +
+  tokens(completion) + [eos], trained on the completion and eos only. An example longer than
+  the context loses the end of its completion (and eos); one whose prompt alone leaves no
+  completion token in the context is dropped; both are counted. Such a run is a base model
+  trained to continue prompts: it writes no chat.json (eval and `lmlab generate` prompt it
+  raw), and one run does not mix chat and raw data (refused with a message).
 - Packing: several conversations share one row of `seq_len` positions; `doc_ids` keep
   attention inside each conversation and restart its positions, so a packed conversation
   trains exactly as it would alone (tested).
@@ -57,21 +66,27 @@ class Config(RunOptions):
                       "Face Llama/Qwen3 directory (config.json + safetensors)")
     tokenizer: Optional[str] = Field(None, description="HF init only: an lmlab tokenizer dir; unset = import "
                                      "the HF directory's tokenizer.json")
-    data: list[DataSpec] = Field(default_factory=list, description="conversation datasets: a path, or a list of "
+    data: list[DataSpec] = Field(default_factory=list, description="datasets: a path, or a list of "
                                  "{path | hf, format, weight, max_records, split, invalid}; rows are drawn in "
                                  "proportion to weight; invalid: skip skips malformed records (counted) instead "
-                                 "of stopping")
+                                 "of stopping. Conversations (messages, alpaca, oasst1, gsm8k, preference) or raw "
+                                 "prompt/completion examples (prompt_completion, herald), not both in one run")
     out: str = Field("runs/sft", description="run directory (model artifact, checkpoints, metrics, samples)")
-    template: str = Field("chatml", description="chat template: chatml, instruct, chat, alpaca")
-    seq_len: Optional[int] = Field(None, ge=8, description="positions per training row (a conversation of n "
+    template: str = Field("chatml", description="chat template of conversation data: chatml, instruct, chat, "
+                          "alpaca, gemma (needs a Gemma tokenizer); not used for raw prompt/completion data")
+    seq_len: Optional[int] = Field(None, ge=8, description="positions per training row (an example of n "
                                    "tokens takes n-1); null = the model's max_seq_len. Longer conversations "
-                                   "lose later exchanges (chat.render's 'turns' rule)")
+                                   "lose later exchanges (chat.render's 'turns' rule); longer raw examples the "
+                                   "end of their completion, or all of it when the prompt alone fills the row "
+                                   "(then they are dropped); both counted")
+
     packing: bool = Field(True, description="pack several conversations per row (attention kept apart by "
                           "doc_ids); false = one conversation per row")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of each dataset's conversations held out "
                                 "for val_loss")
-    sample_prompts: list[str] = Field(default_factory=list, description="user messages answered (greedy) at "
-                                      "every evaluation, logged to samples.jsonl")
+    sample_prompts: list[str] = Field(default_factory=list, description="user messages (raw data: prompts, "
+                                      "continued after bos) answered (greedy) at every evaluation, logged to "
+                                      "samples.jsonl")
     sample_max_new_tokens: int = Field(64, ge=1, description="token budget of each sample answer")
     train: FinetuneTrainConfig = Field(default_factory=FinetuneTrainConfig, description="optimisation")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT)")
@@ -107,6 +122,35 @@ def conversation_positions(ids: list[int], mask: list[bool]) -> tuple[np.ndarray
     ids_a = np.asarray(ids, dtype=np.int64)
     y = np.where(np.asarray(mask[1:], dtype=bool), ids_a[1:], -100)
     return ids_a[:-1], y
+
+
+def completion_ids(prompt: str, completion: str, tokenizer, max_len: Optional[int] = None,
+                   stats: Optional[dict] = None) -> Optional[tuple[list[int], list[bool]]]:
+    """(ids, train_mask) of a raw example: [bos] + encode(prompt) + encode(completion) + [eos], the
+    mask True on the completion's tokens and eos only. The two texts are encoded apart, as a prompt
+    is at inference (`lmlab generate`: bos + encode(prompt)), so the boundary is exact.
+
+    With `max_len` (tokens) and a longer example: the completion is cut from the right (losing
+    its end and eos) while at least one completion token fits; otherwise (the prompt alone fills
+    max_len) the example is dropped: None. `stats`, when given, counts `truncated`, `cut_tokens`
+    and `prompt_too_long`.
+    """
+    head = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    tail = tokenizer.encode(completion) + [tokenizer.eos_id]
+    return _completion_ids(head, tail, max_len, stats)
+
+
+def _completion_ids(head: list[int], tail: list[int], max_len: Optional[int],
+                    stats: Optional[dict]) -> Optional[tuple[list[int], list[bool]]]:
+    if max_len is not None and len(head) + len(tail) > max_len:
+        st = stats if stats is not None else {}
+        if len(head) >= max_len:  # no completion token would be a target
+            st["prompt_too_long"] = st.get("prompt_too_long", 0) + 1
+            return None
+        st["truncated"] = st.get("truncated", 0) + 1
+        st["cut_tokens"] = st.get("cut_tokens", 0) + len(head) + len(tail) - max_len
+        tail = tail[:max_len - len(head)]
+    return head + tail, [False] * len(head) + [True] * len(tail)
 
 
 def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, packing: bool) -> Rows:
@@ -275,46 +319,124 @@ def render_all(convs: list, template: str, tokenizer, seq_len: int, stats: dict,
     return out
 
 
-def build_rows(cfg: Config, tokenizer, seq_len: int):
-    """Read, split, render and pack every dataset. -> (train Rows per dataset, val Rows|None, stats)."""
-    from lmlab.data.formats import read_conversations
+def raw_all(examples: list[tuple[str, str]], tokenizer, seq_len: int,
+            stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """completion_ids of each raw example, cut to seq_len+1 tokens (dropped when the prompt fills them),
+    as (x, y) positions; the texts are encoded in two batches (herald has ~40k examples)."""
+    heads = tokenizer.encode_batch([p for p, _ in examples])
+    tails = tokenizer.encode_batch([c for _, c in examples])
+    out = []
+    for head, tail in zip(heads, tails):
+        got = _completion_ids([tokenizer.bos_id] + head, tail + [tokenizer.eos_id], seq_len + 1, stats)
+        if got is not None:
+            out.append(conversation_positions(*got))
+    return out
+
+
+def read_data(cfg: Config) -> tuple[str, list[tuple[list, list[str]]], list[dict]]:
+    """Read every dataset: -> (kind "chat" | "raw", [(items, their locations)] per dataset, read stats
+    per dataset). One run trains one kind: conversations in a chat template, or raw examples."""
+    from lmlab.data.formats import read_sft_data
 
     if not cfg.data:
-        raise UserError("no training data: set data=FILE.jsonl (messages, alpaca, oasst1, ...) or "
-                        "data=[{path: A, weight: 0.7}, {path: B, weight: 0.3}]")
+        raise UserError("no training data: set data=FILE.jsonl (messages, alpaca, oasst1, prompt_completion, ...) "
+                        "or data=[{path: A, weight: 0.7}, {path: B, weight: 0.3}]")
+    read_stats: list[dict] = [{} for _ in cfg.data]
+    kinds, datasets = [], []
+    for d, spec in enumerate(cfg.data):
+        where: list[str] = []  # FILE:LINE of each item, for errors found after reading
+        kind, items = read_sft_data(spec, stats=read_stats[d], locations=where)
+        kinds.append(kind)
+        datasets.append((items, where))
+    if len(set(kinds)) > 1:
+        def listed(k):
+            return ", ".join(s.name() for s, kk in zip(cfg.data, kinds) if kk == k)
+        raise UserError(f"sft: data mixes conversations ({listed('chat')}) with raw prompt/completion examples "
+                        f"({listed('raw')}); a run trains one kind (conversations in a chat template, or raw text "
+                        f"without one): train them in two runs, e.g. the raw data first, then the conversations with "
+                        f"init= the first run")
+    return kinds[0], datasets, read_stats
+
+
+def build_rows(cfg: Config, tokenizer, seq_len: int):
+    """Read, split, render and pack every dataset. -> (train Rows per dataset, val Rows|None, stats).
+
+    Chat data is rendered in `cfg.template` (checked against the tokenizer first); raw data by
+    `completion_ids`, with no template. stats["kind"] says which."""
+    from lmlab.data.chat import check_template
+    from lmlab.data.formats import herald_summary
+
+    kind, datasets, read_stats = read_data(cfg)
+    if kind == "chat":
+        check_template(cfg.template, tokenizer)
     seed = cfg.train.seed
     train_rows, val_examples, per_dataset = [], [], []
     render_stats: dict = {}
-    read_stats: list[dict] = [{} for _ in cfg.data]
-    for d, spec in enumerate(cfg.data):
-        where: list[str] = []  # FILE:LINE of each conversation, for errors found after reading
-        convs = read_conversations(spec, stats=read_stats[d], locations=where)
+    for d, (spec, (items, where)) in enumerate(zip(cfg.data, datasets)):
         name = spec.name()
-        if not convs:
-            raise UserError(f"dataset {name} holds no conversations; check the file and its format")
-        tr, va = split_val(len(convs), cfg.val_fraction, seed, d)
+        tr, va = split_val(len(items), cfg.val_fraction, seed, d)
         stats: dict = {}
-        train_ex = render_all([convs[i] for i in tr], cfg.template, tokenizer, seq_len, stats, [where[i] for i in tr])
-        val_examples += render_all([convs[i] for i in va], cfg.template, tokenizer, seq_len, {},
-                                   [where[i] for i in va])
+        if kind == "chat":
+            train_ex = render_all([items[i] for i in tr], cfg.template, tokenizer, seq_len, stats,
+                                  [where[i] for i in tr])
+            val_examples += render_all([items[i] for i in va], cfg.template, tokenizer, seq_len, {},
+                                       [where[i] for i in va])
+        else:
+            train_ex = raw_all([items[i] for i in tr], tokenizer, seq_len, stats)
+            val_examples += raw_all([items[i] for i in va], tokenizer, seq_len, {})
         if not train_ex:
-            raise UserError(f"dataset {name}: no conversation has an assistant token left to train on within "
-                            f"seq_len={seq_len} ({stats}); check the data or raise seq_len")
+            what = ("no conversation has an assistant token left to train on" if kind == "chat" else
+                    "every prompt fills the context, leaving no completion token to train on")
+            raise UserError(f"dataset {name}: {what} within seq_len={seq_len} ({stats}); check the data or raise "
+                            f"seq_len")
         order = np.random.default_rng([seed, 4, d]).permutation(len(train_ex))  # mix lengths within rows
         rows = pack_rows([train_ex[i] for i in order], seq_len, tokenizer.pad_id, cfg.packing)
         train_rows.append(rows)
         for k, v in stats.items():
             render_stats[k] = render_stats.get(k, 0) + v
-        per_dataset.append({"name": str(name), "weight": spec.weight, "conversations": len(convs),
-                            "train_conversations": len(train_ex), "val_conversations": len(va),
-                            "rows": len(rows), "positions": int(rows.used.sum()), "trained_tokens":
-                            int(rows.targets.sum()), "truncated": stats.get("truncated", 0),
-                            "no_target": stats.get("no_target", 0),
-                            "invalid_skipped": read_stats[d].get("invalid_skipped", 0),
-                            "identical_skipped": read_stats[d].get("identical_skipped", 0)})
+        entry = {"name": str(name), "weight": spec.weight}
+        if kind == "chat":
+            entry.update({"conversations": len(items), "train_conversations": len(train_ex),
+                          "val_conversations": len(va), "truncated": stats.get("truncated", 0),
+                          "no_target": stats.get("no_target", 0)})
+        else:
+            entry.update({"examples": len(items), "train_examples": len(train_ex), "val_examples": len(va),
+                          "truncated_completions": stats.get("truncated", 0),
+                          "dropped_long_prompts": stats.get("prompt_too_long", 0)})
+        entry.update({"rows": len(rows), "positions": int(rows.used.sum()), "trained_tokens": int(rows.targets.sum()),
+                      "invalid_skipped": read_stats[d].get("invalid_skipped", 0)})
+        if kind == "chat":
+            entry["identical_skipped"] = read_stats[d].get("identical_skipped", 0)
+        if "herald" in read_stats[d]:
+            entry["herald"] = read_stats[d]["herald"]
+            print(f"sft: {herald_summary(read_stats[d], str(name))}", file=sys.stderr)
+        per_dataset.append(entry)
     val_rows = pack_rows(val_examples, seq_len, tokenizer.pad_id, cfg.packing) if val_examples else None
     invalid = report_skipped(cfg.data, read_stats, "sft")  # warns on stderr
-    return train_rows, val_rows, {"datasets": per_dataset, "render": render_stats, "invalid": invalid}
+    return train_rows, val_rows, {"kind": kind, "datasets": per_dataset, "render": render_stats, "invalid": invalid}
+
+
+def data_stats(kind: str, data: dict) -> dict:
+    """The manifest's counts of examples, truncation and drops (summed over the datasets), by kind."""
+    ds, render = data["datasets"], data["render"]
+    if kind == "chat":
+        return {"conversations": sum(d["conversations"] for d in ds),
+                "train_conversations": sum(d["train_conversations"] for d in ds),
+                "val_conversations": sum(d["val_conversations"] for d in ds),
+                "truncated_conversations": render.get("truncated", 0),
+                "dropped_no_target": render.get("no_target", 0)}
+    out = {"examples": sum(d["examples"] for d in ds), "train_examples": sum(d["train_examples"] for d in ds),
+           "val_examples": sum(d["val_examples"] for d in ds),
+           "truncated_completions": render.get("truncated", 0), "cut_tokens": render.get("cut_tokens", 0),
+           "dropped_long_prompts": render.get("prompt_too_long", 0)}
+    heralds = [d["herald"] for d in ds if "herald" in d]
+    if heralds:
+        dropped: dict = {}
+        for h in heralds:
+            for reason, n in h["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        out["herald_dropped"] = dropped
+    return out
 
 
 def resolve_steps(t: FinetuneTrainConfig, rows_per_step: int, epoch_rows: int, seq_len: int) -> int:
@@ -329,17 +451,26 @@ def resolve_steps(t: FinetuneTrainConfig, rows_per_step: int, epoch_rows: int, s
 
 # ----------------------------------------------------------------------------- the stage
 
+def raw_prompt(tokenizer, text: str, max_len: int) -> list[int]:
+    """A raw sample prompt as training saw prompts: [bos] + encode(text); when longer than
+    `max_len`, bos is kept and the start of the text goes (the end is what gets continued)."""
+    from lmlab.infer.engine import encode_prompt
+
+    ids = encode_prompt(tokenizer, text)
+    return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max(0, max_len - 1):]
+
+
 def run(cfg: Config) -> Path:
-    from lmlab.data.chat import check_template
+    from lmlab.data.chat import required_tokens
     from lmlab.infer.prompting import chat_stops, question_prompt
     from lmlab.models.lora import apply_lora, check_targets, param_counts, targets_of
 
     run = TrainingRun(cfg, "sft", KIND)
     cfg, out, timer = run.cfg, run.out, run.timer
     run.check_out(inputs={"init model": cfg.init})  # before the init model loads
+    required_tokens(cfg.template)  # an unknown name fails now; its tokens are checked once the data is known to be chat
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
-    check_template(cfg.template, tokenizer)
     if cfg.lora.enabled:
         check_targets(model, targets_of(model, cfg.lora))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
@@ -355,7 +486,13 @@ def run(cfg: Config) -> Path:
         return out
 
     with timer("data"):
-        train_rows, val_rows, data_stats = build_rows(cfg, tokenizer, seq_len)
+        train_rows, val_rows, data = build_rows(cfg, tokenizer, seq_len)
+    raw = data["kind"] == "raw"
+    template = None if raw else cfg.template  # raw prompt/completion data is trained without one
+    if raw and "template" in cfg.model_fields_set:
+        print(f"sft: note: template={cfg.template} is not used: raw prompt/completion data is trained as "
+              f"bos + prompt + completion + eos, without a chat template, and the run writes no chat.json",
+              file=sys.stderr)
     t = cfg.train
     rows_per_step = t.batch_size * t.grad_accum
     epoch_rows = sum(len(r) for r in train_rows)
@@ -365,10 +502,13 @@ def run(cfg: Config) -> Path:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     trainable, total = param_counts(model)
-    stop_ids = list(chat_stops(cfg.template, tokenizer).ids)
-    prompts = [question_prompt(cfg.template, p, tokenizer,
-                               max_len=max(1, model.cfg.max_seq_len - cfg.sample_max_new_tokens))
-               for p in cfg.sample_prompts]
+    room = max(1, model.cfg.max_seq_len - cfg.sample_max_new_tokens)
+    if raw:  # prompted as training prompts were, continued until eos
+        stop_ids = [tokenizer.eos_id]
+        prompts = [raw_prompt(tokenizer, p, room) for p in cfg.sample_prompts]
+    else:
+        stop_ids = list(chat_stops(template, tokenizer).ids)
+        prompts = [question_prompt(template, p, tokenizer, max_len=room) for p in cfg.sample_prompts]
     objective = SFTObjective(train_rows, [s.weight for s in cfg.data], val_rows, t.batch_size, t.grad_accum, t.seed,
                              cfg.packing, cfg.eval.batches, tokenizer.pad_id, run_dir=out, sample_prompts=prompts,
                              sample_texts=list(cfg.sample_prompts), stop_ids=stop_ids, tokenizer=tokenizer,
@@ -377,15 +517,21 @@ def run(cfg: Config) -> Path:
     resume_config = {"init": init_fp, "model": model.cfg.model_dump(mode="json"),
                      "train": t.model_dump(mode="json", exclude=RESUMABLE_TRAIN_KEYS), "total_steps": total_steps,
                      "data": [{"fingerprint": f, "spec": s.model_dump(mode="json")} for s, f in zip(cfg.data, data_fps)],
-                     "template": cfg.template, "seq_len": seq_len, "packing": cfg.packing,
+                     "template": template, "seq_len": seq_len, "packing": cfg.packing,
                      "val_fraction": cfg.val_fraction, "lora": cfg.lora.model_dump(mode="json", exclude={"merge"})}
     run.start(resume_config)
     if cfg.resume == "never" and lmdist.is_main():
         (out / SAMPLES).unlink(missing_ok=True)
     mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
+    counts = data_stats(data["kind"], data)
+    if raw:
+        what = (f"{counts['train_examples']:,} prompt/completion examples, no chat template; "
+                f"{counts['truncated_completions']:,} with the completion cut to fit, "
+                f"{counts['dropped_long_prompts']:,} dropped: the prompt alone fills the context")
+    else:
+        what = f"{counts['train_conversations']:,} conversations"
     print(f"sft ({mode}): {trainable:,} trainable of {total:,} parameters; {epoch_rows:,} rows of {seq_len} "
-          f"positions ({sum(d['train_conversations'] for d in data_stats['datasets']):,} conversations); "
-          f"{total_steps} steps x {rows_per_step} rows"
+          f"positions ({what}); {total_steps} steps x {rows_per_step} rows"
           f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} -> {out}", file=sys.stderr)
     summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config,
                         flops_per_token=None, desc="sft")
@@ -397,16 +543,13 @@ def run(cfg: Config) -> Path:
         "trainable_params": trainable,
         "params": total,
         "lora": cfg.lora.model_dump(mode="json") if cfg.lora.enabled else None,
-        "template": cfg.template,
+        "template": template,
+        "data_kind": data["kind"],
         "seq_len": seq_len,
         "packing": cfg.packing,
-        "conversations": sum(d["conversations"] for d in data_stats["datasets"]),
-        "train_conversations": sum(d["train_conversations"] for d in data_stats["datasets"]),
-        "val_conversations": sum(d["val_conversations"] for d in data_stats["datasets"]),
-        "truncated_conversations": data_stats["render"].get("truncated", 0),
-        "dropped_no_target": data_stats["render"].get("no_target", 0),
-        **data_stats["invalid"],
-        "datasets": data_stats["datasets"],
+        **counts,
+        **data["invalid"],
+        "datasets": data["datasets"],
         "rows_per_epoch": epoch_rows,
         "steps": total_steps,
         "epochs": round(total_steps * rows_per_step / epoch_rows, 4),
@@ -417,7 +560,11 @@ def run(cfg: Config) -> Path:
         "final_val_loss": final_eval.get("val_loss"),
     }
     inputs["tokenizer"] = {"path": str(out / "tokenizer"), "fingerprint": tokenizer.sha256}
-    run.finish(lambda m: write_outputs(out, m, tokenizer, cfg, init_format), stats, inputs, tokenizer.sha256, summary)
+    # template None: write_outputs writes no chat.json (and removes a stale one): a raw run is no chat model.
+    out_cfg = cfg.model_copy(update={"template": template})
+    run.finish(lambda m: write_outputs(out, m, tokenizer, out_cfg, init_format), stats, inputs, tokenizer.sha256,
+               summary)
+
     val = f", val_loss {stats['final_val_loss']:.4f}" if stats["final_val_loss"] is not None else ""
     loss = f"{stats['final_train_loss']:.4f}" if stats["final_train_loss"] is not None else "n/a"
     print(f"sft: wrote {out} ({mode}, {total_steps} steps, train loss {loss}{val}, "
