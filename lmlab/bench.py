@@ -173,25 +173,45 @@ def _is_bench_result(path: Path) -> bool:
 
 def run(cfg: Config) -> dict:
     from lmlab.models.transformer import PRESETS
-    from lmlab.runtime import pick_device
 
     if cfg.what == "grpo":
-        return _run_grpo(cfg)
+        from lmlab.bench_grpo import bench_grpo, print_grpo
+        return _measured(cfg, bench_grpo, lambda cfg, res, device: print_grpo(cfg, res))
     if cfg.what == "trm":
-        return _run_trm(cfg)
+        from lmlab.bench_trm import bench_trm
+        return _measured(cfg, bench_trm, _print_trm)
     if cfg.what in ("griffin", "decode"):
-        return _run_griffin(cfg)
+        from lmlab import bench_griffin as bg
+        if cfg.what == "griffin":
+            return _measured(cfg, bg.bench_griffin, bg.print_griffin)
+        return _measured(cfg, bg.bench_decode, _print_decode)
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)}")
+    return _measured(cfg, bench_train if cfg.what == "train" else bench_generate, _print_vs_transformers)
+
+
+def _measured(cfg: Config, measure, show) -> dict:
+    """The steps every bench shares: refuse a bad `out` before minutes of timing, set the
+    threads, `measure(cfg, device)`, record the setting, `show(cfg, res, device)`, write `out`."""
+    from lmlab.runtime import pick_device
+
     if cfg.out:
         from lmlab.artifacts import check_out_file
-        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")  # before minutes of timing
+        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    res = (bench_train if cfg.what == "train" else bench_generate)(cfg, device)
+    res = measure(cfg, device)
     res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
                torch=torch.__version__)
+    show(cfg, res, device)
+    if cfg.out:
+        from lmlab.artifacts import write_json_atomic
+        write_json_atomic(cfg.out, res)
+    return res
+
+
+def _print_vs_transformers(cfg: Config, res: dict, device) -> None:
     shape = (f"batch {cfg.batch_size} x seq {cfg.seq_len}, fwd+bwd+AdamW" if cfg.what == "train"
              else f"{cfg.batch_size} prompts x {cfg.prompt_len} tokens, {cfg.max_new_tokens} new tokens, greedy")
     print(f"bench {cfg.what}: preset {cfg.preset} ({res['params'] / 1e6:.1f}M params, vocab {cfg.vocab_size}), {shape}, "
@@ -203,70 +223,22 @@ def run(cfg: Config) -> dict:
     print(f"  ratio lmlab/transformers: {res['ratio']:.2f}x")
     if cfg.what == "generate":
         print(f"  greedy outputs identical: {res['greedy_identical']}")
-    if cfg.out:
-        from lmlab.artifacts import write_json_atomic
-        write_json_atomic(cfg.out, res)
-    return res
 
 
 def _res_with_figures(res: dict) -> bool:
     return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm", "griffin", "decode"))
 
 
-def _run_griffin(cfg: Config) -> dict:
+def _print_decode(cfg: Config, res: dict, device) -> None:
     from lmlab import bench_griffin as bg
-    from lmlab.runtime import pick_device
 
-    if cfg.out:
-        from lmlab.artifacts import check_out_file
-        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    res = (bg.bench_griffin if cfg.what == "griffin" else bg.bench_decode)(cfg, device)
-    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
-               torch=torch.__version__)
-    (bg.print_griffin if cfg.what == "griffin" else bg.print_decode)(cfg, res, device)
-    if cfg.what == "decode" and cfg.plot:
+    bg.print_decode(cfg, res, device)
+    if cfg.plot:
         bg.plot_decode(res, cfg.plot)
         print(f"  plot: {cfg.plot}")
-    if cfg.out:
-        from lmlab.artifacts import write_json_atomic
-        write_json_atomic(cfg.out, res)
-    return res
 
 
-def _run_grpo(cfg: Config) -> dict:
-    from lmlab.bench_grpo import bench_grpo, print_grpo
-    from lmlab.runtime import pick_device
-
-    if cfg.out:
-        from lmlab.artifacts import check_out_file
-        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    res = bench_grpo(cfg, pick_device(cfg.device))
-    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), torch=torch.__version__)
-    print_grpo(cfg, res)
-    if cfg.out:
-        from lmlab.artifacts import write_json_atomic
-        write_json_atomic(cfg.out, res)
-    return res
-
-
-def _run_trm(cfg: Config) -> dict:
-    from lmlab.bench_trm import bench_trm
-    from lmlab.runtime import pick_device
-
-    if cfg.out:
-        from lmlab.artifacts import check_out_file
-        check_out_file(cfg.out, "bench", _is_bench_result, "bench.json")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    res = bench_trm(cfg, device)
-    res.update(config=cfg.model_dump(mode="json"), threads=torch.get_num_threads(), device=str(device),
-               torch=torch.__version__)
+def _print_trm(cfg: Config, res: dict, device) -> None:
     variant = "MLP" if cfg.trm_mlp_t else "attention"
     print(f"bench trm: {variant} variant, hidden {cfg.trm_hidden}, T={cfg.trm_h_cycles} n={cfg.trm_l_cycles}, "
           f"{cfg.trm_seq_len} cells, {res['params'] / 1e6:.2f}M params; batch {cfg.batch_size}, one supervision step "
@@ -279,7 +251,3 @@ def _run_trm(cfg: Config) -> dict:
     if "mfu" in res:
         print("  MFU: " + ", ".join(f"{k} {v:.1%}" for k, v in res["mfu"].items())
               + f"; peak memory {res['peak_memory_gib']:.2f} GiB")
-    if cfg.out:
-        from lmlab.artifacts import write_json_atomic
-        write_json_atomic(cfg.out, res)
-    return res

@@ -1,4 +1,6 @@
-"""A cross entropy fused with the output head, for every family's training loss.
+"""A cross entropy fused with the output head, for every family's training loss, and the tail
+of every family's forward (`lm_outputs`: logits at chosen positions, the last position, or the
+loss without logits).
 
 `LinearCrossEntropy.apply(h, w, targets, need_grad, chunk, need_grad_w, softcap)` is the mean
 cross entropy of `h @ w.T` (optionally soft-capped: cap * tanh(logits / cap), as Gemma and
@@ -14,7 +16,40 @@ plain path, a few MB of memory, and fewer passes over the logits.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+import torch.nn.functional as F
+
+
+def lm_outputs(x: torch.Tensor, targets: Optional[torch.Tensor], *, head: Callable, weight: torch.Tensor,
+               softcap: float = 0.0, return_logits: bool = True, last_only: bool = False,
+               logits_at: Optional[torch.Tensor] = None):
+    """(logits or None, loss or None) from final hidden states `x` (B, T, D), as the family
+    contract's forward returns them; `head(h)` is the model's output head (its `logits`),
+    `weight` the head's matrix for the fused loss, `softcap` its cap (0 = none)."""
+    if logits_at is not None:
+        if targets is not None or last_only:
+            raise ValueError("logits_at cannot be combined with targets or last_only")
+        return head(x[logits_at]), None
+    if last_only:
+        x = x[:, -1:]
+    if targets is not None and not return_logits:
+        need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        h = x.reshape(-1, x.shape[-1])
+        if torch.is_autocast_enabled(x.device.type):  # the matmuls run in the autocast dtype
+            h = h.to(torch.get_autocast_dtype(x.device.type))
+        return None, LinearCrossEntropy.apply(h, weight, targets.reshape(-1), need_grad, 256, weight.requires_grad,
+                                              float(softcap or 0.0))
+    logits = head(x)
+    loss = None
+    if targets is not None:
+        # .float() is a no-op in fp32 and keeps bf16 logits from losing precision in the
+        # log-sum-exp; cross_entropy's fused kernel never builds a softmax copy we keep.
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+        if not return_logits:
+            logits = None
+    return logits, loss
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -33,7 +33,8 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.models.fused_ce import LinearCrossEntropy
+from lmlab.models.family import fill_vocab, left_pad_tensor
+from lmlab.models.fused_ce import lm_outputs
 
 
 class ModelConfig(Strict):
@@ -88,13 +89,7 @@ def resolve_model_config(cfg: dict | ModelConfig | None, vocab_size: int | None 
     if preset not in PRESETS:
         raise UserError(f"unknown model preset '{preset}'; valid presets: {', '.join(PRESETS)}")
     out = {**PRESETS[preset], **data, "preset": preset}
-    if "vocab_size" not in out:
-        if vocab_size is None:
-            raise UserError("model.vocab_size is not set and no tokenizer gave one; set model.vocab_size=N")
-        out["vocab_size"] = vocab_size
-    elif vocab_size is not None and out["vocab_size"] < vocab_size:
-        raise UserError(f"model.vocab_size={out['vocab_size']} is smaller than the tokenizer's vocabulary "
-                        f"({vocab_size}); set model.vocab_size>={vocab_size} or leave it unset")
+    fill_vocab(out, vocab_size)
     try:
         resolved = ModelConfig(**out)
     except Exception as e:  # pydantic's message already names the field
@@ -157,11 +152,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
-        self.left_pad: Optional[torch.Tensor] = None
-        if left_pad is not None and any(int(n) for n in left_pad):
-            if len(left_pad) != batch:
-                raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch}")
-            self.left_pad = torch.as_tensor(list(left_pad), dtype=torch.long, device=device)
+        self.left_pad: Optional[torch.Tensor] = left_pad_tensor(left_pad, batch, device)
 
     @property
     def batch(self) -> int:
@@ -350,31 +341,8 @@ class Transformer(nn.Module):
         # forward uses the private bodies of `hidden` and `logits`: a wrapper that hooks each
         # public entry point (FSDP2's register_fsdp_forward_method) then never nests its hooks.
         x = self._hidden(idx, doc_ids=doc_ids, cache=cache)
-        if logits_at is not None:
-            if targets is not None or last_only:
-                raise ValueError("logits_at cannot be combined with targets or last_only")
-            return self.lm_head(x[logits_at]), None
-        if last_only:
-            x = x[:, -1:]
-        if targets is not None and not return_logits:
-            device = x.device
-            need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            h = x.reshape(-1, x.shape[-1])
-            w = self.lm_head.weight
-            if torch.is_autocast_enabled(device.type):  # the matmuls run in the autocast dtype
-                h = h.to(torch.get_autocast_dtype(device.type))
-            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad)
-            return None, loss
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # .float() is a no-op in fp32 and keeps bf16 logits from losing precision in the
-            # log-sum-exp; cross_entropy's fused kernel never builds a softmax copy we keep.
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            if not return_logits:
-                logits = None
-        return logits, loss
+        return lm_outputs(x, targets, head=self.lm_head, weight=self.lm_head.weight, return_logits=return_logits,
+                          last_only=last_only, logits_at=logits_at)
 
     def hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
                cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lmlab.models.family import left_pad_tensor
+
 
 class GriffinCache:
     def __init__(self, cfg, batch: int, max_len: int, device, dtype, left_pad: Optional[Sequence[int]] = None):
@@ -38,12 +40,8 @@ class GriffinCache:
                 self.k[i] = torch.zeros(batch, 1, self.ring, hd, device=device, dtype=dtype)
                 self.v[i] = torch.zeros(batch, 1, self.ring, hd, device=device, dtype=dtype)
         self.slot_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
-        self.left_pad: Optional[torch.Tensor] = None
         self._batch = batch
-        if left_pad is not None and any(int(n) for n in left_pad):
-            if len(left_pad) != batch:
-                raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch}")
-            self.left_pad = torch.as_tensor(list(left_pad), dtype=torch.long, device=device)
+        self.left_pad: Optional[torch.Tensor] = left_pad_tensor(left_pad, batch, device)
 
     @property
     def batch(self) -> int:

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
+from lmlab.models.family import fill_vocab
 
 BlockType = Literal["recurrent", "attention"]
 GRIFFIN_PATTERN = ["recurrent", "recurrent", "attention"]
@@ -94,13 +95,7 @@ def resolve_griffin_config(cfg: dict | GriffinConfig | None, vocab_size: int | N
     out = {**base, **data, "preset": preset}
     if "lru_width" not in data and "width" in data and "lru_width" in base:
         out["lru_width"] = out["width"]
-    if "vocab_size" not in out:
-        if vocab_size is None:
-            raise UserError("model.vocab_size is not set and no tokenizer gave one; set model.vocab_size=N")
-        out["vocab_size"] = vocab_size
-    elif vocab_size is not None and out["vocab_size"] < vocab_size:
-        raise UserError(f"model.vocab_size={out['vocab_size']} is smaller than the tokenizer's vocabulary "
-                        f"({vocab_size}); set model.vocab_size>={vocab_size} or leave it unset")
+    fill_vocab(out, vocab_size)
     try:
         c = GriffinConfig(**out)
     except Exception as e:  # pydantic's message already names the field

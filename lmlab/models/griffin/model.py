@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.models.fused_ce import LinearCrossEntropy
+from lmlab.models.fused_ce import lm_outputs
 from lmlab.models.griffin.cache import GriffinCache
 from lmlab.models.griffin.config import GriffinConfig, resolve_griffin_config
 from lmlab.models.griffin.layers import RGLRU, RMSNorm, ResidualBlock, init_weights, rope_inv_freq, rope_tables
@@ -121,6 +121,11 @@ class Griffin(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied, soft-capped output head: cap · tanh((h @ E^T) / cap)."""
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        # forward calls the private bodies of `hidden` and `logits`: FSDP2 hooks each public
+        # entry point (register_fsdp_forward_method), and its hooks must not nest
         z = F.linear(h, self.embed_tokens.weight)
         c = self.cfg.logits_soft_cap
         return torch.tanh(z / c) * c if c else z
@@ -131,29 +136,9 @@ class Griffin(nn.Module):
                 logits_at: Optional[torch.Tensor] = None):
         """As Transformer.forward (lmlab.models.family): (logits or None, loss or None)."""
         x = self._hidden(idx, doc_ids=doc_ids, cache=cache)
-        if logits_at is not None:
-            if targets is not None or last_only:
-                raise ValueError("logits_at cannot be combined with targets or last_only")
-            return self.logits(x[logits_at]), None
-        if last_only:
-            x = x[:, -1:]
-        if targets is not None and not return_logits:
-            w = self.embed_tokens.weight
-            need_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-            h = x.reshape(-1, x.shape[-1])
-            if torch.is_autocast_enabled(x.device.type):
-                h = h.to(torch.get_autocast_dtype(x.device.type))
-            loss = LinearCrossEntropy.apply(h, w, targets.reshape(-1), need_grad, 256, w.requires_grad,
-                                            float(self.cfg.logits_soft_cap or 0.0))
-            return None, loss
-        logits = self.logits(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            if not return_logits:
-                logits = None
-        return logits, loss
+        return lm_outputs(x, targets, head=self._logits, weight=self.embed_tokens.weight,
+                          softcap=self.cfg.logits_soft_cap, return_logits=return_logits, last_only=last_only,
+                          logits_at=logits_at)
 
     def hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
                cache: Optional[GriffinCache] = None) -> torch.Tensor:
