@@ -59,16 +59,16 @@ conversation or pair, so later errors (after templating, tokenizing) can name th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from lmlab.config import Strict
 from lmlab.data.chat import validate_conversation
+from lmlab.data.records import RecordError, iter_records
 from lmlab.errors import UserError
 
 FORMATS = ("messages", "alpaca", "oasst1", "gsm8k", "preference", "prompt_completion", "herald")
@@ -135,14 +135,6 @@ def as_spec(source) -> DataSpec:
 
 
 # ----------------------------------------------------------------------------- malformed records
-
-class RecordError(UserError):
-    """A malformed record: the message names where it is; `reason` is a short key for the skip counts."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
 
 # validate_conversation (lmlab.data.chat) raises plain UserErrors: their reasons by message.
 _CHAT_REASONS = (("unknown role", "unknown_role"), ("empty or missing content", "empty_turn"),
@@ -248,82 +240,6 @@ def skipped_summary(stats: dict, name: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- records
-
-def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[str, str], None]] = None):
-    """(line number, parsed object) for each non-empty line of a jsonl file.
-
-    A line that is not JSON, or a file that is not UTF-8, is a UserError naming file:line;
-    with `on_bad(location, message)` given, a line that is not JSON is passed to it and skipped.
-    """
-    p = Path(path)
-    with open(p, encoding="utf-8") as f:
-        n = 0
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    if on_bad is None:
-                        raise RecordError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object",
-                                          "not_json") from None
-                    on_bad(f"{p}:{n}", f"not valid JSON ({e.msg}); each line must be one JSON object")
-        except UnicodeDecodeError:
-            raise UserError(f"{p}:{n + 1}: not UTF-8 text; convert the file to UTF-8") from None
-
-
-def iter_records(spec: DataSpec, on_bad: Optional[Callable[[str, str], None]] = None) -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs; location is `file:line`, `file:record N` or `hf:name[split]:row N`.
-
-    `on_bad(location, message)`, when given, receives .jsonl lines that are not JSON instead of an error.
-    """
-    if spec.hf:
-        yield from _iter_hf(spec)
-        return
-    p = Path(spec.path)
-    if not p.is_file():
-        raise UserError(f"data file not found: {p} (check the path, or use hf=NAME for a Hugging Face dataset)")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        for n, rec in iter_jsonl(p, on_bad):
-            yield f"{p}:{n}", rec
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise UserError(f"{p}: a .json data file must hold a list of records (or {{\"data\": [...]}})")
-        for n, rec in enumerate(data, 1):
-            yield f"{p}:record {n}", rec
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-        table = pq.read_table(p)
-        for n, rec in enumerate(table.to_pylist(), 1):
-            yield f"{p}:row {n}", rec
-    else:
-        raise UserError(f"{p}: unsupported data file type '{suffix}'; use .jsonl, .json or .parquet")
-
-
-def _iter_hf(spec: DataSpec) -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("reading hf datasets needs the `datasets` package; pip install datasets") from None
-    try:
-        ds = datasets.load_dataset(spec.hf, spec.hf_config, split=spec.split, data_files=spec.data_files)
-    except FileNotFoundError as e:
-        raise UserError(f"{spec.name()}: dataset not found ({e}); check hf/hf_config/data_files") from None
-    except ValueError as e:
-        raise UserError(f"{spec.name()}: {e}".split("\n")[0]) from None
-    except ConnectionError as e:
-        raise UserError(f"{spec.name()}: cannot reach the Hugging Face hub ({e}); download the data and use path=FILE") from None
-    for n, rec in enumerate(ds, 1):
-        yield f"{spec.name()}:row {n}", rec
-
 
 def detect_format(record: Any, where: str, fields: dict[str, str] | None = None) -> str:
     """The format of a record from its keys (the `auto` rule)."""

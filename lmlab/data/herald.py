@@ -85,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from lmlab.data.formats import DataSpec, iter_records
+from lmlab.data.records import Source, iter_records
 from lmlab.errors import UserError
 
 HF_NAME = "FrenzyMath/Herald_proofs"
@@ -342,7 +342,7 @@ def iter_rows(path: str | Path | None = None, *, hf: Optional[str] = None,
     if (path is None) == (hf is None):
         raise UserError("give exactly one of path (a local .parquet/.jsonl file) or hf (e.g. "
                         f"hf={HF_NAME!r}, which needs the Hugging Face hub)")
-    spec = DataSpec(path=str(path)) if path is not None else DataSpec(hf=hf, split=split)
+    spec = Source(path=str(path)) if path is not None else Source(hf=hf, split=split)
     # iter_records reads .jsonl (errors name file:line), .json, .parquet and load_dataset(hf, split=split),
     # and turns a missing file or an unreachable hub into a UserError.
     for where, row in iter_records(spec):

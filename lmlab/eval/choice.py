@@ -54,7 +54,7 @@ def read_choice_file(path: str | Path, n: int = 0) -> tuple[str, list[dict]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"multiple-choice file not found: {p} (fix the path in `choice`)")
-    from lmlab.data.formats import iter_jsonl
+    from lmlab.data.records import iter_jsonl
 
     fmt, items = None, []
     for lineno, rec in iter_jsonl(p):

@@ -128,26 +128,6 @@ def _trm() -> Family:
 FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer, "griffin": _griffin, "trm": _trm}
 
 
-def fill_vocab(fields: dict, vocab_size: Optional[int]) -> None:
-    """Put the tokenizer's vocabulary into a config being resolved (`fields`), or check it fits."""
-    if "vocab_size" not in fields:
-        if vocab_size is None:
-            raise UserError("model.vocab_size is not set and no tokenizer gave one; set model.vocab_size=N")
-        fields["vocab_size"] = vocab_size
-    elif vocab_size is not None and fields["vocab_size"] < vocab_size:
-        raise UserError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's vocabulary "
-                        f"({vocab_size}); set model.vocab_size>={vocab_size} or leave it unset")
-
-
-def left_pad_tensor(left_pad: Optional[Sequence[int]], batch: int, device) -> Optional[torch.Tensor]:
-    """A cache's `left_pad` argument as a (batch,) tensor, or None when no row is padded."""
-    if left_pad is None or not any(int(n) for n in left_pad):
-        return None
-    if len(left_pad) != batch:
-        raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch}")
-    return torch.as_tensor(list(left_pad), dtype=torch.long, device=device)
-
-
 def families_of_kind(kind: str) -> list[str]:
     return [name for name in FAMILIES if get_family(name).kind == kind]
 

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
+from lmlab.models.parts import read_hf_weights
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 
 POSITIONAL = ("model", "the model run directory to export (written by `lmlab pretrain`)")
@@ -155,20 +156,6 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
         "norm_eps": c.get("rms_norm_eps", 1e-6), "qk_norm": mt == "qwen3",
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "init_std": c.get("initializer_range", 0.02),
     })
-
-
-def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict = {}
-        for f in files:
-            state.update(load_file(str(d / f)))
-        return state
-    raise UserError(f"{d} holds no model.safetensors (or sharded index); import_hf reads safetensors checkpoints only")
 
 
 def import_hf(hf_dir: str | Path, device: str = "cpu"):

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.models.family import fill_vocab, left_pad_tensor
+from lmlab.models.parts import fill_vocab, left_pad_tensor
 from lmlab.models.fused_ce import lm_outputs
 
 

@@ -58,7 +58,7 @@ def read_problems(path: str | Path, n: int = 0, checkable: bool = False) -> list
     p = Path(path)
     if not p.is_file():
         raise UserError(f"problems file not found: {p} (write one with `lmlab tasks`, or fix the path)")
-    from lmlab.data.formats import iter_jsonl
+    from lmlab.data.records import iter_jsonl
 
     out = []
     for lineno, rec in iter_jsonl(p):

@@ -138,7 +138,7 @@ class Config(RunOptions):
 
 def read_problem_file(path: str, n: int) -> tuple[list[dict], str]:
     """(problems, kind) with kind 'math' (GSM8K format, checkable answers) or 'code' (tests)."""
-    from lmlab.data.formats import iter_jsonl
+    from lmlab.data.records import iter_jsonl
 
     p = Path(path)
     if not p.is_file():

@@ -139,7 +139,7 @@ def read_margins(spec: DataSpec, locations: list[str]) -> list[float]:
     read_preferences returns the pairs without it, so the records are read once more
     (locations are the readers' `file:line` / `hf:...:row N`).
     """
-    from lmlab.data.formats import iter_records
+    from lmlab.data.records import iter_records
 
     wanted = set(locations)
     found: dict[str, float] = {}

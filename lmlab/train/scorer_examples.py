@@ -58,7 +58,7 @@ def samples_path(spec: SamplesSpec) -> Path:
 
 def read_samples(spec: SamplesSpec) -> list[tuple[str, dict]]:
     """(FILE:LINE, record) of every sample, checked: the keys the verifier reads, with their types."""
-    from lmlab.data.formats import iter_jsonl
+    from lmlab.data.records import iter_jsonl
 
     path = samples_path(spec)
     out = []

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lmlab.models.family import left_pad_tensor
+from lmlab.models.parts import left_pad_tensor
 
 
 class GriffinCache:

@@ -256,7 +256,7 @@ def config_from_hf(c: dict, source: str = "config.json") -> GriffinConfig:
 def import_hf_griffin(hf_dir: str | Path, state: dict | None = None):
     """A transformers RecurrentGemma directory (config.json + safetensors) -> our Griffin (float32)."""
     from lmlab.models.griffin.model import Griffin
-    from lmlab.models.hf import read_hf_weights
+    from lmlab.models.parts import read_hf_weights
 
     d = Path(hf_dir)
     cfg = config_from_hf(json.loads((d / "config.json").read_text()), str(d / "config.json"))

@@ -8,7 +8,7 @@ recurrent, attention, ... as in the reference's presets and transformers' `block
 `max_seq_len` is the context the model is trained and evaluated on; the model itself is not
 bounded by it (a recurrence plus local attention), so generation can run past it.
 
-Print the presets' sizes with `python -m lmlab.models.griffin.config`.
+Print the presets' sizes with `python -m lmlab.models.griffin`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.models.family import fill_vocab
+from lmlab.models.parts import fill_vocab
 
 BlockType = Literal["recurrent", "attention"]
 GRIFFIN_PATTERN = ["recurrent", "recurrent", "attention"]
@@ -112,15 +112,3 @@ def resolve_griffin_config(cfg: dict | GriffinConfig | None, vocab_size: int | N
         raise UserError("model.block_pattern is empty; use e.g. [recurrent, recurrent, attention]")
     return c
 
-
-if __name__ == "__main__":
-    import torch
-
-    from lmlab.models.griffin.model import Griffin
-
-    print(f"{'preset':<8}{'params':>16}{'non-emb':>16}  (vocab 32768; 2b/9b at 256000)")
-    for name in PRESETS:
-        c = resolve_griffin_config({"preset": name}, vocab_size=None if name in ("2b", "9b") else 32768)
-        with torch.device("meta"):
-            m = Griffin(c)
-        print(f"{name:<8}{m.num_params():>16,}{m.num_params(non_embedding=True):>16,}")
