@@ -78,7 +78,11 @@ class TrainingRun:
         """Fingerprint the run from its config and `inputs` ({name: {"path", "fingerprint"}})."""
         self.fp = artifacts.stage_fingerprint(self.kind, fingerprint_config(self.config),
                                               {k: v["fingerprint"] for k, v in inputs.items()})
-        return finished_run(self.out, self.fp, self.verb, self.kind)
+        done = finished_run(self.out, self.fp, self.verb, self.kind)  # looks at `out` again, on every rank
+        # ... so every rank has done so before rank 0's start() writes run.json (through a temp file
+        # that a slower rank's look would take for someone else's directory: a race CI hit twice)
+        lmdist.barrier()
+        return done
 
     def start(self, resume_config: dict) -> None:
         """Check the launch, that resumable checkpoints match, then mark `out` as this verb's unfinished run."""
