@@ -446,6 +446,18 @@ def import_file(path: Path, dest: Path) -> str:
     raise UserError(f"from_file must be a SentencePiece .model or a tokenizer.json, got {path}")
 
 
+def import_tokenizer(path: str | Path, dest: Optional[str | Path] = None) -> "Tokenizer":
+    """An existing tokenizer file (SentencePiece .model, or tokenizer.json) as a loaded lmlab
+    Tokenizer in `dest` (a new temporary directory by default), without a stage's manifest:
+    what `lmlab import` and an HF init of `lmlab sft` use."""
+    import tempfile
+
+    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="lmlab-tok-"))
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_meta(dest, import_file(Path(path), dest))
+    return Tokenizer.load(dest)
+
+
 def run(cfg: Config) -> Path:
     out = Path(cfg.out)
     artifacts.check_out(out, KIND, "tokenizer", inputs={"corpus": None if cfg.from_file else cfg.corpus})

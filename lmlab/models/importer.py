@@ -18,7 +18,6 @@ instruction-tuned model was trained with (chat.json).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -59,10 +58,7 @@ def _tokenizer(src: Path, given: Optional[str]):
         candidates = [folder / "tokenizer.model", folder / "tokenizer.json"]
     for f in candidates:
         if f.is_file():
-            dest = Path(tempfile.mkdtemp(prefix="lmlab-import-tok-"))
-            kind = tk.import_file(f, dest)
-            tk._write_meta(dest, kind)
-            return tk.Tokenizer.load(dest)
+            return tk.import_tokenizer(f)
     raise UserError(f"no tokenizer found for {src} (looked for {', '.join(str(c) for c in candidates)}); "
                     f"pass tokenizer=PATH (its tokenizer.model or tokenizer.json)")
 

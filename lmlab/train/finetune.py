@@ -136,8 +136,6 @@ def load_init(cfg):
 
 
 def _import_hf_tokenizer(d: Path):
-    import tempfile
-
     from lmlab.data import tokenizer as tk
 
     # tokenizer.model first: a SentencePiece model imports as it is (Gemma's 256k pieces fill the
@@ -146,10 +144,7 @@ def _import_hf_tokenizer(d: Path):
     if src is None:
         raise UserError(f"{d} has no tokenizer.model or tokenizer.json; pass tokenizer=DIR (an lmlab tokenizer, "
                         f"e.g. from `lmlab tokenizer from_file=...`)")
-    dest = Path(tempfile.mkdtemp(prefix="lmlab-hf-tok-"))
-    kind = tk.import_file(src, dest)
-    tk._write_meta(dest, kind)
-    return tk.Tokenizer.load(dest)
+    return tk.import_tokenizer(src)
 
 
 def data_fingerprint(spec) -> str:
