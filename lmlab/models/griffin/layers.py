@@ -103,6 +103,10 @@ class Conv1D(nn.Module):
             state = x.new_zeros(B, W - 1, C)
         xs = torch.cat([state.to(x.dtype), x], 1)                                  # (B, W-1+T, C)
         w = self.weight[:, 0].to(x.dtype)                                           # (C, W)
+        if T == 1:
+            # one token (decoding): its window is the state, which holds only its document's
+            # inputs (zeros before a sequence or after padding), so no mask; one fused product
+            return (xs * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xs[:, 1:]
         out = x * w[:, W - 1] + self.bias.to(x.dtype)
         keep = torch.ones(B, T, dtype=torch.bool, device=x.device)
         for k in range(1, W):
@@ -145,7 +149,8 @@ class RGLRU(nn.Module):
         log_a = -8.0 * gate_a.float() * F.softplus(self.recurrent_param.float())
         a = torch.exp(log_a)
         reset = starts[..., None]
-        multiplier = torch.where(reset, torch.ones_like(a), _SqrtBoundDerivative.apply(1.0 - torch.exp(2.0 * log_a)))
+        root = (_SqrtBoundDerivative.apply if torch.is_grad_enabled() else torch.sqrt)(1.0 - torch.exp(2.0 * log_a))
+        multiplier = torch.where(reset, torch.ones_like(a), root)
         normalized = (x * gate_x).float() * multiplier
         a = a * ~reset
         h, last = linear_scan(a, normalized, h0)
