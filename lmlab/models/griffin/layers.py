@@ -73,11 +73,6 @@ class _SqrtBoundDerivative(torch.autograd.Function):
         return g / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / _MAX_SQRT_GRADIENT ** 2))
 
 
-def doc_starts(segment_pos: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: where a document starts (segment position 0), as the reference resets."""
-    return segment_pos == 0
-
-
 class Conv1D(nn.Module):
     """Depthwise causal conv over time: out_t = b + sum_k weight[:, 0, k] x_{t-(W-1)+k}.
 
