@@ -1,4 +1,4 @@
-"""Make or import a puzzle set (Sudoku, mazes, ARC) for TRM, in the official TRM/HRM layout.
+r"""Make or import a puzzle set (Sudoku, mazes, ARC) for TRM, in the official TRM/HRM layout.
 
     lmlab puzzles out=runs/x/sudoku                                   # generated Sudoku, no download
     lmlab puzzles out=runs/x/sudoku sudoku.train.blanks=[50,58] sudoku.augment=100
@@ -12,17 +12,6 @@ test_puzzles.json (when the kind has one), train/ and test/ with the official ar
 dataset.json, and manifest.json (kind "puzzles"). The same config and inputs give the same
 set, and re-running is a no-op; a failed run never replaces a good set. See docs/puzzles.md.
 
-The kind modules (lmlab.data.puzzles.sudoku, .maze, .arc) share one interface:
-`Config` (a Strict model: the `sudoku` / `maze` / `arc` section), optionally
-`inputs(section) -> {name: path}` (the local files the build reads: fingerprinted, and never
-an `out`), and `build(section, seed, on_error) -> dict` with the keys
-    info         extra puzzles.json fields (dict)
-    vocab        token strings, index = id (index 0 the padding "<pad>")
-    grid         [rows, cols]; seq_len = rows * cols
-    splits       {"train": PuzzleSplit, "test": PuzzleSplit}
-    identifiers  puzzle identifier names, index 0 "<blank>"
-    test_puzzles dict written as test_puzzles.json, or None
-    stats        the kind's statistics (dict) for the manifest
 """
 
 from __future__ import annotations
@@ -40,6 +29,19 @@ from lmlab.data.puzzles import arc as arc_kind
 from lmlab.data.puzzles import format as fmt
 from lmlab.data.puzzles import maze as maze_kind
 from lmlab.data.puzzles import sudoku as sudoku_kind
+
+# The kind modules (lmlab.data.puzzles.sudoku, .maze, .arc) share one interface (for developers;
+# kept out of the module docstring, which `lmlab puzzles --help` prints):
+# `Config` (a Strict model: the `sudoku` / `maze` / `arc` section), optionally
+# `inputs(section) -> {name: path}` (the local files the build reads: fingerprinted, and never
+# an `out`), and `build(section, seed, on_error) -> dict` with the keys
+#     info         extra puzzles.json fields (dict)
+#     vocab        token strings, index = id (index 0 the padding "<pad>")
+#     grid         [rows, cols]; seq_len = rows * cols
+#     splits       {"train": PuzzleSplit, "test": PuzzleSplit}
+#     identifiers  puzzle identifier names, index 0 "<blank>"
+#     test_puzzles dict written as test_puzzles.json, or None
+#     stats        the kind's statistics (dict) for the manifest
 
 POSITIONAL = ("out", "output directory of the puzzle set (kind 'puzzles')")
 KIND = "puzzles"
