@@ -58,6 +58,17 @@ def fingerprint(obj: Any) -> str:
 _GIT_COMMIT: str | None = None
 
 
+def stat_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of a file, or of a directory's files: names, sizes and mtimes (for
+    multi-GB checkpoints, where hashing every byte on each run would cost more than the stage)."""
+    p = Path(path)
+    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+    # the "hf" key is what sft's HF init fingerprinted before lmlab import shared this: kept, so
+    # runs made then stay up to date
+    return fingerprint({"hf": str(p.resolve()),
+                        "files": sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files)})
+
+
 def git_commit() -> str:
     global _GIT_COMMIT
     if _GIT_COMMIT is None:

@@ -79,11 +79,6 @@ def load_source(cfg: Config):
     return load_deepmind(src, **overrides)
 
 
-def source_fingerprint(src: Path) -> str:
-    files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
-    return artifacts.fingerprint([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files])
-
-
 def run(cfg: Config) -> Path:
     from lmlab.data import chat
     from lmlab.models import save_model
@@ -98,7 +93,7 @@ def run(cfg: Config) -> Path:
     artifacts.check_out(out, KIND, "import", inputs={"source": src})
     config = cfg.model_dump(mode="json")
     fp = artifacts.stage_fingerprint(KIND, {k: v for k, v in config.items() if k not in ("out",)},
-                                     {"source": source_fingerprint(src)})
+                                     {"source": artifacts.stat_fingerprint(src)})
     if artifacts.is_up_to_date(out, fp):
         print(f"import: up to date ({out}), nothing to do")
         return out

@@ -114,8 +114,7 @@ def load_init(cfg):
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens (with lmlab's chat specials added) but "
                             f"{d} has an embedding table of {model.cfg.vocab_size}; give a tokenizer that fits "
                             f"(tokenizer=DIR) or a model with room for the added tokens")
-        fp = artifacts.fingerprint({"hf": str(d.resolve()), "files": sorted(
-            (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in d.iterdir() if p.is_file())})
+        fp = artifacts.stat_fingerprint(d)
         return model, tokenizer, fp, "hf"
     if cfg.tokenizer:
         raise UserError("tokenizer= is only for an HF init; a model run dir brings its own tokenizer/")

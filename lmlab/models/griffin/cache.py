@@ -74,16 +74,16 @@ class GriffinCache:
             ok = ok[None]
         return ok[:, None]
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, abs_pos: torch.Tensor):
-        """-> (keys, values, mask) for attention over the ring plus the new (B, 1, T, hd) k/v,
-        then store the newest keys in the ring."""
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, abs_pos: torch.Tensor):
+        """-> (keys, values) for attention over the ring plus the new (B, 1, T, hd) k/v (in the
+        order `step_mask` describes), then store the newest keys in the ring."""
         keys = torch.cat([self.k[layer], k.to(self.k[layer].dtype)], 2)
         values = torch.cat([self.v[layer], v.to(self.v[layer].dtype)], 2)
         n = min(k.shape[2], self.ring)
         slots = abs_pos[-n:] % self.ring
         self.k[layer][:, :, slots] = k[:, :, -n:].to(self.k[layer].dtype)
         self.v[layer][:, :, slots] = v[:, :, -n:].to(self.v[layer].dtype)
-        return keys.to(k.dtype), values.to(v.dtype), mask
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def advance(self, abs_pos: torch.Tensor) -> None:
         n = min(len(abs_pos), self.ring)

@@ -192,10 +192,9 @@ class LocalAttention(nn.Module):
         v = self.v_proj(x).view(B, T, 1, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd), (B, 1, T, hd)
+        mask = ctx.mask  # with a cache: over [ring slots, new tokens] (GriffinCache.step_mask)
         if cache is not None:
-            k, v, mask = cache.attend(layer, k, v, ctx.mask, ctx.abs_pos)
-        else:
-            mask = ctx.mask
+            k, v = cache.attend(layer, k, v, ctx.abs_pos)
         if T == 1 and cache is not None:
             y = _one_query(q, k, v, mask)
         else:  # scale 1/sqrt(head_dim) and a float32 softmax (SDPA accumulates in float32), as the reference

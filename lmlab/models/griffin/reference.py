@@ -18,8 +18,8 @@ import types
 
 def recurrentgemma_torch():
     """-> (recurrentgemma.common, recurrentgemma.torch.griffin), or None when not installed."""
-    spec = importlib.util.find_spec("recurrentgemma") if "recurrentgemma" not in sys.modules else None
     if "recurrentgemma" not in sys.modules:
+        spec = importlib.util.find_spec("recurrentgemma")
         if spec is None or not spec.submodule_search_locations:
             return None
         pkg = types.ModuleType("recurrentgemma")
