@@ -92,7 +92,7 @@ def test_deepmind_checkpoint_imports_with_a_tokenizer_file(tmp_path, gemma_token
     assert json.loads((out / "model.json").read_text())["attention_window_size"] == 16
 
 
-def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys, monkeypatch):
     import sentencepiece as spm
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
@@ -105,9 +105,20 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, capsys):
                              num_attention_heads=4, num_key_value_heads=1, lru_width=32)
     RecurrentGemmaForCausalLM(c).save_pretrained(tmp_path / "hf")
     out = tmp_path / "out"
+    # refused before the weights load (a 2B checkpoint takes minutes to read)
+    import lmlab.models.importer as importer
+    monkeypatch.setattr(importer, "load_source", lambda cfg: pytest.fail("the weights were loaded"))
     assert main(["import", str(tmp_path / "hf"), f"tokenizer={tmp_path / 'big.model'}", f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert f"the tokenizer has {V + 50} tokens but the checkpoint's embedding table has {V} rows" in err
     assert "Traceback" not in err and not out.exists()
+    # a DeepMind checkpoint: its embedding's shape, read from the file without loading the rest
+    torch.save({"embedder.input_embedding": torch.zeros(V, 32), "blocks.0.mlp_block.ffw_up.w": torch.zeros(2, 32, 96),
+                "blocks.0.channel_pre_norm.scale": torch.zeros(32)}, tmp_path / "dm.pt")
+    from safetensors.torch import save_file
+    save_file({"embedder.input_embedding": torch.zeros(V, 32)}, tmp_path / "dm.safetensors")
+    for ckpt in ("dm.pt", "dm.safetensors"):
+        assert main(["import", str(tmp_path / ckpt), f"tokenizer={tmp_path / 'big.model'}", f"out={out}"]) == 2
+        assert f"has {V} rows" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "missing.pt"), f"out={out}"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -79,6 +79,32 @@ def load_source(cfg: Config):
     return load_deepmind(src, **overrides)
 
 
+def source_vocab_size(src: Path) -> int:
+    """The embedding rows of `src`, read without loading its weights (config.json, or the
+    DeepMind checkpoint's embedding shape: safetensors and mmap-ed .pt read only that)."""
+    import json
+
+    if src.is_dir():
+        try:
+            return int(json.loads((src / "config.json").read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{src / 'config.json'} does not give the model's vocab_size ({type(e).__name__}: {e}); "
+                            f"give a Hugging Face model directory") from None
+    from lmlab.models.griffin.checkpoints import config_from_deepmind, read_torch_checkpoint
+    if src.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(src), "pt") as f:
+                if "embedder.input_embedding" in f.keys():
+                    return int(f.get_slice("embedder.input_embedding").get_shape()[0])
+        except Exception as e:  # a damaged or foreign file: name it, no traceback
+            raise UserError(f"{src} cannot be read as a safetensors checkpoint ({type(e).__name__}: {e})") from None
+    sd = read_torch_checkpoint(src)  # a .pt is mmap-ed: only the embedding's header is read here
+    if "embedder.input_embedding" in sd:
+        return int(sd["embedder.input_embedding"].shape[0])
+    return config_from_deepmind(sd, str(src)).vocab_size  # not DeepMind's layout: its error names the keys
+
+
 def run(cfg: Config) -> Path:
     from lmlab.data import chat
     from lmlab.models import save_model
@@ -102,12 +128,13 @@ def run(cfg: Config) -> Path:
         tokenizer = _tokenizer(src, cfg.tokenizer)
     if cfg.template:
         chat.check_template(cfg.template, tokenizer)
-    with timer("load"):
-        model = load_source(cfg)
-    vocab = model.cfg.vocab_size
+    # checked before the weights load: a mismatch is found in a second, not after minutes
+    vocab = source_vocab_size(src)
     if tokenizer.vocab_size > vocab:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's embedding table has "
                         f"{vocab} rows: they do not belong together; pass the model's own tokenizer (tokenizer=PATH)")
+    with timer("load"):
+        model = load_source(cfg)
     try:
         with artifacts.atomic_dir(out) as tmp:
             with timer("write"):

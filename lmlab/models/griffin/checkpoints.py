@@ -149,7 +149,9 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(p))
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the file's pages until copied into the model, so loading
+        # a 2B checkpoint holds one copy in memory, not two
+        sd = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a damaged or foreign file: name it, no traceback
         raise UserError(f"{p} cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
