@@ -3,7 +3,8 @@
 A new family registers itself in `FAMILIES` and adds a small config to SMALL below; then it
 must pass every test here: the Protocols, shapes, hidden -> logits, causal masking, packed
 documents kept apart, incremental decoding equal to the full forward, left-padded batches
-equal to one-by-one, dropping rows from a cache, greedy generation batched vs alone, the
+equal to one-by-one, dropping rows from a cache, rows merged into a decoding batch
+and dropped from it (continuous batching), greedy generation batched vs alone, the
 save/load round trip through model.json's family, and the Hugging Face export where the
 family exports.
 """
@@ -135,6 +136,52 @@ def test_left_padded_batch_equals_one_by_one_and_select_drops_rows(model):
         if row in (2, 0):
             torch.testing.assert_close(steps[1][[2, 0].index(row), -1], alone[0, len(prompts[row]) + 1],
                                        atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_rows_merged_and_dropped_mid_decoding_decode_as_alone(model):
+    """Continuous batching (lmlab.serve): prompts prefilled apart join a decoding batch
+    (`merge`), finished rows leave it (`select`), and every row's logits stay those of its own
+    sequence run alone; past the Griffin window, with both sides of a merge the longer."""
+    g = torch.Generator().manual_seed(5)
+    live: list[list[int]] = []  # the tokens each cache row has been fed
+
+    def check(logits):
+        for r, seq in enumerate(live):
+            alone, _ = model(torch.tensor([seq]))
+            torch.testing.assert_close(logits[r, -1], alone[0, -1], atol=ATOL, rtol=0)
+
+    def prefill(lengths):
+        rows = [torch.randint(1, V, (n,), generator=g).tolist() for n in lengths]
+        longest = max(lengths)
+        x = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+        c = model.new_cache(len(rows), 40, left_pad=[longest - len(r) for r in rows])
+        return rows, c, model(x, cache=c, last_only=True)[0]
+
+    def step(cache):
+        nxt = torch.randint(1, V, (len(live),), generator=g)
+        for seq, t in zip(live, nxt.tolist()):
+            seq.append(t)
+        check(model(nxt[:, None], cache=cache)[0])
+
+    live, cache, first = prefill([9, 4])
+    check(first)
+    for _ in range(3):
+        step(cache)
+    for lengths in ([15], [2, 5]):   # a newcomer longer than the batch, then shorter ones
+        rows, new, first = prefill(lengths)
+        live_new = rows
+        saved, live = live, live_new
+        check(first)
+        live = saved + live_new
+        cache.merge(new)
+        assert cache.batch == len(live) and cache.pos <= 40
+        step(cache)
+        step(cache)
+        cache.select([len(live) - 1, 0])  # keep the newest and the oldest row, in that order
+        live = [live[-1], live[0]]
+        step(cache)
+    assert cache.batch == 2
 
 
 @torch.no_grad()

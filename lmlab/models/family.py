@@ -19,6 +19,8 @@ The contract, as Protocols (checked by that suite for every registered family):
     model.family, model.cfg (a pydantic config whose model_dump is the rest of model.json)
 
     cache.pos, cache.max_len, cache.batch, cache.select(rows)    the engine's only operations
+    cache.merge(other)                                           append another cache's rows (the
+                                                                 server's continuous batching)
 
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
 that reads, generates or trains text takes them); "puzzle" families (TRM) are PuzzleModels,
@@ -45,7 +47,8 @@ DEFAULT_FAMILY = "transformer"
 
 @runtime_checkable
 class Cache(Protocol):
-    """Decoding state a model builds for itself; the engine only reads `pos`/`batch` and selects rows."""
+    """Decoding state a model builds for itself; the engine reads `pos`/`batch`, selects rows and
+    merges in newly prefilled rows; every row decodes on as it would alone."""
 
     pos: int
     max_len: int
@@ -54,6 +57,8 @@ class Cache(Protocol):
     def batch(self) -> int: ...
 
     def select(self, rows: Sequence[int]) -> None: ...
+
+    def merge(self, other: "Cache") -> None: ...
 
 
 @runtime_checkable

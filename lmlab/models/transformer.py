@@ -158,12 +158,47 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def _pads(self) -> torch.Tensor:
+        return self.left_pad if self.left_pad is not None else torch.zeros(self.batch, dtype=torch.long,
+                                                                           device=self.k.device)
+
+    def _packed(self, caches: Sequence["KVCache"], rows: Sequence[Optional[torch.Tensor]]) -> None:
+        """Become `rows` of `caches` (None: all of a cache's rows), each row keeping its keys and
+        RoPE positions, with every leading position that all of them pad dropped: the new
+        `pos` is the longest row, so finished long rows never hold the cache's end back."""
+        ks, vs, pads = [], [], []
+        for c, sel in zip(caches, rows):
+            pad = c._pads()
+            k, v = c.k[:, :, :, :c.pos], c.v[:, :, :, :c.pos]
+            if sel is not None:
+                k, v, pad = k.index_select(1, sel), v.index_select(1, sel), pad.index_select(0, sel.to(pad.device))
+            ks.append(k), vs.append(v), pads.append(pad)
+        lengths = [c.pos - p.to(c.k.device) for c, p in zip(caches, pads)]
+        pos = max((int(n.max()) for n in lengths if len(n)), default=0)
+        batch = sum(k.shape[1] for k in ks)
+        first = caches[0].k
+        self.max_len = max(c.max_len for c in caches)
+        self.k = first.new_zeros((first.shape[0], batch, first.shape[2], self.max_len, first.shape[4]))
+        self.v = torch.zeros_like(self.k)
+        r = 0
+        for c, k, v in zip(caches, ks, vs):
+            w = min(pos, c.pos)  # the last w positions of this cache hold every kept row's content
+            self.k[:, r:r + k.shape[1], :, pos - w:pos] = k[:, :, :, c.pos - w:]
+            self.v[:, r:r + k.shape[1], :, pos - w:pos] = v[:, :, :, c.pos - w:]
+            r += k.shape[1]
+        pad = torch.cat([pos - n.to(first.device) for n in lengths]) if batch else torch.zeros(0, dtype=torch.long)
+        self.pos = pos
+        self.left_pad = pad if bool((pad > 0).any()) else None
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> None:
-        """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences."""
-        sel = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k, self.v = self.k.index_select(1, sel), self.v.index_select(1, sel)
-        if self.left_pad is not None:
-            self.left_pad = self.left_pad.index_select(0, sel.to(self.left_pad.device))
+        """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences; the
+        leading positions that every kept row pads are dropped with them."""
+        self._packed([self], [torch.as_tensor(rows, dtype=torch.long, device=self.k.device)])
+
+    def merge(self, other: "KVCache") -> None:
+        """Append `other`'s rows (a cache of the same model, e.g. newly prefilled prompts): the
+        shorter side is left-padded to the longer, so every row decodes on as it did alone."""
+        self._packed([self, other], [None, None])
 
     def reset(self) -> None:
         self.pos = 0

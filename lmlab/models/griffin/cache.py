@@ -47,6 +47,29 @@ class GriffinCache:
     def batch(self) -> int:
         return self._batch
 
+    def _pads(self) -> torch.Tensor:
+        return self.left_pad if self.left_pad is not None else torch.zeros(self._batch, dtype=torch.long,
+                                                                           device=self.slot_pos.device)
+
+    def _shift(self, d: int) -> None:
+        """Renumber every position by +d (d < 0 drops leading positions all rows pad). Only
+        differences of positions and position - left_pad (RoPE, the reset) enter the maths, so
+        rows compute the same; a ring slot follows its position (slot = position mod ring)."""
+        if d == 0:
+            return
+        self.pos += d
+        pads = self._pads() + d
+        self.left_pad = pads if bool((pads > 0).any()) else None
+        moved = torch.where(self.slot_pos >= 0, self.slot_pos + d, self.slot_pos)
+        self.slot_pos = torch.roll(torch.where(moved >= 0, moved, -1), d)
+        for d_ in (self.k, self.v):
+            for i in d_:
+                d_[i] = torch.roll(d_[i], d, dims=2)
+
+    def _compact(self) -> None:
+        if self._batch and self.left_pad is not None:
+            self._shift(-int(self.left_pad.min()))
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> None:
         """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences."""
         sel = torch.as_tensor(rows, dtype=torch.long, device=self.slot_pos.device)
@@ -56,6 +79,29 @@ class GriffinCache:
         if self.left_pad is not None:
             self.left_pad = self.left_pad.index_select(0, sel)
         self._batch = len(sel)
+        self._compact()
+
+    def merge(self, other: "GriffinCache") -> None:
+        """Append `other`'s rows (a cache of the same model and ring size, e.g. newly prefilled
+        prompts): the side with fewer positions is renumbered to end where the other ends (its
+        rows gain left padding), so every row decodes on as it did alone."""
+        if other.ring != self.ring:
+            raise ValueError(f"cannot merge Griffin caches with rings of {self.ring} and {other.ring} slots "
+                             f"(build both with the same max_len)")
+        self._compact(), other._compact()
+        end = max(self.pos, other.pos)
+        self._shift(end - self.pos), other._shift(end - other.pos)
+        pads = torch.cat([self._pads(), other._pads()])
+        for mine, theirs in ((self.conv, other.conv), (self.rg_state, other.rg_state), (self.k, other.k),
+                             (self.v, other.v)):
+            for i in mine:
+                mine[i] = torch.cat([mine[i], theirs[i]])
+        # a slot holds the same position in both (or is empty on one side, where that position
+        # is padding for that side's rows)
+        self.slot_pos = torch.maximum(self.slot_pos, other.slot_pos)
+        self._batch += other._batch
+        self.max_len = max(self.max_len, other.max_len)
+        self.left_pad = pads if bool((pads > 0).any()) else None
 
     # --- used by the model during one forward over T new tokens
 
