@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte, generative exact match / pass@k, multiple choice, Lean proofs, sample generations"),
     "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
+    "serve": ("lmlab.serve.stage", "an OpenAI-compatible server (continuous batching, streaming) with a web chat"),
     "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
     "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
     "import": ("lmlab.models.importer", "import a Hugging Face (Llama, Qwen3, RecurrentGemma) or DeepMind "
