@@ -9,7 +9,9 @@ turn; a reply ends at the template's end-of-turn token (`<|im_end|>` for chatml,
 others), at a stop string (the model starting the next turn) or after max_new_tokens: the
 stops of lmlab.infer.prompting, which also holds back text that may be a stop's start.
 When the history no longer fits the model's context (leaving room for the reply), the
-oldest messages after the system message are dropped, and the chat says so.
+oldest messages after the system message are dropped, and the chat says so; with `sinks=4`
+the whole history is read instead, streaming past the context with attention sinks (the
+first 4 tokens and the most recent ones stay in the cache: lmlab.models.kv_cache).
 
 Commands: `/reset` clears the history (the system message stays), `/exit` (or `/quit`,
 end of input, Ctrl-C) leaves. Ctrl-C while a reply streams stops that reply only.
@@ -39,6 +41,9 @@ class Config(Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling: smallest token set with this much probability")
     seed: int = Field(0, description="sampling seed; reply n uses seed + n, so a session replays exactly")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    sinks: Optional[int] = Field(None, ge=0, description="when the history outgrows the context, stream past it "
+                                 "with attention sinks (the first `sinks` tokens and the most recent ones) "
+                                 "instead of dropping the oldest messages")
 
 
 def stream_reply(model, tokenizer, ids: list[int], template: str, cfg: Config, seed: int, device,
@@ -53,10 +58,11 @@ def stream_reply(model, tokenizer, ids: list[int], template: str, cfg: Config, s
     ends = set(stops.ids)
     stream = StopStream(stops.strings, tokenizer)
     s = Sampling.of(cfg, seed=seed)
-    budget = min(s.max_new_tokens, model.cfg.max_seq_len - len(ids))  # what the context has room for
+    # what the context has room for, unless sinks stream past it
+    budget = s.max_new_tokens if cfg.sinks is not None else min(s.max_new_tokens, model.cfg.max_seq_len - len(ids))
     try:
         for step in generate_ids(model, [ids], budget, s.temperature, s.top_k, s.top_p, eos_id=None,
-                                 seed=s.seed, device=device, pad_id=max(tokenizer.pad_id, 0)):
+                                 seed=s.seed, device=device, pad_id=max(tokenizer.pad_id, 0), sinks=cfg.sinks):
             t = step[0]
             if t is None or t in ends:
                 break
@@ -114,7 +120,8 @@ def run(cfg: Config) -> list[dict]:
                 continue
             messages.append({"role": "user", "content": text})
             stats: dict = {}
-            ids = prompt_ids(template, messages, tokenizer, max_len=prompt_budget, stats=stats)
+            ids = prompt_ids(template, messages, tokenizer, max_len=None if cfg.sinks is not None else prompt_budget,
+                             stats=stats)
             if stats.get("dropped_messages"):
                 head = len(start)
                 messages = messages[:head] + messages[head + stats["dropped_messages"]:]

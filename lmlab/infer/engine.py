@@ -35,11 +35,15 @@ from lmlab.infer.sampling import Sampling, sample_next  # noqa: F401  (sample_ne
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
                  device=None, pad_id: int = 0,
-                 should_stop: Optional[Callable[[int, list[int]], bool]] = None) -> Iterator[list[Optional[int]]]:
+                 should_stop: Optional[Callable[[int, list[int]], bool]] = None,
+                 sinks: Optional[int] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per decoding step, the new token of each prompt (None for rows already done).
 
     A row ends after emitting `eos_id` (which is yielded), when `should_stop(row, new_ids)`
     returns True, or after `max_new_tokens`. Every prompt needs at least one token.
+    `sinks=k`: when prompt + new tokens outgrow a bounded model context (the transformer's
+    max_seq_len), stream past it with attention sinks: the cache keeps each row's first k
+    tokens and the most recent ones (lmlab.models.kv_cache); the prompt is prefilled in chunks.
     """
     if not prompts or max_new_tokens <= 0:
         return
@@ -53,7 +57,13 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     for i, p in enumerate(prompts):
         idx[i, longest - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
     idx = idx.to(device)
-    cache = model.new_cache(B, longest + max_new_tokens, device=device, left_pad=[longest - n for n in lengths])
+    pads = [longest - n for n in lengths]
+    ctx = getattr(model, "max_context", None)
+    streaming = sinks is not None and ctx is not None and longest + max_new_tokens > ctx
+    if streaming:
+        cache = model.new_cache(B, ctx, device=device, left_pad=pads, sinks=sinks)
+    else:
+        cache = model.new_cache(B, longest + max_new_tokens, device=device, left_pad=pads)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -61,7 +71,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
 
     rows = list(range(B))          # original row index of each live batch slot
     new_ids: list[list[int]] = [[] for _ in range(B)]
-    logits, _ = model(idx, cache=cache, last_only=True)
+    # sink mode: a chunk must fit beside the sinks; half the room leaves each chunk at least
+    # half a window of the text before it
+    chunk = max(1, (ctx - sinks) // 2) if streaming else longest
+    for start in range(0, longest, chunk):
+        logits, _ = model(idx[:, start:start + chunk], cache=cache, last_only=True)
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         toks = nxt.tolist()
@@ -93,10 +107,12 @@ def encode_prompt(tokenizer, text: str, add_bos: bool = True) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0, device=None,
-             add_bos: bool = True, on_token: Optional[Callable[[int, int], None]] = None) -> list[str]:
+             add_bos: bool = True, on_token: Optional[Callable[[int, int], None]] = None,
+             sinks: Optional[int] = None) -> list[str]:
     """Completions (text after each prompt), cut before the first stop string; EOS ends a row.
 
     on_token(row, token_id) is called for every new token, e.g. to stream text as it comes.
+    sinks: as generate_ids (streaming past the model's context).
     """
     stops = Stops(tuple(stop))
     ids = [encode_prompt(tokenizer, p, add_bos) for p in prompts]
@@ -104,7 +120,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, tem
     outs: list[list[int]] = [[] for _ in prompts]
     for step in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id=eos, seed=seed,
                              device=device, pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0,
-                             should_stop=stop_checker(tokenizer, stops, len(ids))):
+                             should_stop=stop_checker(tokenizer, stops, len(ids)), sinks=sinks):
         for row, t in enumerate(step):
             if t is not None and t != eos:
                 outs[row].append(t)

@@ -5,6 +5,8 @@
     lmlab generate runs/model prompts_file=prompts.txt temperature=0 out=gens.jsonl
 
 Prints each prompt and its completion; a single prompt streams its tokens as they come.
+A transformer generating past its context (prompt + new tokens > max_seq_len) streams with
+attention sinks (`sinks=4`: the first 4 tokens and the most recent ones stay in the cache).
 With `out`, also writes one `{"prompt", "completion"}` JSON object per line.
 """
 
@@ -37,6 +39,9 @@ class Config(Strict):
     add_bos: bool = Field(True, description="start each prompt with the BOS token, as training documents do")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     batch_size: int = Field(16, ge=1, description="prompts decoded together")
+    sinks: Optional[int] = Field(4, ge=0, description="past the model's context (prompt + new tokens > max_seq_len): "
+                                 "keep the first `sinks` tokens and the most recent ones (attention sinks, "
+                                 "StreamingLLM); null = RoPE positions past the context")
     out: Optional[str] = Field(None, description="optional JSONL file for {prompt, completion} records")
 
 
@@ -76,7 +81,7 @@ def _stream_one(model, tokenizer, prompt: str, cfg: Config, device) -> str:
 
     sys.stdout.write(prompt)
     completion = generate(model, tokenizer, [prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                          cfg.stop, cfg.seed, device, add_bos=cfg.add_bos, on_token=on_token)[0]
+                          cfg.stop, cfg.seed, device, add_bos=cfg.add_bos, on_token=on_token, sinks=cfg.sinks)[0]
     sys.stdout.write(stream.finish() + "\n")
     sys.stdout.flush()
     return completion
@@ -103,7 +108,7 @@ def run(cfg: Config) -> list[dict]:
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[start:start + cfg.batch_size]
             outs = generate(model, tokenizer, chunk, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                            cfg.stop, cfg.seed + start, device, add_bos=cfg.add_bos)
+                            cfg.stop, cfg.seed + start, device, add_bos=cfg.add_bos, sinks=cfg.sinks)
             for i, (p, c) in enumerate(zip(chunk, outs)):
                 print(f"--- [{start + i + 1}/{len(prompts)}]\n{p}{c}", flush=True)
                 records.append({"prompt": p, "completion": c})

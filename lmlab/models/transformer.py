@@ -33,7 +33,8 @@ from pydantic import Field
 
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.models.parts import fill_vocab, left_pad_tensor
+from lmlab.models.kv_cache import KVCache, rotate_half
+from lmlab.models.parts import fill_vocab
 from lmlab.models.fused_ce import lm_outputs
 
 
@@ -54,6 +55,7 @@ class ModelConfig(Strict):
     qk_norm: Optional[bool] = Field(None, description="RMSNorm each query and key head before RoPE (as Qwen3 does)")
     tie_embeddings: Optional[bool] = Field(None, description="share the input embedding matrix with the output head")
     init_std: Optional[float] = Field(None, gt=0, description="std of the normal init; output projections get init_std/sqrt(2*n_layer)")
+    attn_bias: bool = Field(False, description="q/k/v projection biases, as Qwen2 (the output projection has none)")
 
 
 _COMMON = dict(rope_theta=10000.0, norm_eps=1e-5, qk_norm=False, init_std=0.02)
@@ -126,83 +128,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, hd); cos/sin broadcastable (…, T, 1, hd). HF Llama's convention."""
     return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """Preallocated keys/values for incremental decoding, shared by all layers.
-
-    `k`, `v`: (n_layer, B, n_kv_head, max_len, head_dim). `pos` is how many positions are
-    filled. `left_pad` (B,) optionally says how many leading slots of each row are padding
-    (batched prompts of different lengths): those keys are masked out and the row's RoPE
-    positions start after them, so a padded row computes exactly what it would alone.
-    """
-
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device, dtype, left_pad: Optional[Sequence[int]] = None):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-        self.left_pad: Optional[torch.Tensor] = left_pad_tensor(left_pad, batch, device)
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    def _pads(self) -> torch.Tensor:
-        return self.left_pad if self.left_pad is not None else torch.zeros(self.batch, dtype=torch.long,
-                                                                           device=self.k.device)
-
-    def _packed(self, caches: Sequence["KVCache"], rows: Sequence[Optional[torch.Tensor]]) -> None:
-        """Become `rows` of `caches` (None: all of a cache's rows), each row keeping its keys and
-        RoPE positions, with every leading position that all of them pad dropped: the new
-        `pos` is the longest row, so finished long rows never hold the cache's end back."""
-        ks, vs, pads = [], [], []
-        for c, sel in zip(caches, rows):
-            pad = c._pads()
-            k, v = c.k[:, :, :, :c.pos], c.v[:, :, :, :c.pos]
-            if sel is not None:
-                k, v, pad = k.index_select(1, sel), v.index_select(1, sel), pad.index_select(0, sel.to(pad.device))
-            ks.append(k), vs.append(v), pads.append(pad)
-        lengths = [c.pos - p.to(c.k.device) for c, p in zip(caches, pads)]
-        pos = max((int(n.max()) for n in lengths if len(n)), default=0)
-        batch = sum(k.shape[1] for k in ks)
-        first = caches[0].k
-        self.max_len = max(c.max_len for c in caches)
-        self.k = first.new_zeros((first.shape[0], batch, first.shape[2], self.max_len, first.shape[4]))
-        self.v = torch.zeros_like(self.k)
-        r = 0
-        for c, k, v in zip(caches, ks, vs):
-            w = min(pos, c.pos)  # the last w positions of this cache hold every kept row's content
-            self.k[:, r:r + k.shape[1], :, pos - w:pos] = k[:, :, :, c.pos - w:]
-            self.v[:, r:r + k.shape[1], :, pos - w:pos] = v[:, :, :, c.pos - w:]
-            r += k.shape[1]
-        pad = torch.cat([pos - n.to(first.device) for n in lengths]) if batch else torch.zeros(0, dtype=torch.long)
-        self.pos = pos
-        self.left_pad = pad if bool((pad > 0).any()) else None
-
-    def select(self, rows: Sequence[int] | torch.Tensor) -> None:
-        """Keep only batch rows `rows` (in that order), e.g. to drop finished sequences; the
-        leading positions that every kept row pads are dropped with them."""
-        self._packed([self], [torch.as_tensor(rows, dtype=torch.long, device=self.k.device)])
-
-    def merge(self, other: "KVCache") -> None:
-        """Append `other`'s rows (a cache of the same model, e.g. newly prefilled prompts): the
-        shorter side is left-padded to the longer, so every row decodes on as it did alone."""
-        self._packed([self, other], [None, None])
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.left_pad = None
 
 
 class Attention(nn.Module):
@@ -211,7 +139,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -345,12 +273,14 @@ class Transformer(nn.Module):
         return self.cfg.max_seq_len
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None,
-                  left_pad: Optional[Sequence[int]] = None) -> KVCache:
+                  left_pad: Optional[Sequence[int]] = None, sinks: Optional[int] = None) -> KVCache:
         """A KV cache for `batch` rows of up to `max_len` positions; `left_pad[i]` leading
-        slots of row i are padding (left-padded prompts): masked, and RoPE starts after them."""
+        slots of row i are padding (left-padded prompts): masked, and RoPE starts after them.
+        `sinks=k`: never full; past max_len it keeps each row's first k tokens and the most
+        recent ones (attention sinks, lmlab.models.kv_cache)."""
         p = self.embed.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.head_dim,
-                       device or p.device, dtype or p.dtype, left_pad=left_pad)
+                       device or p.device, dtype or p.dtype, left_pad=left_pad, sinks=sinks)
 
     # --- forward
 
@@ -395,8 +325,7 @@ class Transformer(nn.Module):
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids and cache cannot be combined")
-            if cache.pos + T > cache.max_len:
-                raise ValueError(f"KV cache full: {cache.pos} + {T} > {cache.max_len}")
+            cache.room(T, lambda n: self._rope_tables(n, device))  # sink mode evicts; else full is an error
             cos_t, sin_t = self._rope_tables(cache.pos + T, device)
             abs_pos = torch.arange(cache.pos, cache.pos + T, device=device)
             if cache.left_pad is not None:
