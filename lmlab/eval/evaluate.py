@@ -40,6 +40,9 @@ What it measures (all written to `OUT/eval.json`):
   and per token, verification time per proof, counts by outcome. Each theorem's samples and
   verdicts go to `OUT/problems.jsonl`, a few sample proofs to `OUT/samples.jsonl` (`kind`
   "proofs"; the generative section's records have `kind` "generative").
+* long_context: a text `factor` x the context long (a file, or the packed val tokens) read
+  with attention sinks, a plain rolling window and dense recomputation: perplexity per mode
+  and per position range (lmlab/eval/long_context.py; plotted in the report).
 
 `out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
 the pipeline layout; another model's eval is named after it (runs/smoke/sft ->
@@ -67,6 +70,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.eval import perplexity
 from lmlab.eval.choice import read_choice_file, score_choices
+from lmlab.eval.long_context import LongContextSpec
 from lmlab.eval.proofs import ProofSpec
 from lmlab.runtime import pick_device, progress, seed_everything
 
@@ -141,6 +145,9 @@ class Config(Strict):
     proofs: list[ProofSpec] = Field(default_factory=list,
                                     description="Herald_proofs files whose theorems the model proves and Lean checks: "
                                                 "pass@k, time per proof (docs/lean.md)")
+    long_context: list[LongContextSpec] = Field(default_factory=list, description="long-context stability: a text "
+                                                "factor x the context long read with attention sinks, a plain "
+                                                "rolling window and dense recomputation (lmlab.eval.long_context)")
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
@@ -246,6 +253,13 @@ def run(cfg: Config) -> Path:
         choice_inputs.append((p, fmt, items))
         inputs[f"choice_{i}"] = {"path": str(p), "fingerprint": artifacts.sha256_file(p)}
     proof_inputs = _vet_proofs(cfg, inputs, fp_config)
+    for i, spec in enumerate(cfg.long_context):
+        if spec.path:
+            if not Path(spec.path).is_file():
+                raise UserError(f"long_context[{i}]: text file not found: {spec.path}")
+            inputs[f"long_context_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
+    if not cfg.long_context:  # left out, so evals made before it existed keep their fingerprint
+        fp_config.pop("long_context", None)
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"eval: up to date ({out}), nothing to do")
@@ -289,6 +303,8 @@ def run(cfg: Config) -> Path:
             results["choice"].append({"path": str(path), "name": _file_name(path), "format": fmt, **res})
     with timer("proofs"):
         results["proofs"] = _eval_proofs(model, tokenizer, proof_inputs, cfg, device, samples, problems)
+    with timer("long_context"):
+        results["long_context"] = _eval_long_context(model, tokenizer, cfg, device)
 
     try:
         with artifacts.atomic_dir(out) as tmp:
@@ -453,6 +469,20 @@ def _vet_proofs(cfg: Config, inputs: dict, fp_config: dict) -> list[tuple]:
     return out
 
 
+def _eval_long_context(model, tokenizer, cfg: Config, device) -> list[dict]:
+    from lmlab.eval import long_context as lc
+
+    out = []
+    ctx = model.max_context or int(model.cfg.max_seq_len)
+    for i, spec in enumerate(cfg.long_context):
+        ids = lc.read_tokens(spec, tokenizer, cfg.packed, int(spec.factor * ctx), f"long_context[{i}]")
+        modes = 1 if model.max_context is None else 3
+        with progress(modes, f"eval long context {lc.spec_name(spec)}", "mode") as bar:
+            res = lc.score_long_context(model, ids, spec, device, bar)
+        out.append({"name": lc.spec_name(spec), "path": spec.path, **res})
+    return out
+
+
 def _eval_proofs(model, tokenizer, proof_inputs: list[tuple], cfg: Config, device, samples: list,
                  outcomes: list) -> list[dict]:
     from lmlab.eval.proofs import score_proofs
@@ -541,6 +571,9 @@ def summary_stats(results: dict) -> dict:
         for key, value in p.items():
             if key.startswith("pass@") or key in ("inference_s_per_proof", "verify_s_per_proof"):
                 stats[f"{p['name']}_proof_{key}"] = value
+    for lcx in results.get("long_context", []):
+        for mode, m in lcx["modes"].items():
+            stats[f"{lcx['name']}_long_{mode}_ppl"] = m["perplexity"]
     return stats
 
 
@@ -566,6 +599,10 @@ def _print_summary(results: dict, out: Path) -> None:
         print(f"eval {c['name']}: acc {c['acc']:.3f}, acc_norm {c['acc_norm']:.3f} ({c['n']} items, {c['format']})")
     for p in results.get("proofs", []):
         print(_proofs_line(p))
+    for lcx in results.get("long_context", []):
+        modes = ", ".join(f"{mode} ppl {m['perplexity']:.2f} (past the context {math.exp(m['loss_past_context']):.2f})"
+                          for mode, m in lcx["modes"].items())
+        print(f"eval {lcx['name']} long context ({lcx['tokens']:,} tokens, context {lcx['context']}): {modes}")
     print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")
 
 

@@ -145,6 +145,25 @@ def compare_curves(train: dict[str, list[tuple[float, float]]], val: dict[str, l
     return _save(fig, path)
 
 
+def long_context(positions: list[float], curves: dict[str, list[float]], context: int, path: str | Path,
+                 title: str = "") -> Path:
+    """Loss against position in a text longer than the context, one line per reading mode."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    style = {"sinks": ("#4c72b0", "-"), "window": ("#c44e52", "--"), "dense": ("#55a868", ":"),
+             "native": ("#8172b2", "-")}
+    for mode, ys in curves.items():
+        c, ls = style.get(mode, ("#333333", "-"))
+        ax.plot(positions, ys, ls, color=c, lw=1.4, marker="o", ms=2.5, label=mode)
+    ax.axvline(context, color="#999999", lw=0.8)
+    ax.text(context, ax.get_ylim()[1], " context", va="top", fontsize=7, color="#666666")
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "reading past the context")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- alignment (grpo, rerank)
 
 def small_multiples(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 from pydantic import Field
 
@@ -31,6 +32,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import alignment, families, plots, trm
 from lmlab.report import lean as lean_report
+from lmlab.report.long_context import long_context_section
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
 from lmlab.runtime import hardware_summary
@@ -333,7 +335,12 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
 
     parts += families.pretrain_comparison(found, out_dir, read_metrics, lambda m: model_stage(m) == "Base")
     parts += ladder_section(found, out_dir)
-    parts += lean_report.proofs_section(found, lambda m: model_stage(mm) if (mm := _model_of_eval(found, m)[1]) else None)
+    def eval_stage(eval_m: dict) -> Optional[str]:
+        model_m = _model_of_eval(found, eval_m)[1]
+        return model_stage(model_m) if model_m else None
+
+    parts += lean_report.proofs_section(found, eval_stage)
+    parts += long_context_section(found, out_dir, eval_stage)
     parts += alignment.grpo_section(found, out_dir, read_metrics)
     parts += trm.trm_section(found, out_dir, read_metrics)
     parts += alignment.scorer_sections(found, out_dir)
