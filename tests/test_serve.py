@@ -218,6 +218,19 @@ def test_a_full_queue_answers_429_and_a_slow_request_times_out(run_dir, tmp_path
         assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_truncate_sinks_reads_and_writes_past_the_context(tmp_path_factory, tmp_path):
+    small = random_model_dir(tmp_path_factory.getbasetemp() / "serve-models", "transformer", context=64)
+    long_message = [{"role": "user", "content": "the cat sat on the mat " * 40}]
+    with serving(small, tmp_path / "s.log", "truncate=sinks") as srv:
+        c = openai.OpenAI(base_url=srv["url"] + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=srv["model"], messages=long_message, max_tokens=100,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.prompt_tokens > 64 and r.usage.completion_tokens == 100
+    with serving(small, tmp_path / "r.log") as srv:  # the default refuses what does not fit
+        code, err, _ = post(srv, "/v1/chat/completions", {"model": srv["model"], "messages": long_message}, None)
+        assert code == 400 and err["error"]["code"] == "context_length_exceeded"
+
+
 def test_cli_refusals_are_one_line_exit_2(run_dir, server, tmp_path, capsys):
     port = server["url"].rsplit(":", 1)[1]
     assert main(["serve", str(run_dir), f"port={port}"]) == 2

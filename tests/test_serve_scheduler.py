@@ -132,3 +132,30 @@ def test_a_full_queue_is_refused(loaded):
     sched._waiting[0].on_event = c
     sched.start().close()
     assert c.reason == "error"  # closing fails what still waits, it never hangs
+
+
+def test_sinks_stream_past_the_context_as_generate_does(loaded):
+    """truncate=sinks: a prompt longer than the cache and a reply past it, among other rows;
+    greedy text equal to lmlab.infer.engine's generation with the same sinks alone."""
+    from lmlab.infer.engine import generate_ids
+
+    model, tok = loaded
+    if model.max_context is None:
+        pytest.skip("an unbounded family streams past any length without sinks")
+    ctx = 48
+    long = (prompts(tok, 1)[0] * 20)[:ctx + 30]
+    # generate_ids sizes its sink cache to the model's context: shrink that to ctx meanwhile
+    model_ctx = model.cfg.max_seq_len
+    model.cfg.max_seq_len = ctx
+    try:
+        want = [s[0] for s in generate_ids(model, [long], max_new_tokens=60, sinks=4)]
+        sched = Scheduler(model, tok, max_batch=4, max_len=ctx, sinks=4).start()
+        c, other = Collector(), Collector()
+        seq = Sequence(long, Sampling(max_new_tokens=60), ignore_eos=True, on_event=c)
+        sched.submit(Sequence(prompts(tok, 3)[2], Sampling(max_new_tokens=30), ignore_eos=True, on_event=other))
+        sched.submit(seq)
+        assert c.done.wait(60) and other.done.wait(60)
+        sched.close()
+    finally:
+        model.cfg.max_seq_len = model_ctx
+    assert seq.ids == want[:len(seq.ids)] and len(seq.ids) == 60 and c.reason == "length"

@@ -40,8 +40,10 @@ def create_app(model, tokenizer, template: Optional[str], model_id: str, setting
                created: int = 0) -> FastAPI:
     """The app serving `model`; `settings` is lmlab.serve.stage.Config (limits, key, CORS)."""
     ctx = int(settings.context or model.cfg.max_seq_len)
+    # truncate=sinks: prompts and replies may outgrow a bounded context (attention sinks)
+    streaming = settings.truncate == "sinks" and getattr(model, "max_context", None) is not None
     sched = scheduler or Scheduler(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                                   max_len=ctx)
+                                   max_len=ctx, sinks=settings.sinks if streaming else None)
     status_counts: dict[int, int] = {}
 
     @asynccontextmanager
@@ -115,6 +117,8 @@ def create_app(model, tokenizer, template: Optional[str], model_id: str, setting
         if requested is not None and requested > settings.max_tokens:
             raise APIError(400, f"{param}={requested} is over this server's limit of {settings.max_tokens}",
                            param=param)
+        if streaming:  # the cache streams past the context
+            return requested if requested is not None else settings.max_tokens
         room = ctx - prompt_len
         if room < 1 or (requested is not None and requested > room):
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "

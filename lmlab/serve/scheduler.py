@@ -117,9 +117,10 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_len: int = 1024,
-                 device=None):
+                 device=None, sinks: Optional[int] = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+        self.sinks = sinks  # caches keep the first `sinks` tokens past max_len (attention sinks); None: bounded
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
         eos = tokenizer.eos_id
@@ -226,9 +227,16 @@ class Scheduler:
         idx = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             idx[i, longest - len(s.prompt):] = torch.as_tensor(s.prompt, dtype=torch.long)
-        cache = self.model.new_cache(len(seqs), self.max_len, device=self.device,
-                                     left_pad=[longest - n for n in lengths])
-        logits, _ = self.model(idx.to(self.device), cache=cache, last_only=True)
+        pads = [longest - n for n in lengths]
+        if self.sinks is None:
+            cache = self.model.new_cache(len(seqs), self.max_len, device=self.device, left_pad=pads)
+            chunk = longest
+        else:  # a prompt longer than the cache is read in chunks that fit beside the sinks
+            cache = self.model.new_cache(len(seqs), self.max_len, device=self.device, left_pad=pads, sinks=self.sinks)
+            chunk = max(1, (self.max_len - self.sinks) // 2)
+        idx = idx.to(self.device)
+        for start in range(0, longest, chunk):
+            logits, _ = self.model(idx[:, start:start + chunk], cache=cache, last_only=True)
         nxt = self._sample(logits[:, -1], seqs)
         keep = self._push(seqs, nxt)
         if not keep:

@@ -46,8 +46,11 @@ class Config(Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     context: Optional[int] = Field(None, ge=8, description="prompt + completion tokens per request (default: the "
                                    "model's max_seq_len)")
-    truncate: Literal["refuse", "oldest"] = Field("refuse", description="a prompt longer than the context: refuse "
-                                                  "(400) or drop the oldest messages / tokens")
+    truncate: Literal["refuse", "oldest", "sinks"] = Field(
+        "refuse", description="a prompt + reply longer than the context: refuse (400), drop the oldest messages / "
+        "tokens, or read and write past it with attention sinks (a transformer keeps the first `sinks` tokens and "
+        "the most recent ones)")
+    sinks: int = Field(4, ge=1, description="attention sinks kept with truncate=sinks")
     max_batch: int = Field(16, ge=1, description="sequences decoded together at most")
     max_queue: int = Field(64, ge=1, description="sequences waiting for a slot at most; then 429")
     max_tokens: int = Field(1024, ge=1, description="most tokens per completion (and the default when a request "
