@@ -30,17 +30,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding, shared by all layers.
+    """Keys/values for incremental decoding, shared by all layers.
 
-    `k`, `v`: (n_layer, B, n_kv_head, max_len, head_dim). `pos` is how many positions are
-    filled. `left_pad` (B,) optionally says how many leading slots of each row are padding
-    (batched prompts of different lengths): those keys are masked out and the row's RoPE
-    positions start after them, so a padded row computes exactly what it would alone.
+    `k`, `v`: (n_layer, B, n_kv_head, capacity, head_dim), capacity <= max_len: the buffer
+    grows (doubling) as positions fill, and `select`/`merge` re-lay rows out into a buffer
+    sized to what they hold, so their copies cost what is cached, not max_len (the server
+    changes its batch often). `pos` is how many positions are filled. `left_pad` (B,)
+    optionally says how many leading slots of each row are padding (batched prompts of
+    different lengths): those keys are masked out and the row's RoPE positions start after
+    them, so a padded row computes exactly what it would alone.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  device, dtype, left_pad: Optional[Sequence[int]] = None, sinks: Optional[int] = None):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        shape = (n_layer, batch, n_kv_head, 0, head_dim)  # capacity grows with the first forward
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -54,6 +57,15 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def _capacity(self, need: int) -> int:
+        return min(self.max_len, max(need, 2 * self.k.shape[3], 64))
+
+    def _grow(self, need: int) -> None:
+        k = self.k.new_zeros((*self.k.shape[:3], self._capacity(need), self.k.shape[4]))
+        v = torch.zeros_like(k)
+        k[:, :, :, :self.pos], v[:, :, :, :self.pos] = self.k[:, :, :, :self.pos], self.v[:, :, :, :self.pos]
+        self.k, self.v = k, v
 
     def _pads(self) -> torch.Tensor:
         return self.left_pad if self.left_pad is not None else torch.zeros(self.batch, dtype=torch.long,
@@ -75,7 +87,8 @@ class KVCache:
         batch = sum(k.shape[1] for k in ks)
         first = caches[0].k
         self.max_len = max(c.max_len for c in caches)
-        self.k = first.new_zeros((first.shape[0], batch, first.shape[2], self.max_len, first.shape[4]))
+        cap = min(self.max_len, max(64, pos + pos // 2))  # headroom for the steps until the batch changes again
+        self.k = first.new_zeros((first.shape[0], batch, first.shape[2], cap, first.shape[4]))
         self.v = torch.zeros_like(self.k)
         r = 0
         for c, k, v in zip(caches, ks, vs):
@@ -103,6 +116,8 @@ class KVCache:
         would overflow is an error. `rope_tables(n)` -> the model's (cos, sin) for positions < n."""
         over = self.pos + T - self.max_len
         if over <= 0:
+            if self.pos + T > self.k.shape[3]:
+                self._grow(self.pos + T)
             return
         if self.sinks is None:
             raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len}")
@@ -112,6 +127,8 @@ class KVCache:
         if self.k.dtype in (torch.float16, torch.bfloat16):
             over = max(over, self.max_len // 16)
         self.evict(min(over, self.pos - self.sinks), rope_tables)
+        if self.pos + T > self.k.shape[3]:
+            self._grow(self.pos + T)
 
     def evict(self, e: int, rope_tables) -> None:
         """Drop e slots from the time axis: each row loses its padding first, then the oldest

@@ -108,7 +108,7 @@ def resolve_model_config(cfg: dict | ModelConfig | None, vocab_size: int | None 
 def param_count(cfg: ModelConfig) -> int:
     """Closed-form parameter count (equals `Transformer(cfg).num_params()`)."""
     d, hd = cfg.d_model, cfg.d_model // cfg.n_head
-    attn = d * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * d
+    attn = (d + (1 if cfg.attn_bias else 0)) * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * d
     mlp = 3 * d * cfg.ffn_dim
     norms = 2 * d + (2 * hd if cfg.qk_norm else 0)
     emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
@@ -217,12 +217,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2·n_layer) (GPT-2)."""
+        """normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2·n_layer) (GPT-2);
+        norms 1, biases 0 (as transformers initialises Qwen2's)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, 0.0, out_std)
             else:
