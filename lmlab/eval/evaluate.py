@@ -11,6 +11,7 @@ generative exact match / pass@k / maj@k on problems with checkable answers, mult
     lmlab eval runs/x/model choice='[data/arc_easy.jsonl, data/boolq.jsonl]'
     lmlab eval runs/h/sft packed_default=false max_new_tokens=0 \
         proofs='[{path: data/herald_proofs.parquet, n: 200, lean: {project: ~/lean/mathproj}}]'
+    lmlab eval runs/x/model 'lm_eval={tasks: [my_task], include_path: my_tasks/, limit: 100}'
 
 What it measures (all written to `OUT/eval.json`):
 
@@ -43,6 +44,9 @@ What it measures (all written to `OUT/eval.json`):
 * long_context: a text `factor` x the context long (a file, or the packed val tokens) read
   with attention sinks, a plain rolling window and dense recomputation: perplexity per mode
   and per position range (lmlab/eval/long_context.py; plotted in the report).
+* lm_eval: lm-evaluation-harness tasks (`{tasks: [...], include_path: DIR}`) run on this model
+  through lmlab/eval/lm_harness.py (`pip install 'lmlab[lm_eval]'`; docs/lm_eval.md): every
+  task's metrics with their standard errors, as lm-eval reports them.
 
 `out` defaults to `eval` next to the model directory (runs/smoke/model -> runs/smoke/eval),
 the pipeline layout; another model's eval is named after it (runs/smoke/sft ->
@@ -115,6 +119,22 @@ class GenerativeSpec(Strict):
                                          "weighted_vote@N, maj@N, pass@N")
 
 
+class LmEvalSpec(Strict):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names (or task YAML files)")
+    include_path: Optional[str] = Field(None, description="a directory of task YAMLs (and their data); its files are "
+                                        "fingerprinted")
+    include_defaults: Optional[bool] = Field(None, description="also index lm-eval's built-in tasks (~20 s); "
+                                             "default: only when a task is not under include_path")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="few-shot examples per prompt (default: each task's own)")
+    limit: Optional[float] = Field(None, gt=0, description="score the first N documents per task (< 1: a fraction)")
+    batch_size: int = Field(16, ge=1, description="requests per forward pass / decoding batch")
+    max_length: Optional[int] = Field(None, ge=1, description="tokens per window (default: the model's context)")
+    max_gen_toks: int = Field(256, ge=1, description="generate_until's token budget when a task sets none")
+    add_bos_token: bool = Field(False, description="bos before every context, as lm-eval's hf backend with "
+                                "add_bos_token=True (default: as the exported HF tokenizer, none)")
+    bootstrap_iters: int = Field(100000, ge=0, description="bootstrap resamples for the stderr of non-mean metrics")
+
+
 class Config(Strict):
     model: str = Field("", description="model run directory (kind 'model') to evaluate")
     out: str = Field("", description="output directory; default: 'eval' next to the model directory "
@@ -148,6 +168,9 @@ class Config(Strict):
     long_context: list[LongContextSpec] = Field(default_factory=list, description="long-context stability: a text "
                                                 "factor x the context long read with attention sinks, a plain "
                                                 "rolling window and dense recomputation (lmlab.eval.long_context)")
+    lm_eval: Optional[LmEvalSpec] = Field(None, description="lm-evaluation-harness tasks run on the model: "
+                                          "{tasks: [...], include_path: DIR, num_fewshot, limit, batch_size} "
+                                          "(docs/lm_eval.md)")
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
 
@@ -260,6 +283,7 @@ def run(cfg: Config) -> Path:
             inputs[f"long_context_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
     if not cfg.long_context:  # left out, so evals made before it existed keep their fingerprint
         fp_config.pop("long_context", None)
+    lm_eval_tasks = _vet_lm_eval(cfg, inputs, fp_config)
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"eval: up to date ({out}), nothing to do")
@@ -305,6 +329,9 @@ def run(cfg: Config) -> Path:
         results["proofs"] = _eval_proofs(model, tokenizer, proof_inputs, cfg, device, samples, problems)
     with timer("long_context"):
         results["long_context"] = _eval_long_context(model, tokenizer, cfg, device)
+    if cfg.lm_eval is not None:
+        with timer("lm_eval"):
+            results["lm_eval"] = _eval_lm_eval(model, tokenizer, model_dir, lm_eval_tasks, cfg, device)
 
     try:
         with artifacts.atomic_dir(out) as tmp:
@@ -499,6 +526,35 @@ def _eval_proofs(model, tokenizer, proof_inputs: list[tuple], cfg: Config, devic
     return results
 
 
+def _vet_lm_eval(cfg: Config, inputs: dict, fp_config: dict):
+    """lm-eval installed, every task known (its TaskManager, returned); the task files' sha256 go to
+    `inputs`, the spec and lm-eval's version to the fingerprinted config."""
+    if cfg.lm_eval is None:  # left out, so evals made before it existed keep their fingerprint
+        fp_config.pop("lm_eval", None)
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("lm_eval: lm-evaluation-harness is not installed; pip install 'lmlab[lm_eval]'")
+    from lmlab.eval import lm_harness
+
+    spec = cfg.lm_eval
+    tm = lm_harness.task_manager(spec.tasks, spec.include_path, spec.include_defaults)
+    if spec.include_path:
+        inputs["lm_eval_tasks"] = {"path": spec.include_path, "fingerprint": lm_harness.tree_sha256(spec.include_path)}
+    for i, t in enumerate(spec.tasks):
+        if Path(t).is_file():
+            inputs[f"lm_eval_task_{i}"] = {"path": t, "fingerprint": artifacts.sha256_file(t)}
+    fp_config["lm_eval"] = {**spec.model_dump(mode="json"), "lm_eval_version": lm_harness.lm_eval.__version__}
+    return tm
+
+
+def _eval_lm_eval(model, tokenizer, model_dir, task_manager, cfg: Config, device) -> dict:
+    from lmlab.eval.lm_harness import run_tasks
+
+    return run_tasks(model, tokenizer, cfg.lm_eval, task_manager, device=device, seed=cfg.seed, path=str(model_dir))
+
+
 def _manifest_config(cfg: Config) -> dict:
     """The resolved config for the manifest (and the report that prints it), Lean API keys masked."""
     out = cfg.model_dump(mode="json")
@@ -574,6 +630,9 @@ def summary_stats(results: dict) -> dict:
     for lcx in results.get("long_context", []):
         for mode, m in lcx["modes"].items():
             stats[f"{lcx['name']}_long_{mode}_ppl"] = m["perplexity"]
+    for t in (results.get("lm_eval") or {}).get("tasks", []):
+        for m in t["metrics"]:  # lm_eval_TASK_METRIC, + _FILTER unless lm-eval's filter is "none"
+            stats[f"lm_eval_{t['task']}_{m['metric']}" + ("" if m["filter"] == "none" else f"_{m['filter']}")] = m["value"]
     return stats
 
 
@@ -603,6 +662,10 @@ def _print_summary(results: dict, out: Path) -> None:
         modes = ", ".join(f"{mode} ppl {m['perplexity']:.2f} (past the context {math.exp(m['loss_past_context']):.2f})"
                           for mode, m in lcx["modes"].items())
         print(f"eval {lcx['name']} long context ({lcx['tokens']:,} tokens, context {lcx['context']}): {modes}")
+    for t in (results.get("lm_eval") or {}).get("tasks", []):
+        from lmlab.eval.lm_harness import metrics_line
+
+        print(f"eval lm_eval {t['task']}: {metrics_line(t)}")
     print(f"eval: wrote {out} ({time.strftime('%H:%M:%S')})")
 
 

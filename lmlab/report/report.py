@@ -33,6 +33,7 @@ from lmlab.errors import UserError
 from lmlab.report import alignment, families, plots, trm
 from lmlab.report import lean as lean_report
 from lmlab.report.long_context import long_context_section
+from lmlab.report.lm_eval import lm_eval_section
 from lmlab.report import sweep as sweep_report
 from lmlab.report.markdown import fmt_count, fmt_duration, hardware_line, table
 from lmlab.runtime import hardware_summary
@@ -341,6 +342,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
 
     parts += lean_report.proofs_section(found, eval_stage)
     parts += long_context_section(found, out_dir, eval_stage)
+    parts += lm_eval_section(found, eval_stage)
     parts += alignment.grpo_section(found, out_dir, read_metrics)
     parts += trm.trm_section(found, out_dir, read_metrics)
     parts += alignment.scorer_sections(found, out_dir)
