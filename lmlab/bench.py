@@ -6,6 +6,7 @@
     lmlab bench trm trm_reference=PATH batch_size=64
     lmlab bench griffin preset=tiny batch_size=4 seq_len=2048
     lmlab bench decode preset=tiny contexts='[256, 1024, 4096]' plot=decode.png
+    lmlab bench serve model=runs/cpu/sft concurrency='[1, 4, 16]' requests=32 max_new_tokens=64 out=serve.json
 
 `train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
 `transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
@@ -21,6 +22,9 @@ official TinyRecursiveModels code, same weights and batch (lmlab.bench_trm).
 against Google DeepMind's recurrentgemma torch code, same weights (lmlab.bench_griffin).
 `decode`: decode tokens/s and decoding-state size against the context length, Griffin beside
 our transformer (lmlab.bench_griffin), optionally plotted.
+`serve`: `lmlab serve` (a subprocess) under 1, 4, 16... concurrent streaming clients: tokens/s,
+requests/s, time to first token and inter-token latency, against the same requests one at a
+time (lmlab.bench_serve); without `model=`, a random-weight `family`/`preset` model.
 
 The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
 machine slows both alike; each side's figure is the median over `repeats`.
@@ -40,14 +44,15 @@ from lmlab.bench_timing import interleaved as _interleaved
 from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train, generate, grpo, trm, griffin or decode")
+POSITIONAL = ("what", "train, generate, grpo, trm, griffin, decode or serve")
 
 
 class Config(Strict):
-    what: Literal["train", "generate", "grpo", "trm", "griffin", "decode"] = Field(
+    what: Literal["train", "generate", "grpo", "trm", "griffin", "decode", "serve"] = Field(
         "train", description="train (fwd+bwd+AdamW tokens/s), generate (decode tokens/s), grpo (a GRPO step "
         "against TRL), trm (a TRM step against the official code), griffin (Griffin's scan and model against "
-        "recurrentgemma) or decode (Griffin beside the transformer against the context length)")
+        "recurrentgemma), decode (Griffin beside the transformer against the context length) or serve "
+        "(lmlab serve under concurrent clients against one request at a time)")
     preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base; griffin: "
                         "micro, tiny, small, 2b, 9b)")
     vocab_size: int = Field(32768, ge=16, description="vocabulary size of the benchmarked model")
@@ -56,16 +61,23 @@ class Config(Strict):
     contexts: list[int] = Field(default_factory=lambda: [128, 512, 2048, 8192],
                                 description="decode: prompt lengths to decode after")
     plot: Optional[str] = Field(None, description="decode: a PNG file for the speed and memory curves")
-    prompt_len: int = Field(32, ge=1, description="prompt length in tokens (generate)")
+    prompt_len: int = Field(32, ge=1, description="prompt length in tokens (generate, serve)")
     steps: int = Field(3, ge=1, description="timed training steps per repetition (train); each step is timed alone")
     warmup: int = Field(1, ge=0, description="untimed steps (train) or runs (generate) before the first repetition")
     repeats: int = Field(3, ge=1, description="repetitions per side, interleaved with the other side; the median time is reported")
-    max_new_tokens: int = Field(64, ge=1, description="new tokens per prompt (generate)")
+    max_new_tokens: int = Field(64, ge=1, description="new tokens per prompt (generate); tokens per completion (serve)")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16],
+                                   description="serve: concurrent clients at each level (the server's max_batch is "
+                                   "the largest)")
+    requests: int = Field(32, ge=1, description="serve: requests sent at each concurrency (and one at a time)")
+    family: Literal["transformer", "griffin"] = Field("transformer", description="serve: family of the random-weight "
+                                                      "model built when model= is empty")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     seed: int = Field(0, description="seed for weights and data")
     out: Optional[str] = Field(None, description="optional JSON file for the results")
-    model: str = Field("", description="grpo: the chat model run to train (an sft run)")
+    model: str = Field("", description="grpo: the chat model run to train (an sft run); serve: the model run to serve "
+                       "(empty: a random-weight `family`/`preset` model)")
     problems: str = Field("", description="grpo: GSM8K-format problems (the first `prompts` are used)")
     prompts: int = Field(8, ge=1, description="grpo: prompts per step")
     num_generations: int = Field(8, ge=2, description="grpo: completions per prompt (G)")
@@ -177,6 +189,9 @@ def run(cfg: Config) -> dict:
     if cfg.what == "grpo":
         from lmlab.bench_grpo import bench_grpo, print_grpo
         return _measured(cfg, bench_grpo, lambda cfg, res, device: print_grpo(cfg, res))
+    if cfg.what == "serve":
+        from lmlab.bench_serve import bench_serve, print_serve
+        return _measured(cfg, bench_serve, print_serve)
     if cfg.what == "trm":
         from lmlab.bench_trm import bench_trm
         return _measured(cfg, bench_trm, _print_trm)
