@@ -38,22 +38,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class Config(Strict):
     model: str = Field("", description="model run directory to export (model.safetensors, model.json, tokenizer/)")
-    out: str = Field("", description="output Hugging Face directory (replaced atomically)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the exported weights")
+    out: str = Field("", description="output Hugging Face directory, or .gguf file with format=gguf "
+                                     "(replaced atomically)")
+    format: Literal["auto", "hf", "gguf"] = Field(
+        "auto", description="hf: a Hugging Face directory; gguf: one GGUF file for llama.cpp / Ollama "
+                            "(lmlab.models.gguf); auto: gguf when out ends in .gguf, else hf")
+    dtype: Literal["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"] = Field(
+        "float32", description="dtype of the exported weights: float32 | bfloat16 | float16 (f32 | bf16 | f16 are "
+                               "the same); q8_0 (8-bit blocks) with format=gguf only")
+
+
+def export_format(cfg: Config) -> str:
+    """'hf' or 'gguf': `format`, or with format=auto the suffix of `out`."""
+    if cfg.format != "auto":
+        return cfg.format
+    return "gguf" if cfg.out.lower().endswith(".gguf") else "hf"
+
+
+HF_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 # ----------------------------------------------------------------------------- name mapping
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameters under HF Llama/Qwen3 names, fused projections split."""
+    """Our parameters under HF Llama/Qwen2/Qwen3 names, fused projections (and q/k/v biases) split."""
     cfg, hd = model.cfg, model.head_dim
     sd = model.state_dict()
+    sizes = [cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd]
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         p, h = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[p + "attn.qkv.weight"].split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
+        q, k, v = sd[p + "attn.qkv.weight"].split(sizes)
         gate, up = sd[p + "mlp.gate_up.weight"].split(cfg.ffn_dim)
         out.update({
             h + "input_layernorm.weight": sd[p + "attn_norm.weight"],
@@ -63,6 +80,12 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
             h + "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"],
         })
+        if cfg.attn_bias:
+            qb, kb, vb = sd[p + "attn.qkv.bias"].split(sizes)
+            out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,
+                        h + "self_attn.v_proj.bias": vb})
+            if cfg.qk_norm:  # Qwen3's attention_bias puts a bias on o_proj too: ours is none, i.e. zero
+                out[h + "self_attn.o_proj.bias"] = torch.zeros(cfg.d_model, dtype=qb.dtype, device=qb.device)
         if cfg.qk_norm:
             out[h + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"]
             out[h + "self_attn.k_norm.weight"] = sd[p + "attn.k_norm.weight"]
@@ -70,7 +93,10 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF Llama/Qwen3 names -> ours (q/k/v and gate/up stacked). Raises KeyError naming a missing tensor."""
+    """HF Llama/Mistral/Qwen2/Qwen3 names -> ours (q/k/v, their biases and gate/up stacked).
+
+    Raises KeyError naming a missing tensor, UserError for an o_proj bias that is not zero
+    (Llama's and Qwen3's `attention_bias` has one; lmlab's transformer has none)."""
     out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     out["lm_head.weight"] = hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
     for i in range(cfg.n_layer):
@@ -84,6 +110,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             p + "mlp.gate_up.weight": torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]),
             p + "mlp.down_proj.weight": hf[h + "mlp.down_proj.weight"],
         })
+        if cfg.attn_bias:
+            out[p + "attn.qkv.bias"] = torch.cat([hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"],
+                                                  hf[h + "self_attn.v_proj.bias"]])
+        o_bias = hf.get(h + "self_attn.o_proj.bias")
+        if o_bias is not None and bool(o_bias.any()):
+            raise UserError(f"layer {i} has a non-zero o_proj bias ({h}self_attn.o_proj.bias); lmlab's transformer "
+                            f"has biases on q/k/v only (as Qwen2), so it cannot import this model exactly")
         if cfg.qk_norm:
             out[p + "attn.q_norm.weight"] = hf[h + "self_attn.q_norm.weight"]
             out[p + "attn.k_norm.weight"] = hf[h + "self_attn.k_norm.weight"]
@@ -91,11 +124,15 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None, pad_id=None) -> dict:
-    """config.json for LlamaForCausalLM, or Qwen3ForCausalLM when the model uses QK-norm."""
+    """config.json for LlamaForCausalLM; Qwen3ForCausalLM when the model uses QK-norm (with
+    `attention_bias` when it also has q/k/v biases: its o_proj bias is written as zeros), and
+    Qwen2ForCausalLM for q/k/v biases without QK-norm."""
     hd = cfg.d_model // cfg.n_head
+    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
+                        ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama"))
     d = {
-        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
-        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim,
@@ -108,7 +145,6 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
-        "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
@@ -119,47 +155,79 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if cfg.qk_norm:
+    if model_type != "qwen2":  # Qwen2's q/k/v biases are built in, its o_proj has none: no such option
+        d["attention_bias"] = bool(cfg.attn_bias)
+    if model_type == "llama":
+        d.update(mlp_bias=False, pretraining_tp=1)
+    else:
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
                  layer_types=["full_attention"] * cfg.n_layer)
-    else:
-        d.update(mlp_bias=False, pretraining_tp=1)
     return d
 
 
-def model_config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for an HF Llama/Qwen3 config, refusing features we do not implement."""
+def model_config_from_hf(c: dict, source: str = "config.json", notes: list | None = None) -> ModelConfig:
+    """Our ModelConfig for an HF Llama (SmolLM, SmolLM2), Mistral, Qwen2 or Qwen3 config,
+    refusing (UserError, one line naming the architecture) what we do not implement exactly.
+
+    A Mistral `sliding_window` shorter than max_position_embeddings becomes max_seq_len (a window
+    that covers the whole sequence is full attention, so the model is exact up to that length);
+    that is said in a line appended to `notes`."""
     mt = c.get("model_type")
-    if mt not in ("llama", "qwen3"):
-        raise UserError(f"{source}: model_type '{mt}' is not supported; import_hf reads llama, qwen3 and "
-                        f"recurrent_gemma checkpoints")
+    arch = (c.get("architectures") or [None])[0]
+    named = f"{arch} (model_type {mt})" if arch else f"model_type {mt!r}"
+    supported = ("supported: llama (Llama, SmolLM, SmolLM2), mistral, qwen2, qwen3, and recurrent_gemma "
+                 "(as the griffin family)")
+    if mt == "smollm3":
+        raise UserError(f"{source}: {named} is not supported: SmolLM3 leaves out the rotary embedding on every "
+                        f"{c.get('no_rope_layer_interval', 4)}th layer (NoPE), which lmlab's transformer does not "
+                        f"have; {supported}")
+    if mt not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise UserError(f"{source}: {named} is not supported by lmlab's transformer; {supported}")
     problems = []
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        problems.append("biases")
+    attn_bias = mt == "qwen2" or (mt != "mistral" and bool(c.get("attention_bias")))  # Qwen2's are built in
+    if c.get("mlp_bias"):
+        problems.append("MLP biases (mlp_bias=true)")
     if c.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={c.get('hidden_act')}")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling '{rope.get('rope_type', rope.get('type'))}'")
+    if float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        problems.append("a partial rotary embedding (partial_rotary_factor)")
     if c.get("use_sliding_window"):
-        problems.append("sliding-window attention")
+        problems.append(f"sliding-window attention (use_sliding_window=true, sliding_window={c.get('sliding_window')})")
+    other = sorted({t for t in c.get("layer_types") or [] if t != "full_attention"})
+    if other and not c.get("use_sliding_window"):
+        problems.append(f"layer_types {', '.join(other)}")
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
     if c.get("head_dim") not in (None, hidden // heads):
-        problems.append(f"head_dim={c['head_dim']} != hidden_size/num_attention_heads")
+        problems.append(f"head_dim={c['head_dim']} != hidden_size/num_attention_heads={hidden // heads}")
     if problems:
-        raise UserError(f"{source}: cannot import exactly: {', '.join(problems)} not supported by lmlab's transformer")
+        raise UserError(f"{source}: cannot import {named} exactly: {'; '.join(problems)} not supported by "
+                        f"lmlab's transformer")
+    max_seq_len = c.get("max_position_embeddings", 2048)
+    window = c.get("sliding_window") if mt == "mistral" else None
+    if window is not None and window < max_seq_len:
+        max_seq_len = window
+        if notes is not None:
+            notes.append(f"{source}: sliding_window={window} < max_position_embeddings="
+                         f"{c.get('max_position_embeddings', 2048)}: imported with max_seq_len={window}, up to which "
+                         f"the window covers the whole sequence (full attention) and the model is exact; lmlab's "
+                         f"transformer has no sliding-window attention for longer contexts")
     return resolve_model_config({
         "preset": "micro", "vocab_size": c["vocab_size"], "n_layer": c["num_hidden_layers"], "d_model": hidden,
         "n_head": heads, "n_kv_head": c.get("num_key_value_heads") or heads, "ffn_dim": c["intermediate_size"],
-        "max_seq_len": c.get("max_position_embeddings", 2048),
+        "max_seq_len": max_seq_len,
         "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        "norm_eps": c.get("rms_norm_eps", 1e-6), "qk_norm": mt == "qwen3",
+        "norm_eps": c.get("rms_norm_eps", 1e-6), "qk_norm": mt == "qwen3", "attn_bias": attn_bias,
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "init_std": c.get("initializer_range", 0.02),
     })
 
 
-def import_hf(hf_dir: str | Path, device: str = "cpu"):
-    """A Llama-, Qwen3- or RecurrentGemma-layout HF directory -> (our model in float32, its config)."""
+def import_hf(hf_dir: str | Path, device: str = "cpu", notes: list | None = None):
+    """A Llama-, Mistral-, Qwen2-, Qwen3- or RecurrentGemma-layout HF directory -> (our model in
+    float32, its config). Notes on how it was mapped (model_config_from_hf) go to `notes`, or are
+    printed when no list is given."""
     d = Path(hf_dir)
     cpath = d / "config.json"
     if not cpath.is_file():
@@ -172,11 +240,16 @@ def import_hf(hf_dir: str | Path, device: str = "cpu"):
         from lmlab.models.griffin.checkpoints import import_hf_griffin
         model, cfg = import_hf_griffin(d)
         return model.to(device), cfg
-    cfg = model_config_from_hf(hf_cfg, str(cpath))
+    said = [] if notes is None else notes
+    cfg = model_config_from_hf(hf_cfg, str(cpath), said)
+    if notes is None:
+        for n in said:
+            print(f"note: {n}")
     try:
         state = from_hf_state_dict(read_hf_weights(d), cfg)
     except KeyError as e:
-        raise UserError(f"{d}: tensor {e} is missing from the checkpoint; is it a complete Llama/Qwen3 model?") from None
+        raise UserError(f"{d}: tensor {e} is missing from the checkpoint; is it a complete "
+                        f"{hf_cfg.get('model_type')} model?") from None
     model = Transformer(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval(), cfg
@@ -260,6 +333,13 @@ def run(cfg: Config) -> Path:
     from lmlab.data.chat import load_chat_template
     from lmlab.models import WEIGHTS, load_model
 
+    if export_format(cfg) == "gguf":
+        from lmlab.models import gguf
+        return gguf.run(cfg)
+    if cfg.dtype == "q8_0":
+        raise UserError("dtype=q8_0 is a GGUF quantization; add format=gguf (and out=FILE.gguf), or export to "
+                        "Hugging Face with dtype=float32|bfloat16|float16")
+    cfg = cfg.model_copy(update={"dtype": HF_DTYPE_NAMES.get(cfg.dtype, cfg.dtype), "format": "hf"})
     if not cfg.model:
         raise UserError("no model given; run `lmlab export RUN_DIR out=DIR`")
     if not cfg.out:
@@ -268,7 +348,7 @@ def run(cfg: Config) -> Path:
     artifacts.check_out(out, "hf_export", "export", inputs={"model directory": src})
     manifest_in = artifacts.read_manifest(src) or {}
     in_fp = manifest_in.get("fingerprint") or (artifacts.sha256_file(src / WEIGHTS) if (src / WEIGHTS).is_file() else "")
-    conf = cfg.model_dump(mode="json")
+    conf = cfg.model_dump(mode="json", exclude={"format"})  # the manifest of an HF export, as before formats
     # chat.json is part of the input: adding or changing a template re-exports
     chat_fp = artifacts.sha256_file(src / "chat.json") if (src / "chat.json").is_file() else None
     fp = artifacts.stage_fingerprint("hf_export", {"dtype": cfg.dtype},
