@@ -194,6 +194,16 @@ def test_a_client_that_disconnects_frees_its_slot(server, client):
     assert m["lmlab_generated_tokens_total"] - before < 600  # cancelled, not decoded to the end
     finished = chat(client, "Talk.", max_tokens=300, temperature=0.8, extra_body={"ignore_eos": True})
     assert finished.usage.completion_tokens == 300 and finished.choices[0].finish_reason == "length"
+    # a plain (not streamed) request whose client gives up: cancelled too
+    before = metrics(server)["lmlab_generated_tokens_total"]
+    impatient = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        chat(impatient, "Talk.", max_tokens=1000, n=8, temperature=0.8, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while metrics(server)["lmlab_active_sequences"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    m = metrics(server)
+    assert m["lmlab_active_sequences"] == 0 and m["lmlab_generated_tokens_total"] - before < 6000
     assert chat(client, "Still there?", max_tokens=4).choices[0].message.content is not None
     assert "POST /v1/chat/completions" in server["log"].read_text()  # one access-log line per request
 

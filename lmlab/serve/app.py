@@ -224,17 +224,24 @@ def create_app(model, tokenizer, template: Optional[str], model_id: str, setting
             request.scope["lmlab.usage"] = (p, c)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+        checked = [loop.time()]
+
         async def next_event():
-            """(index, Event), or None when the request timed out; raises when the client left."""
+            """(index, Event), or None when the request timed out; raises when the client left.
+            (A stream learns of a disconnect from its cancelled task; a plain request looks
+            every half second, busy or not.)"""
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
                     return None
+                if not req.stream and loop.time() - checked[0] >= 0.5:
+                    checked[0] = loop.time()
+                    if await request.is_disconnected():
+                        raise ClientGone()
                 try:
                     return await asyncio.wait_for(queue.get(), timeout=min(0.5, left))
                 except asyncio.TimeoutError:
-                    if not req.stream and await request.is_disconnected():
-                        raise ClientGone() from None
+                    continue
 
         def cancel_all():
             for s in seqs:
