@@ -28,11 +28,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
     "serve": ("lmlab.serve.stage", "an OpenAI-compatible server (continuous batching, streaming) with a web chat"),
     "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
-    "export": ("lmlab.models.hf", "export a model to a Hugging Face directory"),
-    "import": ("lmlab.models.importer", "import a Hugging Face (Llama, Qwen3, RecurrentGemma) or DeepMind "
-               "recurrentgemma checkpoint as an lmlab model"),
+    "export": ("lmlab.models.hf", "export a model to a Hugging Face directory or a GGUF file (llama.cpp, Ollama)"),
+    "import": ("lmlab.models.importer", "import a Hugging Face (Llama/SmolLM, Mistral, Qwen2, Qwen3, RecurrentGemma) "
+               "or DeepMind recurrentgemma checkpoint as an lmlab model"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
-    "bench": ("lmlab.bench", "benchmarks against a peer in the same run: transformers (train, generate), TRL (grpo), official TRM (trm), recurrentgemma (griffin); decode against context"),
+    "bench": ("lmlab.bench", "benchmarks against a peer in the same run: transformers (train, generate), TRL (grpo), official TRM (trm), recurrentgemma (griffin); decode against context; serve under concurrent clients"),
     "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),
     "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
     "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),

@@ -1,16 +1,18 @@
-"""Export a model to a Hugging Face directory, and import Llama-family HF checkpoints.
+"""Export a model to a Hugging Face directory (or a GGUF file), and import Llama-family HF checkpoints.
 
     lmlab export runs/model out=runs/hf_model dtype=bfloat16
+    lmlab export runs/model out=runs/model.gguf dtype=q8_0          # llama.cpp / Ollama (lmlab.models.gguf)
 
 writes `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files,
 which `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load. A model
 run with `chat.json` (made by sft/dpo) also gets its Jinja `chat_template` in
 tokenizer_config.json and its end-of-turn id in generation_config.json. Without
 QK-norm the model is exactly `LlamaForCausalLM`; with QK-norm it is exactly
-`Qwen3ForCausalLM` (Qwen3 RMS-normalises each query/key head before RoPE, as we do).
+`Qwen3ForCausalLM` (Qwen3 RMS-normalises each query/key head before RoPE, as we do); with
+q/k/v biases and no QK-norm, `Qwen2ForCausalLM`.
 
     from lmlab.models.hf import import_hf, to_hf_state_dict
-    model, cfg = import_hf("path/to/hf_llama_dir")   # Llama / Qwen3 layouts, safetensors
+    model, cfg = import_hf("path/to/hf_dir")   # Llama/SmolLM, Mistral, Qwen2, Qwen3 layouts, safetensors
 
 The name mapping both ways is in `to_hf_state_dict` / `from_hf_state_dict`: our fused
 q/k/v and gate/up matrices are split into HF's separate projections and stacked back. RoPE
