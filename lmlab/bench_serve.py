@@ -25,13 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -174,33 +170,14 @@ def _prompts(run_dir: Path, cfg) -> list[list[int]]:
 @contextlib.contextmanager
 def _server(run_dir: Path, cfg, batch: int, log_path: Path):
     """`python -m lmlab serve RUN_DIR port=0 ...` until the block ends: yields (url, model id)."""
-    env = dict(os.environ, LMLAB_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    from lmlab.serve.launch import serve_process
+
+    env = dict(os.environ)
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
-    cmd = [sys.executable, "-m", "lmlab", "serve", str(run_dir.resolve()), "port=0", f"max_batch={batch}",
-           f"max_queue={max(64, batch)}", f"max_tokens={cfg.max_new_tokens}", f"device={cfg.device}"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
-        try:
-            line = ""
-            while "serve: listening on " not in line:
-                try:
-                    line = lines.get(timeout=300)
-                except queue.Empty:
-                    line = None
-                if line is None:
-                    raise UserError(f"lmlab serve did not start listening; its log:\n{log_path.read_text()[-3000:]}")
-            url, rest = line.split("serve: listening on ", 1)[1].split(" (model ", 1)
-            yield url.rstrip("/"), rest.split(",")[0].strip()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_process(run_dir, log_path, f"max_batch={batch}", f"max_queue={max(64, batch)}",
+                       f"max_tokens={cfg.max_new_tokens}", f"device={cfg.device}", env=env, timeout=300) as served:
+        yield served
 
 
 def _peak_batch(url: str, key: str) -> int:

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import re
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -20,8 +15,6 @@ import torch
 
 from conftest import ROOT, build_micro_pipeline
 
-# the line `lmlab serve` prints once it accepts connections: "serve: listening on URL (model ID, ...)"
-LISTENING = re.compile(r"serve: listening on (http://[^\s/]+)/? \(model ([^,)]+)")
 # loopback only: no proxy from the environment
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -30,37 +23,15 @@ HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def serving(run_dir: Path, log_path: Path, *options: str):
     """Run the real `python -m lmlab serve RUN_DIR port=0 OPTIONS...` until the block ends:
     yields {"url", "model"} read from its `serve: listening on URL (model ID...)` line."""
+    from lmlab.errors import UserError
+    from lmlab.serve.launch import serve_process
+
     env = {k: v for k, v in os.environ.items() if k != "LMLAB_API_KEY"}  # a key only where a test sets one
-    env.update(LMLAB_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", str(run_dir), "port=0", *options],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        lines: queue.Queue = queue.Queue()
-
-        def drain():  # keep reading stdout so that the server never blocks on a full pipe
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=drain, daemon=True).start()
-        try:
-            match = None
-            while match is None:
-                try:
-                    line = lines.get(timeout=60)
-                except queue.Empty:
-                    pytest.fail(f"no 'serve: listening on' line within 60 s; log:\n{log_path.read_text()}")
-                if line is None:
-                    pytest.fail(f"lmlab serve exited ({proc.wait()}) before listening; log:\n{log_path.read_text()}")
-                match = LISTENING.search(line)
-            yield {"url": match.group(1), "model": match.group(2).strip()}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    try:
+        with serve_process(run_dir, log_path, *options, env=env, timeout=60, cwd=ROOT) as (url, model):
+            yield {"url": url, "model": model}
+    except UserError as e:
+        pytest.fail(str(e))
 
 
 def random_model_dir(root: Path, family: str = "transformer", context: int = 1024, seed: int = 0) -> Path:
