@@ -111,7 +111,7 @@ def _trl_steps(cfg, python: Path, hf_dir: Path, prompts_file: Path, steps: int, 
 
 
 def bench_grpo(cfg, device) -> dict:
-    from lmlab.models import hf
+    from lmlab.models import export
 
     if not cfg.model or not cfg.problems:
         raise UserError("bench grpo needs model=RUN_DIR (a chat model: an sft run) and problems=PATH "
@@ -119,7 +119,7 @@ def bench_grpo(cfg, device) -> dict:
     python = _peer_python(cfg)
     work = Path(tempfile.mkdtemp(prefix="lmlab-bench-grpo-"))
     hf_dir = work / "hf"
-    hf.run(hf.Config(model=cfg.model, out=str(hf_dir)))
+    export.run(export.Config(model=cfg.model, out=str(hf_dir)))
     model, obj, opt, questions, answers = _ours(cfg, device)
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps({"questions": questions, "answers": answers}))

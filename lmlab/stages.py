@@ -28,7 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
     "serve": ("lmlab.serve.stage", "an OpenAI-compatible server (continuous batching, streaming) with a web chat"),
     "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
-    "export": ("lmlab.models.hf", "export a model to a Hugging Face directory or a GGUF file (llama.cpp, Ollama)"),
+    "export": ("lmlab.models.export", "export a model to a Hugging Face directory or a GGUF file (llama.cpp, Ollama)"),
     "import": ("lmlab.models.importer", "import a Hugging Face (Llama/SmolLM, Mistral, Qwen2, Qwen3, RecurrentGemma) "
                "or DeepMind recurrentgemma checkpoint as an lmlab model"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),

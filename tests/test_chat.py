@@ -119,12 +119,12 @@ def test_export_chat_template_matches_prompt_ids(micro, tok, tmp_path):
 
     from lmlab.data.tokenizer import Tokenizer
     from lmlab.data import tokenizer as T
-    from lmlab.models import hf, load_model
+    from lmlab.models import export, hf, load_model
 
     run = tmp_path / "sft"
     shutil.copytree(micro["model"], run)
     chat.save_chat_template(run, "chatml")
-    out = hf.run(hf.Config(model=str(run), out=str(tmp_path / "hf")))
+    out = export.run(export.Config(model=str(run), out=str(tmp_path / "hf")))
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.special_tokens["<|im_end|>"], tok.eos_id]
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())

@@ -248,7 +248,7 @@ def test_export_refuses_a_family_without_a_hugging_face_export(tmp_path, monkeyp
     do, before loading anything, and writes nothing."""
     from lmlab.errors import UserError
     from lmlab.models.family import Family
-    from lmlab.models.hf import Config, run
+    from lmlab.models.export import Config, run
     from lmlab.models.transformer import Transformer, resolve_model_config
 
     class Plain(Transformer):

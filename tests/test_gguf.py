@@ -25,7 +25,7 @@ gguf = pytest.importorskip("gguf")
 
 from lmlab.errors import UserError  # noqa: E402
 from lmlab.models import gguf as G  # noqa: E402
-from lmlab.models import hf  # noqa: E402
+from lmlab.models import export as export_stage  # noqa: E402
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 HAS_BIAS = "attn_bias" in __import__("lmlab.models.transformer", fromlist=["ModelConfig"]).ModelConfig.model_fields
@@ -105,7 +105,7 @@ def export(runs, which: str, dtype: str) -> Path:
     key = (which, dtype)
     if key not in _EXPORTS:
         out = runs["root"] / "gguf" / f"{which}-{dtype}.gguf"
-        _EXPORTS[key] = hf.run(hf.Config(model=str(runs[which]), out=str(out), format="gguf", dtype=dtype))
+        _EXPORTS[key] = export_stage.run(export_stage.Config(model=str(runs[which]), out=str(out), format="gguf", dtype=dtype))
     return _EXPORTS[key]
 
 
@@ -384,22 +384,22 @@ def test_chat_template_and_end_of_turn(runs):
 def test_up_to_date_and_refusals(runs, tmp_path, capsys):
     path = export(runs, "trained", "f32")
     before = path.stat().st_mtime_ns
-    hf.run(hf.Config(model=str(runs["trained"]), out=str(path), dtype="float32"))  # format from the suffix
+    export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(path), dtype="float32"))  # format from the suffix
     assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == before
     other = tmp_path / "notes.gguf"
     other.write_text("not a gguf")
     with pytest.raises(UserError, match="did not write"):
-        hf.run(hf.Config(model=str(runs["trained"]), out=str(other), format="gguf"))
+        export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(other), format="gguf"))
     assert other.read_text() == "not a gguf"
     foreign = tmp_path / "foreign.gguf"  # a GGUF, but not one lmlab wrote: not replaced either
     w = gguf.GGUFWriter(str(foreign), "llama")
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(UserError, match="did not write"):
-        hf.run(hf.Config(model=str(runs["trained"]), out=str(foreign), format="gguf"))
+        export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(foreign), format="gguf"))
     with pytest.raises(UserError, match="directory"):
-        hf.run(hf.Config(model=str(runs["trained"]), out=str(tmp_path), format="gguf"))
+        export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(tmp_path), format="gguf"))
     with pytest.raises(UserError, match="q8_0 is a GGUF quantization"):
-        hf.run(hf.Config(model=str(runs["trained"]), out=str(tmp_path / "hf"), dtype="q8_0"))
+        export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(tmp_path / "hf"), dtype="q8_0"))
 
 
 def test_refuses_griffin(tmp_path):
@@ -411,13 +411,13 @@ def test_refuses_griffin(tmp_path):
     save_model(model, tmp_path / "g")
     with pytest.raises(UserError, match="GGUF export supports the transformer family; llama.cpp has no "
                                         "RecurrentGemma"):
-        hf.run(hf.Config(model=str(tmp_path / "g"), out=str(tmp_path / "g.gguf")))
+        export_stage.run(export_stage.Config(model=str(tmp_path / "g"), out=str(tmp_path / "g.gguf")))
     assert not (tmp_path / "g.gguf").exists()
 
 
 def test_failed_write_leaves_the_old_file(runs, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
-    hf.run(hf.Config(model=str(runs["trained"]), out=str(out), dtype="f16"))
+    export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(out), dtype="f16"))
     old = out.read_bytes()
 
     def boom(self, *a, **k):
@@ -425,7 +425,7 @@ def test_failed_write_leaves_the_old_file(runs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
     with pytest.raises(UserError, match="out of disk space"):
-        hf.run(hf.Config(model=str(runs["trained"]), out=str(out), dtype="q8_0"))
+        export_stage.run(export_stage.Config(model=str(runs["trained"]), out=str(out), dtype="q8_0"))
     assert out.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary file left
 

@@ -457,8 +457,8 @@ def _is_lmlab_gguf(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- the stage
 
-def run(cfg) -> Path:
-    """`lmlab export RUN_DIR out=FILE.gguf format=gguf dtype=...` (cfg: lmlab.models.hf.Config)."""
+def export_gguf(cfg) -> Path:
+    """`lmlab export RUN_DIR out=FILE.gguf format=gguf dtype=...` (cfg: lmlab.models.export.Config)."""
     from lmlab import artifacts
     from lmlab.data.chat import load_chat_template
     from lmlab.models import WEIGHTS, load_model

@@ -23,41 +23,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.models.parts import read_hf_weights
 from lmlab.models.transformer import ModelConfig, Transformer, resolve_model_config
 
-POSITIONAL = ("model", "the model run directory to export (written by `lmlab pretrain`)")
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class Config(Strict):
-    model: str = Field("", description="model run directory to export (model.safetensors, model.json, tokenizer/)")
-    out: str = Field("", description="output Hugging Face directory, or .gguf file with format=gguf "
-                                     "(replaced atomically)")
-    format: Literal["auto", "hf", "gguf"] = Field(
-        "auto", description="hf: a Hugging Face directory; gguf: one GGUF file for llama.cpp / Ollama "
-                            "(lmlab.models.gguf); auto: gguf when out ends in .gguf, else hf")
-    dtype: Literal["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"] = Field(
-        "float32", description="dtype of the exported weights: float32 | bfloat16 | float16 (f32 | bf16 | f16 are "
-                               "the same); q8_0 (8-bit blocks) with format=gguf only")
-
-
-def export_format(cfg: Config) -> str:
-    """'hf' or 'gguf': `format`, or with format=auto the suffix of `out`."""
-    if cfg.format != "auto":
-        return cfg.format
-    return "gguf" if cfg.out.lower().endswith(".gguf") else "hf"
-
-
-HF_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -257,7 +230,7 @@ def import_hf(hf_dir: str | Path, device: str = "cpu", notes: list | None = None
     return model.to(device).eval(), cfg
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- writing (the export stage: lmlab.models.export)
 
 def hf_parts(model):
     """(state_dict under HF names, config.json builder) for the model's family."""
@@ -330,18 +303,17 @@ def _check_family_exports(src: Path) -> None:
                         f"families that export: {', '.join(n for n in FAMILIES if get_family(n).exports_hf)}")
 
 
-def run(cfg: Config) -> Path:
+def export_hf(cfg) -> Path:
+    """`lmlab export RUN_DIR out=DIR` (cfg: lmlab.models.export.Config, format hf)."""
     from lmlab import artifacts
     from lmlab.data.chat import load_chat_template
     from lmlab.models import WEIGHTS, load_model
 
-    if export_format(cfg) == "gguf":
-        from lmlab.models import gguf
-        return gguf.run(cfg)
     if cfg.dtype == "q8_0":
         raise UserError("dtype=q8_0 is a GGUF quantization; add format=gguf (and out=FILE.gguf), or export to "
                         "Hugging Face with dtype=float32|bfloat16|float16")
-    cfg = cfg.model_copy(update={"dtype": HF_DTYPE_NAMES.get(cfg.dtype, cfg.dtype), "format": "hf"})
+    cfg = cfg.model_copy(update={"dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(cfg.dtype, cfg.dtype),
+                                 "format": "hf"})
     if not cfg.model:
         raise UserError("no model given; run `lmlab export RUN_DIR out=DIR`")
     if not cfg.out:
