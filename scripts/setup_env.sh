@@ -48,16 +48,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VPY" -c 'import 
   "${PIP[@]}" -e "$LMLAB_ROOT[dev]"
   echo "$want" > "$stamp"
 fi
+# lm-evaluation-harness (the `lm_eval` extra), so tests/test_lm_harness.py runs our model against
+# lm-eval's own HF backend: ~150 MB and about a minute to install, once. Without it (no index
+# reachable) that test module skips and everything else works. Installed before recurrentgemma:
+# pip checks the whole environment on each install, and would warn about recurrentgemma's
+# dependencies, which are left out on purpose.
+if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("lm_eval") is None)' 2>/dev/null; then
+  "${PIP[@]}" "lm-eval>=0.4" || echo "[setup] lm-eval not installed: tests/test_lm_harness.py will skip" >&2
+fi
 # The Griffin parity test's reference (Google DeepMind's recurrentgemma, its torch model): it
 # pins numpy<2.4 and pulls jax for its other half, neither of which the test needs, so it is
 # installed without dependencies (its torch part needs einops and jaxtyping: the dev extra).
 if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("recurrentgemma") is None)' 2>/dev/null; then
   "${PIP[@]}" --no-deps "recurrentgemma==1.0.1" || echo "[setup] recurrentgemma not installed: its parity test will skip" >&2
-fi
-# lm-evaluation-harness (the `lm_eval` extra), so tests/test_lm_harness.py runs our model against
-# lm-eval's own HF backend: ~150 MB and about a minute to install, once. Without it (no index
-# reachable) that test module skips and everything else works.
-if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("lm_eval") is None)' 2>/dev/null; then
-  "${PIP[@]}" "lm-eval>=0.4" || echo "[setup] lm-eval not installed: tests/test_lm_harness.py will skip" >&2
 fi
 export PATH="$VENV/bin:$PATH"
