@@ -1,5 +1,5 @@
-"""The transformer's KV cache: preallocated keys and values for incremental decoding, and its
-attention-sink mode for streaming past the context.
+"""The transformer's KV cache: keys and values for incremental decoding, and its attention-sink
+mode for streaming past the context.
 
 Sinks (StreamingLLM, Xiao et al. 2023): a cache built with `sinks=k` never fills. When a
 forward would pass `max_len`, it evicts the oldest keys after each row's first k real
@@ -11,8 +11,9 @@ the number of positions evicted before them. RoPE is relative, so R(p - e) = R(-
 and a kept key then equals the key computed at its new position. Its content stays what it
 was computed from (the context it had, evicted tokens included), as in StreamingLLM. In a
 one-layer model that context does not enter the keys, so there each step equals the model run
-from scratch on [sinks, most recent window] (tested). Eviction runs in float32. Caches in bf16/fp16 evict `max_len // 16` positions at a
-time, so a key is rounded after at most 16 rotations.
+from scratch on [sinks, most recent window] (tested). Eviction runs in float32. Caches in
+bf16/fp16 evict `max_len // 16` positions at a time, so a key is rounded after at most 16
+rotations.
 """
 
 from __future__ import annotations
