@@ -250,3 +250,21 @@ def test_cli_refusals_are_one_line_exit_2(run_dir, server, tmp_path, capsys):
     assert main(["serve", str(run_dir), "host=0.0.0.0", "port=0"]) == 2
     err = capsys.readouterr().err
     assert "api_key" in err and "Traceback" not in err
+
+
+def test_a_model_without_a_chat_template_still_serves_completions(run_dir):
+    """In process (Starlette's TestClient): with no template, chat is refused by name and
+    completions work."""
+    from fastapi.testclient import TestClient
+
+    from lmlab.models import load_model
+    from lmlab.serve.app import create_app
+    from lmlab.serve.stage import Config
+
+    model, tok, _ = load_model(run_dir)
+    app = create_app(model.eval(), tok, None, "base", Config(model=str(run_dir)))
+    with TestClient(app) as http:
+        r = http.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+        r = http.post("/v1/completions", json={"model": "base", "prompt": "The cat", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5

@@ -169,6 +169,10 @@ def create_app(model, tokenizer, template: Optional[str], model_id: str, setting
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         check_common(req, request)
+        if template is None:
+            raise APIError(400, "this model has no chat template, so it cannot answer chat messages: use "
+                                "/v1/completions, or restart the server with template=NAME", param="messages",
+                           code="no_chat_template")
         messages = _messages(req, settings)
         from lmlab.data.chat import prompt_ids
 

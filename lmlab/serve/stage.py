@@ -112,7 +112,15 @@ def run(cfg: Config) -> int:
     if getattr(model, "family", "transformer") not in ("transformer", "griffin") or not hasattr(model, "new_cache"):
         raise UserError(f"{run_dir} holds a {model.family} model, which does not generate text")
     model.eval()
-    template = resolve_template(run_dir, tokenizer, cfg.template)
+    try:
+        template = resolve_template(run_dir, tokenizer, cfg.template)
+    except UserError:
+        if cfg.template:  # asked for by name: its error stands
+            raise
+        # a base model whose tokenizer has no chat tokens still serves /v1/completions
+        template = None
+        print(f"serve: {run_dir} has no chat template its tokenizer can render (no chat.json, no chatml tokens): "
+              f"/v1/chat/completions answers 400; pass template=NAME to choose one", file=sys.stderr)
     model_id = cfg.name or run_dir.resolve().name
     settings = cfg.model_copy(update={"api_key": key})
     created = int((run_dir / "model.json").stat().st_mtime)
