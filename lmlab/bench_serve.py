@@ -1,23 +1,48 @@
 """`lmlab bench serve`: `lmlab serve` under concurrent streaming clients, against the same
-requests sent one at a time.
+requests sent one at a time, and against llama.cpp's and vLLM's servers where they are installed.
 
     lmlab bench serve model=runs/cpu/sft concurrency='[1, 4, 16]' requests=32 max_new_tokens=64 prompt_len=32
     lmlab bench serve preset=tiny family=griffin out=serve.json    # no model=: a random-weight one
+    lmlab bench serve preset=tiny threads=2 llamacpp_python=PY vllm_python=PY   # the peers' venvs
 
 The real server runs in a subprocess (`python -m lmlab serve RUN port=0 max_batch=<the largest
 concurrency>`). The official `openai` client sends streaming `/v1/completions` requests with
-token-id prompts of exactly `prompt_len` tokens (fixed by `seed`), greedy, with vLLM's
-`ignore_eos` so that every completion has exactly `max_new_tokens` tokens. At concurrency c,
-c client threads send the `requests` back to back until all are done (after one untimed
-warm-up round). Per request: the time to first token (the first text chunk), the gaps between
-text chunks (inter-token latency: a chunk is one token unless the tokenizer holds back an
-incomplete UTF-8 character) and TPOT ((total - TTFT) / (tokens - 1)). Per concurrency:
-generated tokens/s (all completion tokens / wall time), requests/s, TTFT and inter-token
-p50/p99, and the throughput as a ratio to the baseline, the same requests one at a time
-(serving without batching), run before the first level, between levels and after the last;
-its median is used, because the machine is noisy. Without `model=`, a random-weight model of
-`family` and `preset` with a byte-level BPE tokenizer trained on Python's own docs
-(vocab_size, at most 16384) is built in a temporary directory.
+token-id prompts of exactly `prompt_len` tokens (bos, then seeded random words), greedy, with
+vLLM's `ignore_eos` so that every completion has exactly `max_new_tokens` tokens. At concurrency
+c, c client threads send the `requests` back to back until all are done (after one untimed
+warm-up round of the largest concurrency, full length, on every server). Per request: the time
+to first token (the first text chunk), the gaps between text chunks (inter-token latency: a
+chunk is one token unless the tokenizer holds back an incomplete UTF-8 character) and TPOT
+((total - TTFT) / (tokens - 1)). Per concurrency: generated tokens/s (all completion tokens /
+wall time), requests/s, TTFT and inter-token p50/p99, the most requests streaming at once (seen
+by the clients: overlapping first-token..end intervals) and the throughput as a ratio to the
+baseline, the same requests one at a time (serving without batching), run before the first
+level, between levels and after the last; its median is used, because the machine is noisy.
+Without `model=`, a random-weight model of `family` and `preset` with a byte-level BPE
+tokenizer trained on Python's own docs (vocab_size, at most 16384) is built in a temporary
+directory.
+
+Peers, each in a venv of its own, same weights, same requests, same concurrency levels, run
+in the same process as lmlab's and bracketed by lmlab runs at the same level (lmlab, peer,
+lmlab, next peer, lmlab):
+- llama.cpp: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, `llamacpp_python`,
+  default $LMLAB_LLAMACPP_PYTHON or /work/peers/llamacpp-venv/bin/python) on the model's f32
+  GGUF export (not llama.cpp's C++ `llama-server`, which batches with `--parallel`). Its /v1/completions takes text only, so it gets each prompt
+  decoded (the bench checks with its /extras/tokenize that llama.cpp reads the same token ids,
+  bos included). It has no `ignore_eos`: `min_tokens` = max_tokens (eos masked) and a logit bias
+  of -1e9 on every special token give fixed-length completions; its stream has no `usage`, so a
+  completion that ends with finish_reason "length" counts max_tokens tokens. It serialises
+  requests (one lock around the model) and by default cuts a stream short when another request
+  arrives (`interrupt_requests`): the bench turns that off, and `logits_all` too (only logprobs
+  need it).
+- vLLM: its OpenAI server (`python -m vllm.entrypoints.openai.api_server`, `vllm_python`,
+  default $LMLAB_VLLM_PYTHON) on
+  the model's HF export, float32, the same token-id prompts and `ignore_eos`;
+  VLLM_CPU_KVCACHE_SPACE=1 (GiB) and VLLM_CPU_OMP_THREADS_BIND=nobind unless set. Up to 5
+  minutes to start.
+`threads=N` gives every server N threads (lmlab and vLLM OMP_NUM_THREADS, llama.cpp n_threads
+and n_threads_batch); 0 leaves each at its default. A peer that is not installed, does not
+start or fails is named with the reason as not measured.
 """
 
 from __future__ import annotations
@@ -26,107 +51,214 @@ import contextlib
 import json
 import os
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
 from lmlab.errors import UserError
 
-# Serving peers: measured where they install; until then named in the output as not measured.
-PEERS = {
-    "vLLM (vllm-cpu)": "not measured: vllm-cpu installs only in a venv of its own (3.5 GB, its pinned "
-                       "transformers and fastapi) and serves an HF export of the model; not wired in yet",
-    "llama.cpp (llama-server)": "not measured: the model exports as GGUF (lmlab export RUN out=model.gguf), but "
-                                "llama.cpp's server is not installed by the project and not wired in yet",
-}
+LLAMACPP = "llama.cpp (llama-cpp-python server)"
+VLLM = "vLLM (vllm-cpu)"
+LLAMACPP_VENV = Path("/work/peers/llamacpp-venv/bin/python")  # where this project's machines have it
 WORDS = ("the", "model", "reads", "a", "long", "prompt", "and", "then", "writes", "its", "answer", "one", "token",
          "at", "time", "while", "others", "wait", "for", "their", "turn", "in", "batch", "server")
 MAX_RANDOM_VOCAB = 16384  # what a BPE trained on the stdlib's docs reaches (about 19k merges)
+PEER_START_S = {LLAMACPP: 120, VLLM: 300}
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: no proxy
+
+
+class PeerError(Exception):
+    """A peer that cannot be measured: the message says why."""
+
+
+@dataclass
+class Side:
+    """One server under test: where it is and how its requests differ."""
+    name: str
+    url: str
+    model: str
+    prompts: list                   # token-id lists, or their decoded text (llama.cpp)
+    body: Callable[[int], dict]     # the extra request fields for n tokens
+    threads: str                    # what it runs on, in words
+    key: str = "unused"
+    notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def client(self):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0, timeout=600)
 
 
 def bench_serve(cfg, device) -> dict:
     levels = sorted(set(cfg.concurrency))
     if not levels or levels[0] < 1:
         raise UserError(f"concurrency={cfg.concurrency}: give positive client counts, e.g. concurrency='[1, 4, 16]'")
-    with tempfile.TemporaryDirectory(prefix="lmlab-bench-serve-") as tmp:
-        run_dir = Path(cfg.model) if cfg.model else _random_model(cfg, Path(tmp))
+    not_measured = {}
+    peer_python = {}
+    for name, py in ((LLAMACPP, _llamacpp_python(cfg)), (VLLM, _vllm_python(cfg))):
+        if isinstance(py, Path):
+            peer_python[name] = py
+        else:
+            not_measured[name] = py
+    with tempfile.TemporaryDirectory(prefix="lmlab-bench-serve-") as tmp, contextlib.ExitStack() as stack:
+        tmp = Path(tmp)
+        run_dir = Path(cfg.model) if cfg.model else _random_model(cfg, tmp)
         info = _model_info(run_dir)
         if cfg.prompt_len + cfg.max_new_tokens > info["context"]:
             raise UserError(f"prompt_len + max_new_tokens = {cfg.prompt_len + cfg.max_new_tokens} is over the "
                             f"model's context of {info['context']} tokens; lower them")
-        prompts = _prompts(run_dir, cfg)
-        with _server(run_dir, cfg, max(levels), Path(tmp) / "serve.log") as (url, model_id):
-            import openai
+        from lmlab.data.tokenizer import Tokenizer
 
-            key = os.environ.get("LMLAB_API_KEY") or "unused"
-            client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
-            n = cfg.max_new_tokens
+        tok = Tokenizer.load(run_dir / "tokenizer")
+        prompts = _prompts(tok, cfg)
+        url, model_id = stack.enter_context(_server(run_dir, cfg, max(levels), tmp / "serve.log"))
+        lmlab = Side("lmlab serve", url, model_id, prompts, lambda n: {"ignore_eos": True},
+                     f"OMP_NUM_THREADS={cfg.threads}" if cfg.threads else "torch's default threads",
+                     key=os.environ.get("LMLAB_API_KEY") or "unused")
+        peers, stops = [], {}  # stops: each running peer's server, stopped when it fails or the bench ends
+        stack.callback(lambda: [s.close() for s in stops.values()])
+        for name, py in peer_python.items():
+            start = _start_llamacpp if name == LLAMACPP else _start_vllm
+            try:
+                with contextlib.ExitStack() as own:  # a peer that fails to start is stopped at once
+                    peers.append(start(own, py, run_dir, tok, prompts, cfg, info, max(levels), tmp))
+                    stops[name] = own.pop_all()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                not_measured[name] = f"not measured: {_short(e)}"
 
-            def go(c: int, ps, tokens: int = n):
-                return _round(lambda p: _one(client, model_id, p, tokens), ps, c)
+        def drop(p: Side, why: str):
+            peers.remove(p)
+            stops.pop(p.name).close()
+            not_measured[p.name] = f"not measured: {why}"
+        n = cfg.max_new_tokens
+        clients = {s.name: s.client() for s in [lmlab] + peers}
 
-            go(max(levels), prompts[:max(levels)], min(8, n))  # warm-up: untimed
-            baseline, runs = [], {}
-            for c in [c for c in levels if c > 1] + [None]:  # 1, c1, 1, c2, ..., 1
-                baseline.append(go(1, prompts))
-                if c is not None:
-                    runs[c] = [go(c, prompts)]
-            peak = _peak_batch(url, key)
+        def go(side: Side, c: int, tokens: int = n, ps=None):
+            cl = clients[side.name]
+            return _round(lambda p: _one(cl, side, p, tokens), side.prompts if ps is None else ps, c)
+
+        for side in [lmlab] + peers:  # warm-up, untimed: full length (llama.cpp's first long requests take seconds)
+            try:
+                go(side, max(levels), n, side.prompts[:max(levels)])
+            except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                if side is lmlab:
+                    raise
+                drop(side, f"failed in the warm-up: {_short(e)}")
+        baseline, runs = [], {c: [] for c in levels if c > 1}
+        peer_runs = {p.name: {c: [] for c in sorted(set(levels) | {1})} for p in peers}
+
+        def lmlab_at(c):
+            (baseline if c == 1 else runs[c]).append(go(lmlab, c))
+
+        def peers_at(c):  # each peer, then lmlab again at the same level: the peer is bracketed
+            for p in list(peers):
+                try:
+                    peer_runs[p.name][c].append(go(p, c))
+                except Exception as e:  # noqa: BLE001
+                    del peer_runs[p.name]
+                    drop(p, f"failed at {c} clients: {_short(e)}")
+                    continue
+                lmlab_at(c)
+
+        lmlab_at(1)  # 1, peers at 1, then c1, peers at c1, 1, c2, peers at c2, ..., 1
+        peers_at(1)
+        for c in runs:
+            lmlab_at(c)
+            peers_at(c)
+            lmlab_at(1)
+        peak = _peak_batch(url, lmlab.key)
     rows = {1: _figures(baseline)} | {c: _figures(r) for c, r in runs.items()}
     base = rows[1]["tokens_per_s"]
     for r in rows.values():
         r["ratio"] = r["tokens_per_s"] / base
+    peer_res = {}
+    for p in peers:
+        prow = {c: _figures(r) for c, r in peer_runs[p.name].items()}
+        for c, r in prow.items():
+            r["ratio"] = r["tokens_per_s"] / prow[1]["tokens_per_s"]
+            r["lmlab_over_peer"] = rows[c]["tokens_per_s"] / r["tokens_per_s"] if c in rows else None
+        peer_res[p.name] = {"rows": {str(c): r for c, r in prow.items()},
+                            "tokens_per_s": {str(c): r["tokens_per_s"] for c, r in prow.items()},
+                            "lmlab_over_peer": {str(c): r["lmlab_over_peer"] for c, r in prow.items()},
+                            "threads": p.threads, "notes": p.notes, **p.info}
     return {"what": "serve", "model": cfg.model or f"random {cfg.family} {cfg.preset}", **info,
             "rows": {str(c): r for c, r in rows.items()}, "tokens_per_s": {str(c): r["tokens_per_s"] for c, r in
                                                                          rows.items()},
             "ratio": {str(c): r["ratio"] for c, r in rows.items()},
             "baseline_runs_tokens_per_s": rows[1]["runs_tokens_per_s"], "server_peak_batch": peak,
-            "not_measured": PEERS}
+            "lmlab_threads": lmlab.threads, "peers": peer_res, "not_measured": not_measured,
+            "load_average": list(os.getloadavg())}
 
 
 def print_serve(cfg, res: dict, device) -> None:
     b = res["baseline_runs_tokens_per_s"]
+    load = res.get("load_average")
     print(f"bench serve: {res['model']} ({res['family']}, {res['params'] / 1e6:.1f}M params, vocab "
           f"{res['vocab_size']}), {cfg.requests} requests x {cfg.prompt_len}-token prompt -> {cfg.max_new_tokens} "
-          f"tokens (greedy, ignore_eos), "
+          f"tokens (greedy, fixed length), "
           f"streaming /v1/completions, lmlab serve max_batch {max(cfg.concurrency)} on {cfg.device} "
-          f"({cfg.threads or 'default'} threads); baseline: the "
-          f"same requests one at a time, median of {len(b)} runs ({min(b):,.1f}..{max(b):,.1f} tokens/s)")
-    print(f"  {'clients':<14}{'tokens/s':>10}{'req/s':>8}{'x 1-at-a-time':>15}{'TTFT p50/p99 ms':>18}"
-          f"{'inter-token p50/p99 ms':>24}{'TPOT p50 ms':>13}")
-    for c, r in res["rows"].items():
-        label = "1 (one by one)" if c == "1" else c
-        ttft = f"{1000 * r['ttft_s']['p50']:,.0f} / {1000 * r['ttft_s']['p99']:,.0f}"
-        itl = f"{1000 * r['itl_s']['p50']:,.1f} / {1000 * r['itl_s']['p99']:,.1f}"
-        print(f"  {label:<14}{r['tokens_per_s']:>10,.1f}{r['requests_per_s']:>8,.2f}{r['ratio']:>14.2f}x"
-              f"{ttft:>18}{itl:>24}{1000 * r['tpot_s']['p50']:>13,.1f}")
+          f"({res.get('lmlab_threads', 'default threads')}); baseline: the "
+          f"same requests one at a time, median of {len(b)} runs ({min(b):,.1f}..{max(b):,.1f} tokens/s)"
+          + (f"; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""))
+    peers = res.get("peers", {})
+    head = (f"  {'clients':<16}{'tokens/s':>10}{'req/s':>8}{'x 1-at-a-time':>15}{'TTFT p50/p99 ms':>18}"
+            f"{'inter-token p50/p99 ms':>24}{'TPOT p50 ms':>13}{'streams':>9}")
+    print(head + (f"{'lmlab / peer':>14}" if peers else ""))
+    print("  lmlab serve")
+    _print_rows(res["rows"])
     print(f"  most sequences the server decoded together: {res['server_peak_batch']}")
+    for name, p in peers.items():
+        print(f"  {name} {p.get('version', '')}: {p['threads']}")
+        for note in p["notes"]:
+            print(f"    {note}")
+        _print_rows(p["rows"], peer=True)
     for name, why in res["not_measured"].items():
         print(f"  {name}: {why}")
 
 
-def _one(client, model_id: str, prompt: list[int], n: int) -> dict:
+def _print_rows(rows: dict, peer: bool = False) -> None:
+    for c, r in rows.items():
+        label = "1 (one by one)" if c == "1" else c
+        ttft = f"{1000 * r['ttft_s']['p50']:,.0f} / {1000 * r['ttft_s']['p99']:,.0f}"
+        itl = f"{1000 * r['itl_s']['p50']:,.1f} / {1000 * r['itl_s']['p99']:,.1f}"
+        line = (f"    {label:<14}{r['tokens_per_s']:>10,.1f}{r['requests_per_s']:>8,.2f}{r['ratio']:>14.2f}x"
+                f"{ttft:>18}{itl:>24}{1000 * r['tpot_s']['p50']:>13,.1f}{r['streams_at_once']:>9}")
+        if peer and r.get("lmlab_over_peer"):
+            line += f"{r['lmlab_over_peer']:>13.2f}x"
+        print(line)
+
+
+def _one(client, side: Side, prompt, n: int) -> dict:
     """One streaming completion: its time to first text, gaps between text chunks, total, tokens."""
     t0 = time.perf_counter()
-    stamps, tokens = [], 0
-    stream = client.completions.create(model=model_id, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stamps, tokens, finish = [], None, None
+    stream = client.completions.create(model=side.model, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body=side.body(n))
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            stamps.append(time.perf_counter())
+        if chunk.choices:
+            if chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            finish = chunk.choices[0].finish_reason or finish
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
+    if tokens is None and finish == "length":  # no usage in the stream (llama.cpp): it stopped at max_tokens
+        tokens = n
     if tokens != n:
-        raise RuntimeError(f"the server returned {tokens} tokens, not max_tokens={n} (is ignore_eos honoured?)")
+        raise RuntimeError(f"{side.name} returned {tokens} tokens (finish_reason {finish}), not max_tokens={n}")
     ttft = (stamps[0] if stamps else end) - t0
     return {"ttft": ttft, "gaps": list(np.diff(stamps)), "total": end - t0, "tokens": tokens,
-            "tpot": (end - t0 - ttft) / (tokens - 1) if tokens > 1 else 0.0}
+            "tpot": (end - t0 - ttft) / (tokens - 1) if tokens > 1 else 0.0, "span": (t0 + ttft, end)}
 
 
 def _round(send, prompts, c: int) -> tuple[float, list[dict]]:
@@ -135,6 +267,17 @@ def _round(send, prompts, c: int) -> tuple[float, list[dict]]:
     with ThreadPoolExecutor(c) as pool:
         done = list(pool.map(send, prompts))
     return time.perf_counter() - t, done
+
+
+def _streams_at_once(reqs: list[dict]) -> int:
+    """The most requests whose first-token..end intervals overlap: what the server streamed together."""
+    events = sorted([(a, 1) for a, _ in (r["span"] for r in reqs)] + [(b, -1) for _, b in (r["span"] for r in reqs)],
+                    key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
 
 
 def _figures(runs: list[tuple[float, list[dict]]]) -> dict:
@@ -149,18 +292,16 @@ def _figures(runs: list[tuple[float, list[dict]]]) -> dict:
             "ttft_s": pct([r["ttft"] for r in reqs]), "itl_s": pct([g for r in reqs for g in r["gaps"]]),
             "tpot_s": pct([r["tpot"] for r in reqs]), "total_s": pct([r["total"] for r in reqs]),
             "chunks_per_request": statistics.mean(len(r["gaps"]) + 1 for r in reqs),
+            "streams_at_once": max(_streams_at_once(rs) for _, rs in runs),
             "runs_tokens_per_s": tps, "wall_s": [w for w, _ in runs]}
 
 
-def _prompts(run_dir: Path, cfg) -> list[list[int]]:
-    """`requests` token-id prompts of exactly `prompt_len` tokens: seeded random words, encoded."""
-    from lmlab.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(run_dir / "tokenizer")
+def _prompts(tok, cfg) -> list[list[int]]:
+    """`requests` token-id prompts of exactly `prompt_len` tokens: bos, then seeded random words, encoded."""
     out = []
     for i in range(cfg.requests):
         rng = random.Random(cfg.seed * 1_000_003 + i)
-        ids: list[int] = []
+        ids: list[int] = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
         while len(ids) < cfg.prompt_len:
             ids += tok.encode(" ".join(rng.choice(WORDS) for _ in range(cfg.prompt_len)))
         out.append(ids[:cfg.prompt_len])
@@ -224,3 +365,167 @@ def _random_model(cfg, tmp: Path) -> Path:
     save_model(model, out)
     tok.copy_to(out / "tokenizer")
     return out
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+def _peer_python_setting(value: Optional[str], env: str, default: Optional[Path], name: str, how: str):
+    """The peer's python (a Path) or why it is not measured (a str)."""
+    if value is not None and value.strip().lower() in ("", "none", "off", "false"):
+        return f"not measured: turned off ({how.split('=')[0]}={value!r})"
+    p = value or os.environ.get(env) or (str(default) if default and default.is_file() else "")
+    if not p:
+        return f"not measured: no {name} python given ({how} or ${env})"
+    if not Path(p).is_file():
+        return f"not measured: {p} is not a file ({how} or ${env})"
+    return Path(p)
+
+
+def _llamacpp_python(cfg):
+    return _peer_python_setting(getattr(cfg, "llamacpp_python", None), "LMLAB_LLAMACPP_PYTHON", LLAMACPP_VENV,
+                                "llama-cpp-python", "llamacpp_python=PATH to a venv's python with "
+                                "llama-cpp-python[server]")
+
+
+def _vllm_python(cfg):
+    return _peer_python_setting(getattr(cfg, "vllm_python", None), "LMLAB_VLLM_PYTHON", None, "vLLM",
+                                "vllm_python=PATH to a venv's python with vllm (vllm-cpu)")
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}" if not isinstance(e, PeerError) else str(e)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _version(py: Path, code: str, what: str) -> str:
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=180)
+    if r.returncode:
+        last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise PeerError(f"{what} does not import in {py}: {last[0].strip()}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _log_reason(log_path: Path) -> str:
+    """The error a failed peer left in its log: its last line naming an error, else its last line."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln.lower()]
+    return (errors or lines or ["(empty log)"])[-1][:400]
+
+
+def _get(url: str, timeout: float = 5):
+    with HTTP.open(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def _post(url: str, body: dict, timeout: float = 30):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with HTTP.open(req, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+@contextlib.contextmanager
+def _peer_process(cmd: list[str], env: dict, log_path: Path, url: str, timeout: float):
+    """Run a peer server until the block ends, once GET url/v1/models answers (PeerError: why not)."""
+    with open(log_path, "w") as log:
+        # a session of its own: the peer's workers (vLLM's engine core) go with it
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise PeerError(f"its server exited ({proc.returncode}) before serving: {_log_reason(log_path)}")
+                try:
+                    _get(url + "/v1/models")
+                    break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise PeerError(f"its server was not serving after {timeout:.0f} s: {_log_reason(log_path)}")
+                time.sleep(1)
+            yield proc
+        finally:
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+
+def _peer_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _export(run_dir: Path, out: Path, what: str, **kw) -> Path:
+    from lmlab.models.export import Config as ExportConfig
+    from lmlab.models.export import run as export
+
+    try:
+        return Path(export(ExportConfig(model=str(run_dir), out=str(out), **kw)))
+    except Exception as e:  # noqa: BLE001 - e.g. a family that has no such export
+        raise PeerError(f"the model does not export to {what}: {_short(e)}") from e
+
+
+def _start_llamacpp(stack, py: Path, run_dir: Path, tok, prompts, cfg, info, batch: int, tmp: Path) -> Side:
+    version = _version(py, "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)",
+                       "llama_cpp.server (pip install 'llama-cpp-python[server]')")
+    gguf = _export(run_dir, tmp / "model.gguf", "GGUF", dtype="f32")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    threads = (["--n_threads", str(cfg.threads), "--n_threads_batch", str(cfg.threads)] if cfg.threads else [])
+    cmd = [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "lmlab", "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(info["context"]), "--interrupt_requests", "False",
+           "--logits_all", "False", *threads]
+    stack.enter_context(_peer_process(cmd, _peer_env(cfg.threads), tmp / "llamacpp.log", url,
+                                      PEER_START_S[LLAMACPP]))
+    texts = [tok.decode(p) for p in prompts]
+    same = sum(_post(url + "/extras/tokenize", {"input": t})["tokens"] == p for t, p in zip(texts, prompts))
+    bias = {str(i): -1e9 for i in sorted(set(tok.special_tokens.values()) | {tok.eos_id})}
+    side = Side(LLAMACPP, url, "lmlab", texts,
+                lambda n: {"min_tokens": n, "logit_bias": bias, "repeat_penalty": 1.0},
+                (f"--n_threads {cfg.threads} --n_threads_batch {cfg.threads}" if cfg.threads else
+                 f"its default threads (n_threads {max(os.cpu_count() // 2, 1)}, n_threads_batch {os.cpu_count()})")
+                + ", f32 GGUF, --interrupt_requests False --logits_all False")
+    side.notes = [f"text prompts (its /v1/completions takes no token ids): {same}/{len(prompts)} read back as the "
+                  "same token ids, bos included",
+                  f"fixed length: min_tokens=max_tokens and logit_bias -1e9 on the {len(bias)} special tokens "
+                  "(no ignore_eos); tokens counted from finish_reason 'length' (no usage in its stream)",
+                  "one request at a time: the server holds one lock around the model (no batching)"]
+    side.info = {"version": version, "prompts_same_tokens": same, "command": cmd}
+    return side
+
+
+def _start_vllm(stack, py: Path, run_dir: Path, tok, prompts, cfg, info, batch: int, tmp: Path) -> Side:
+    version = _version(py, "import vllm; print(vllm.__version__)", "vllm")
+    hf = _export(run_dir, tmp / "hf", "Hugging Face")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = _peer_env(cfg.threads) | {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--served-model-name", "lmlab",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(info["context"]),
+           "--max-num-seqs", str(batch), "--seed", str(cfg.seed)]
+    stack.enter_context(_peer_process(cmd, env, tmp / "vllm.log", url, PEER_START_S[VLLM]))
+    side = Side(VLLM, url, "lmlab", prompts, lambda n: {"ignore_eos": True},
+                (f"OMP_NUM_THREADS={cfg.threads}" if cfg.threads else "its default threads")
+                + f", VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}, float32, "
+                  f"--max-num-seqs {batch}")
+    side.notes = ["the same token-id prompts, ignore_eos, usage in its stream; continuous batching"]
+    if cfg.threads and cfg.threads >= (os.cpu_count() or 1):
+        side.notes.append(f"its worker's {cfg.threads} threads share the {os.cpu_count()} cores with its API server "
+                          "and engine-core processes (its own default leaves one core to them)")
+    side.info = {"version": version, "command": cmd}
+    return side
