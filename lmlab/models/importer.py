@@ -288,15 +288,14 @@ def load_source(cfg: Config):
     return load_deepmind(src, **overrides)
 
 
-def source_vocab_size(src: Path) -> int:
-    """The embedding rows of `src`, read without loading its weights (config.json, or the
-    DeepMind checkpoint's embedding shape: safetensors and mmap-ed .pt read only that)."""
-    import json
-
+def source_vocab_size(src: Path, hf_cfg: Optional[dict] = None) -> int:
+    """The embedding rows of `src`, read without loading its weights (`hf_cfg`, the HF directory's
+    config.json, or the DeepMind checkpoint's embedding shape: safetensors and mmap-ed .pt read
+    only that)."""
     if src.is_dir():
         try:
-            return int(json.loads((src / "config.json").read_text())["vocab_size"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return int((hf_cfg if hf_cfg is not None else _read_json(src / "config.json"))["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{src / 'config.json'} does not give the model's vocab_size ({type(e).__name__}: {e}); "
                             f"give a Hugging Face model directory") from None
     from lmlab.models.griffin.checkpoints import config_from_deepmind, read_torch_checkpoint
@@ -347,6 +346,12 @@ def _write(cfg: Config, src: Path, out: Path, config: dict, fp: str, timer, toke
     from lmlab.data import chat
     from lmlab.models import save_model
 
+    # checked before the weights load (and the template detection): a mismatch is found in a
+    # second, not after minutes
+    vocab = source_vocab_size(src, hf_cfg)
+    if tokenizer.vocab_size > vocab:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's embedding table has "
+                        f"{vocab} rows: they do not belong together; pass the model's own tokenizer (tokenizer=PATH)")
     template, detected = cfg.template, False
     if cfg.template:
         chat.check_template(cfg.template, tokenizer)
@@ -355,11 +360,6 @@ def _write(cfg: Config, src: Path, out: Path, config: dict, fp: str, timer, toke
         detected = template is not None
         if note:
             notes.append(note)
-    # checked before the weights load: a mismatch is found in a second, not after minutes
-    vocab = source_vocab_size(src)
-    if tokenizer.vocab_size > vocab:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's embedding table has "
-                        f"{vocab} rows: they do not belong together; pass the model's own tokenizer (tokenizer=PATH)")
     for n in notes:
         print(f"import: note: {n}")
     with timer("load"):

@@ -9,7 +9,8 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Hi"}])
 
-The model answers with its own chat template (the run's chat.json, else chatml); the model id
+The model answers with its own chat template (the run's chat.json, else chatml; a tokenizer
+with neither still serves /v1/completions, and chat answers 400); the model id
 is the run directory's name unless `name=` says otherwise. Requests are decoded together by a
 continuous-batching scheduler (lmlab.serve.scheduler); the limits below keep a public demo
 alive. Once the server accepts connections it prints `serve: listening on URL (model ID)`.
