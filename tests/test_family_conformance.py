@@ -1,7 +1,8 @@
 """The model-family contract (lmlab.models.family), checked for every registered family.
 
-A new family registers itself in `FAMILIES` and adds a small config to SMALL below; then it
-must pass every test here: the Protocols, shapes, hidden -> logits, causal masking, packed
+A new family registers itself in `FAMILIES` and adds a small config to SMALL below (a model
+option that changes the maths, like the transformer's learned attention sink, adds a variant);
+then it must pass every test here: the Protocols, shapes, hidden -> logits, causal masking, packed
 documents kept apart, incremental decoding equal to the full forward, left-padded batches
 equal to one-by-one, dropping rows from a cache, rows merged into a decoding batch
 and dropped from it (continuous batching), greedy generation batched vs alone, the
@@ -20,10 +21,12 @@ from lmlab.models import load_weights, save_model
 from lmlab.models.family import FAMILIES, Cache, LanguageModel, build_model, families_of_kind, get_family
 
 V = 97
-# family -> model.json content of a small model (fast on CPU)
+# family (or family+variant) -> model.json content of a small model (fast on CPU)
 SMALL = {
     "transformer": {"family": "transformer", "preset": "micro", "vocab_size": V, "max_seq_len": 64,
                     "n_kv_head": 2, "tie_embeddings": False},
+    "transformer+sink": {"family": "transformer", "preset": "micro", "vocab_size": V, "max_seq_len": 64,
+                         "n_kv_head": 2, "tie_embeddings": False, "attn_sink": True},
     # window 6 < the test sequences: the local attention's band and its ring cache are exercised
     "griffin": {"family": "griffin", "preset": "micro", "vocab_size": V, "width": 32, "num_heads": 4,
                 "mlp_expanded_width": 48, "attention_window_size": 6, "max_seq_len": 64},
@@ -33,17 +36,21 @@ ATOL = 1e-5
 
 def test_every_family_has_a_small_config():
     # puzzle families (TRM) meet the PuzzleModel contract instead: tests/test_trm_model.py
-    assert set(SMALL) == set(families_of_kind("lm")), "add the new language-model family's small config to SMALL"
+    assert {c["family"] for c in SMALL.values()} == set(families_of_kind("lm")), \
+        "add the new language-model family's small config to SMALL"
     assert set(FAMILIES) == set(families_of_kind("lm")) | set(families_of_kind("puzzle"))
 
 
-@pytest.fixture(params=sorted(families_of_kind("lm")))
+@pytest.fixture(params=sorted(SMALL))
 def model(request) -> torch.nn.Module:
     torch.manual_seed(0)
     m = build_model(SMALL[request.param]).eval()
     with torch.no_grad():  # random weights far from init, so masking bugs cannot hide behind small logits
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        for sub in m.modules():  # learned attention sinks large enough to take a real share
+            if isinstance(getattr(sub, "sink", None), torch.nn.Parameter):
+                sub.sink.normal_(0.0, 2.0)
     return m
 
 
@@ -216,6 +223,13 @@ def test_save_load_round_trip_keeps_family_and_logits(model, tmp_path):
 def test_hf_export_round_trip_where_the_family_exports(model, tmp_path):
     if not get_family(model.family).exports_hf:
         pytest.skip(f"family {model.family} has no Hugging Face export")
+    if getattr(model.cfg, "attn_sink", False):  # no HF architecture has them beside Llama's layout
+        from lmlab.errors import UserError
+        from lmlab.models.hf import write_hf
+
+        with pytest.raises(UserError, match="attention sinks"):
+            write_hf(model, tmp_path)
+        return
     from transformers import AutoModelForCausalLM
 
     from lmlab.models.hf import write_hf

@@ -51,6 +51,22 @@ def test_eval_section_and_report(pipe, capsys):
     assert (root / "report" / "long_context_0.png").stat().st_size > 1000
 
 
+def test_a_learned_sink_model_beside_the_plain_one_gets_a_compared_plot(pipe, capsys):
+    root = pipe["root"]
+    sink_dir = root / "model_sink"
+    assert main(["pretrain", f"data={pipe['packed']}", f"out={sink_dir}", "model.preset=micro", "model.max_seq_len=64",
+                 "model.attn_sink=true", "train.steps=4", "train.batch_size=4", "train.device=cpu",
+                 "eval.every=0", "checkpoint.every=0"]) == 0
+    spec = "long_context=[{factor: 3, chunk: 4, stride: 8, buckets: 6}]"
+    for model, out in ((pipe["model"], root / "eval_cmp"), (sink_dir, root / "eval_cmp_sink")):
+        assert main(["eval", str(model), f"out={out}", "max_new_tokens=0", "max_batches=2", spec]) == 0
+    assert main(["report", f"inputs=[{root / 'eval_cmp'}, {root / 'eval_cmp_sink'}]", "follow_inputs=true",
+                 f"out={root / 'report_cmp'}"]) == 0
+    text = (root / "report_cmp" / "report.md").read_text()
+    assert "**Base, learned sink**" in text and "**Base**" in text and "**The models compared**" in text
+    assert (root / "report_cmp" / "long_context_compared_0.png").stat().st_size > 1000
+
+
 def test_a_text_too_short_is_refused_before_scoring(pipe, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("only a few words")

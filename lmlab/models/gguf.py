@@ -106,6 +106,9 @@ def check_family_file(src: Path) -> None:
 def arch_of(cfg) -> str:
     """'llama'; 'qwen3' for a model with QK-norm, 'qwen2' for q/k/v biases without it (the HF export's
     mapping). llama.cpp runs qwen2 and qwen3 with "neox" RoPE and loads q/k/v biases for both."""
+    if getattr(cfg, "attn_sink", False):
+        raise UserError("this model has learned attention sinks (model.attn_sink), which llama.cpp's llama, qwen2 "
+                        "and qwen3 architectures lack; it cannot be written as GGUF (lmlab serve runs it as it is)")
     if cfg.qk_norm:
         return "qwen3"
     return "qwen2" if getattr(cfg, "attn_bias", False) else "llama"

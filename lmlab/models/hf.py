@@ -102,6 +102,9 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None
     """config.json for LlamaForCausalLM; Qwen3ForCausalLM when the model uses QK-norm (with
     `attention_bias` when it also has q/k/v biases: its o_proj bias is written as zeros), and
     Qwen2ForCausalLM for q/k/v biases without QK-norm."""
+    if getattr(cfg, "attn_sink", False):
+        raise UserError("this model has learned attention sinks (model.attn_sink), which Llama, Qwen2 and Qwen3 "
+                        "lack; it has no Hugging Face export (lmlab serve, eval and chat run it as it is)")
     hd = cfg.d_model // cfg.n_head
     arch, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
                         ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama"))

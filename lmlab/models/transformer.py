@@ -3,7 +3,8 @@
 Pre-RMSNorm blocks with rotary position embeddings (the Hugging Face Llama `rotate_half`
 convention, so export needs no weight permutation), grouped-query attention through
 `torch.nn.functional.scaled_dot_product_attention`, a SwiGLU MLP, optional per-head QK-norm
-(as Qwen3 does), tied or untied embeddings and no biases anywhere.
+(as Qwen3 does), tied or untied embeddings, no biases (q/k/v biases as an option, as Qwen2), and
+optionally a learned attention sink per head (`attn_sink`, see `sink_attention`).
 
     from lmlab.models.transformer import Transformer, resolve_model_config
     cfg = resolve_model_config({"preset": "tiny"}, vocab_size=32768)
@@ -56,6 +57,8 @@ class ModelConfig(Strict):
     tie_embeddings: Optional[bool] = Field(None, description="share the input embedding matrix with the output head")
     init_std: Optional[float] = Field(None, gt=0, description="std of the normal init; output projections get init_std/sqrt(2*n_layer)")
     attn_bias: bool = Field(False, description="q/k/v projection biases, as Qwen2 (the output projection has none)")
+    attn_sink: bool = Field(False, description="a learned attention sink: one logit per head that every query's "
+                            "softmax also weighs, with a zero value, so a head can attend to nothing (as gpt-oss)")
 
 
 _COMMON = dict(rope_theta=10000.0, norm_eps=1e-5, qk_norm=False, init_std=0.02)
@@ -111,8 +114,9 @@ def param_count(cfg: ModelConfig) -> int:
     attn = (d + (1 if cfg.attn_bias else 0)) * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * d
     mlp = 3 * d * cfg.ffn_dim
     norms = 2 * d + (2 * hd if cfg.qk_norm else 0)
+    sink = cfg.n_head if cfg.attn_sink else 0
     emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layer * (attn + mlp + norms) + d + emb
+    return cfg.n_layer * (attn + mlp + norms + sink) + d + emb
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -133,6 +137,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def sink_attention(q, k, v, sink: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """Attention whose softmax also weighs a learned per-head logit `sink` (H,) with a zero value:
+    softmax([q·k_j/√d ..., sink_h]) over the keys and the sink, the sink's share dropped (gpt-oss's
+    sinks; Xiao et al. 2023 §3.3 train a sink token to the same end). A head can so put its mass on
+    nothing instead of on the first tokens, which StreamingLLM finds models otherwise learn to do.
+
+    Written as SDPA over one extra key: a zero key (q·0 = 0) whose additive mask is the sink
+    logit, and a zero value. q (B, H, T, hd); k, v (B, Hkv, S, hd); mask None (all keys, or
+    causal when is_causal), or bool (T, S) / (B, 1, T, S) with True = attend.
+    """
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    bias = torch.zeros(T, S, dtype=q.dtype, device=q.device) if mask is None else \
+        torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    bias = bias.expand(bias.shape[0] if bias.dim() == 4 else 1, H, T, S)
+    column = sink.to(q.dtype).view(1, H, 1, 1).expand(bias.shape[0], H, T, 1)
+    bias = torch.cat([column, bias], dim=-1)
+    zero = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
+    k, v = torch.cat([zero, k], dim=2), torch.cat([zero, v], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != H)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -143,6 +171,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.sink = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sink else None
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
         B, T, _ = x.shape
@@ -160,8 +189,11 @@ class Attention(nn.Module):
             k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
         # Fast path: a plain causal mask, which SDPA never materialises.
         is_causal = mask is None and (cache is None or (cache.pos == 0 and T > 1))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if self.sink is not None:
+            y = sink_attention(q, k, v, self.sink, mask, is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
@@ -218,13 +250,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2·n_layer) (GPT-2);
-        norms 1, biases 0 (as transformers initialises Qwen2's)."""
+        norms 1, biases 0 (as transformers initialises Qwen2's), attention-sink logits 0."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith(".sink"):
                 p.zero_()
             elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, 0.0, out_std)

@@ -164,6 +164,28 @@ def long_context(positions: list[float], curves: dict[str, list[float]], context
     return _save(fig, path)
 
 
+def long_context_compared(positions: list[float], curves: dict[str, list[float]], context: int,
+                          path: str | Path, title: str = "") -> Path:
+    """Several models' `long_context` curves on one plot: a colour per model, a line style per
+    mode; keys are "MODEL: MODE"."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    models = list(dict.fromkeys(k.rsplit(": ", 1)[0] for k in curves))
+    palette = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd"]
+    dash = {"sinks": "-", "window": "--", "dense": ":", "native": "-."}
+    for key, ys in curves.items():
+        model, mode = key.rsplit(": ", 1)
+        ax.plot(positions, ys, dash.get(mode, "-"), color=palette[models.index(model) % len(palette)], lw=1.3,
+                marker="o", ms=2, label=key)
+    ax.axvline(context, color="#999999", lw=0.8)
+    ax.text(context, ax.get_ylim()[1], " context", va="top", fontsize=7, color="#666666")
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "reading past the context, models compared")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- alignment (grpo, rerank)
 
 def small_multiples(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
