@@ -24,6 +24,42 @@ TEXT = ["Once upon a time there was a little fox.", "The quick brown fox jumps o
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# SmolLM2-Instruct's and Qwen2.5-Instruct's templates as the hub ships them (ChatML, no bos, a
+# default system message); Qwen2.5's tool branch never renders here (no tools are passed).
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+           "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+QWEN25 = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.<|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
 INST = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
         "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
         "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
@@ -99,18 +135,28 @@ def families(tmp_path_factory, tokenizer_json):
         "mistral_window": (MistralForCausalLM, MistralConfig(vocab_size=size, **{**SHAPE, "max_position_embeddings": 64},
                                                              sliding_window=16),
                            {"bos_token": "<s>", "eos_token": "</s>"}, None, None),
-        # q/k/v biases, a padded embedding table, no bos in the tokenizer, Qwen's ChatML (no bos)
+        # q/k/v biases, a padded embedding table, no bos in the tokenizer, a plain ChatML without bos
+        # or default system message: no lmlab equivalent
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(vocab_size=size + 14, bos_token_id=eot, eos_token_id=ime,
                                                 rope_theta=1e6, **SHAPE),
                   {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML},
                   None, None),
+        # Qwen2.5-Instruct's own template
+        "qwen2.5": (Qwen2ForCausalLM, Qwen2Config(vocab_size=size, bos_token_id=eot, eos_token_id=ime, **SHAPE),
+                    {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                     "chat_template": QWEN25}, None, None),
         # SmolLM2: a Llama with tied embeddings, its config.json written by transformers 4 (rope_scaling null),
-        # named templates in tokenizer_config.json
+        # named templates in tokenizer_config.json (bos + ChatML: lmlab's chatml)
         "smollm2": (LlamaForCausalLM, LlamaConfig(vocab_size=size, tie_word_embeddings=True, bos_token_id=eot,
                                                   eos_token_id=eot, **SHAPE),
                     {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                      "chat_template": [{"name": "default", "template": "{{ bos_token }}" + CHATML}]},
                     None, {"rope_scaling": None, "rope_theta": 100000.0, "rope_interleaved": False}),
+        # SmolLM2-Instruct's own template, in chat_template.jinja
+        "smollm2-instruct": (LlamaForCausalLM, LlamaConfig(vocab_size=size, tie_word_embeddings=True,
+                                                           bos_token_id=ids["<|im_start|>"], eos_token_id=ime, **SHAPE),
+                             {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
+                             SMOLLM2, None),
     }
     out = {}
     for name, (cls, config, tc, jinja, legacy) in fams.items():
@@ -128,6 +174,8 @@ EXPECT = {
     "qwen2": (("<|endoftext|>", "<|im_end|>", "<|endoftext|>"), None,
               ["tokenizer_config.json", "ChatML", "bos token '<|endoftext|>'", "template=NAME"]),
     "smollm2": (("<|endoftext|>", "<|endoftext|>", "<|endoftext|>"), "chatml", []),
+    "qwen2.5": (("<|endoftext|>", "<|im_end|>", "<|endoftext|>"), "qwen2.5", []),
+    "smollm2-instruct": (("<|im_start|>", "<|im_end|>", "<|im_end|>"), "smollm2", []),
 }
 
 
@@ -167,7 +215,7 @@ def test_import_matches_transformers(families, name, tmp_path, capsys):
                 {"role": "user", "content": "Again?"}]
         r = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
         assert chat.prompt_ids(template, msgs, tok) == list(r["input_ids"] if hasattr(r, "keys") else r)
-    assert model.cfg.tie_embeddings == (name == "smollm2")
+    assert model.cfg.tie_embeddings == name.startswith("smollm2")
     if name == "smollm2":
         assert model.cfg.rope_theta == 100000.0
 

@@ -13,9 +13,13 @@ message may also carry `"input"`, the Alpaca input field). Templates (see docs/c
     chat      Human: {user}\\nAssistant: {reply}<|eos|>
     alpaca    the Alpaca preamble, ### Instruction: / ### Input: / ### Response:, <|eos|>
     gemma     <bos><start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n
+    qwen2, qwen2.5, smollm2    ChatML as those instruction-tuned models write it: no bos, and
+              their default system message when the conversation has none (DEFAULT_SYSTEM)
 
 `instruct` and `chat` put a system message first as plain text followed by a blank line;
-`alpaca` uses it instead of its preamble. Every conversation starts with bos.
+`alpaca` uses it instead of its preamble. Every conversation starts with bos, except in the
+imported ChatML variants (qwen2, qwen2.5, smollm2), which write none, as their Hugging Face
+templates do; `lmlab import` detects them (lmlab/models/importer.py).
 
 `gemma` is Gemma's and RecurrentGemma's instruction-tuned format, as their Hugging Face
 chat template writes it: no system role (a system message and a blank line are prepended to
@@ -50,8 +54,17 @@ from lmlab.errors import UserError
 
 # The templates every lmlab-trained tokenizer supports (its special tokens are lmlab's).
 TEMPLATES = ("chatml", "instruct", "chat", "alpaca")
-# Templates whose tokens come with an imported tokenizer (Gemma's tokenizer.model).
-IMPORTED_TEMPLATES = ("gemma",)
+# The ChatML of imported instruction-tuned models: no bos, and this system message when a
+# conversation has none (their Hugging Face chat templates, token for token).
+DEFAULT_SYSTEM = {
+    "qwen2": "You are a helpful assistant.",  # Qwen1.5 and Qwen2 Instruct
+    "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+}
+CHATML_STYLE = ("chatml",) + tuple(DEFAULT_SYSTEM)
+# Templates whose tokens come with an imported tokenizer (Gemma's tokenizer.model, the ChatML
+# variants' tokenizer.json).
+IMPORTED_TEMPLATES = ("gemma",) + tuple(DEFAULT_SYSTEM)
 ALL_TEMPLATES = TEMPLATES + IMPORTED_TEMPLATES
 DEFAULT_TEMPLATE = "chatml"
 ROLES = ("system", "user", "assistant")
@@ -109,7 +122,14 @@ def required_tokens(template: str) -> list[str]:
     _check_name(template)
     if template == "gemma":
         return list(GEMMA_TOKENS)
+    if template in DEFAULT_SYSTEM:
+        return [IM_START, IM_END]
     return [BOS, IM_START, IM_END] if template == "chatml" else [BOS, EOS]
+
+
+def has_bos(template: str) -> bool:
+    """Whether the template starts every conversation with bos (all but the imported ChatML variants)."""
+    return template not in DEFAULT_SYSTEM
 
 
 def _check_name(template: str) -> None:
@@ -180,13 +200,15 @@ def _escaped(messages: list[dict], tokens: tuple[str, ...]) -> list[dict]:
 
 def _pieces(template: str, messages: list[dict], generation_prompt: bool,
             tokens: tuple[str, ...]) -> list[tuple[str, bool, bool, int]]:
-    """(text, is_special, train, turn) pieces of the conversation, bos first; the messages'
-    text escaped against `tokens` (so only the template writes special tokens)."""
+    """(text, is_special, train, turn) pieces of the conversation, bos first (see `has_bos`); the
+    messages' text escaped against `tokens` (so only the template writes special tokens)."""
     _check_name(template)
     messages = _escaped(messages, tokens)
     if template == "gemma":
         return _gemma_pieces(messages, generation_prompt)
-    p: list[tuple[str, bool, bool, int]] = [(BOS, True, False, 0)]
+    p: list[tuple[str, bool, bool, int]] = [(BOS, True, False, 0)] if has_bos(template) else []
+    if template in DEFAULT_SYSTEM and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM[template]}] + messages
     turn, started = 0, False
 
     def text(s, train=False):
@@ -199,7 +221,7 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
         role = m["role"]
         if role == "user" and any(x[3] == turn and x[2] for x in p):
             turn += 1  # a new exchange begins after an assistant reply
-        if template == "chatml":
+        if template in CHATML_STYLE:
             special(IM_START)
             if role == "assistant":
                 text("assistant\n")
@@ -227,7 +249,7 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
             special(EOS, True)
         started = True
     if generation_prompt:
-        if template == "chatml":
+        if template in CHATML_STYLE:
             special(IM_START)
         elif template == "alpaca" and not started:
             text(ALPACA_PREAMBLE)
@@ -269,7 +291,9 @@ def _gemma_pieces(messages: list[dict], generation_prompt: bool) -> list[tuple[s
 
 
 def _assistant_header(template: str) -> str:
-    return {"chatml": "assistant\n", "instruct": "### Response:\n", "chat": "Assistant:",
+    if template in CHATML_STYLE:
+        return "assistant\n"
+    return { "instruct": "### Response:\n", "chat": "Assistant:",
             "alpaca": "### Response:\n"}[template]
 
 
@@ -357,7 +381,8 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
 
     With `max_len`, history is truncated from the left: the oldest messages after an
     optional system message are dropped one by one until the prompt fits; if the last
-    message alone is still too long, bos is kept and the tokens right after it are cut.
+    message alone is still too long, bos (where the template writes one) is kept and the
+    tokens right after it are cut.
     `stats`, when given, counts `dropped_messages` and `cut_tokens`.
     """
     msgs = list(messages)
@@ -374,7 +399,8 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     cut = 0
     if len(ids) > max_len:
         cut = len(ids) - max_len
-        ids = ids[:1] + ids[1 + cut:]
+        keep = 1 if has_bos(template) else 0
+        ids = ids[:keep] + ids[keep + cut:]
     if stats is not None:
         stats["dropped_messages"] = stats.get("dropped_messages", 0) + dropped
         stats["cut_tokens"] = stats.get("cut_tokens", 0) + cut
@@ -384,7 +410,9 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
 def stop_strings(template: str) -> list[str]:
     """Text that, when generated, means the model has started another turn (cut the reply there)."""
     _check_name(template)
-    return {"chatml": [IM_END, IM_START], "instruct": ["### Instruction:", "### Response:"],
+    if template in CHATML_STYLE:
+        return [IM_END, IM_START]
+    return {"instruct": ["### Instruction:", "### Response:"],
             "chat": ["\nHuman:", "\nAssistant:"], "alpaca": ["### Instruction:", "### Input:", "### Response:"],
             "gemma": [END_OF_TURN, START_OF_TURN]}[template]
 
@@ -393,7 +421,7 @@ def end_of_turn_ids(template: str, tokenizer) -> list[int]:
     """Token ids that end a reply: the template's end-of-turn token first, then eos if different."""
     _check_name(template)
     specials = _special_ids(tokenizer)
-    names = {"chatml": [IM_END, EOS], "gemma": [END_OF_TURN, GEMMA_EOS]}.get(template, [EOS])
+    names = [IM_END, EOS] if template in CHATML_STYLE else {"gemma": [END_OF_TURN, GEMMA_EOS]}.get(template, [EOS])
     return [specials[n] for n in names if n in specials]
 
 
@@ -409,6 +437,14 @@ _HF_CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def _hf_chatml_variant(template: str) -> str:
+    """An imported ChatML variant: no bos, the default system message when the first is not one."""
+    return ("{% for message in messages %}"
+            "{% if loop.first and message['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\n" + _js(DEFAULT_SYSTEM[template]) + "<|im_end|>\\n' }}{% endif %}"
+            + _HF_CHATML.split("{% for message in messages %}", 1)[1])
 
 
 def _hf_eos_template(user_open: str, user_close: str, header: str, reply_prefix: str) -> str:
@@ -482,6 +518,8 @@ def hf_chat_template(template: str, tokenizer=None) -> str:
         body = _HF_GEMMA
     elif template == "chatml":
         body = _HF_CHATML
+    elif template in DEFAULT_SYSTEM:
+        body = _hf_chatml_variant(template)
     elif template == "instruct":
         body = _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
     elif template == "chat":

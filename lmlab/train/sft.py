@@ -73,7 +73,8 @@ class Config(RunOptions):
                                  "prompt/completion examples (prompt_completion, herald), not both in one run")
     out: str = Field("runs/sft", description="run directory (model artifact, checkpoints, metrics, samples)")
     template: str = Field("chatml", description="chat template of conversation data: chatml, instruct, chat, "
-                          "alpaca, gemma (needs a Gemma tokenizer); not used for raw prompt/completion data")
+                          "alpaca, gemma (needs a Gemma tokenizer), qwen2, qwen2.5, smollm2 (ChatML without bos, with those "
+                          "models' default system message); not used for raw prompt/completion data")
     seq_len: Optional[int] = Field(None, ge=8, description="positions per training row (an example of n "
                                    "tokens takes n-1); null = the model's max_seq_len. Longer conversations "
                                    "lose later exchanges (chat.render's 'turns' rule); longer raw examples the "
