@@ -6,18 +6,17 @@ test, lmlab's too (here, below bench_serve, so that the peers can build theirs).
 - llama.cpp: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, `llamacpp_python`,
   default $LMLAB_LLAMACPP_PYTHON or /work/peers/llamacpp-venv/bin/python) on the model's f32
   GGUF export (not llama.cpp's C++ `llama-server`, which batches with `--parallel`). Its
-  /v1/completions takes text only, so it gets each prompt decoded (the bench checks with its /extras/tokenize that llama.cpp reads the same token ids,
-  bos included). It has no `ignore_eos`: `min_tokens` = max_tokens (eos masked) and a logit bias
-  of -1e9 on every special token give fixed-length completions; its stream has no `usage`, so a
-  completion that ends with finish_reason "length" counts max_tokens tokens. It serialises
-  requests (one lock around the model) and by default cuts a stream short when another request
-  arrives (`interrupt_requests`): the bench turns that off, and `logits_all` too (only logprobs
-  need it).
+  /v1/completions takes text only, so it gets each prompt decoded (the bench checks with its
+  /extras/tokenize that llama.cpp reads the same token ids, bos included). It has no
+  `ignore_eos`: `min_tokens` = max_tokens (eos masked) and a logit bias of -1e9 on every special
+  token give fixed-length completions; its stream has no `usage`, so a completion that ends with
+  finish_reason "length" counts max_tokens tokens. It serialises requests (one lock around the
+  model) and by default cuts a stream short when another request arrives (`interrupt_requests`):
+  the bench turns that off, and `logits_all` too (only logprobs need it).
 - vLLM: its OpenAI server (`python -m vllm.entrypoints.openai.api_server`, `vllm_python`,
-  default $LMLAB_VLLM_PYTHON) on
-  the model's HF export, float32, the same token-id prompts and `ignore_eos`;
-  VLLM_CPU_KVCACHE_SPACE=1 (GiB) and VLLM_CPU_OMP_THREADS_BIND=nobind unless set. Up to 5
-  minutes to start.
+  default $LMLAB_VLLM_PYTHON) on the model's HF export, float32, the same token-id prompts and
+  `ignore_eos`; VLLM_CPU_KVCACHE_SPACE=1 (GiB) and VLLM_CPU_OMP_THREADS_BIND=nobind unless set.
+  Up to 5 minutes to start.
 `threads=N`: llama.cpp's n_threads and n_threads_batch, vLLM's OMP_NUM_THREADS (0: their defaults).
 A peer that cannot start raises PeerError (or any error) with the reason, which bench_serve
 reports as not measured.
