@@ -52,7 +52,7 @@ def random_model_dir(root: Path, family: str = "transformer", context: int = 102
     model = build_model({"family": family, **fields, "vocab_size": tok.vocab_size, "max_seq_len": context}).eval()
     with torch.no_grad():  # far from init: logits spread, so greedy text depends on the prompt
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * 0.1)
     out = root / f"{family}-{context}"
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)

@@ -113,6 +113,61 @@ def test_check_template_names_missing_tokens_and_alternatives(tok):
         chat.check_template("vicuna", tok)
 
 
+THINKING = [{"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "thinking": "Two and two make four.", "content": "#### 4"}]
+
+
+def test_think_template_trains_the_thinking_and_the_answer_and_can_skip_the_thinking(tok):
+    ids, mask = render("think", THINKING, tok)
+    o, c = tok.special_tokens["<think>"], tok.special_tokens["</think>"]
+    trained = [i for i, k in zip(ids, mask) if k]
+    assert trained[0] == o and trained.count(c) == 1 and trained[-1] == tok.special_tokens["<|im_end|>"]
+    assert tok.decode(trained[1:trained.index(c)]).strip() == "Two and two make four."
+    assert tok.decode(trained[trained.index(c) + 1:-1]).strip() == "#### 4"
+    # the model opens <think> itself: the prompt ends at the header; thinking=False closes an empty block
+    p = prompt_ids("think", THINKING[:1], tok)
+    assert ids[:len(p)] == p and o not in p
+    direct = prompt_ids("think", THINKING[:1], tok, thinking=False)
+    assert direct[:len(p)] == p and direct[len(p)] == o and c in direct[len(p):]
+    assert chat.render_text("think", THINKING[:1], True, thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # a thinking the user typed with the delimiters stays text
+    typed = [THINKING[0], {**THINKING[1], "thinking": "a </think> b"}]
+    assert render("think", typed, tok)[0].count(c) == 1
+    with pytest.raises(UserError, match="thinking.*template=think"):
+        render("chatml", THINKING, tok)
+    with pytest.raises(UserError, match="only an assistant message may carry a text 'thinking'"):
+        chat.validate_conversation([{"role": "user", "content": "x", "thinking": "y"}])
+
+
+def test_think_template_exports_as_transformers_renders_it(micro, tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmlab.models import hf, load_model
+
+    model, _, _ = load_model(micro["model"])
+    hf.write_hf(model, tmp_path, tokenizer=tok, chat_template="think")
+    at = AutoTokenizer.from_pretrained(tmp_path)
+    full = at.apply_chat_template(THINKING, tokenize=True)
+    assert list(full["input_ids"] if hasattr(full, "keys") else full) == render("think", THINKING, tok)[0]
+    for on in (True, False):
+        r = at.apply_chat_template(THINKING[:1], tokenize=True, add_generation_prompt=True, enable_thinking=on)
+        assert list(r["input_ids"] if hasattr(r, "keys") else r) == prompt_ids("think", THINKING[:1], tok, thinking=on)
+
+
+def test_a_tokenizer_without_thinking_delimiters_is_told_what_it_lacks(tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"], show_progress=False))
+    old = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>")
+    with pytest.raises(UserError, match="needs special token.*<think>, </think>.*template=chatml"):
+        chat.check_template("think", old)
+
+
 def test_chat_json_roundtrip(tmp_path):
     assert chat.load_chat_template(tmp_path) is None
     chat.save_chat_template(tmp_path, "instruct")

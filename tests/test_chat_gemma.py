@@ -78,7 +78,7 @@ def test_lmlab_tokenizer_lacks_gemma_tokens_and_says_how_to_get_them(tmp_path):
     assert "needs special token(s) <bos>, <eos>, <start_of_turn>, <end_of_turn>, which runs/tokenizer lacks" in msg
     assert "use template=chatml or template=instruct or template=chat or template=alpaca" in msg
     assert "lmlab tokenizer from_file=PATH/tokenizer.model" in msg
-    with pytest.raises(UserError, match="valid: chatml, instruct, chat, alpaca, gemma"):
+    with pytest.raises(UserError, match="valid: chatml, instruct, chat, alpaca, think, gemma, qwen2"):
         chat.check_template("gemma3", lmlab_like)
 
 

@@ -131,7 +131,10 @@ def test_score_generative_on_micro_model(pipeline):
     kw = dict(fewshot=few, n_shot=2, n_samples=3, k=[1, 3], max_new_tokens=10, seed=1)
     a = g.score_generative(model, tok, probs, batch_size=4, **kw)
     b = g.score_generative(model, tok, probs, batch_size=1, **kw)
-    assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+    # greedy decoding is the same in any batch; samples are not (batch b draws with seed + b)
+    greedy = [k for k in a if k.startswith("exact_match") and not k.endswith("stderr")]
+    assert greedy and {k: a[k] for k in greedy} == {k: b[k] for k in greedy}
+    assert [r["completion"] for r in a["records"]] == [r["completion"] for r in b["records"]]
     assert set(a["per_task"]) == {"arithmetic", "sort"} and a["per_task"]["sort"]["n"] == 4
     for key in ("exact_match_strict", "exact_match_flexible", "pass@1", "pass@3", "maj@3", "pass@3_flexible"):
         assert 0.0 <= a[key] <= 1.0

@@ -172,6 +172,7 @@ def test_keys_and_tokenizer_spm(runs):
     assert {n: types[i] for n, i in tok.special_tokens.items() if not n.startswith("<|reserved")} == {
         "<|bos|>": T.CONTROL, "<|eos|>": T.CONTROL, "<|pad|>": T.CONTROL,  # hidden when decoding, as in lmlab
         "<|im_start|>": T.USER_DEFINED,  # kept when decoding, as in lmlab; always matched in text
+        "<think>": T.USER_DEFINED, "</think>": T.USER_DEFINED,  # thinking is text a reader sees
         "<|im_end|>": T.CONTROL}  # the end of a turn: llama.cpp makes it a control token in any case
     assert {types[i] for n, i in tok.special_tokens.items() if n.startswith("<|reserved")} == {T.USER_DEFINED}
     assert all(types[i] == T.BYTE for i in range(tok.vocab_size) if sp.is_byte(i))

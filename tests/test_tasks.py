@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lmlab import artifacts
 from lmlab.errors import UserError
 from lmlab.tasks import TASKS, split_of
 from lmlab.tasks import stage
@@ -128,6 +129,21 @@ def test_tasks_stage_writes_files_deterministically_and_rerun_is_noop(tmp_path, 
     stage.run(stage.Config(out=str(tmp_path / "b"), tasks=tasks, seed=0))
     assert "wrote" in capsys.readouterr().out
     assert (out / "train.jsonl").read_bytes() == (out2 / "train.jsonl").read_bytes()
+
+
+def test_thinking_replies_split_the_steps_from_the_answer(tmp_path):
+    tasks = [{"name": "arithmetic", "n_train": 20, "n_test": 4}, {"name": "sort", "n_train": 10, "n_test": 2}]
+    plain = stage.run(stage.Config(out=str(tmp_path / "plain"), tasks=tasks))
+    think = stage.run(stage.Config(out=str(tmp_path / "think"), tasks=tasks, thinking=True))
+    for a, b in zip(_read(plain / "sft_train.jsonl"), _read(think / "sft_train.jsonl")):
+        reply = b["messages"][1]
+        assert reply["content"].startswith("#### ") and "\n" not in reply["content"]
+        assert reply["thinking"] + "\n" + reply["content"] == a["messages"][1]["content"]
+    # only the SFT replies change; the fingerprint of thinking=false is the one from before the option
+    assert (plain / "test.jsonl").read_bytes() == (think / "test.jsonl").read_bytes()
+    fp = json.loads((plain / "manifest.json").read_text())["fingerprint"]
+    assert fp == artifacts.stage_fingerprint("tasks", {"tasks": stage.Config(tasks=tasks).model_dump(mode="json")["tasks"],
+                                                       "seed": 0, "shuffle": True}, {})
 
 
 def test_tasks_cli_and_user_errors(tmp_path):

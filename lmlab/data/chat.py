@@ -9,12 +9,19 @@ A conversation is `list[{"role": "system"|"user"|"assistant", "content": str}]` 
 message may also carry `"input"`, the Alpaca input field). Templates (see docs/chat.md):
 
     chatml    <|im_start|>role\\ncontent<|im_end|>\\n   (system is a turn of its own)
+    think     chatml whose replies think first: <|im_start|>assistant\\n<think>\\n{thinking}\\n</think>\\n\\n{answer}<|im_end|>
     instruct  ### Instruction:\\n{user}\\n\\n### Response:\\n{reply}<|eos|>
     chat      Human: {user}\\nAssistant: {reply}<|eos|>
     alpaca    the Alpaca preamble, ### Instruction: / ### Input: / ### Response:, <|eos|>
     gemma     <bos><start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n
     qwen2, qwen2.5, smollm2    ChatML as those instruction-tuned models write it: no bos, and
               their default system message when the conversation has none (DEFAULT_SYSTEM)
+
+An assistant message may carry `"thinking"` (the text between the thinking delimiters) for
+the `think` template, whose replies are the thinking and then the answer, as Qwen3 and SmolLM3
+write theirs (the model learns to open `<think>` itself after the assistant header);
+`prompt_ids(..., thinking=False)` ends the prompt with an empty thinking block instead (Qwen3's
+`enable_thinking=False`), so the model answers at once. Other templates refuse a "thinking".
 
 `instruct` and `chat` put a system message first as plain text followed by a blank line;
 `alpaca` uses it instead of its preamble. Every conversation starts with bos, except in the
@@ -49,11 +56,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lmlab.data.tokenizer import GEMMA_TURN_TOKENS, SPECIAL_TOKENS, TEXT_BREAK, escape_order, escape_specials
+from lmlab.data.tokenizer import (GEMMA_TURN_TOKENS, SPECIAL_TOKENS, TEXT_BREAK, THINK_CLOSE, THINK_OPEN, escape_order,
+                                  escape_specials)
 from lmlab.errors import UserError
 
 # The templates every lmlab-trained tokenizer supports (its special tokens are lmlab's).
-TEMPLATES = ("chatml", "instruct", "chat", "alpaca")
+TEMPLATES = ("chatml", "instruct", "chat", "alpaca", "think")
 # The ChatML of imported instruction-tuned models: no bos, and this system message when a
 # conversation has none (their Hugging Face chat templates, token for token).
 DEFAULT_SYSTEM = {
@@ -61,7 +69,10 @@ DEFAULT_SYSTEM = {
     "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 }
-CHATML_STYLE = ("chatml",) + tuple(DEFAULT_SYSTEM)
+CHATML_STYLE = ("chatml", "think") + tuple(DEFAULT_SYSTEM)
+# Templates whose replies hold a thinking block between these delimiters.
+THINKING_TEMPLATES = ("think",)
+THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)
 # Templates whose tokens come with an imported tokenizer (Gemma's tokenizer.model, the ChatML
 # variants' tokenizer.json).
 IMPORTED_TEMPLATES = ("gemma",) + tuple(DEFAULT_SYSTEM)
@@ -124,6 +135,8 @@ def required_tokens(template: str) -> list[str]:
         return list(GEMMA_TOKENS)
     if template in DEFAULT_SYSTEM:
         return [IM_START, IM_END]
+    if template in THINKING_TEMPLATES:
+        return [BOS, IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
     return [BOS, IM_START, IM_END] if template == "chatml" else [BOS, EOS]
 
 
@@ -148,7 +161,8 @@ def check_template(template: str, tokenizer) -> None:
         where = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", "the tokenizer")
         fix = (f"import Gemma's tokenizer.model with `lmlab tokenizer from_file=PATH/tokenizer.model`: it holds "
                f"{START_OF_TURN} and {END_OF_TURN}" if template == "gemma" else
-               f"retrain the tokenizer: lmlab tokenizers include {IM_START} and {IM_END}")
+               f"retrain the tokenizer: lmlab tokenizers include {IM_START}, {IM_END}, {THINK_OPEN} and "
+               f"{THINK_CLOSE} (the thinking delimiters since December 2026)")
         raise UserError(f"chat template '{template}' needs special token(s) {', '.join(missing)}, which {where} lacks; "
                         + (f"use template={' or template='.join(works)}" if works else
                            "no template works with it (it has no bos/eos token); use an lmlab tokenizer")
@@ -173,6 +187,11 @@ def validate_conversation(messages, where: str = "conversation", need_assistant:
         if not isinstance(content, str) or not content.strip():
             raise UserError(f"{where}: message {i} ({role}) has an empty or missing content")
         clean = {"role": role, "content": content}
+        thinking = m.get("thinking", m.get("reasoning_content"))  # reasoning_content: Qwen3's name for it
+        if thinking is not None:
+            if role != "assistant" or not isinstance(thinking, str):
+                raise UserError(f"{where}: message {i}: only an assistant message may carry a text 'thinking'")
+            clean["thinking"] = thinking
         if m.get("input"):
             if role != "user" or not isinstance(m["input"], str):
                 raise UserError(f"{where}: message {i}: only a user message may carry a text 'input'")
@@ -199,10 +218,13 @@ def _escaped(messages: list[dict], tokens: tuple[str, ...]) -> list[dict]:
 
 
 def _pieces(template: str, messages: list[dict], generation_prompt: bool,
-            tokens: tuple[str, ...]) -> list[tuple[str, bool, bool, int]]:
+            tokens: tuple[str, ...], thinking: bool = True) -> list[tuple[str, bool, bool, int]]:
     """(text, is_special, train, turn) pieces of the conversation, bos first (see `has_bos`); the
     messages' text escaped against `tokens` (so only the template writes special tokens)."""
     _check_name(template)
+    if template not in THINKING_TEMPLATES and any(m.get("thinking") is not None for m in messages):
+        raise UserError(f"a message carries 'thinking', which the {template} template has no delimiters for; use "
+                        f"template=think (or drop the field)")
     messages = _escaped(messages, tokens)
     if template == "gemma":
         return _gemma_pieces(messages, generation_prompt)
@@ -225,6 +247,11 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
             special(IM_START)
             if role == "assistant":
                 text("assistant\n")
+                if m.get("thinking") is not None:
+                    special(THINK_OPEN, True)
+                    text("\n" + m["thinking"] + "\n", True)
+                    special(THINK_CLOSE, True)
+                    text("\n\n", True)
                 text(m["content"], True)
                 special(IM_END, True)
             else:
@@ -254,6 +281,11 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
         elif template == "alpaca" and not started:
             text(ALPACA_PREAMBLE)
         text(_assistant_header(template))
+        if template in THINKING_TEMPLATES and not thinking:  # an empty thinking block: answer at once
+            special(THINK_OPEN)
+            text("\n\n")
+            special(THINK_CLOSE)
+            text("\n\n")
     return p
 
 
@@ -331,11 +363,12 @@ def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
     return ids, mask, turns
 
 
-def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False, tokenizer=None) -> str:
+def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False, tokenizer=None,
+                thinking: bool = True) -> str:
     """The conversation as text, special tokens spelled out (what `hf_chat_template` produces);
     messages escaped against `tokenizer`'s special tokens (when None: see `control_tokens`)."""
     tokens = control_tokens(tokenizer, template)
-    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, tokens))
+    return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, tokens, thinking))
 
 
 def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
@@ -376,18 +409,19 @@ def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int
 
 
 def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
-               stats: Optional[dict] = None) -> list[int]:
+               stats: Optional[dict] = None, thinking: bool = True) -> list[int]:
     """The conversation so far plus the assistant header: what the model continues to reply.
 
     With `max_len`, history is truncated from the left: the oldest messages after an
     optional system message are dropped one by one until the prompt fits; if the last
     message alone is still too long, bos (where the template writes one) is kept and the
     tokens right after it are cut.
-    `stats`, when given, counts `dropped_messages` and `cut_tokens`.
+    `stats`, when given, counts `dropped_messages` and `cut_tokens`. `thinking=False` (a
+    thinking template only) closes an empty thinking block after the header: the reply is the answer.
     """
     msgs = list(messages)
     tokens = control_tokens(tokenizer, template)
-    ids = _tokenize(_pieces(template, msgs, True, tokens), tokenizer)[0]
+    ids = _tokenize(_pieces(template, msgs, True, tokens, thinking), tokenizer)[0]
     if max_len is None or len(ids) <= max_len:
         return ids
     head = 1 if msgs and msgs[0]["role"] == "system" else 0
@@ -395,7 +429,7 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     while len(ids) > max_len and len(msgs) - head > 1:
         del msgs[head]
         dropped += 1
-        ids = _tokenize(_pieces(template, msgs, True, tokens), tokenizer)[0]
+        ids = _tokenize(_pieces(template, msgs, True, tokens, thinking), tokenizer)[0]
     cut = 0
     if len(ids) > max_len:
         cut = len(ids) - max_len
@@ -436,6 +470,25 @@ _HF_CHATML = (
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# `think`: chatml whose assistant messages may carry "thinking"; `enable_thinking=False` (as
+# Qwen3's template takes it) ends a generation prompt with an empty thinking block.
+_HF_THINK = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + esc(message['role']) + '\\n' }}"
+    "{% if message['role'] == 'assistant' and message['thinking'] is defined and message['thinking'] is not none %}"
+    "{{ '<think>\\n' + esc(message['thinking']) + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ esc(message['content']) }}"
+    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
+    "{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 
@@ -518,6 +571,8 @@ def hf_chat_template(template: str, tokenizer=None) -> str:
         body = _HF_GEMMA
     elif template == "chatml":
         body = _HF_CHATML
+    elif template == "think":
+        body = _HF_THINK
     elif template in DEFAULT_SYSTEM:
         body = _hf_chatml_variant(template)
     elif template == "instruct":

@@ -11,8 +11,9 @@ Two kinds, both with byte fallback so no input is ever unknown:
 - `bpe`: byte-level BPE from HF `tokenizers` (`tokenizer.json`), as in GPT-2.
 
 Special tokens (ids in `tokenizer_meta.json`, see SPECIAL_TOKENS): `<|bos|>`, `<|eos|>`,
-`<|pad|>`, the chat markers `<|im_start|>`, `<|im_end|>` and spare `<|reserved_0..5|>`; each
-is one id. Special tokens in text follow one rule, the same in `Tokenizer.encode` and in the
+`<|pad|>`, the chat markers `<|im_start|>`, `<|im_end|>`, spare `<|reserved_0..5|>`, and the
+thinking delimiters `<think>`, `</think>` (the `think` chat template; Qwen3's and SmolLM3's
+spelling); each is one id. Special tokens in text follow one rule, the same in `Tokenizer.encode` and in the
 exported Hugging Face tokenizer (docs/data.md, "Special tokens in text"):
 - a special token's string in text is that token (`encode("<|eos|>") == [eos_id]`), because
   that is how Hugging Face turns a chat template's text into ids and so how every HF tool
@@ -55,9 +56,12 @@ HF_FILE = "tokenizer.json"
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(6)]
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Tokens that sentencepiece itself matches in text (user-defined symbols); bos/eos/pad are its
 # control symbols, which lmlab matches (Tokenizer._split) so that all specials behave alike.
-TEXT_SPECIALS = [IM_START, IM_END] + RESERVED
+# The thinking delimiters come last, so the ids of the tokens before them are those of
+# tokenizers trained before they existed.
+TEXT_SPECIALS = [IM_START, IM_END] + RESERVED + [THINK_OPEN, THINK_CLOSE]
 SPECIAL_TOKENS = [BOS, EOS, PAD] + TEXT_SPECIALS
 # Gemma's turn markers, user-defined pieces of its tokenizer.model (bos/eos/pad are its control
 # pieces <bos>, <eos>, <pad>). An imported model that has them records them as special tokens, for

@@ -114,6 +114,8 @@ class GenerativeSpec(Strict):
     n_shot: int = Field(4, ge=0, description="few-shot examples per prompt for a base model (fewer when the context is short)")
     chat_n_shot: int = Field(0, ge=0, description="examples given as earlier turns to a chat-template model (0 = zero-shot)")
     batch_size: int = Field(32, ge=1, description="prompts decoded together")
+    thinking: bool = Field(True, description="a model with a thinking template (think): false ends each prompt "
+                           "with an empty thinking block, so the model answers without thinking")
     rerank: Optional[RerankSpec] = Field(None, description="rerank the n_samples samples with a verifier or reward "
                                          "model: {verifier: DIR | reward: DIR, n: [1, 2, 4, 8]} -> best_of_N, "
                                          "weighted_vote@N, maj@N, pass@N")
@@ -220,10 +222,7 @@ def check_packed_tokenizer(packed_dir: str | Path, tokenizer) -> dict:
 
 def training_data(model_manifest: dict) -> list[str]:
     """The packed artifacts a model was trained on (its manifest's `data_*` inputs) that still exist."""
-    inputs = model_manifest.get("inputs") or {}
-    paths = [v.get("path") for k, v in sorted(inputs.items()) if k.startswith("data") and isinstance(v, dict)]
-    # Only packed artifacts: an SFT/DPO run's data (conversation files, tasks) has no val rows.
-    return [p for p in paths if p and Path(p).is_dir() and (artifacts.read_manifest(p) or {}).get("kind") == "packed"]
+    return artifacts.packed_inputs(model_manifest)
 
 
 def resolve_prefix_token(tokenizer, choice: str) -> int:
@@ -283,6 +282,9 @@ def run(cfg: Config) -> Path:
             inputs[f"long_context_{i}"] = {"path": spec.path, "fingerprint": artifacts.sha256_file(spec.path)}
     if not cfg.long_context:  # left out, so evals made before it existed keep their fingerprint
         fp_config.pop("long_context", None)
+    for g in fp_config.get("generative", []):  # its default left out: older evals keep their fingerprint
+        if g.get("thinking", True):
+            g.pop("thinking", None)
     lm_eval_tasks = _vet_lm_eval(cfg, inputs, fp_config)
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
@@ -468,7 +470,7 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
                                n_shot=spec.chat_n_shot if use else spec.n_shot, n_samples=spec.n_samples, k=spec.k,
                                temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
                                batch_size=spec.batch_size, seed=cfg.seed, device=device, scorer=scorer,
-                               rerank_n=spec.rerank.n if spec.rerank is not None else ())
+                               rerank_n=spec.rerank.n if spec.rerank is not None else (), thinking=spec.thinking)
         name = spec.name or _file_name(spec.path)
         for r in res.pop("records"):
             samples.append({"file": spec.path, "name": name, "kind": "generative", **r})

@@ -63,11 +63,12 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
                      fewshot: Sequence[dict] = (), n_shot: int = 4, n_samples: int = 0, k: Sequence[int] = (1,),
                      temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 128,
                      batch_size: int = 32, seed: int = 0, device=None, n_records: int = 5, scorer=None,
-                     rerank_n: Sequence[int] = ()) -> dict:
+                     rerank_n: Sequence[int] = (), thinking: bool = True) -> dict:
     """Greedy exact match (strict, flexible) and, with n_samples > 0, pass@k and maj@k per k ≤ n_samples.
 
     `template` (a chat template name) prompts with the template, zero-shot unless n_shot > 0
     (examples then become earlier turns); None prompts lm-eval-style few-shot from `fewshot`.
+    `thinking=False` asks a thinking template's model to answer without thinking (chat.prompt_ids).
     Returns metrics overall and per task, the settings, and `n_records` sample records.
     With a `scorer` (lmlab.infer.scorer: a verifier or reward model) every sample is scored and
     `rerank` holds best-of-N, weighted vote, maj@N and pass@N for each N in `rerank_n`
@@ -87,7 +88,7 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     stops = problem_stops(template, tokenizer)
     shots = n_shot if fewshot else 0
     t0 = time.perf_counter()
-    built = [build_prompt(tokenizer, p, template, fewshot, shots, budget) for p in problems]
+    built = [build_prompt(tokenizer, p, template, fewshot, shots, budget, thinking) for p in problems]
     prompts = [b[0] for b in built]
     was_training = model.training
     model.eval()

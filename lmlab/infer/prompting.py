@@ -54,16 +54,17 @@ def resolve_template(model_dir: str | Path | None, tokenizer=None, template: Opt
 
 
 def question_prompt(template: str, question: str, tokenizer, shots: Sequence[tuple[str, str]] = (),
-                    max_len: Optional[int] = None) -> list[int]:
+                    max_len: Optional[int] = None, thinking: bool = True) -> list[int]:
     """Prompt ids asking `question` as the user turn, after `shots` ((question, answer) pairs)
-    as earlier exchanges; `max_len` drops the oldest turns first (data.chat.prompt_ids)."""
+    as earlier exchanges; `max_len` drops the oldest turns first, `thinking=False` ends a
+    thinking template's prompt with an empty thinking block (data.chat.prompt_ids)."""
     from lmlab.data.chat import prompt_ids
 
     messages = []
     for q, a in shots:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": question})
-    return prompt_ids(template, messages, tokenizer, max_len=max_len)
+    return prompt_ids(template, messages, tokenizer, max_len=max_len, thinking=thinking)
 
 
 def prompt_room(model, option: str, new_tokens: int) -> int:

@@ -108,8 +108,9 @@ def _shots_for(problem: dict, fewshot: Sequence[dict], n_shot: int) -> list[dict
 
 
 def build_prompt(tokenizer, problem: dict, template: Optional[str], fewshot: Sequence[dict], n_shot: int,
-                 budget: int) -> tuple[list[int], str, int]:
-    """(prompt ids, prompt text for the record, shots used), fitting in `budget` tokens."""
+                 budget: int, thinking: bool = True) -> tuple[list[int], str, int]:
+    """(prompt ids, prompt text for the record, shots used), fitting in `budget` tokens;
+    `thinking=False`: a thinking template's empty thinking block ends the prompt."""
     from lmlab.infer.engine import encode_prompt
     from lmlab.infer.prompting import question_prompt
 
@@ -117,7 +118,7 @@ def build_prompt(tokenizer, problem: dict, template: Optional[str], fewshot: Seq
     for k in range(len(shots), -1, -1):
         if template:
             ids = question_prompt(template, problem["question"], tokenizer,
-                                  [(s["question"], s["answer"]) for s in shots[len(shots) - k:]])
+                                  [(s["question"], s["answer"]) for s in shots[len(shots) - k:]], thinking=thinking)
             text = tokenizer.decode(ids)
         else:
             text = fewshot_text(problem["question"], shots[len(shots) - k:])

@@ -7,6 +7,8 @@
 Files in `out` (one JSON object per line):
   sft_train.jsonl  {"messages": [{"role": "user", "content": question},
                                  {"role": "assistant", "content": solution}], "task", "difficulty"}
+                   with thinking=true the reply thinks first: {"role": "assistant", "thinking": the
+                   worked steps, "content": "#### N"} (for `lmlab sft template=think`)
   dpo_train.jsonl  {"prompt": question, "chosen": solution, "rejected": a wrong solution, "task", "difficulty"}
   test.jsonl       {"question", "answer": solution ending "#### N", "task", "difficulty"}  (GSM8K format)
   fewshot.jsonl    the same format as test.jsonl, drawn from the train split, for few-shot prompting
@@ -67,6 +69,8 @@ class Config(Strict):
     tasks: list[TaskSpec] = Field(default_factory=_default_tasks, description="the tasks to write and how many problems of each")
     seed: int = Field(0, description="seed of every draw (problems, wrong solutions, shuffling)")
     shuffle: bool = Field(True, description="shuffle sft_train.jsonl and dpo_train.jsonl across tasks (seeded)")
+    thinking: bool = Field(False, description="SFT replies think first: the worked steps as the assistant's "
+                           "`thinking`, the `#### N` line as its content (train them with template=think)")
 
 
 def build(cfg: Config) -> dict[str, list[dict]]:
@@ -88,8 +92,11 @@ def build(cfg: Config) -> dict[str, list[dict]]:
         draw = lambda split, n, stream: task.problems(split, n, seed=hash_seed(cfg.seed, stream),  # noqa: E731
                                                       difficulty=spec.difficulty, weights=spec.weights)
         for p in draw("train", spec.n_train, "sft"):
-            files["sft_train"].append({"messages": [{"role": "user", "content": p.question},
-                                                    {"role": "assistant", "content": p.solution}],
+            reply = {"role": "assistant", "content": p.solution}
+            if cfg.thinking:
+                steps, answer = split_solution(p.solution)
+                reply = {"role": "assistant", "thinking": steps, "content": answer}
+            files["sft_train"].append({"messages": [{"role": "user", "content": p.question}, reply],
                                        "task": p.task, "difficulty": p.difficulty})
         rng = random.Random(f"{spec.name}:wrong:{cfg.seed}")
         for p in draw("train", n_dpo, "dpo"):
@@ -108,6 +115,12 @@ def build(cfg: Config) -> dict[str, list[dict]]:
     return files
 
 
+def split_solution(solution: str) -> tuple[str, str]:
+    """(the worked steps, the final "#### N" line) of a task solution."""
+    steps, _, answer = solution.rpartition("\n")
+    return steps, answer
+
+
 def hash_seed(seed: int, stream: str) -> int:
     """A seed per use (sft / dpo / fewshot) derived from the stage seed, stable across runs."""
     import hashlib
@@ -119,7 +132,9 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.out)
     artifacts.check_out(out, "tasks", "tasks")
     config = cfg.model_dump(mode="json")
-    fp = artifacts.stage_fingerprint("tasks", {k: v for k, v in config.items() if k != "out"}, {})
+    # `thinking` off is left out, so task dirs written before it existed keep their fingerprint
+    fp = artifacts.stage_fingerprint("tasks", {k: v for k, v in config.items()
+                                               if k != "out" and not (k == "thinking" and not v)}, {})
     # A directory written before train.jsonl existed is rewritten (its other files come out identical).
     if artifacts.is_up_to_date(out, fp) and all((out / f"{name}.jsonl").is_file() for name in FILES):
         print(f"tasks: up to date ({out}), nothing to do")
