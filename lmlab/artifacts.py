@@ -115,6 +115,21 @@ def require_artifact(path: str | Path, kind: str | tuple[str, ...], what: str = 
     return m
 
 
+def packed_inputs(manifest: dict, follow_init: bool = False) -> list[str]:
+    """The packed artifacts that still exist among a model manifest's `data_*` inputs; with
+    `follow_init`, a model trained on none (an SFT run on conversations) gives its init's, and so on."""
+    for _ in range(8 if follow_init else 1):
+        inputs = manifest.get("inputs") or {}
+        paths = [v.get("path") for k, v in sorted(inputs.items()) if k.startswith("data") and isinstance(v, dict)]
+        # Only packed artifacts: an SFT/DPO run's data (conversation files, tasks) has no val rows.
+        found = [p for p in paths if p and Path(p).is_dir() and (read_manifest(p) or {}).get("kind") == "packed"]
+        init = (inputs.get("init") or {}).get("path")
+        if found or not follow_init or not init:
+            return found
+        manifest = read_manifest(init) or {}
+    return []
+
+
 def stage_fingerprint(kind: str, config: dict, inputs: dict[str, str]) -> str:
     return fingerprint({"kind": kind, "config": config, "inputs": inputs})
 

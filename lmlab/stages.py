@@ -20,6 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "samples": ("lmlab.tasks.samples", "k labelled samples per problem from a chat model (verifier / reward data), in chunks"),
     "verifier": ("lmlab.train.verifier", "train an outcome verifier: (problem, solution) -> P(correct)"),
     "reward": ("lmlab.train.reward_model", "train a Bradley-Terry reward model on preference pairs"),
+    "compressor": ("lmlab.train.compressor", "LLM-TRM phase 1: compress a frozen LLM's hidden states D -> D' "
+                   "(tied linear), on text and its own thinking, against the best linear map"),
     "grpo": ("lmlab.train.grpo", "GRPO: RL with verifiable rewards, G completions per prompt, group advantages"),
     "trm": ("lmlab.train.trm", "train a tiny recursive reasoning model (TRM) on a puzzle set, with ACT deep supervision"),
     "puzzle-eval": ("lmlab.eval.puzzles", "evaluate a TRM on a puzzle split: exact accuracy by step, rating, halting; ARC votes"),
@@ -39,6 +41,12 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+# Stages in lmlab/train that run in one process (small models on cached states): under torchrun
+# the pipeline runs them on rank 0, as it does every stage that is not a training verb.
+ONE_PROCESS = ("compressor",)
+
+
 def training_verbs() -> list[str]:
     """The training stages (in lmlab/train): they resume from checkpoints and run on several processes."""
-    return [verb for verb, (module, _) in STAGES.items() if module.startswith("lmlab.train.")]
+    return [verb for verb, (module, _) in STAGES.items() if module.startswith("lmlab.train.")
+            and verb not in ONE_PROCESS]

@@ -28,7 +28,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke):
                        ("griffin", "model"), ("tasks", "tasks"), ("eval", "eval"), ("sft", "model"), ("eval_sft", "eval"),
                        ("dpo", "model"), ("eval_dpo", "eval"), ("samples", "samples"), ("verifier", "verifier"),
                        ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("puzzles", "puzzles"),
-                       ("trm", "trm"), ("eval_trm", "puzzle_eval"), ("report", "report"), ("hf", "hf_export")]:
+                       ("trm", "trm"), ("eval_trm", "puzzle_eval"), ("report", "report"), ("hf", "hf_export"),
+                       ("tasks_think", "tasks"), ("sft_think", "model"), ("compressor", "compressor")]:
         manifest = json.loads((root / name / "manifest.json").read_text())
         assert manifest["kind"] == kind
         assert manifest["lmlab_version"] and manifest["git_commit"]
@@ -54,7 +55,8 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
         "Base", "SFT", "DPO", "GRPO", "GRPO + verifier best-of-4"]
     for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png",
                     "## TRM: tiny recursive models on puzzles", "### Puzzle sets", "trm_curves.png",
-                    "## Pretraining compared", "| `griffin` | griffin | micro |"):
+                    "## Pretraining compared", "| `griffin` | griffin | micro |", "## Hidden-state compressor",
+                    "held-out thinking trajectories"):
         assert section in report, section
     assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
     rows = json.loads((root / "report" / "ladder.json").read_text())

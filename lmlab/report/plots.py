@@ -229,6 +229,23 @@ def against_n(ns: list[int], series: dict[str, list[float | None]], path: str | 
     return _save(fig, path)
 
 
+def against_dim(dims: list[int], series: dict[str, list[float]], path: str | Path, ylabel: str,
+                title: str = "") -> Path:
+    """Lines of a metric against a width D' (log2 axis): the compressor beside its references."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for name, vals in series.items():
+        ax.plot(dims, vals, "--" if "optimum" in name else "-", marker="o", ms=3, lw=1.2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(k) for k in dims])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("D' (compressed width)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- sweeps (lmlab sweep)
 
 STATE_STYLE = {"COMPLETE": ("o", "#4c72b0", "complete"), "PRUNED": ("x", "#c44e52", "pruned (last reported value)")}

@@ -1,0 +1,136 @@
+"""LLM-TRM through the real CLI, phase by phase.
+
+Phase 0, a thinking model: the tasks stage writes replies that think first, `lmlab sft
+template=think` trains on them, and `lmlab eval` asks the model with its thinking and without
+(an empty thinking block closing the prompt). Phase 1, `lmlab compressor`: tied linear
+compressors of its hidden states on text and on its own trajectories, against the best linear
+map; the maths of lmlab.models.compressor on states with a known spectrum."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_micro_pipeline
+
+from lmlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return build_micro_pipeline(tmp_path_factory.mktemp("think"), seq_len=257, steps=4)
+
+
+def test_tasks_sft_and_eval_with_and_without_thinking(pipe, capsys):
+    root = pipe["root"]
+    assert main(["tasks", f"out={root / 'tasks'}", "thinking=true",
+                 "tasks=[{name: arithmetic, difficulty: [1], n_train: 16, n_test: 4, n_fewshot: 0}]"]) == 0
+    reply = json.loads((root / "tasks" / "sft_train.jsonl").read_text().splitlines()[0])["messages"][1]
+    assert reply["thinking"] and reply["content"].startswith("#### ")
+    # chatml has no thinking delimiters: refused in one line, before training
+    common = [f"init={pipe['model']}", f"data={root / 'tasks' / 'sft_train.jsonl'}", "seq_len=256", "train.steps=4",
+              "train.batch_size=4", "train.device=cpu", "eval.batches=0", "checkpoint.every=0"]
+    capsys.readouterr()
+    assert main(["sft", *common, f"out={root / 'sft_chatml'}"]) == 2
+    err = capsys.readouterr().err
+    assert "template=think" in err and "Traceback" not in err
+    assert main(["sft", *common, f"out={root / 'sft'}", "template=think"]) == 0
+    assert json.loads((root / "sft" / "chat.json").read_text())["template"] == "think"
+    gen = f"{{path: {root / 'tasks' / 'test.jsonl'}, n_samples: 0, k: [1], max_new_tokens: 8, batch_size: 4"
+    for on in ("true", "false"):
+        assert main(["eval", str(root / "sft"), f"out={root / ('eval_' + on)}", "packed_default=false",
+                     f"generative=[{gen}, thinking: {on}}}]"]) == 0
+    samples = {on: [json.loads(x) for x in (root / f"eval_{on}" / "samples.jsonl").read_text().splitlines()]
+               for on in ("true", "false")}
+    prompts = {on: [s["prompt"] for s in samples[on] if s.get("kind") == "generative"] for on in samples}
+    assert prompts["true"] and all(p.endswith("<|im_start|>assistant\n") for p in prompts["true"])
+    assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in prompts["false"])
+
+
+# ----------------------------------------------------------------------------- phase 1: the compressor
+
+def _low_rank(n=4000, d=24, seed=0):
+    """States with a known spectrum: a mean far from 0 plus 6 strong and 18 weak directions."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.cat([torch.linspace(5, 2, 6), torch.full((d - 6,), 0.1)])
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    return (torch.randn(n, d, generator=g) * scales) @ basis.T + 3.0 * torch.randn(d, generator=g)
+
+
+def test_subspaces_are_the_svd_optimum_and_training_reaches_it():
+    from lmlab.models.compressor import DimensionCompressor, project, reconstruction_metrics, subspace
+
+    x = _low_rank()
+    c = DimensionCompressor(24, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(c.weight @ c.weight.T, torch.eye(6), atol=1e-5, rtol=0)  # orthonormal rows
+    basis, offset = subspace(x, 6, centre=False)
+    _, _, vt = torch.linalg.svd(x.double(), full_matrices=False)  # Eckart-Young: the top right singular vectors
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close((basis.T @ basis), vt[:6].T @ vt[:6], atol=1e-8, rtol=0)
+    mean = x.double().mean(0)
+    opt = reconstruction_metrics(x, project(x, basis, offset), mean)
+    pca = reconstruction_metrics(x, project(x, *subspace(x, 6, centre=True)), mean)
+    assert pca["variance_explained"] > opt["variance_explained"]  # the mean costs the linear map one direction
+    opt_sum = (x.double() - project(x, basis, offset).double()).pow(2).sum()
+    opt5 = subspace(x, 5, centre=False)
+    assert (x.double() - project(x, *opt5).double()).pow(2).sum() > opt_sum  # fewer directions, more error
+    from lmlab.train.compressor import Config, _train
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    _train(c, x, Config(steps=600, batch_tokens=512, lr=1e-2, warmup_steps=10), "t", lambda _: None, Bar())
+    with torch.no_grad():
+        got = reconstruction_metrics(x, c(x), mean)
+        sse = (x.double() - c(x).double()).pow(2).sum()
+    assert sse >= opt_sum * (1 - 1e-6)  # a tied linear map cannot beat the optimum on its own training states
+    assert got["variance_explained"] > 0.995 * opt["variance_explained"] and got["cosine"] > 0.99
+
+
+def test_compressor_stage_on_text_and_the_models_own_thinking(pipe, capsys):
+    from lmlab.models.compressor import load_compressor
+
+    root = pipe["root"]
+    sft = root / "sft"
+    if not (sft / "manifest.json").is_file():
+        pytest.skip("needs the phase 0 test's thinking model")
+    out = root / "compressor"
+    traj = f"trajectories={{problems: {root / 'tasks' / 'test.jsonl'}, n: 2, n_val: 2, max_new_tokens: 12}}"
+    common = [str(sft), "tokens=3000", "val_tokens=1000", "steps=150", "lr=1.0e-2", "batch_tokens=256", traj]
+    capsys.readouterr()
+    assert main(["compressor", *common, f"out={out}", "dims=[8, 16]"]) == 0
+    said = capsys.readouterr().out
+    assert "of the linear optimum" in said and "trajectories D'=16" in said
+    res = json.loads((out / "compression.json").read_text())
+    assert res["d"] == 64 and res["dims"] == [8, 16]
+    rows = {(r["phase"], r["eval_on"], r["d_prime"], r["method"]): r for r in res["results"]}
+    assert len(rows) == 2 * 2 * 2 * 3  # phases x held-out sets x D' x (compressor, optimum, PCA)
+    for (phase, kind, k, method), r in rows.items():
+        assert 0 < r["cosine"] <= 1 and r["relative_error"] >= 0
+    # wider keeps more; the text phase gets close to the optimum of its own kind
+    for phase in ("1a_text", "1b_trajectories"):
+        for kind in ("text", "trajectories"):
+            assert rows[(phase, kind, 16, "compressor")]["mse"] < rows[(phase, kind, 8, "compressor")]["mse"]
+    c, opt = rows[("1a_text", "text", 16, "compressor")], rows[("1a_text", "text", 16, "linear_optimum")]
+    assert c["variance_explained"] > 0.8 * opt["variance_explained"]
+    st = json.loads((out / "manifest.json").read_text())["stats"]
+    assert st["trajectories_train"]["trajectories"] == 2 and st["states"]["val_text"] == 1000
+    comp, meta = load_compressor(out, 8)
+    assert comp.weight.shape == (8, 64) and meta["phases"] == ["1a_text", "1b_trajectories"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {x["phase"] for x in lines} == {"1a_text", "1b_trajectories"}
+    # bad input: one line, exit 2, the good run untouched
+    good = (out / "manifest.json").read_text()
+    assert main(["compressor", *common, f"out={out}", "dims=[8, 128]"]) == 2
+    assert "D=64" in capsys.readouterr().err
+    assert main(["compressor", str(pipe["model"]), f"out={root / 'c_base'}", traj]) == 2
+    err = capsys.readouterr().err
+    assert "no thinking delimiters (<think> </think>)" in err and "Traceback" not in err
+    assert (out / "manifest.json").read_text() == good
+    assert main(["report", f"inputs=[{out}]", "follow_inputs=false", f"out={root / 'report_c'}"]) == 0
+    text = (root / "report_c" / "report.md").read_text()
+    assert "## Hidden-state compressor" in text and "held-out thinking trajectories" in text
+    assert (root / "report_c" / "compressor_cosine.png").stat().st_size > 1000
