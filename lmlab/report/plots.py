@@ -154,14 +154,19 @@ def long_context(positions: list[float], curves: dict[str, list[float]], context
     for mode, ys in curves.items():
         c, ls = style.get(mode, ("#333333", "-"))
         ax.plot(positions, ys, ls, color=c, lw=1.4, marker="o", ms=2.5, label=mode)
+    return _save(_past_context_axes(ax, fig, context, title or "reading past the context", 7), path)
+
+
+def _past_context_axes(ax, fig, context: int, title: str, legend_size: int):
+    """The long-context plots' dressing: the context marked, labels, legend, grid; returns `fig`."""
     ax.axvline(context, color="#999999", lw=0.8)
     ax.text(context, ax.get_ylim()[1], " context", va="top", fontsize=7, color="#666666")
     ax.set_xlabel("position in the text (tokens)")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or "reading past the context")
-    ax.legend(fontsize=7)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def long_context_compared(positions: list[float], curves: dict[str, list[float]], context: int,
@@ -176,14 +181,7 @@ def long_context_compared(positions: list[float], curves: dict[str, list[float]]
         model, mode = key.rsplit(": ", 1)
         ax.plot(positions, ys, dash.get(mode, "-"), color=palette[models.index(model) % len(palette)], lw=1.3,
                 marker="o", ms=2, label=key)
-    ax.axvline(context, color="#999999", lw=0.8)
-    ax.text(context, ax.get_ylim()[1], " context", va="top", fontsize=7, color="#666666")
-    ax.set_xlabel("position in the text (tokens)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or "reading past the context, models compared")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(_past_context_axes(ax, fig, context, title or "reading past the context, models compared", 6), path)
 
 
 # ---------------------------------------------------------------------- alignment (grpo, rerank)
