@@ -366,9 +366,10 @@ def test_qwen3_architecture(runs):
 
 def test_chat_template_and_end_of_turn(runs):
     from lmlab.data import chat
+    from lmlab.data.chat_jinja import hf_chat_template
     _, tok = load(runs["noisy"])
     r = gguf.GGUFReader(export(runs, "noisy", "f32"))
-    assert field(r, "tokenizer.chat_template") == chat.hf_chat_template("chatml", tok)
+    assert field(r, "tokenizer.chat_template") == hf_chat_template("chatml", tok)
     assert field(r, "tokenizer.ggml.eot_token_id") == tok.special_tokens["<|im_end|>"]
     assert field(r, "tokenizer.ggml.eos_token_id") == tok.eos_id
     # the template renders what lmlab's chat code renders (transformers' Jinja environment)

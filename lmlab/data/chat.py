@@ -40,7 +40,7 @@ The text is tokenized segment by segment (special tokens inserted as their singl
 the train mask is exact: True on each assistant reply and its end-of-turn token, nothing
 else. Segments break only after a newline, before a special token or before the space that
 opens a `chat` reply, which is where lmlab's tokenizers split anyway, so the ids equal those
-of tokenizing the whole rendered text at once; `hf_chat_template` gives transformers the
+of tokenizing the whole rendered text at once; `hf_chat_template` (lmlab/data/chat_jinja.py) gives transformers the
 same text as a Jinja template, so `apply_chat_template` on an exported model yields exactly
 `prompt_ids` (tested).
 
@@ -365,7 +365,7 @@ def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
 
 def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False, tokenizer=None,
                 thinking: bool = True) -> str:
-    """The conversation as text, special tokens spelled out (what `hf_chat_template` produces);
+    """The conversation as text, special tokens spelled out (what chat_jinja's `hf_chat_template` produces);
     messages escaped against `tokenizer`'s special tokens (when None: see `control_tokens`)."""
     tokens = control_tokens(tokenizer, template)
     return "".join(s for s, *_ in _pieces(template, messages, add_generation_prompt, tokens, thinking))
@@ -457,131 +457,6 @@ def end_of_turn_ids(template: str, tokenizer) -> list[int]:
     specials = _special_ids(tokenizer)
     names = [IM_END, EOS] if template in CHATML_STYLE else {"gemma": [END_OF_TURN, GEMMA_EOS]}.get(template, [EOS])
     return [specials[n] for n in names if n in specials]
-
-
-# ----------------------------------------------------------------------------- Hugging Face template
-
-_HF_CHATML = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + esc(message['role']) + '\\n' + esc(message['content']) }}"
-    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
-    "{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-# `think`: chatml whose assistant messages may carry "thinking"; `enable_thinking=False` (as
-# Qwen3's template takes it) ends a generation prompt with an empty thinking block.
-_HF_THINK = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + esc(message['role']) + '\\n' }}"
-    "{% if message['role'] == 'assistant' and message['thinking'] is defined and message['thinking'] is not none %}"
-    "{{ '<think>\\n' + esc(message['thinking']) + '\\n</think>\\n\\n' }}{% endif %}"
-    "{{ esc(message['content']) }}"
-    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
-    "{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
-    "{% endif %}"
-)
-
-
-def _hf_chatml_variant(template: str) -> str:
-    """An imported ChatML variant: no bos, the default system message when the first is not one."""
-    return ("{% for message in messages %}"
-            "{% if loop.first and message['role'] != 'system' %}"
-            "{{ '<|im_start|>system\\n" + _js(DEFAULT_SYSTEM[template]) + "<|im_end|>\\n' }}{% endif %}"
-            + _HF_CHATML.split("{% for message in messages %}", 1)[1])
-
-
-def _hf_eos_template(user_open: str, user_close: str, header: str, reply_prefix: str) -> str:
-    return (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ esc(message['content']) + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '" + user_open + "' + esc(message['content']) }}"
-        "{% if message['input'] is defined and message['input'] %}{{ '\\n\\n' + esc(message['input']) }}{% endif %}"
-        "{{ '" + user_close + "' }}"
-        "{% else %}{{ '" + header + reply_prefix + "' + esc(message['content']) + eos_token }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '" + header + "' }}{% endif %}"
-    )
-
-
-def _js(s: str) -> str:
-    """A Python string as the inside of a single-quoted Jinja literal."""
-    return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-
-
-_HF_ALPACA = (
-    "{{ bos_token }}{% set ns = namespace(started=false) %}"
-    "{% for message in messages %}"
-    "{% set has_input = message['input'] is defined and message['input'] %}"
-    "{% if message['role'] == 'system' %}{{ esc(message['content']) + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}"
-    "{% if not ns.started %}{% if has_input %}{{ '" + _js(ALPACA_PREAMBLE_INPUT) + "' }}"
-    "{% else %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}{% endif %}"
-    "{{ '### Instruction:\\n' + esc(message['content']) + '\\n\\n' }}"
-    "{% if has_input %}{{ '### Input:\\n' + esc(message['input']) + '\\n\\n' }}{% endif %}"
-    "{% else %}{{ '### Response:\\n' + esc(message['content']) + eos_token }}{% endif %}"
-    "{% set ns.started = true %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{% if not ns.started %}{{ '" + _js(ALPACA_PREAMBLE) + "' }}{% endif %}"
-    "{{ '### Response:\\n' }}{% endif %}"
-)
-
-
-# Gemma 3's template (no system turn: it opens the next turn; text trimmed), plus lmlab's escaping,
-# the Alpaca input folded into the user text, and a trailing system message kept as a user turn.
-_HF_GEMMA = (
-    "{{ bos_token }}{% set ns = namespace(prefix='') %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns.prefix = esc(message['content']) + '\\n\\n' %}"
-    "{% else %}"
-    "{% set text = esc(message['content']) %}"
-    "{% if message['role'] == 'user' and message['input'] is defined and message['input'] %}"
-    "{% set text = text + '\\n\\n' + esc(message['input']) %}{% endif %}"
-    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' + ns.prefix"
-    " + (text | trim) + '<end_of_turn>\\n' }}"
-    "{% set ns.prefix = '' %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if ns.prefix %}{{ '<start_of_turn>user\\n' + ns.prefix + '<end_of_turn>\\n' }}{% endif %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-)
-
-
-def _hf_escape_macro(tokens: tuple[str, ...]) -> str:
-    """`esc(s)`: `escape_specials(s, tokens)` in Jinja, the same replacements in the same order."""
-    body = "s" + "".join(f" | replace('{_js(t)}', '{_js(t[0] + TEXT_BREAK + t[1:])}')" for t in tokens)
-    return "{% macro esc(s) %}{{ " + body + " }}{% endmacro %}"
-
-
-def hf_chat_template(template: str, tokenizer=None) -> str:
-    """The Jinja chat template for transformers' `apply_chat_template`, equal to `render_text`
-    (messages escaped against `tokenizer`'s special tokens; when None: see `control_tokens`)."""
-    _check_name(template)
-    if template == "gemma":
-        body = _HF_GEMMA
-    elif template == "chatml":
-        body = _HF_CHATML
-    elif template == "think":
-        body = _HF_THINK
-    elif template in DEFAULT_SYSTEM:
-        body = _hf_chatml_variant(template)
-    elif template == "instruct":
-        body = _hf_eos_template("### Instruction:\\n", "\\n\\n", "### Response:\\n", "")
-    elif template == "chat":
-        body = _hf_eos_template("Human: ", "\\n", "Assistant:", " ")
-    else:
-        body = _HF_ALPACA
-    return _hf_escape_macro(control_tokens(tokenizer, template)) + body
 
 
 # ----------------------------------------------------------------------------- chat.json

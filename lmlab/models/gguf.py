@@ -414,8 +414,9 @@ def write_gguf(model, path: str | Path, dtype: str = "f32", tokenizer=None, chat
         w.add_add_eos_token(False)
         if chat_template is not None:
             from lmlab.data import chat
+            from lmlab.data.chat_jinja import hf_chat_template
             chat.check_template(chat_template, tokenizer)
-            w.add_chat_template(chat.hf_chat_template(chat_template, tokenizer))
+            w.add_chat_template(hf_chat_template(chat_template, tokenizer))
             eot = [i for i in chat.end_of_turn_ids(chat_template, tokenizer) if i != v["eos_id"]]
             if eot:
                 w.add_eot_token_id(int(eot[0]))

@@ -277,11 +277,12 @@ def add_chat_template(out: str | Path, template: str, tokenizer) -> None:
     end-of-turn id in generation_config.json's eos_token_id, and chat.json."""
     from lmlab.artifacts import write_json_atomic
     from lmlab.data import chat
+    from lmlab.data.chat_jinja import hf_chat_template
 
     out = Path(out)
     chat.check_template(template, tokenizer)
     tc = json.loads((out / "tokenizer_config.json").read_text())
-    tc["chat_template"] = chat.hf_chat_template(template, tokenizer)
+    tc["chat_template"] = hf_chat_template(template, tokenizer)
     write_json_atomic(out / "tokenizer_config.json", tc)
     gen_path = out / "generation_config.json"
     gen = json.loads(gen_path.read_text())
