@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "pairs": ("lmlab.tasks.pairs", "on-policy DPO pairs: sample a chat model on problems, the task checkers pick"),
     "dpo": ("lmlab.train.dpo", "direct preference optimisation on chosen/rejected pairs"),
     "samples": ("lmlab.tasks.samples", "k labelled samples per problem from a chat model (verifier / reward data), in chunks"),
+    "hidden-pairs": ("lmlab.tasks.hidden_pairs", "LLM-TRM phase 2 data: a thinking LLM's hidden states before and "
+                     "after it thinks, per problem, in chunks (resumable)"),
     "verifier": ("lmlab.train.verifier", "train an outcome verifier: (problem, solution) -> P(correct)"),
     "reward": ("lmlab.train.reward_model", "train a Bradley-Terry reward model on preference pairs"),
     "compressor": ("lmlab.train.compressor", "LLM-TRM phase 1: compress a frozen LLM's hidden states D -> D' "

@@ -47,6 +47,9 @@ def test_tasks_sft_and_eval_with_and_without_thinking(pipe, capsys):
     prompts = {on: [s["prompt"] for s in samples[on] if s.get("kind") == "generative"] for on in samples}
     assert prompts["true"] and all(p.endswith("<|im_start|>assistant\n") for p in prompts["true"])
     assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for p in prompts["false"])
+    settings = {on: json.loads((root / f"eval_{on}" / "eval.json").read_text())["generative"][0]["settings"]
+                for on in ("true", "false")}
+    assert settings["true"]["prompting"] == "chat:think" and settings["false"]["prompting"] == "chat:think, no thinking"
 
 
 # ----------------------------------------------------------------------------- phase 1: the compressor
@@ -134,3 +137,79 @@ def test_compressor_stage_on_text_and_the_models_own_thinking(pipe, capsys):
     text = (root / "report_c" / "report.md").read_text()
     assert "## Hidden-state compressor" in text and "held-out thinking trajectories" in text
     assert (root / "report_c" / "compressor_cosine.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- phase 2 data: hidden pairs
+
+def test_hidden_pairs_are_the_teacher_forced_states_and_resume_without_redoing_a_chunk(pipe, capsys, monkeypatch):
+    from lmlab.infer import engine
+    from lmlab.models import load_model
+    from lmlab.tasks import hidden_pairs as hp
+
+    root = pipe["root"]
+    sft = root / "sft"
+    if not (sft / "manifest.json").is_file():
+        pytest.skip("needs the phase 0 test's thinking model")
+    model, tok, _ = load_model(sft)
+    real = engine.complete_ids
+    closer = tok.special_tokens["</think>"]
+
+    def thinking_that_closes(m, t, prompts, sampling, stops, *a, **kw):
+        """the real engine's tokens, with the thinking closed after 3 of them (a 4-step model rarely closes)"""
+        outs = real(m, t, prompts, sampling, stops, *a, **kw)
+        for o in outs:
+            o.ids = [tok.special_tokens["<think>"]] + o.ids[:3] + [closer] + tok.encode("\n\n#### 4")
+            o.text = tok.decode(o.ids)
+        return outs
+
+    monkeypatch.setattr(engine, "complete_ids", thinking_that_closes)
+    problems = root / "tasks" / "test.jsonl"
+    args = [str(sft), f"problems={problems}", "max_problems=4", "chunk_size=2", "max_new_tokens=8", "device=cpu"]
+    whole = root / "pairs_whole"
+    assert main(["hidden-pairs", *args, f"out={whole}"]) == 0
+    records, pre, post, m = hp.load_pairs(whole)
+    assert len(records) == 4 and m["stats"]["closed"] == 4 and m["stats"]["d"] == 64
+    for r, p in zip(records, pre):
+        ids = chat_prompt(tok, r["question"])
+        assert r["prompt_len"] == len(ids) and r["thinking_tokens"] == 3 and r["answer"] == "#### 4"
+        with torch.no_grad():  # the prompt's states alone, and the state at </think> of the whole sequence
+            torch.testing.assert_close(p, model.hidden(torch.tensor([ids]))[0], atol=1e-5, rtol=0)
+            full = model.hidden(torch.tensor([ids + r["generated_ids"]]))[0]
+        at = len(ids) + r["generated_ids"].index(closer)
+        torch.testing.assert_close(post[r["post_row"]], full[at], atol=1e-5, rtol=0)
+
+    # Ctrl-C in the second chunk: the first is kept, the same command does only the second
+    calls = []
+    real_pairs = hp._pairs_of
+
+    def counted(*a, **kw):
+        calls.append(a[4])  # the chunk's first problem index
+        if len(calls) == 2 and stop["now"]:
+            raise KeyboardInterrupt
+        return real_pairs(*a, **kw)
+
+    stop = {"now": True}
+    monkeypatch.setattr(hp, "_pairs_of", counted)
+    out = root / "pairs_resumed"
+    assert main(["hidden-pairs", *args, f"out={out}"]) == 130
+    assert "1 of 2 chunks finished" in capsys.readouterr().err
+    # another config on the unfinished run: refused, naming the change, the kept chunk untouched
+    assert main(["hidden-pairs", *[a for a in args if not a.startswith("max_new")], "max_new_tokens=9",
+                 f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens 8 -> 9" in err and "Traceback" not in err
+    stop["now"], calls[:] = False, []
+    assert main(["hidden-pairs", *args, f"out={out}"]) == 0
+    assert calls == [2]  # only the second chunk
+    for name in ("pairs.safetensors", "pairs.jsonl"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes()
+    # a model that does not think is refused before any work
+    assert main(["hidden-pairs", str(pipe["model"]), f"problems={problems}", f"out={root / 'p_base'}"]) == 2
+    assert "no thinking delimiters" in capsys.readouterr().err
+
+
+def chat_prompt(tok, question):
+    from lmlab.infer.prompting import question_prompt
+
+    return question_prompt("think", question, tok)
+

@@ -169,6 +169,15 @@ def check_template(template: str, tokenizer) -> None:
                         + f" (or {fix})")
 
 
+def check_thinking_template(template: Optional[str], tokenizer, where: str) -> None:
+    """UserError unless `template` is a thinking template whose delimiters the tokenizer holds."""
+    if template not in THINKING_TEMPLATES:
+        raise UserError(f"{where}: the model's chat template is {template or 'none'}, which has no thinking "
+                        f"delimiters ({' '.join(THINK_TOKENS)}); train a thinking model first (`lmlab tasks "
+                        f"thinking=true`, then `lmlab sft template=think`) or set template=think")
+    check_template(template, tokenizer)
+
+
 # ----------------------------------------------------------------------------- conversations
 
 def validate_conversation(messages, where: str = "conversation", need_assistant: bool = True) -> list[dict]:

@@ -136,7 +136,8 @@ def score_generative(model, tokenizer, problems: list[dict], template: Optional[
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     res["per_task"] = {t: _aggregate(rs, ks, n_samples) for t, rs in sorted(by_task.items())}
-    res["settings"] = {"prompting": f"chat:{template}" if template else "fewshot", "n_shot": shots,
+    prompting = (f"chat:{template}" + ("" if thinking else ", no thinking")) if template else "fewshot"
+    res["settings"] = {"prompting": prompting, "n_shot": shots,
                        "mean_shots_used": sum(b[2] for b in built) / len(built), "greedy": True,
                        "n_samples": n_samples, "k": [x for x in ks if x <= n_samples], "temperature": temperature,
                        "top_p": top_p, "top_k": 0, "max_new_tokens": max_new_tokens, "seed": seed,

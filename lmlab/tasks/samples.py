@@ -40,9 +40,6 @@ import errno
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -50,6 +47,7 @@ from typing import Callable, Optional, Sequence
 from pydantic import Field
 
 from lmlab import artifacts
+from lmlab.chunks import CHUNKS, ChunkStore
 from lmlab.config import Strict
 from lmlab.errors import Interrupted, UserError
 
@@ -58,8 +56,6 @@ VERB = "samples"
 POSITIONAL = ("model", "the chat model run directory to sample (an sft or dpo run, with chat.json)")
 CHUNK_SIZE = 64
 SAMPLES = "samples.jsonl"
-CHUNKS = "chunks"
-STATE = "state.json"
 RECORD_KEYS = ("problem", "question", "solution", "task", "difficulty", "k", "completion", "answer", "reference",
                "correct")
 # The config fields that decide which completions are drawn (what `lmlab pairs samples=DIR` takes as given).
@@ -282,46 +278,6 @@ def read_records(path: Path) -> list[dict]:
     return recs
 
 
-# ----------------------------------------------------------------------------- chunks on disk
-
-def _chunk_path(out: Path, c: int) -> Path:
-    return out / CHUNKS / f"chunk_{c:05d}.jsonl"
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _finished_chunks(out: Path, fp: str, n_chunks: int) -> tuple[dict[int, bytes], dict, bool]:
-    """(bytes of each finished chunk that state.json vouches for, the state, whether it was another run's)."""
-    try:
-        state = json.loads((out / CHUNKS / STATE).read_text())
-    except (OSError, ValueError):
-        return {}, {}, False
-    if not isinstance(state, dict) or state.get("fingerprint") != fp or state.get("chunks") != n_chunks:
-        return {}, {}, True
-    kept: dict[int, bytes] = {}
-    finished = state.get("finished") if isinstance(state.get("finished"), dict) else {}
-    for key, info in finished.items():
-        try:
-            c, data = int(key), _chunk_path(out, int(key)).read_bytes()
-        except (OSError, ValueError):
-            continue
-        # a chunk whose bytes differ from what state.json recorded (edited, damaged) is sampled again
-        if 0 <= c < n_chunks and isinstance(info, dict) and info.get("sha256") == artifacts.sha256_bytes(data):
-            kept[c] = data
-    state["finished"] = {str(c): finished[str(c)] for c in sorted(kept)}
-    return kept, state, False
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def run(cfg: Config) -> Path:
@@ -354,18 +310,14 @@ def run(cfg: Config) -> Path:
     model, tokenizer, device = load_sampler(model_dir, cfg, timer)
 
     n_chunks = -(-len(problems) // cfg.chunk_size)
-    kept, state, stale = _finished_chunks(out, fp, n_chunks)
+    store = ChunkStore(out, fp, n_chunks, VERB, kind=KIND, suffix=".jsonl", config=fp_config,
+                       chunk_size=cfg.chunk_size, done_word="sampled", outputs=(SAMPLES,))
     try:
-        _start(out, fp, n_chunks, cfg, kept, state, stale)
+        kept = store.open()
         done = {c: parse_records(data) for c, data in kept.items()}
-        chunk_bytes = dict(kept)
 
         def keep(c: int, recs: list[dict], seconds: float) -> None:
-            data = records_bytes(recs)
-            _write_bytes_atomic(_chunk_path(out, c), data)  # the chunk first: state.json never names a missing one
-            chunk_bytes[c] = data
-            state["finished"][str(c)] = {"sha256": artifacts.sha256_bytes(data), "time_s": round(seconds, 3)}
-            artifacts.write_json_atomic(out / CHUNKS / STATE, state)
+            store.keep(c, records_bytes(recs), seconds)
 
         with timer("sample"):
             records = draw(model, tokenizer, problems, template, cfg, device, cfg.chunk_size, done=done,
@@ -373,50 +325,29 @@ def run(cfg: Config) -> Path:
         stats = {**sample_stats(records), "n_samples": cfg.n_samples, "chunks": n_chunks, "chunks_reused": len(kept),
                  "chunk_size": cfg.chunk_size}
         # time over every chunk, whichever run sampled it, so an interrupted run reports the same rate
-        sample_s = sum(float(info.get("time_s", 0.0)) for info in state["finished"].values())
+        sample_s = store.time_s()
         stats["time_s"] = round(sample_s, 3)
         stats["samples_per_s"] = round(stats["samples"] / max(sample_s, 1e-9), 2)
         with artifacts.atomic_dir(out) as tmp:
             with open(tmp / SAMPLES, "wb") as f:
                 for c in range(n_chunks):
-                    f.write(chunk_bytes[c])
+                    f.write(store.data[c])
             stats["sha256"] = {SAMPLES: artifacts.sha256_file(tmp / SAMPLES)}
             artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb=VERB,
                                      tokenizer_sha256=tokenizer.sha256, timings=timer.total(), stats=stats)
     except KeyboardInterrupt:
-        n_kept = len(state.get("finished", {}))
+        n_kept = store.finished
         rest = (f"sample the other {n_chunks - n_kept}" if n_kept < n_chunks else f"write {SAMPLES}")
         raise Interrupted(f"stopped with {n_kept} of {n_chunks} chunks finished, kept in {out / CHUNKS}; run the "
                           f"same command again to {rest}") from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise artifacts.disk_error(e, out) from None
-        n_kept = len(state.get("finished", {}))
+        n_kept = store.finished
         raise UserError(f"out of disk space while writing {out}; {n_kept} of {n_chunks} finished chunks are kept in "
                         f"{out / CHUNKS}: free space and run the same command again") from None
     print(summary_line(stats, out))
     return out
-
-
-def _start(out: Path, fp: str, n_chunks: int, cfg: Config, kept: dict[int, bytes], state: dict, stale: bool) -> None:
-    """Mark `out` as an unfinished samples run holding the chunks in `kept` (all others removed)."""
-    artifacts.start_run(out, KIND, VERB)  # from here on `out` is a run directory, not a finished artifact
-    (out / SAMPLES).unlink(missing_ok=True)
-    if kept:
-        print(f"samples: continuing {out}: {len(kept)} of {n_chunks} chunks already sampled")
-        wanted = {_chunk_path(out, c).name for c in kept} | {STATE}
-        for p in (out / CHUNKS).iterdir():  # chunks state.json does not vouch for, temporary leftovers
-            if p.name not in wanted and p.is_file():
-                p.unlink()
-    else:
-        if stale:
-            print(f"samples: the chunks in {out / CHUNKS} are from another run (the config, model or problems "
-                  f"changed); starting over", file=sys.stderr)
-        shutil.rmtree(out / CHUNKS, ignore_errors=True)
-        state.clear()
-        state.update({"fingerprint": fp, "chunks": n_chunks, "chunk_size": cfg.chunk_size, "finished": {}})
-    (out / CHUNKS).mkdir(exist_ok=True)
-    artifacts.write_json_atomic(out / CHUNKS / STATE, state)
 
 
 def summary_line(stats: dict, out: Path) -> str:

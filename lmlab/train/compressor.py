@@ -34,7 +34,8 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.train.compressor_data import TrajectorySpec, check_thinking_template, text_states, trajectory_states
+from lmlab.data.chat import check_thinking_template
+from lmlab.train.compressor_data import TrajectorySpec, text_states, trajectory_states
 
 POSITIONAL = ("model", "the frozen LLM's run directory (a thinking SFT model for trajectories)")
 

@@ -57,17 +57,6 @@ def text_states(model, packed: list[str], split: str, tokens: int, device, bar=N
     return torch.cat(hidden_states(model, rows, device=device, bar=bar))
 
 
-def check_thinking_template(template: Optional[str], tokenizer, where: str) -> None:
-    """UserError unless `template` is a thinking template whose delimiters the tokenizer holds."""
-    from lmlab.data import chat
-
-    if template not in chat.THINKING_TEMPLATES:
-        raise UserError(f"{where}: the model's chat template is {template or 'none'}, which has no thinking "
-                        f"delimiters ({' '.join(chat.THINK_TOKENS)}); train a thinking model first (`lmlab tasks "
-                        f"thinking=true`, then `lmlab sft template=think`) or set template=think")
-    chat.check_template(template, tokenizer)
-
-
 def trajectory_states(model, tokenizer, template: str, problems: list[dict], spec: TrajectorySpec, device,
                       bar=None) -> tuple[torch.Tensor, dict]:
     """States over the model's own trajectories for `problems`, and counts (trajectories, tokens,
