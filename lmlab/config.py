@@ -52,6 +52,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    # `title=Run 2: more steps` is text with a colon, not a one-key block mapping: a mapping given
+    # on the command line is written in flow style, `{a: 1}`
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw
     return key.split("."), value
 
 

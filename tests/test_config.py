@@ -40,6 +40,8 @@ def test_override_values_are_yaml():
     assert parse_override("a=true") == (["a"], True)
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     assert parse_override("a=hello world") == (["a"], "hello world")
+    assert parse_override("title=Run 2: more steps") == (["title"], "Run 2: more steps")  # text with a colon
+    assert parse_override("a={b: 1}") == (["a"], {"b": 1})  # a mapping is written in flow style
     with pytest.raises(UserError, match="key.sub=value"):
         parse_override("novalue")
 

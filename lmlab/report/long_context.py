@@ -27,7 +27,7 @@ MODE_WORDS = {"sinks": "attention sinks (first {sinks} tokens + rolling window)"
 
 
 def long_context_section(found: dict, out_dir: Path, stage_of: Callable[[dict], Optional[str]]) -> list[str]:
-    rows = []  # (label, entry)
+    rows = []  # (label, model dir, entry)
     for eval_dir, eval_m in found.get("eval") or []:
         try:
             ev = json.loads((Path(eval_dir) / "eval.json").read_text())
