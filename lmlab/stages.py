@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "reward": ("lmlab.train.reward_model", "train a Bradley-Terry reward model on preference pairs"),
     "compressor": ("lmlab.train.compressor", "LLM-TRM phase 1: compress a frozen LLM's hidden states D -> D' "
                    "(tied linear), on text and its own thinking, against the best linear map"),
+    "seqtrm": ("lmlab.train.seqtrm", "LLM-TRM phase 2: a SequenceTRM predicts the compressed state after thinking from "
+               "the compressed prompt, deep supervision with halting, against its baselines"),
     "grpo": ("lmlab.train.grpo", "GRPO: RL with verifiable rewards, G completions per prompt, group advantages"),
     "trm": ("lmlab.train.trm", "train a tiny recursive reasoning model (TRM) on a puzzle set, with ACT deep supervision"),
     "puzzle-eval": ("lmlab.eval.puzzles", "evaluate a TRM on a puzzle split: exact accuracy by step, rating, halting; ARC votes"),

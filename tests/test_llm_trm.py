@@ -26,7 +26,7 @@ def pipe(tmp_path_factory):
 def test_tasks_sft_and_eval_with_and_without_thinking(pipe, capsys):
     root = pipe["root"]
     assert main(["tasks", f"out={root / 'tasks'}", "thinking=true",
-                 "tasks=[{name: arithmetic, difficulty: [1], n_train: 16, n_test: 4, n_fewshot: 0}]"]) == 0
+                 "tasks=[{name: arithmetic, difficulty: [1], n_train: 64, n_test: 4, n_fewshot: 0}]"]) == 0
     reply = json.loads((root / "tasks" / "sft_train.jsonl").read_text().splitlines()[0])["messages"][1]
     assert reply["thinking"] and reply["content"].startswith("#### ")
     # chatml has no thinking delimiters: refused in one line, before training
@@ -213,3 +213,60 @@ def chat_prompt(tok, question):
 
     return question_prompt("think", question, tok)
 
+
+
+# ----------------------------------------------------------------------------- phase 2: the SequenceTRM
+
+def test_seqtrm_trains_on_the_pairs_against_its_baselines_and_refuses_another_llms_compressor(pipe, capsys,
+                                                                                            monkeypatch):
+    from lmlab.infer import engine
+
+    root = pipe["root"]
+    sft, comp = root / "sft", root / "compressor"
+    if not (sft / "manifest.json").is_file() or not (comp / "manifest.json").is_file():
+        pytest.skip("needs the phase 0 and phase 1 tests' models")
+    real = engine.complete_ids
+
+    def closes(m, t, prompts, sampling, stops, *a, **kw):  # a 4-step model rarely closes its thinking
+        outs = real(m, t, prompts, sampling, stops, *a, **kw)
+        for o in outs:
+            o.ids = o.ids[:2] + [t.special_tokens["</think>"]]
+            o.text = t.decode(o.ids)
+        return outs
+
+    monkeypatch.setattr(engine, "complete_ids", closes)
+    pairs = root / "pairs_many"
+    assert main(["hidden-pairs", str(sft), f"problems={root / 'tasks' / 'sft_train.jsonl'}", "max_problems=16",
+                 "chunk_size=8", "max_new_tokens=4", f"out={pairs}", "device=cpu"]) == 2  # not GSM8K-format
+    capsys.readouterr()
+    src = root / "tasks" / "train.jsonl"
+    assert main(["hidden-pairs", str(sft), f"problems={src}", "max_problems=16", "chunk_size=8",
+                 "max_new_tokens=4", f"out={pairs}", "device=cpu"]) == 0
+    out = root / "seqtrm"
+    common = [f"pairs={pairs}", f"compressor={comp}", "dim=8", "val_fraction=0.25", "train.steps=6",
+              "train.batch_size=4", "train.device=cpu", "model.n=1", "model.T=2", "model.n_sup=3", "model.heads=2",
+              "model.layers=1", "eval.every=3", "checkpoint.every=0"]
+    assert main(["seqtrm", *common, f"out={out}"]) == 0
+    said = capsys.readouterr()
+    assert "baselines: mean target cosine" in said.err and "validation cosine" in said.out
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["cosine_by_step"]) == 3 and res["val_pairs"] + res["train_pairs"] == 16
+    assert set(res["baselines"]) == {"mean_target_cosine", "last_prompt_state_cosine"}
+    assert all(1 <= s <= 3 for s in res["halt_steps"]) and res["by_thinking_length"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_cosine" in x for x in lines) and any("threshold" in x for x in lines)
+    meta = json.loads((out / "seqtrm.json").read_text())
+    assert meta["d_prime"] == 8 and meta["config"]["n_sup"] == 3
+    assert main(["report", f"inputs=[{out}]", "follow_inputs=false", f"out={root / 'report_s'}"]) == 0
+    text = (root / "report_s" / "report.md").read_text()
+    assert "## SequenceTRM" in text and "baseline: the mean training target" in text
+    assert (root / "report_s" / "seqtrm_halting.png").stat().st_size > 1000
+    # a compressor of another LLM (the base model) is refused, both named
+    other = root / "compressor_base"
+    assert main(["compressor", str(pipe["model"]), f"out={other}", "tokens=2000", "val_tokens=500", "steps=5",
+                 "dims=[8]"]) == 0
+    capsys.readouterr()
+    assert main(["seqtrm", *[c for c in common if not c.startswith("compressor=")], f"compressor={other}",
+                 f"out={root / 'seqtrm_bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(pipe["model"]) in err and str(sft) in err and "Traceback" not in err

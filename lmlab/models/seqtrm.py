@@ -186,6 +186,10 @@ class SequenceTRM(nn.Module):
         top = y[:, -1]
         return (y.detach(), z.detach()), self.readout(top), self.q_head(top).squeeze(-1)
 
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, z: torch.Tensor):
+        """The supervision step (what a DDP wrapper calls)."""
+        return self.supervision_step(x, mask, y, z)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mask: torch.Tensor, steps: Optional[int] = None) -> list[tuple]:
         """All `steps` (default n_sup) supervision steps from the initial state: [(prediction, q)] per step."""

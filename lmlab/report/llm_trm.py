@@ -2,7 +2,7 @@
 states reconstruct them (lmlab/train/compressor.py), beside the best linear map; and what the
 hidden-state pairs hold (lmlab/tasks/hidden_pairs.py).
 
-    parts += compressor_section(found, out_dir) + hidden_pairs_section(found)
+    parts += compressor_section(found, out_dir) + hidden_pairs_section(found) + seqtrm_section(found, out_dir)
 
 For every `compressor` artifact: a table per held-out kind (text, the model's own thinking
 trajectories) with a row per training phase and D': parameters, cosine, relative error,
@@ -89,6 +89,41 @@ def hidden_pairs_section(found: dict) -> list[str]:
             "generated. A thinking that did not close within the token limit has no state after it.", "",
             table(["pairs", "problems", "D", "thinking closed", "not closed", "answers right", "prompt tokens",
                    "thinking tokens"], rows), ""]
+
+
+def seqtrm_section(found: dict, out_dir: Path) -> list[str]:
+    """The SequenceTRM's validation cosine after each supervision step beside its baselines, the
+    halting steps, and the cosine by thinking length."""
+    out: list[str] = []
+    for i, (p, m) in enumerate(found.get("seqtrm") or []):
+        try:
+            res = json.loads((Path(p) / "results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        base, steps = res["baselines"], res["cosine_by_step"]
+        out += ["## SequenceTRM (LLM-TRM phase 2)", "",
+                f"Predicting the compressed state at `</think>` from the compressed prompt, on {res['val_pairs']} "
+                f"held-out pairs ({res['train_pairs']} trained on).", "",
+                table(["", "cosine"], [["SequenceTRM, after all steps", f"{steps[-1]:.4f}"],
+                                       [f"SequenceTRM, where it halts (mean step {res['mean_halt_step']:.1f})",
+                                        f"{res['cosine_at_halt']:.4f}"],
+                                       ["baseline: the mean training target", f"{base['mean_target_cosine']:.4f}"],
+                                       ["baseline: the last prompt position's state",
+                                        f"{base['last_prompt_state_cosine']:.4f}"]]), ""]
+        if res.get("by_thinking_length"):
+            out += [table(["thinking tokens", "pairs", "cosine"],
+                          [[b["thinking_tokens"], str(b["n"]), f"{b['cosine']:.4f}"] for b in res["by_thinking_length"]]),
+                    ""]
+        suffix = f"_{i}" if i else ""
+        ks = list(range(1, len(steps) + 1))
+        plots.by_step(ks, {"SequenceTRM": steps, "baseline: mean target": [base["mean_target_cosine"]] * len(ks)},
+                      out_dir / f"seqtrm_steps{suffix}.png", title="validation cosine by supervision step",
+                      ylabel="cosine")
+        plots.counts([str(k) for k in ks], [res["halt_steps"].count(k) for k in ks],
+                     out_dir / f"seqtrm_halting{suffix}.png", xlabel="halting step", ylabel="validation pairs",
+                     title="where the halting head stops")
+        out += [f"![cosine by step](seqtrm_steps{suffix}.png)", "", f"![halting steps](seqtrm_halting{suffix}.png)", ""]
+    return out
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -244,6 +244,31 @@ def against_dim(dims: list[int], series: dict[str, list[float]], path: str | Pat
     return _save(fig, path)
 
 
+def by_step(steps: list[int], series: dict[str, list[float]], path: str | Path, title: str, ylabel: str) -> Path:
+    """A metric after each supervision step; a series of equal values (a baseline) is dashed."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for name, vals in series.items():
+        flat = len(set(vals)) == 1
+        ax.plot(steps, vals, "--" if flat else "-", marker=None if flat else "o", ms=3, lw=1.2, label=name)
+    ax.set_xlabel("supervision step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def counts(labels: list[str], values: list[int], path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Vertical bars of counts (a histogram over named bins)."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    ax.bar(labels, values, color="#4c72b0")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- sweeps (lmlab sweep)
 
 STATE_STYLE = {"COMPLETE": ("o", "#4c72b0", "complete"), "PRUNED": ("x", "#c44e52", "pruned (last reported value)")}

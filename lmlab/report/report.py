@@ -32,7 +32,7 @@ from lmlab.config import Strict
 from lmlab.errors import UserError
 from lmlab.report import alignment, families, plots, trm
 from lmlab.report import lean as lean_report
-from lmlab.report.llm_trm import compressor_section, hidden_pairs_section
+from lmlab.report.llm_trm import compressor_section, hidden_pairs_section, seqtrm_section
 from lmlab.report.long_context import long_context_section
 from lmlab.report.lm_eval import lm_eval_section
 from lmlab.report import sweep as sweep_report
@@ -42,12 +42,12 @@ from lmlab.runtime import hardware_summary
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
 
 STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "samples", "verifier", "reward", "compressor",
-               "hidden_pairs", "eval", "puzzles", "trm", "puzzle_eval", "hf_export", "export"]
+               "hidden_pairs", "seqtrm", "eval", "puzzles", "trm", "puzzle_eval", "hf_export", "export"]
 LADDER_ORDER = ["Base", "SFT", "DPO", "GRPO"]
 STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "tasks": "tasks", "model": "pretrain",
               "eval": "eval", "hf_export": "export", "export": "export", "samples": "samples", "verifier": "verifier",
               "reward": "reward", "puzzles": "puzzles", "trm": "trm", "puzzle_eval": "puzzle-eval",
-              "compressor": "compressor", "hidden_pairs": "hidden-pairs"}
+              "compressor": "compressor", "hidden_pairs": "hidden-pairs", "seqtrm": "seqtrm"}
 
 
 class Config(Strict):
@@ -350,6 +350,7 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     parts += alignment.scorer_sections(found, out_dir)
     parts += compressor_section(found, out_dir)
     parts += hidden_pairs_section(found)
+    parts += seqtrm_section(found, out_dir)
 
     if not puzzles_only:
         parts += ["## Sample generations", ""]
