@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmlab import dist as lmdist
 from lmlab.models import unwrap
 
 FIRST_THRESHOLD, THRESHOLD_SHARE = 0.7, 0.95
@@ -119,11 +120,14 @@ class SeqTRMObjective:
         return (recon + self.cfg.halt_loss_weight * halt_loss).sum(), rows
 
     def _epoch_update(self, started: int, halted_cos: torch.Tensor) -> None:
-        """Count the examples started; at each epoch's end the threshold becomes 0.95 x its mean cosine."""
+        """Count the examples started; at each epoch's end the threshold becomes 0.95 x its mean cosine.
+        Under several processes each takes an equal share of every batch (lmlab.train.batching), so
+        the examples started everywhere are this process's times the world size; the mean cosine
+        is this process's own."""
         self.epoch_sum += float(halted_cos.sum())
         self.epoch_count += len(halted_cos)
         before = self.examples // len(self.contexts)
-        self.examples += started
+        self.examples += started * lmdist.world()
         if self.examples // len(self.contexts) > before and self.epoch_count:
             self.threshold = THRESHOLD_SHARE * self.epoch_sum / self.epoch_count
             self.epoch_sum, self.epoch_count = 0.0, 0
