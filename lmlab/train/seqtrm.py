@@ -82,7 +82,8 @@ def _held_out(problem: int, seed: int, fraction: float) -> bool:
 
 
 def load_data(cfg: Config):
-    """(train (contexts, targets), val (contexts, targets, records, last-prompt states), compressor meta, inputs)."""
+    """(train (contexts, targets), val (contexts, targets, records, last-prompt states), compressor meta,
+    inputs, the number of problems left out because their thinking never closed)."""
     from lmlab.models.compressor import load_compressor
     from lmlab.tasks.hidden_pairs import load_pairs
 
@@ -113,7 +114,7 @@ def load_data(cfg: Config):
     inputs = {"pairs": {"path": cfg.pairs, "fingerprint": pm["fingerprint"]},
               "compressor": {"path": cfg.compressor,
                              "fingerprint": artifacts.sha256_file(Path(cfg.compressor) / "compressor.safetensors")}}
-    return train, val, {**cmeta, "d_prime": comp.k}, inputs, len(rows) - len(records)
+    return train, val, {**cmeta, "d_prime": comp.k}, inputs, len(records) - len(rows)
 
 
 def baselines(train_targets: torch.Tensor, val_targets: torch.Tensor, val_last: torch.Tensor) -> dict:
@@ -144,7 +145,7 @@ def run(cfg: Config) -> Path:
     if cfg.train.tokens is not None or cfg.train.steps is None:
         raise UserError("set the run length with train.steps=N")
     run.check_out(inputs={"hidden pairs": cfg.pairs, "compressor": cfg.compressor})
-    (tr_x, tr_t), (va_x, va_t, va_rec, va_last), cmeta, inputs, _ = load_data(cfg)
+    (tr_x, tr_t), (va_x, va_t, va_rec, va_last), cmeta, inputs, unclosed = load_data(cfg)
     model_cfg = SeqTRMConfig(**{**cfg.model.model_dump(), "d": cmeta["d_prime"],
                                 "max_len": max(cfg.model.max_len, max(len(x) for x in tr_x + va_x) + 1)})
     if run.up_to_date(inputs):
@@ -160,7 +161,8 @@ def run(cfg: Config) -> Path:
     objective = SeqTRMObjective(cfg, tr_x, tr_t, va_x, va_t)
     base = baselines(tr_t, va_t, va_last)
     print(f"seqtrm: {model.num_params():,} parameters ({model_cfg.block}, n={model_cfg.n}, T={model_cfg.T}, "
-          f"N_sup={model_cfg.n_sup}), D'={model_cfg.d}; {len(tr_x)} training and {len(va_x)} validation pairs; "
+          f"N_sup={model_cfg.n_sup}), D'={model_cfg.d}; {len(tr_x)} training and {len(va_x)} validation pairs"
+          f"{f' ({unclosed} problems whose thinking never closed left out)' if unclosed else ''}; "
           f"baselines: mean target cosine {base['mean_target_cosine']:.4f}, last prompt state "
           f"{base['last_prompt_state_cosine']:.4f}; {t.steps} steps -> {out}", file=sys.stderr)
     summary = run.train(model, objective, total_steps=t.steps, resume_config=resume_config, desc="seqtrm")
@@ -171,7 +173,8 @@ def run(cfg: Config) -> Path:
                          objective.threshold)
     results = {**{k: v for k, v in res.items() if k != "final_cosine"}, "baselines": base,
                "by_thinking_length": by_thinking_length(va_rec, res["final_cosine"]),
-               "threshold": objective.threshold, "train_pairs": len(tr_x), "val_pairs": len(va_x)}
+               "threshold": objective.threshold, "train_pairs": len(tr_x), "val_pairs": len(va_x),
+               "left_out_unclosed": unclosed}
 
     def write(model) -> None:
         from safetensors.torch import save_file
