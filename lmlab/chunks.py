@@ -19,6 +19,8 @@ over, saying so (`on_change="restart"`), or is refused with the config fields th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lmlab import artifacts
-from lmlab.errors import UserError
+from lmlab.errors import Interrupted, UserError
 
 CHUNKS = "chunks"
 STATE = "state.json"
@@ -123,6 +125,26 @@ class ChunkStore:
         self.data[c] = data
         self.state["finished"][str(c)] = {"sha256": artifacts.sha256_bytes(data), "time_s": round(seconds, 3)}
         artifacts.write_json_atomic(self.out / CHUNKS / STATE, self.state)
+
+    @contextlib.contextmanager
+    def kept_on_stop(self, doing: str):
+        """Ctrl-C and a full disk end the run with one line saying the finished chunks are kept and
+        what the same command will do (`doing` the other chunks, e.g. "sample", or write the
+        artifact); other disk errors name `out`."""
+        where = self.out / CHUNKS
+        try:
+            yield
+        except KeyboardInterrupt:
+            left = self.n_chunks - self.finished
+            rest = f"{doing} the other {left}" if left else f"write {self.outputs[0] if self.outputs else 'the result'}"
+            raise Interrupted(f"stopped with {self.finished} of {self.n_chunks} chunks finished, kept in {where}; "
+                              f"run the same command again to {rest}") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise artifacts.disk_error(e, self.out) from None
+            raise UserError(f"out of disk space while writing {self.out}; {self.finished} of {self.n_chunks} "
+                            f"finished chunks are kept in {where}: free space and run the same command "
+                            f"again") from None
 
     @property
     def finished(self) -> int:

@@ -28,7 +28,6 @@ with another config, model or problem file is refused, naming what changed.
 
 from __future__ import annotations
 
-import errno
 import json
 import time
 from pathlib import Path
@@ -38,9 +37,9 @@ import torch
 from pydantic import Field
 
 from lmlab import artifacts
-from lmlab.chunks import CHUNKS, ChunkStore
+from lmlab.chunks import ChunkStore
 from lmlab.config import Strict
-from lmlab.errors import Interrupted, UserError
+from lmlab.errors import UserError
 
 KIND = "hidden_pairs"
 VERB = "hidden-pairs"
@@ -111,14 +110,12 @@ def _chunk_bytes(records: list[dict], pre: torch.Tensor, post: torch.Tensor) -> 
 
 
 def _chunk_parts(data: bytes) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-    from safetensors import safe_open
-    import tempfile
+    from safetensors.torch import load
 
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:  # safe_open reads files, not bytes
-        f.write(data)
-        f.flush()
-        with safe_open(f.name, "pt") as st:
-            return json.loads(st.metadata()["records"]), st.get_tensor("pre"), st.get_tensor("post")
+    # safetensors' layout: an 8-byte little-endian header length, then the JSON header (its metadata)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    t = load(data)
+    return json.loads(header["__metadata__"]["records"]), t["pre"], t["post"]
 
 
 def load_pairs(path: str | Path) -> tuple[list[dict], list[torch.Tensor], torch.Tensor, dict]:
@@ -177,7 +174,7 @@ def run(cfg: Config) -> Path:
     store = ChunkStore(out, fp, n_chunks, VERB, kind=KIND, suffix=".safetensors",
                        config={**fp_config, **{f"{k}_fingerprint": v["fingerprint"] for k, v in inputs.items()}},
                        on_change="refuse", chunk_size=cfg.chunk_size, outputs=(PAIRS, RECORDS))
-    try:
+    with store.kept_on_stop("make"):
         kept = store.open()
         with timer("load"):
             model, tokenizer, _ = load_model(model_dir, device=device)
@@ -216,14 +213,6 @@ def run(cfg: Config) -> Path:
             stats["sha256"] = {n: artifacts.sha256_file(tmp / n) for n in (PAIRS, RECORDS)}
             artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb=VERB,
                                      tokenizer_sha256=tokenizer.sha256, timings=timer.total(), stats=stats)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped with {store.finished} of {n_chunks} chunks finished, kept in {out / CHUNKS}; "
-                          f"run the same command again to do the rest") from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise artifacts.disk_error(e, out) from None
-        raise UserError(f"out of disk space while writing {out}; {store.finished} of {n_chunks} finished chunks are "
-                        f"kept in {out / CHUNKS}: free space and run the same command again") from None
     print(f"{VERB}: wrote {out} ({stats['problems']} problems, D={d}; thinking closed in {stats['closed']}, "
           f"not closed in {stats['thinking_not_closed']}; {stats['correct']} answers right; mean thinking "
           f"{stats['mean_thinking_tokens']:.1f} tokens)")

@@ -36,7 +36,6 @@ no-op.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
@@ -47,9 +46,9 @@ from typing import Callable, Optional, Sequence
 from pydantic import Field
 
 from lmlab import artifacts
-from lmlab.chunks import CHUNKS, ChunkStore
+from lmlab.chunks import ChunkStore
 from lmlab.config import Strict
-from lmlab.errors import Interrupted, UserError
+from lmlab.errors import UserError
 
 KIND = "samples"
 VERB = "samples"
@@ -312,7 +311,7 @@ def run(cfg: Config) -> Path:
     n_chunks = -(-len(problems) // cfg.chunk_size)
     store = ChunkStore(out, fp, n_chunks, VERB, kind=KIND, suffix=".jsonl", config=fp_config,
                        chunk_size=cfg.chunk_size, done_word="sampled", outputs=(SAMPLES,))
-    try:
+    with store.kept_on_stop("sample"):
         kept = store.open()
         done = {c: parse_records(data) for c, data in kept.items()}
 
@@ -335,17 +334,6 @@ def run(cfg: Config) -> Path:
             stats["sha256"] = {SAMPLES: artifacts.sha256_file(tmp / SAMPLES)}
             artifacts.write_manifest(tmp, KIND, config, fp, inputs=inputs, verb=VERB,
                                      tokenizer_sha256=tokenizer.sha256, timings=timer.total(), stats=stats)
-    except KeyboardInterrupt:
-        n_kept = store.finished
-        rest = (f"sample the other {n_chunks - n_kept}" if n_kept < n_chunks else f"write {SAMPLES}")
-        raise Interrupted(f"stopped with {n_kept} of {n_chunks} chunks finished, kept in {out / CHUNKS}; run the "
-                          f"same command again to {rest}") from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise artifacts.disk_error(e, out) from None
-        n_kept = store.finished
-        raise UserError(f"out of disk space while writing {out}; {n_kept} of {n_chunks} finished chunks are kept in "
-                        f"{out / CHUNKS}: free space and run the same command again") from None
     print(summary_line(stats, out))
     return out
 
