@@ -12,6 +12,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Diverged(UserError):
+    """Training reached a loss that is not finite: the run stopped without saving past it."""
+
+
 class Interrupted(UserError):
     """Ctrl-C: the stage stopped cleanly; re-running the same command continues it."""
 

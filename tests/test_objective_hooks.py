@@ -148,3 +148,43 @@ def test_ema_is_the_average_used_for_eval_saved_and_resumed(tmp_path):
     again_obj.frozen.load_state_dict(obj.frozen.state_dict())
     train(again, again_obj, cfg(steps=7, ema=d), tmp_path / "ema2", total_steps=7, resume_config={})
     assert torch.equal(again.weight, m.weight)
+
+
+class NanAt(Carry):
+    """The loss turns NaN from step `at` on (0-based), as a diverging run's does."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.step = at, 0
+
+    def before_step(self, model, step):
+        super().before_step(model, step)
+        self.step = step
+
+    def loss(self, model, batch):
+        s, n = super().loss(model, batch)
+        return (s * float("nan") if self.step >= self.at else s), n
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    import pytest
+
+    from lmlab.errors import Diverged
+    from lmlab.train.checkpoint import list_checkpoints
+
+    # log every 3 steps, checkpoint every 2: the NaN of step 5 (1-based) is noticed before the
+    # checkpoint of step 6, which is not written; step 4's stays, with finite weights
+    config = Cfg(train={"steps": 8, "grad_accum": 2, "device": "cpu", "warmup_steps": 0, "lr": 0.05},
+                 eval={"batches": 0}, log={"every": 3}, checkpoint=CheckpointConfig(every=2, keep=5))
+    with pytest.raises(Diverged, match=r"loss was nan at step 5 of 8 \(noticed after step 6\).*checkpoint at step 4"):
+        train(make(), NanAt(4), config, tmp_path, total_steps=8, resume_config={})
+    kept = list_checkpoints(tmp_path)
+    assert [step for step, _ in kept] == [2, 4]
+    weights = load_file(str(kept[-1][1] / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_finite_run_is_not_stopped(tmp_path):
+    summary = train(make(), Carry(), cfg(), tmp_path, total_steps=6, resume_config={})
+    assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["final_loss"]))

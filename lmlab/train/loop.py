@@ -81,6 +81,10 @@ checkpoint's trainer state, while every rank writes its shards (lmlab.train.chec
 SIGTERM and SIGUSR1 (SLURM's warning before a time limit or preemption, torchrun stopping
 its workers) stop like a first Ctrl-C, on every rank at the same step, and exit with
 Preempted's code (75) after the checkpoint.
+
+A loss or gradient norm that is not finite (NaN, inf) stops the run with `Diverged` at the
+next log line or checkpoint, whichever comes first: the weights it reached are never saved,
+and the last checkpoint (written before it) stays.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ from pydantic import Field, model_validator
 from lmlab import artifacts
 from lmlab import dist as lmdist
 from lmlab.config import Strict
-from lmlab.errors import Interrupted, Preempted, UserError
+from lmlab.errors import Diverged, Interrupted, Preempted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
 from lmlab.train.batching import EvalShard, rank_pieces
 from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resolve_budget
@@ -604,6 +608,23 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     bar = progress(total=total_steps, desc=desc, unit="step", initial=start_step, disable=not main)
     last_ckpt = start_step if start_step else None
+    # The first step whose loss or gradient norm was not finite, kept on the device so that
+    # checking costs no sync per step: it is read before each log line and each checkpoint, so
+    # weights a NaN has reached are never saved over good ones.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def check_finite(done: int) -> None:
+        first = int(bad_step.item())
+        if first < 0:
+            return
+        kept = (f"the checkpoint at step {last_ckpt} in {run_dir / CHECKPOINTS} is kept" if last_ckpt
+                else "no checkpoint was written")
+        raise Diverged(f"training diverged: the loss was {float(bad_loss):g} at step {first} of {total_steps} (noticed "
+                       f"after step {done}); nothing trained since is saved and {kept}. Lower train.lr (now "
+                       f"{t.lr:g}), set train.grad_clip (now {t.grad_clip:g}) or train.dtype=float32, and run again "
+                       f"(with resume=never to start over)")
+
     done = start_step
     interval_t0, interval_tokens = time.perf_counter(), 0
     process_times: dict[int, float] = {}  # every step this process took while probing (fallback)
@@ -656,6 +677,10 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 _divide_grads(model, max(step_count, 1) / world)
                 # clip_grad_norm_ with an infinite max still returns the norm and scales by exactly 1.
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                finite = torch.isfinite(loss_sum) & torch.isfinite(local_scalar(grad_norm).to(device))
+                newly = (bad_step < 0) & ~finite
+                bad_step = torch.where(newly, step + 1, bad_step)
+                bad_loss = torch.where(newly, loss_sum / max(step_count, 1), bad_loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
@@ -684,6 +709,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                         bar.write(budget_line(budget) + note, file=sys.stderr)
 
                 if done % cfg.log.every == 0 or done == total_steps:
+                    check_finite(done)
                     loss_value = loss_sum.item() / max(step_count, 1)  # .item() syncs the GPU: only at log steps
                     now = time.perf_counter()
                     tps = interval_tokens / max(now - interval_t0, 1e-9)
@@ -712,6 +738,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                     evaluate(done)
                 stopping, preempted = stop_now if stop_now is not None else (stop.requested, stop.preempted)
                 if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps or stopping:
+                    check_finite(done)
                     save_checkpoint(run_dir, done, model, optimizer, state_now(done), keep=cfg.checkpoint.keep,
                                     extra=extra_state())
                     last_ckpt = done
