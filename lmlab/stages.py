@@ -26,9 +26,13 @@ STAGES: dict[str, tuple[str, str]] = {
                    "(tied linear), on text and its own thinking, against the best linear map"),
     "seqtrm": ("lmlab.train.seqtrm", "LLM-TRM phase 2: a SequenceTRM predicts the compressed state after thinking from "
                "the compressed prompt, deep supervision with halting, against its baselines"),
+    "latent": ("lmlab.train.latent", "LLM-TRM phase 3: train the reasoner to make a frozen LLM answer from latent "
+               "vectors in place of its thinking (answer likelihood, or GRPO)"),
     "grpo": ("lmlab.train.grpo", "GRPO: RL with verifiable rewards, G completions per prompt, group advantages"),
     "trm": ("lmlab.train.trm", "train a tiny recursive reasoning model (TRM) on a puzzle set, with ACT deep supervision"),
     "puzzle-eval": ("lmlab.eval.puzzles", "evaluate a TRM on a puzzle split: exact accuracy by step, rating, halting; ARC votes"),
+    "llm-trm-eval": ("lmlab.eval.llm_trm", "LLM-TRM's outcome table: exact match, tokens and time answering with "
+                     "thinking, directly, with the reasoner's latent vectors, and by its first token"),
     "eval": ("lmlab.eval.evaluate", "perplexity / bits per byte, generative exact match / pass@k, multiple choice, Lean proofs, sample generations"),
     "generate": ("lmlab.infer.generate", "generate text from a model with a KV cache"),
     "chat": ("lmlab.infer.chat", "chat with a model in the terminal, using its chat template"),
@@ -47,7 +51,7 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # Stages in lmlab/train that run in one process (small models on cached states): under torchrun
 # the pipeline runs them on rank 0, as it does every stage that is not a training verb.
-ONE_PROCESS = ("compressor",)
+ONE_PROCESS = ("compressor", "latent")
 
 
 def training_verbs() -> list[str]:

@@ -30,13 +30,17 @@ import torch
 from lmlab.infer.prompting import Stops, stop_checker, truncate_at_stop
 from lmlab.infer.sampling import Sampling, sample_next  # noqa: F401  (sample_next: part of this module's API)
 
+# (positions in the prompt, values (k, D)): input vectors that replace those positions' embeddings
+PromptVectors = tuple[Sequence[int], torch.Tensor]
+
 
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
                  device=None, pad_id: int = 0,
                  should_stop: Optional[Callable[[int, list[int]], bool]] = None,
-                 sinks: Optional[int] = None) -> Iterator[list[Optional[int]]]:
+                 sinks: Optional[int] = None,
+                 vectors: Optional[Sequence[Optional[PromptVectors]]] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per decoding step, the new token of each prompt (None for rows already done).
 
     A row ends after emitting `eos_id` (which is yielded), when `should_stop(row, new_ids)`
@@ -44,6 +48,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     `sinks=k`: when prompt + new tokens outgrow a bounded model context (the transformer's
     max_seq_len), stream past it with attention sinks: the cache keeps each row's first k
     tokens and the most recent ones (lmlab.models.kv_cache); the prompt is prefilled in chunks.
+    `vectors[i] = (positions, values (k, D))`: input vectors in place of prompt i's embeddings at
+    those positions of the prompt (LLM-TRM's latent thinking; the model must take `vectors=`).
     """
     if not prompts or max_new_tokens <= 0:
         return
@@ -74,8 +80,13 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     # sink mode: a chunk must fit beside the sinks; half the room leaves each chunk at least
     # half a window of the text before it
     chunk = max(1, (ctx - sinks) // 2) if streaming else longest
+    spliced = _spliced(vectors, pads, longest, device) if vectors is not None and any(
+        v is not None for v in vectors) else None
+    if spliced is not None and streaming:
+        raise ValueError("input vectors cannot be combined with streaming past the context (sinks)")
     for start in range(0, longest, chunk):
-        logits, _ = model(idx[:, start:start + chunk], cache=cache, last_only=True)
+        extra = {"vectors": spliced} if spliced is not None else {}
+        logits, _ = model(idx[:, start:start + chunk], cache=cache, last_only=True, **extra)
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         toks = nxt.tolist()
@@ -95,6 +106,22 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
             rows = [rows[s] for s in keep]
             nxt = nxt.index_select(0, torch.tensor(keep, device=device))
         logits, _ = model(nxt[:, None], cache=cache)
+
+
+def _spliced(vectors: Sequence[Optional[PromptVectors]], pads: list[int], width: int, device):
+    """The (mask, values) of per-prompt vectors on the left-padded batch layout."""
+    mask = torch.zeros(len(pads), width, dtype=torch.bool)
+    values = []
+    for i, v in enumerate(vectors):
+        if v is None:
+            continue
+        positions, vals = v
+        order = sorted(range(len(positions)), key=lambda j: positions[j])  # row-major: by position
+        if len(positions) != len(vals) or len(set(positions)) != len(positions):
+            raise ValueError(f"prompt {i}: {len(positions)} positions for {len(vals)} vectors (each position once)")
+        mask[i, [pads[i] + positions[j] for j in order]] = True
+        values.append(vals[order])
+    return mask.to(device), torch.cat(values).to(device)
 
 
 def encode_prompt(tokenizer, text: str, add_bos: bool = True) -> list[int]:
@@ -138,12 +165,14 @@ class Completion:
 
 
 def complete_ids(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling, stops: Stops = Stops(),
-                 batch_size: int = 32, device=None, bar=None) -> list[Completion]:
+                 batch_size: int = 32, device=None, bar=None,
+                 vectors: Optional[Sequence[Optional[PromptVectors]]] = None) -> list[Completion]:
     """Completions of token-id prompts with their sampled ids (RL trains on exactly these tokens).
 
     Prompts are decoded in batches of similar length (little padding); batch b samples with
     seed `sampling.seed + b`, so the samples of one prompt repeated differ and a run repeats.
-    `bar` (a progress bar) advances by each batch's prompts.
+    `bar` (a progress bar) advances by each batch's prompts. `vectors` as in `generate_ids`, one
+    entry per prompt.
     """
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
     ends = set(stops.ids) | ({eos} if eos is not None else set())
@@ -161,7 +190,8 @@ def complete_ids(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: S
 
         for step in generate_ids(model, [prompts[i] for i in rows], sampling.max_new_tokens, sampling.temperature,
                                  sampling.top_k, sampling.top_p, eos_id=eos, seed=sampling.seed + b, device=device,
-                                 pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, should_stop=should_stop):
+                                 pad_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else 0, should_stop=should_stop,
+                                 vectors=[vectors[i] for i in rows] if vectors is not None else None):
             for r, t in enumerate(step):
                 if t is not None:
                     new[r].append(t)

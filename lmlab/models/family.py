@@ -22,6 +22,10 @@ The contract, as Protocols (checked by that suite for every registered family):
     cache.merge(other)                                           append another cache's rows (the
                                                                  server's continuous batching)
 
+Optional, for LLM-TRM's latent thinking (the transformer has it; lmlab.models.family.takes_vectors
+tells): `vectors=(mask (B, T) bool, values (n, D))` on `hidden` and `forward` puts input vectors
+in place of the token embeddings at the masked positions, gradients flowing into the values.
+
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
 that reads, generates or trains text takes them); "puzzle" families (TRM) are PuzzleModels,
 which fill a whole grid per call and are trained and evaluated by `lmlab trm` and
@@ -131,6 +135,13 @@ def _trm() -> Family:
 
 # name -> a function returning the Family (imported on first use, so `import lmlab.models` stays light)
 FAMILIES: dict[str, Callable[[], Family]] = {"transformer": _transformer, "griffin": _griffin, "trm": _trm}
+
+
+def takes_vectors(model) -> bool:
+    """Whether the model's forward accepts input vectors in place of embeddings (`vectors=`)."""
+    import inspect
+
+    return "vectors" in inspect.signature(type(model).forward).parameters
 
 
 def families_of_kind(kind: str) -> list[str]:

@@ -38,6 +38,9 @@ from lmlab.models.kv_cache import KVCache, rotate_half
 from lmlab.models.parts import fill_vocab
 from lmlab.models.fused_ce import lm_outputs
 
+# (mask (B, T) bool, values (n, d_model)): input vectors in place of the masked positions' embeddings
+Vectors = tuple[torch.Tensor, torch.Tensor]
+
 
 class ModelConfig(Strict):
     """Shape of the transformer. Fields left unset (None) take the preset's value."""
@@ -326,7 +329,7 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 doc_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 return_logits: bool = True, last_only: bool = False,
-                logits_at: Optional[torch.Tensor] = None):
+                logits_at: Optional[torch.Tensor] = None, vectors: Optional[Vectors] = None):
         """idx (B, T) -> (logits (B, T, V) or None, loss or None).
 
         targets: (B, T) next-token ids, -100 = ignored; loss is their mean cross entropy.
@@ -337,23 +340,26 @@ class Transformer(nn.Module):
         last_only: compute logits for the last position only (prefill in generation).
         logits_at: a (B, T) bool mask: logits only at those positions, (n, V) in row-major
           order (DPO's completion tokens); no targets with it.
+        vectors: (mask (B, T) bool, values (n, d_model)): input vectors that replace the token
+          embeddings at the masked positions, in row-major order (LLM-TRM's latent thinking;
+          gradients reach the values). The ids there are placeholders.
         """
         # forward uses the private bodies of `hidden` and `logits`: a wrapper that hooks each
         # public entry point (FSDP2's register_fsdp_forward_method) then never nests its hooks.
-        x = self._hidden(idx, doc_ids=doc_ids, cache=cache)
+        x = self._hidden(idx, doc_ids=doc_ids, cache=cache, vectors=vectors)
         return lm_outputs(x, targets, head=self.lm_head, weight=self.lm_head.weight, return_logits=return_logits,
                           last_only=last_only, logits_at=logits_at)
 
     def hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
-               cache: Optional[KVCache] = None) -> torch.Tensor:
+               cache: Optional[KVCache] = None, vectors: Optional[Vectors] = None) -> torch.Tensor:
         """idx (B, T) -> final hidden states (B, T, d_model), after the last norm: what `logits` reads.
 
-        doc_ids and cache as in `forward`.
+        doc_ids, cache and vectors as in `forward`.
         """
-        return self._hidden(idx, doc_ids=doc_ids, cache=cache)
+        return self._hidden(idx, doc_ids=doc_ids, cache=cache, vectors=vectors)
 
     def _hidden(self, idx: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, vectors: Optional[Vectors] = None) -> torch.Tensor:
         B, T = idx.shape
         device = idx.device
         mask = None
@@ -393,6 +399,9 @@ class Transformer(nn.Module):
             cos, sin = cos_t[:T][:, None], sin_t[:T][:, None]  # (T, 1, hd)
 
         x = self.embed(idx)
+        if vectors is not None:
+            where, values = vectors
+            x = x.masked_scatter(where.to(x.device)[..., None], values.to(x.dtype))
         dtype = x.dtype if not torch.is_autocast_enabled(device.type) else torch.get_autocast_dtype(device.type)
         cos, sin = cos.to(dtype), sin.to(dtype)
         for block in self.blocks:

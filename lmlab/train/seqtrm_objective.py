@@ -27,24 +27,9 @@ import torch.nn.functional as F
 
 from lmlab import dist as lmdist
 from lmlab.models import unwrap
+from lmlab.models.seqtrm import halting, left_pad  # noqa: F401 (used here and re-exported)
 
 FIRST_THRESHOLD, THRESHOLD_SHARE = 0.7, 0.95
-
-
-def left_pad(seqs: list[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (B, W, d), mask (B, W)) of sequences (len_i, d), right-aligned."""
-    width = max(len(s) for s in seqs)
-    x = torch.zeros(len(seqs), width, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        x[i, width - len(s):] = s
-        mask[i, width - len(s):] = True
-    return x.to(device), mask.to(device)
-
-
-def halting(q: torch.Tensor, mode: str, threshold: float) -> torch.Tensor:
-    """Whether the halting head says stop: an estimated cosine at the threshold, or a positive logit."""
-    return q >= threshold if mode == "mse_cosine" else q > 0
 
 
 class SeqTRMObjective:
