@@ -30,7 +30,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke):
                        ("reward", "reward"), ("grpo", "model"), ("eval_grpo", "eval"), ("puzzles", "puzzles"),
                        ("trm", "trm"), ("eval_trm", "puzzle_eval"), ("report", "report"), ("hf", "hf_export"),
                        ("tasks_think", "tasks"), ("sft_think", "model"), ("compressor", "compressor"),
-                       ("hidden_pairs", "hidden_pairs"), ("seqtrm", "seqtrm")]:
+                       ("hidden_pairs", "hidden_pairs"), ("seqtrm", "seqtrm"), ("latent_sft", "latent_reasoner"),
+                       ("latent_grpo", "latent_reasoner"), ("llm_trm_outcome", "llm_trm_outcome")]:
         manifest = json.loads((root / name / "manifest.json").read_text())
         assert manifest["kind"] == kind
         assert manifest["lmlab_version"] and manifest["git_commit"]
@@ -57,7 +58,9 @@ def test_smoke_model_beats_unigram_and_report_reads_well(smoke):
     for section in ("## GRPO", "## Verifier", "## Reward model", "reranking 4 samples", "rerank_grpo.png",
                     "## TRM: tiny recursive models on puzzles", "### Puzzle sets", "trm_curves.png",
                     "## Pretraining compared", "| `griffin` | griffin | micro |", "## Hidden-state compressor",
-                    "held-out thinking trajectories", "## Hidden-state pairs", "## SequenceTRM"):
+                    "held-out thinking trajectories", "## Hidden-state pairs", "## SequenceTRM",
+                    "## Latent reasoners (LLM-TRM phase 3)", "## LLM-TRM outcome", "| latent, GRPO |",
+                    "| first token only |", "llm_trm_outcome.png"):
         assert section in report, section
     assert "Δ EM vs row above" in report and "exact_match_strict_stderr" in ladder[0]
     rows = json.loads((root / "report" / "ladder.json").read_text())

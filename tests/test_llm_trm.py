@@ -270,3 +270,59 @@ def test_seqtrm_trains_on_the_pairs_against_its_baselines_and_refuses_another_ll
                  f"out={root / 'seqtrm_bad'}"]) == 2
     err = capsys.readouterr().err
     assert str(pipe["model"]) in err and str(sft) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- phase 3: answering with the reasoner
+
+def test_latent_reasoner_supervised_then_grpo_and_the_outcome_table(pipe, capsys):
+    root = pipe["root"]
+    sft, seqtrm = root / "sft", root / "seqtrm"
+    if not (seqtrm / "manifest.json").is_file():
+        pytest.skip("needs the phase 2 test's SequenceTRM")
+    problems, test = root / "tasks" / "train.jsonl", root / "tasks" / "test.jsonl"
+    common = [f"model={sft}", f"problems={problems}", "k=2", "max_problems=16", "val_fraction=0.25",
+              "max_new_tokens=4", "train.device=cpu", "eval.every=2", "checkpoint.every=0"]
+    sup = root / "latent_sft"
+    assert main(["latent", *common, f"seqtrm={seqtrm}", f"out={sup}", "train.steps=3", "train.batch_size=4"]) == 0
+    meta = json.loads((sup / "reasoner.json").read_text())
+    assert meta["method"] == "supervised" and meta["config"]["k"] == 2 and 1 <= meta["config"]["steps"] <= 3
+    lines = [json.loads(x) for x in (sup / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_em" in x and "val_answer_nll" in x for x in lines)
+    # GRPO needs the supervised reasoner to start from (and to keep close to)
+    capsys.readouterr()
+    grpo = [*common, "method=grpo", "grpo.num_generations=4", "train.steps=2", "train.batch_size=8", "train.lr=1e-5"]
+    assert main(["latent", *grpo, f"seqtrm={seqtrm}", f"out={root / 'latent_bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert "init=LATENT_DIR" in err and "Traceback" not in err
+    assert main(["latent", *grpo, f"init={sup}", f"out={root / 'latent_grpo'}"]) == 0
+    lines = [json.loads(x) for x in (root / "latent_grpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "reward" in x]
+    assert train and all(0 <= x["reward"] <= 1 and x["kl"] >= 0 for x in train)
+    # a model without thinking delimiters is refused, naming them
+    assert main(["latent", *[c for c in common if not c.startswith("model=")], f"model={pipe['model']}",
+                 f"seqtrm={seqtrm}", f"out={root / 'latent_base'}", "train.steps=1"]) == 2
+    assert "no thinking delimiters" in capsys.readouterr().err
+
+    out = root / "outcome"
+    assert main(["llm-trm-eval", str(sft), f"problems={test}", f"out={out}", "n=4", "thinking_max_new_tokens=8",
+                 "max_new_tokens=4", "batch_size=4", "device=cpu", f"first_token={seqtrm}",
+                 f"reasoners=[{{label: supervised, path: {sup}}}, {{label: grpo, path: {root / 'latent_grpo'}}}]"]) == 0
+    rows = json.loads((out / "outcome.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["thinking in full", "direct (no thinking)", "supervised", "grpo",
+                                          "first token only"]
+    for r in rows:
+        assert r["n"] == 4 and 0 <= r["exact_match"] <= 1 and r["tokens_per_problem"] >= 1
+    for r in rows[2:]:
+        assert r["mean_trm_steps"] >= 1 and "minus_direct" in r
+        assert r["minus_direct"] == pytest.approx(r["exact_match"] - rows[1]["exact_match"])
+    per = [json.loads(x) for x in (out / "outcome.jsonl").read_text().splitlines()]
+    assert len(per) == 4 and {"thinking", "direct", "reasoner 0", "reasoner 1", "first_token"} <= set(per[0])
+    assert main(["llm-trm-eval", str(sft), f"problems={test}", f"out={out}", "n=4", "thinking_max_new_tokens=8",
+                 "max_new_tokens=4", "batch_size=4", "device=cpu", f"first_token={seqtrm}",
+                 f"reasoners=[{{label: supervised, path: {sup}}}, {{label: grpo, path: {root / 'latent_grpo'}}}]"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["report", f"inputs=[{out}, {sup}, {root / 'latent_grpo'}]", "follow_inputs=false",
+                 f"out={root / 'report_o'}"]) == 0
+    text = (root / "report_o" / "report.md").read_text()
+    assert "## LLM-TRM outcome" in text and "| first token only |" in text and "## Latent reasoners" in text
+    assert (root / "report_o" / "llm_trm_outcome.png").stat().st_size > 1000

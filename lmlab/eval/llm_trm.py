@@ -14,8 +14,9 @@ On the same problems, greedy, one after another in one process (so the times com
 
 Each row: exact match (the task's strict checker, with its standard error), generated tokens
 and wall-clock seconds per problem (the latent rows include reading the prompt's states and the
-reasoner), the SequenceTRM's supervision steps, and the exact match split by whether thinking
-in full got the problem right. What explains a row: for every problem whose thinking closed, the
+reasoner), the SequenceTRM's supervision steps, the exact match split by whether thinking in
+full got the problem right, and (reasoner rows) the exact match minus answering directly with
+its paired standard error. What explains a row: for every problem whose thinking closed, the
 cosine between the row's compressed prediction and the LLM's real compressed state at
 `</think>` (the phase-2 target), for the problems the row answers right and wrong.
 
@@ -204,6 +205,14 @@ def run(cfg: Config) -> Path:
         row, rec = _row("direct (no thinking)", problems, [o.text for o in outs], [len(o.ids) for o in outs],
                         time.perf_counter() - t0, right)
     add("direct", row, rec)
+    direct_right = [r["correct"] for r in rec]
+
+    def against_direct(row: dict, records: list[dict]) -> None:
+        """The row's exact match minus answering directly, with the paired standard error (same problems)."""
+        from lmlab.eval.estimators import stderr
+
+        diff = [float(r["correct"]) - float(d) for r, d in zip(records, direct_right)]
+        row["minus_direct"], row["minus_direct_stderr"] = sum(diff) / len(diff), stderr(diff)
 
     for i, (spec, r, meta) in enumerate(loaded):
         r.to(device).eval()
@@ -216,6 +225,7 @@ def run(cfg: Config) -> Path:
                             time.perf_counter() - t0, right, steps.tolist())
         row.update({"path": spec.path, "method": meta.get("method"),
                     **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
+        against_direct(row, rec)
         add(f"reasoner {i}", row, rec)
 
     if cfg.first_token:
@@ -227,6 +237,7 @@ def run(cfg: Config) -> Path:
                             time.perf_counter() - t0, right, steps)
         _, preds, _ = reason(llm, r, built, cfg.batch_size, device)
         row.update({"path": cfg.first_token, **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
+        against_direct(row, rec)
         add("first_token", row, rec)
 
     result = {"rows": rows, "settings": {"template": template, "k": k, "greedy": True,

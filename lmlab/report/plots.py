@@ -258,6 +258,26 @@ def by_step(steps: list[int], series: dict[str, list[float]], path: str | Path, 
     return _save(fig, path)
 
 
+def answer_rates(names: list[str], rates: list[float], labels: list[str], path: str | Path, title: str) -> Path:
+    """Horizontal bars of exact-match rates, each labelled (e.g. with its standard error and cost)."""
+    return _labelled_bars(names, rates, labels, "exact match", title, path)
+
+
+def metric_curves(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str,
+                  title: str) -> Path:
+    """One line per run of a metric against the step."""
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for name, pts in series.items():
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, lw=1.2, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def counts(labels: list[str], values: list[int], path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Vertical bars of counts (a histogram over named bins)."""
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)

@@ -33,6 +33,7 @@ from lmlab.errors import UserError
 from lmlab.report import alignment, families, plots, trm
 from lmlab.report import lean as lean_report
 from lmlab.report.llm_trm import compressor_section, hidden_pairs_section, seqtrm_section
+from lmlab.report.llm_trm_outcome import latent_section, outcome_section
 from lmlab.report.long_context import long_context_section
 from lmlab.report.lm_eval import lm_eval_section
 from lmlab.report import sweep as sweep_report
@@ -42,12 +43,13 @@ from lmlab.runtime import hardware_summary
 POSITIONAL = ("root", "pipeline root directory whose artifact subdirectories are discovered (e.g. runs/smoke)")
 
 STAGE_ORDER = ["corpus", "tokenizer", "packed", "tasks", "model", "samples", "verifier", "reward", "compressor",
-               "hidden_pairs", "seqtrm", "eval", "puzzles", "trm", "puzzle_eval", "hf_export", "export"]
+               "hidden_pairs", "seqtrm", "latent_reasoner", "llm_trm_outcome", "eval", "puzzles", "trm", "puzzle_eval", "hf_export", "export"]
 LADDER_ORDER = ["Base", "SFT", "DPO", "GRPO"]
 STAGE_VERB = {"corpus": "corpus", "tokenizer": "tokenizer", "packed": "pack", "tasks": "tasks", "model": "pretrain",
               "eval": "eval", "hf_export": "export", "export": "export", "samples": "samples", "verifier": "verifier",
               "reward": "reward", "puzzles": "puzzles", "trm": "trm", "puzzle_eval": "puzzle-eval",
-              "compressor": "compressor", "hidden_pairs": "hidden-pairs", "seqtrm": "seqtrm"}
+              "compressor": "compressor", "hidden_pairs": "hidden-pairs", "seqtrm": "seqtrm",
+              "latent_reasoner": "latent", "llm_trm_outcome": "llm-trm-eval"}
 
 
 class Config(Strict):
@@ -351,6 +353,8 @@ def build_report(found: dict[str, list[tuple[Path, dict]]], cfg: Config, out_dir
     parts += compressor_section(found, out_dir)
     parts += hidden_pairs_section(found)
     parts += seqtrm_section(found, out_dir)
+    parts += latent_section(found, out_dir)
+    parts += outcome_section(found, out_dir)
 
     if not puzzles_only:
         parts += ["## Sample generations", ""]
