@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -130,7 +131,10 @@ def test_cli_accepts_config_between_positional_and_overrides(tmp_path):
     assert "unrecognized arguments" not in r.stderr and "model directory not found" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+PIPELINES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
 def test_shipped_pipelines_validate(name):
     """Every stage config in the shipped pipelines is valid (so a typo fails here, not mid-run)."""
     import importlib

@@ -308,15 +308,17 @@ def test_latent_reasoner_supervised_then_grpo_and_the_outcome_table(pipe, capsys
                  "max_new_tokens=4", "batch_size=4", "device=cpu", f"first_token={seqtrm}",
                  f"reasoners=[{{label: supervised, path: {sup}}}, {{label: grpo, path: {root / 'latent_grpo'}}}]"]) == 0
     rows = json.loads((out / "outcome.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["thinking in full", "direct (no thinking)", "supervised", "grpo",
-                                          "first token only"]
+    assert [r["label"] for r in rows] == ["thinking in full", "direct (no thinking)", "supervised",
+                                          "supervised, another problem's vectors", "grpo",
+                                          "grpo, another problem's vectors", "first token only"]
     for r in rows:
         assert r["n"] == 4 and 0 <= r["exact_match"] <= 1 and r["tokens_per_problem"] >= 1
     for r in rows[2:]:
-        assert r["mean_trm_steps"] >= 1 and "minus_direct" in r
+        assert r.get("control") or r["mean_trm_steps"] >= 1
         assert r["minus_direct"] == pytest.approx(r["exact_match"] - rows[1]["exact_match"])
     per = [json.loads(x) for x in (out / "outcome.jsonl").read_text().splitlines()]
-    assert len(per) == 4 and {"thinking", "direct", "reasoner 0", "reasoner 1", "first_token"} <= set(per[0])
+    assert len(per) == 4 and {"thinking", "direct", "reasoner 0", "reasoner 0 control", "reasoner 1",
+                              "first_token"} <= set(per[0])
     assert main(["llm-trm-eval", str(sft), f"problems={test}", f"out={out}", "n=4", "thinking_max_new_tokens=8",
                  "max_new_tokens=4", "batch_size=4", "device=cpu", f"first_token={seqtrm}",
                  f"reasoners=[{{label: supervised, path: {sup}}}, {{label: grpo, path: {root / 'latent_grpo'}}}]"]) == 0
@@ -326,3 +328,30 @@ def test_latent_reasoner_supervised_then_grpo_and_the_outcome_table(pipe, capsys
     text = (root / "report_o" / "report.md").read_text()
     assert "## LLM-TRM outcome" in text and "| first token only |" in text and "## Latent reasoners" in text
     assert (root / "report_o" / "llm_trm_outcome.png").stat().st_size > 1000
+
+
+def test_an_untrained_reasoner_shows_the_llm_its_empty_thinking_block(pipe):
+    """k = the empty block's length: the latent prompt with the untrained reasoner's vectors gives the
+    LLM exactly the prompt that answers at once (the projection starts at the block's embeddings)."""
+    from lmlab.infer.latent import LatentPrompts, reason, slot_init
+    from lmlab.models import load_model
+    from lmlab.models.latent_reasoner import reasoner_from_seqtrm
+
+    root = pipe["root"]
+    if not (root / "seqtrm" / "manifest.json").is_file():
+        pytest.skip("needs the phase 2 test's SequenceTRM")
+    llm, tok, m = load_model(root / "sft")
+    gap = LatentPrompts(tok, "think", 1).gap_ids()
+    lp = LatentPrompts(tok, "think", len(gap))
+    r, _ = reasoner_from_seqtrm(root / "seqtrm", llm, m["fingerprint"], lp.k, slot_init(llm, lp), steps=1)
+    built = [lp.build(q) for q in ("Ann has 3 pens. She buys 4 more. How many pens does Ann have now?", "Sum 2 and 5.")]
+    vecs, _, steps = reason(llm, r, built, batch_size=2)
+    assert steps.tolist() == [1, 1]
+    with torch.no_grad():
+        for b, v in zip(built, vecs):
+            assert len(b.ids) == len(b.direct) and b.ids[:b.slots[0]] == b.direct[:b.slots[0]]
+            where = torch.zeros(1, len(b.ids), dtype=torch.bool)
+            where[0, b.slots] = True
+            latent, _ = llm(torch.tensor([b.ids]), vectors=(where, v))
+            direct, _ = llm(torch.tensor([b.direct]))
+            torch.testing.assert_close(latent, direct, atol=1e-5, rtol=0)

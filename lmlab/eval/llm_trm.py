@@ -9,8 +9,10 @@ On the same problems, greedy, one after another in one process (so the times com
 - **direct**: it answers at once (an empty thinking block closes the prompt);
 - one row per reasoner (`lmlab latent` runs): the reasoner's k vectors in place of the thinking
   (lmlab.infer.latent.answer_latent);
+- with `controls`, per reasoner: each problem answered with the next problem's vectors, which
+  tells whether the vectors carry anything about this problem or only a prior over answers;
 - **first token** (`first_token`: a `lmlab seqtrm` or `lmlab latent` run): the prototype's use
-  of the prediction, deciding only the first token after `</think>` through the output head.
+  of the prediction, deciding only the first answer token through the output head.
 
 Each row: exact match (the task's strict checker, with its standard error), generated tokens
 and wall-clock seconds per problem (the latent rows include reading the prompt's states and the
@@ -59,6 +61,8 @@ class Config(Strict):
                                        "first-token row")
     thinking_max_new_tokens: int = Field(112, ge=1, description="tokens of thinking + answer at most")
     max_new_tokens: int = Field(24, ge=1, description="answer tokens at most (the other rows)")
+    controls: bool = Field(True, description="also answer with another problem's vectors, per reasoner (what "
+                           "the vectors carry beyond a prior over answers)")
     batch_size: int = Field(64, ge=1, description="problems decoded together")
     template: Optional[str] = Field(None, description="chat template; default: the run's chat.json")
     device: str = Field("auto", description="auto | cpu | cuda | mps")
@@ -227,14 +231,25 @@ def run(cfg: Config) -> Path:
                     **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
         against_direct(row, rec)
         add(f"reasoner {i}", row, rec)
+        if cfg.controls and len(built) > 1:
+            # the control: each problem gets the next problem's vectors. What survives it is a
+            # prior over answers, not anything the reasoner read in this problem.
+            t0 = time.perf_counter()
+            moved = torch.roll(vecs, 1, dims=0)
+            outs = complete_ids(llm, tokenizer, [b.ids for b in built], answer, stops, cfg.batch_size, device,
+                                vectors=[(b.slots, v) for b, v in zip(built, moved)])
+            row, rec = _row(f"{spec.label}, another problem's vectors", problems, [o.text for o in outs],
+                            [len(o.ids) for o in outs], time.perf_counter() - t0, right)
+            row["control"] = True
+            against_direct(row, rec)
+            add(f"reasoner {i} control", row, rec)
 
     if cfg.first_token:
         r = _first_token_reasoner(cfg.first_token, llm, llm_fp, lp).to(device).eval()
         with timer("first token"):
             t0 = time.perf_counter()
-            texts, _, steps, outs = answer_first_token(llm, r, tokenizer, lp, questions, answer, cfg.batch_size, device)
-            row, rec = _row("first token only", problems, texts, [len(o.ids) + 1 for o in outs],
-                            time.perf_counter() - t0, right, steps)
+            texts, tokens, steps = answer_first_token(llm, r, tokenizer, lp, questions, answer, cfg.batch_size, device)
+            row, rec = _row("first token only", problems, texts, tokens, time.perf_counter() - t0, right, steps)
         _, preds, _ = reason(llm, r, built, cfg.batch_size, device)
         row.update({"path": cfg.first_token, **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
         against_direct(row, rec)

@@ -13,10 +13,11 @@ thinking=False) with the gap's tokens replaced by k placeholder positions whose 
 come from the reasoner. The reasoner reads the LLM's last-layer states over the prompt up to the
 assistant header (where the model would open `<think>`), as `lmlab hidden-pairs` stores them.
 
-The first-token variant (the prototype's use of its prediction) gives the LLM no vectors: the
-reasoner's decompressed state stands in for the LLM's own at `</think>`, the output head picks
-the first answer token from it, and the LLM goes on from the empty-thinking prompt plus that
-token.
+The first-token variant (the prototype's use of its prediction, src/models/inference.py there)
+gives the LLM no vectors: the output head reads the reasoner's decompressed prediction to pick
+the first answer token after the empty-thinking prompt, and the LLM goes on from the prompt plus
+that token. (The prototype runs its TRM on the states of that whole prompt; here it reads the
+prompt it was trained on, up to the assistant header.)
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def answer_latent(llm, reasoner, tokenizer, lp: LatentPrompts, questions: Sequen
 
 def answer_first_token(llm, reasoner, tokenizer, lp: LatentPrompts, questions: Sequence[str], sampling,
                        batch_size: int = 32, device=None, stops=None):
-    """(texts, the first tokens, TRM steps): the head on the reasoner's predicted state at
-    </think> picks the first answer token, the LLM writes the rest from the empty-thinking prompt."""
+    """(texts, tokens generated, TRM steps) per question, as the prototype answers: the output
+    head on the reasoner's predicted state picks the first answer token after the whole
+    empty-thinking prompt, and the LLM writes the rest from there."""
     from lmlab.infer.engine import complete_ids
     from lmlab.tasks.problems import problem_stops
 
@@ -124,10 +126,7 @@ def answer_first_token(llm, reasoner, tokenizer, lp: LatentPrompts, questions: S
     _, hs, steps = reason(llm, reasoner, prompts, batch_size, device)
     head = next(llm.parameters())
     firsts = llm.logits(hs.to(head.device, head.dtype)).argmax(-1).tolist()
-    # the direct prompt ends with the template's gap after </think>: the state at </think> picks
-    # the token after it, so the LLM continues from the prompt up to </think> plus that token
-    cut = [len(p.direct) - 1 - p.direct[::-1].index(lp.closer) + 1 for p in prompts]
-    outs = complete_ids(llm, tokenizer, [p.direct[:c] + [t] for p, c, t in zip(prompts, cut, firsts)], sampling,
+    outs = complete_ids(llm, tokenizer, [p.direct + [t] for p, t in zip(prompts, firsts)], sampling,
                         stops or problem_stops(lp.template, tokenizer), batch_size, device)
-    texts = [(tokenizer.decode([t]) + o.text) for t, o in zip(firsts, outs)]
-    return texts, firsts, steps.tolist(), outs
+    texts = [tokenizer.decode([t]) + o.text for t, o in zip(firsts, outs)]
+    return texts, [len(o.ids) + 1 for o in outs], steps.tolist()

@@ -11,13 +11,15 @@ The chain is the phases before it: the compressor (phase 1) reads the LLM's last
 states, the SequenceTRM (phase 2) predicts the compressed state at `</think>`, the transposed
 compressor decompresses it, and a projection `Linear(D -> k * d_model)` (with bias) turns it into
 k input vectors. The projection's weight starts at zero and its bias at the embeddings of the
-tokens an empty thinking block holds, so an untrained reasoner makes the LLM answer exactly as
-it does without thinking; training moves away from there (as LoRA starts at the base model).
+tokens an empty thinking block holds (repeated to k), so an untrained reasoner shows the LLM an
+empty thinking block, whatever the prompt: exactly the one it knows when k is the block's
+length in tokens. Training moves away from there (as LoRA starts at the base model).
 
 The SequenceTRM runs its supervision steps until its halting head stops a row (the rule and
-threshold it was trained with; all `n_sup` at most), or exactly `steps` when given. Only the
-last step keeps gradients, from the detached state of the one before, as in training TRMs; the
-compressor gets gradients through the context it compresses.
+threshold it was trained with; all `n_sup` at most), or exactly `steps` when given (`lmlab
+latent` fixes them, lmlab/train/latent.py says why). Only the last step keeps gradients, from
+the detached state of the one before, as in training TRMs; the compressor gets gradients
+through the context it compresses.
 
 Saved as reasoner.safetensors (every part's weights) and reasoner.json (the parts' configs).
 """

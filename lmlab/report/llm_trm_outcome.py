@@ -17,14 +17,8 @@ import json
 from pathlib import Path
 
 from lmlab.report import plots
+from lmlab.report.llm_trm import _metrics
 from lmlab.report.markdown import table
-
-
-def _metrics(run: Path) -> list[dict]:
-    try:
-        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def _f(v, spec: str = ".3f") -> str:
@@ -90,10 +84,11 @@ def outcome_section(found: dict, out_dir: Path) -> list[str]:
                        + ("; it does not beat answering directly." if gap <= 2 * se else ".")]
         out += ["## LLM-TRM outcome: answering with the reasoner", "",
                 f"The frozen LLM on {n} held-out problems, greedy: thinking in full, answering at once, with each "
-                "reasoner's latent vectors in place of the thinking, and with the prediction deciding only the first "
-                "token after `</think>`. Time is wall-clock per problem in batches (the latent rows include reading "
-                "the prompt's states and running the reasoner). The cosine compares the row's compressed prediction "
-                "with the LLM's real compressed state at `</think>` from its own thinking.", "",
+                "reasoner's latent vectors in place of the thinking (and, as a control, with another problem's "
+                "vectors), and with the prediction deciding only the first answer token. Time is wall-clock per "
+                "problem in batches (the latent rows include reading the prompt's states and running the reasoner). "
+                "The cosine compares the row's compressed prediction with the LLM's real compressed state at "
+                "`</think>` from its own thinking.", "",
                 table(["answering", "exact match", "tokens", "ms / problem", "TRM steps", "EM where thinking right",
                        "EM where thinking wrong", "cosine (right)", "cosine (wrong)"], table_rows), "",
                 *verdict, "", f"![outcome](llm_trm_outcome{suffix}.png)", ""]

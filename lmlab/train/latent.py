@@ -173,6 +173,9 @@ def run(cfg: Config) -> Path:
         raise UserError(f"{cfg.model} is a {getattr(llm, 'family', type(llm).__name__)} model, whose forward takes "
                         f"no input vectors; latent reasoning needs a transformer LLM")
     llm.requires_grad_(False).eval()
+    from lmlab.runtime import pick_device
+
+    llm.to(pick_device(cfg.train.device))  # the prompt states are read where the LLM will run
     reasoner, origin, reference = _reasoner_from(cfg, llm, lp, model_m.get("fingerprint"))
     inputs = {"model": {"path": cfg.model, "fingerprint": model_m.get("fingerprint")},
               "problems": {"path": cfg.problems, "fingerprint": artifacts.sha256_file(cfg.problems)},
