@@ -104,12 +104,12 @@ def answer_latent(llm, reasoner, tokenizer, lp: LatentPrompts, questions: Sequen
                   device=None, stops=None):
     """(completions (lmlab.infer.engine.Completion), TRM steps per question) with the latent vectors."""
     from lmlab.infer.engine import complete_ids
-    from lmlab.tasks.problems import problem_stops
+    from lmlab.infer.prompting import chat_stops
 
     prompts = [lp.build(q) for q in questions]
     vecs, _, steps = reason(llm, reasoner, prompts, batch_size, device)
     outs = complete_ids(llm, tokenizer, [p.ids for p in prompts], sampling,
-                        stops or problem_stops(lp.template, tokenizer), batch_size, device,
+                        stops or chat_stops(lp.template, tokenizer), batch_size, device,
                         vectors=[(p.slots, v) for p, v in zip(prompts, vecs)])
     return outs, steps.tolist()
 
@@ -120,13 +120,13 @@ def answer_first_token(llm, reasoner, tokenizer, lp: LatentPrompts, questions: S
     head on the reasoner's predicted state picks the first answer token after the whole
     empty-thinking prompt, and the LLM writes the rest from there."""
     from lmlab.infer.engine import complete_ids
-    from lmlab.tasks.problems import problem_stops
+    from lmlab.infer.prompting import chat_stops
 
     prompts = [lp.build(q) for q in questions]
     _, hs, steps = reason(llm, reasoner, prompts, batch_size, device)
     head = next(llm.parameters())
     firsts = llm.logits(hs.to(head.device, head.dtype)).argmax(-1).tolist()
     outs = complete_ids(llm, tokenizer, [p.direct + [t] for p, t in zip(prompts, firsts)], sampling,
-                        stops or problem_stops(lp.template, tokenizer), batch_size, device)
+                        stops or chat_stops(lp.template, tokenizer), batch_size, device)
     texts = [tokenizer.decode([t]) + o.text for t, o in zip(firsts, outs)]
     return texts, [len(o.ids) + 1 for o in outs], steps.tolist()
