@@ -8,7 +8,7 @@ On the same problems, greedy, one after another in one process (so the times com
 - **thinking**: the LLM thinks in full, then answers (its thinking template's prompt);
 - **direct**: it answers at once (an empty thinking block closes the prompt);
 - one row per reasoner (`lmlab latent` runs): the reasoner's k vectors in place of the thinking
-  (lmlab.infer.latent.answer_latent);
+  (lmlab.infer.latent.answer_with_vectors);
 - with `controls`, per reasoner: each problem answered with the next problem's vectors, which
   tells whether the vectors carry anything about this problem or only a prior over answers;
 - **first token** (`first_token`: a `lmlab seqtrm` or `lmlab latent` run): the prototype's use
@@ -68,19 +68,12 @@ class Config(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | mps")
 
 
-def _correct(problem: dict, text: str) -> tuple[Optional[str], bool]:
-    from lmlab.tasks.problems import answer_rules
-
-    strict, _, ref = answer_rules(problem.get("task"))
-    a = strict(text)
-    return a, a is not None and a == ref(problem["answer"])
-
-
 def _row(label: str, problems: list[dict], texts: list[str], tokens: list[int], seconds: float,
          thinking_right: Optional[list[bool]] = None, steps: Optional[list[int]] = None) -> tuple[dict, list[dict]]:
     from lmlab.eval.estimators import stderr
+    from lmlab.tasks.problems import checked_answer
 
-    per = [_correct(p, t) for p, t in zip(problems, texts)]
+    per = [checked_answer(p, t) for p, t in zip(problems, texts)]
     ok = [float(c) for _, c in per]
     row = {"label": label, "n": len(problems), "exact_match": sum(ok) / len(ok), "exact_match_stderr": stderr(ok),
            "tokens_per_problem": sum(tokens) / len(tokens), "seconds_per_problem": seconds / len(problems)}
@@ -122,7 +115,7 @@ def run(cfg: Config) -> Path:
     from lmlab.data.tokenizer import Tokenizer
     from lmlab.infer.engine import complete_ids
     from lmlab.infer.hidden import hidden_states
-    from lmlab.infer.latent import LatentPrompts, answer_first_token, reason
+    from lmlab.infer.latent import LatentPrompts, answer_from_states, answer_with_vectors, reason
     from lmlab.infer.prompting import resolve_template
     from lmlab.infer.sampling import Sampling
     from lmlab.models import load_model
@@ -223,8 +216,7 @@ def run(cfg: Config) -> Path:
         with timer(f"reasoner {i}"):
             t0 = time.perf_counter()
             vecs, preds, steps = reason(llm, r, built, cfg.batch_size, device)
-            outs = complete_ids(llm, tokenizer, [b.ids for b in built], answer, stops, cfg.batch_size, device,
-                                vectors=[(b.slots, v) for b, v in zip(built, vecs)])
+            outs = answer_with_vectors(llm, tokenizer, built, vecs, answer, stops, cfg.batch_size, device)
             row, rec = _row(spec.label, problems, [o.text for o in outs], [len(o.ids) for o in outs],
                             time.perf_counter() - t0, right, steps.tolist())
         row.update({"path": spec.path, "method": meta.get("method"),
@@ -235,9 +227,8 @@ def run(cfg: Config) -> Path:
             # the control: each problem gets the next problem's vectors. What survives it is a
             # prior over answers, not anything the reasoner read in this problem.
             t0 = time.perf_counter()
-            moved = torch.roll(vecs, 1, dims=0)
-            outs = complete_ids(llm, tokenizer, [b.ids for b in built], answer, stops, cfg.batch_size, device,
-                                vectors=[(b.slots, v) for b, v in zip(built, moved)])
+            outs = answer_with_vectors(llm, tokenizer, built, torch.roll(vecs, 1, dims=0), answer, stops,
+                                       cfg.batch_size, device)
             row, rec = _row(f"{spec.label}, another problem's vectors", problems, [o.text for o in outs],
                             [len(o.ids) for o in outs], time.perf_counter() - t0, right)
             row["control"] = True
@@ -248,9 +239,10 @@ def run(cfg: Config) -> Path:
         r = _first_token_reasoner(cfg.first_token, llm, llm_fp, lp).to(device).eval()
         with timer("first token"):
             t0 = time.perf_counter()
-            texts, tokens, steps = answer_first_token(llm, r, tokenizer, lp, questions, answer, cfg.batch_size, device)
-            row, rec = _row("first token only", problems, texts, tokens, time.perf_counter() - t0, right, steps)
-        _, preds, _ = reason(llm, r, built, cfg.batch_size, device)
+            _, preds, steps = reason(llm, r, built, cfg.batch_size, device)
+            texts, tokens = answer_from_states(llm, tokenizer, built, preds, answer, stops, cfg.batch_size, device)
+            row, rec = _row("first token only", problems, texts, tokens, time.perf_counter() - t0, right,
+                            steps.tolist())
         row.update({"path": cfg.first_token, **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
         against_direct(row, rec)
         add("first_token", row, rec)

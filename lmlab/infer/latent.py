@@ -5,7 +5,7 @@
     p = lp.build(question)          # p.reads: the prompt the LLM's states are read on (before <think>)
                                     # p.ids, p.slots: <think> k placeholders </think> in the prompt
     outs, steps = answer_latent(llm, reasoner, tokenizer, lp, questions, Sampling(max_new_tokens=24))
-    outs = answer_first_token(llm, reasoner, tokenizer, lp, questions, Sampling(max_new_tokens=24))
+    texts, tokens, steps = answer_first_token(llm, reasoner, tokenizer, lp, questions, Sampling(max_new_tokens=24))
 
 The layout is the thinking template's own with the thinking text replaced: the prompt that asks
 to answer at once (`<think>`, an empty gap, `</think>`, then the answer; chat.prompt_ids with
@@ -100,17 +100,38 @@ def reason(llm, reasoner, prompts: Sequence[LatentPrompt], batch_size: int, devi
     return torch.cat(vecs), torch.cat(hs), torch.cat(steps)
 
 
+def answer_with_vectors(llm, tokenizer, prompts: Sequence[LatentPrompt], vectors: torch.Tensor, sampling,
+                        stops, batch_size: int = 32, device=None):
+    """Completions of latent prompts with `vectors` (n, k, d_model) at their slots."""
+    from lmlab.infer.engine import complete_ids
+
+    return complete_ids(llm, tokenizer, [p.ids for p in prompts], sampling, stops, batch_size, device,
+                        vectors=[(p.slots, v) for p, v in zip(prompts, vectors)])
+
+
+def answer_from_states(llm, tokenizer, prompts: Sequence[LatentPrompt], hs: torch.Tensor, sampling, stops,
+                       batch_size: int = 32, device=None):
+    """(texts, tokens generated) when the output head on the predicted states `hs` (n, D) picks the
+    first answer token after each empty-thinking prompt and the LLM writes the rest (the
+    prototype's first-token variant)."""
+    from lmlab.infer.engine import complete_ids
+
+    head = next(llm.parameters())
+    firsts = llm.logits(hs.to(head.device, head.dtype)).argmax(-1).tolist()
+    outs = complete_ids(llm, tokenizer, [p.direct + [t] for p, t in zip(prompts, firsts)], sampling, stops,
+                        batch_size, device)
+    return [tokenizer.decode([t]) + o.text for t, o in zip(firsts, outs)], [len(o.ids) + 1 for o in outs]
+
+
 def answer_latent(llm, reasoner, tokenizer, lp: LatentPrompts, questions: Sequence[str], sampling, batch_size: int = 32,
                   device=None, stops=None):
     """(completions (lmlab.infer.engine.Completion), TRM steps per question) with the latent vectors."""
-    from lmlab.infer.engine import complete_ids
     from lmlab.infer.prompting import chat_stops
 
     prompts = [lp.build(q) for q in questions]
     vecs, _, steps = reason(llm, reasoner, prompts, batch_size, device)
-    outs = complete_ids(llm, tokenizer, [p.ids for p in prompts], sampling,
-                        stops or chat_stops(lp.template, tokenizer), batch_size, device,
-                        vectors=[(p.slots, v) for p, v in zip(prompts, vecs)])
+    outs = answer_with_vectors(llm, tokenizer, prompts, vecs, sampling, stops or chat_stops(lp.template, tokenizer),
+                               batch_size, device)
     return outs, steps.tolist()
 
 
@@ -119,14 +140,10 @@ def answer_first_token(llm, reasoner, tokenizer, lp: LatentPrompts, questions: S
     """(texts, tokens generated, TRM steps) per question, as the prototype answers: the output
     head on the reasoner's predicted state picks the first answer token after the whole
     empty-thinking prompt, and the LLM writes the rest from there."""
-    from lmlab.infer.engine import complete_ids
     from lmlab.infer.prompting import chat_stops
 
     prompts = [lp.build(q) for q in questions]
     _, hs, steps = reason(llm, reasoner, prompts, batch_size, device)
-    head = next(llm.parameters())
-    firsts = llm.logits(hs.to(head.device, head.dtype)).argmax(-1).tolist()
-    outs = complete_ids(llm, tokenizer, [p.direct + [t] for p, t in zip(prompts, firsts)], sampling,
-                        stops or chat_stops(lp.template, tokenizer), batch_size, device)
-    texts = [tokenizer.decode([t]) + o.text for t, o in zip(firsts, outs)]
-    return texts, [len(o.ids) + 1 for o in outs], steps.tolist()
+    texts, tokens = answer_from_states(llm, tokenizer, prompts, hs, sampling,
+                                       stops or chat_stops(lp.template, tokenizer), batch_size, device)
+    return texts, tokens, steps.tolist()

@@ -46,6 +46,13 @@ def answer_rules(task: Optional[str]) -> tuple[Callable, Callable, Callable]:
     return mod.extract_strict, mod.extract_flexible, lambda ref: mod.extract_strict(ref)
 
 
+def checked_answer(problem: dict, text: str) -> tuple[Optional[str], bool]:
+    """(the strictly extracted answer of `text`, whether it is the problem's reference)."""
+    strict, _, ref = answer_rules(problem.get("task"))
+    a = strict(text)
+    return a, a is not None and a == ref(problem["answer"])
+
+
 # ----------------------------------------------------------------------------- reading
 
 def read_problems(path: str | Path, n: int = 0, checkable: bool = False) -> list[dict]:

@@ -24,6 +24,7 @@ manifest.json (kind 'latent_reasoner').
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from pydantic import Field
 from lmlab import artifacts
 from lmlab.config import Strict
 from lmlab.errors import UserError
-from lmlab.runtime import seed_everything
+from lmlab.runtime import pick_device, seed_everything
 from lmlab.train.loop import EvalConfig, RunOptions, TrainConfig
 from lmlab.train.stage import RESUMABLE_TRAIN_KEYS, TrainingRun, swap_in
 
@@ -133,8 +134,8 @@ def _reasoner_from(cfg: Config, llm, lp, llm_fp: str):
                             f"reasoner of the same LLM")
         if r.k != cfg.k:
             raise UserError(f"{cfg.init} makes k={r.k} latent vectors; set k={r.k}")
-        ref, _ = load_reasoner(cfg.init)
-        return r, {"path": cfg.init, "fingerprint": artifacts.sha256_file(Path(cfg.init) / "reasoner.safetensors")}, ref
+        origin = {"path": cfg.init, "fingerprint": artifacts.sha256_file(Path(cfg.init) / "reasoner.safetensors")}
+        return r, origin, copy.deepcopy(r)  # the KL reference: the starting reasoner, frozen
     if not cfg.seqtrm:
         raise UserError("give the phase-2 model to start from, seqtrm=SEQTRM_DIR (or init=LATENT_DIR)")
     r, fingerprint = reasoner_from_seqtrm(cfg.seqtrm, llm, llm_fp, cfg.k, slot_init(llm, lp), cfg.steps)
@@ -173,8 +174,6 @@ def run(cfg: Config) -> Path:
         raise UserError(f"{cfg.model} is a {getattr(llm, 'family', type(llm).__name__)} model, whose forward takes "
                         f"no input vectors; latent reasoning needs a transformer LLM")
     llm.requires_grad_(False).eval()
-    from lmlab.runtime import pick_device
-
     llm.to(pick_device(cfg.train.device))  # the prompt states are read where the LLM will run
     reasoner, origin, reference = _reasoner_from(cfg, llm, lp, model_m.get("fingerprint"))
     inputs = {"model": {"path": cfg.model, "fingerprint": model_m.get("fingerprint")},

@@ -103,9 +103,9 @@ class _LatentBase:
         return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), **kw)
 
     def evaluate(self, model, device) -> dict:
+        from lmlab.infer.latent import answer_with_vectors
         from lmlab.infer.sampling import Sampling
-        from lmlab.infer.engine import complete_ids
-        from lmlab.tasks.problems import answer_rules, problem_stops
+        from lmlab.tasks.problems import checked_answer, problem_stops
 
         if not len(self.val_idx) or self.cfg.eval.batches == 0:
             return {}
@@ -118,12 +118,9 @@ class _LatentBase:
                                        self.pad_id)
             nll -= float(logp.sum())
             count += logp.numel()
-            outs = complete_ids(self.llm, self.tokenizer, [it.prompt.ids for it in items],
-                                Sampling(max_new_tokens=self.cfg.max_new_tokens), stops, len(items), device,
-                                vectors=[(it.prompt.slots, v) for it, v in zip(items, vecs)])
-            for it, o in zip(items, outs):
-                strict, _, ref = answer_rules(it.problem.get("task"))
-                right += strict(o.text) == ref(it.problem["answer"])
+            outs = answer_with_vectors(self.llm, self.tokenizer, [it.prompt for it in items], vecs,
+                                       Sampling(max_new_tokens=self.cfg.max_new_tokens), stops, len(items), device)
+            right += sum(checked_answer(it.problem, o.text)[1] for it, o in zip(items, outs))
         return {"val_answer_nll": nll / max(count, 1), "val_em": right / len(self.val_idx)}
 
 
@@ -198,9 +195,9 @@ class GRPOLatent(_LatentBase):
         return out
 
     def before_step(self, model, step: int) -> None:
-        from lmlab.infer.engine import complete_ids
+        from lmlab.infer.latent import answer_with_vectors
         from lmlab.infer.sampling import Sampling
-        from lmlab.tasks.problems import answer_rules, problem_stops
+        from lmlab.tasks.problems import checked_answer, problem_stops
         from lmlab.train.grpo_losses import group_advantages
 
         if self.rollout is not None and self.rollout["step"] == step:
@@ -213,14 +210,9 @@ class GRPOLatent(_LatentBase):
         g = self.cfg.grpo
         sampling = Sampling(max_new_tokens=self.cfg.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                             seed=_seed(self.seed, "latent-grpo", step))
-        outs = complete_ids(self.llm, self.tokenizer, [self.items[i].prompt.ids for i in rows], sampling,
-                            problem_stops(self.lp.template, self.tokenizer), len(rows), device,
-                            vectors=[(self.items[i].prompt.slots, v) for i, v in zip(rows, vecs)])
-        rewards = []
-        for i, o in zip(rows, outs):
-            strict, _, ref = answer_rules(self.items[i].problem.get("task"))
-            rewards.append(float(strict(o.text) == ref(self.items[i].problem["answer"])))
-        r = torch.tensor(rewards)
+        outs = answer_with_vectors(self.llm, self.tokenizer, [self.items[i].prompt for i in rows], vecs, sampling,
+                                   problem_stops(self.lp.template, self.tokenizer), len(rows), device)
+        r = torch.tensor([float(checked_answer(self.items[i].problem, o.text)[1]) for i, o in zip(rows, outs)])
         adv, _, zero = group_advantages(r, self.G, "group")
         completions = [list(o.ids) if o.ids else [self.lp.placeholder] for o in outs]
         ref_logps = None
