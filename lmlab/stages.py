@@ -39,8 +39,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("lmlab.serve.stage", "an OpenAI-compatible server (continuous batching, streaming) with a web chat"),
     "report": ("lmlab.report.report", "write report.md with plots from a pipeline's artifacts"),
     "export": ("lmlab.models.export", "export a model to a Hugging Face directory or a GGUF file (llama.cpp, Ollama)"),
-    "import": ("lmlab.models.importer", "import a Hugging Face (Llama/SmolLM, Mistral, Qwen2, Qwen3, RecurrentGemma) "
-               "or DeepMind recurrentgemma checkpoint as an lmlab model"),
+    "import": ("lmlab.models.importer", "import a Hugging Face (Llama/SmolLM, Mistral, Qwen2, Qwen3, SmolLM3, "
+               "RecurrentGemma) or DeepMind recurrentgemma checkpoint as an lmlab model"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
     "bench": ("lmlab.bench", "benchmarks against a peer in the same run: transformers (train, generate), TRL (grpo), official TRM (trm), recurrentgemma (griffin); decode against context; serve under concurrent clients"),
     "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),

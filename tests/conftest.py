@@ -26,3 +26,49 @@ def build_micro_pipeline(root: Path, max_docs: int = 40, seq_len: int = 65, step
                                      train={"steps": steps, "batch_size": 4, "device": "cpu"},
                                      eval={"every": 4, "batches": 2}, log={"every": 2}, checkpoint={"every": 0}))
     return {"root": root, "corpus": c, "tokenizer": t, "packed": p, "model": m}
+
+
+SMOLLM3_TEXT = ["Once upon a time there was a little fox.", "What is 3 plus 4? It is 7.", "The answer is #### 12",
+                "Think first, then answer.", "Ann has 3 pens. She buys 4 more."] * 20
+SMOLLM3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def build_tiny_smollm3(d: Path, chat_template: str | None = None, **config):
+    """A tiny random SmolLM3ForCausalLM (transformers' own class, weights moved off their init)
+    saved to `d` as the hub ships one: config.json, model.safetensors, a byte-level BPE
+    tokenizer.json with SmolLM3's chat and thinking tokens, tokenizer_config.json, and
+    `chat_template` in chat_template.jinja when given. -> (the transformers model, special ids)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from lmlab.data.chat import SMOLLM3_SYSTEM_THINK
+
+    # its system header in the text too: a prompt is then ~100 tokens, not ~1000
+    tok.train_from_iterator(SMOLLM3_TEXT + [SMOLLM3_SYSTEM_THINK] * 20, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=SMOLLM3_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = {t: tok.token_to_id(t) for t in SMOLLM3_SPECIALS}
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rope_theta=5e4)
+    cfg = SmolLM3Config(vocab_size=tok.get_vocab_size(), bos_token_id=ids["<|begin_of_text|>"],
+                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|end_of_text|>"], **{**shape, **config})
+    torch.manual_seed(0)
+    model = SmolLM3ForCausalLM(cfg)
+    with torch.no_grad():  # far from init: a layer given RoPE it should not have shows in the logits
+        for n, p in model.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if "norm" in n else p + torch.randn_like(p) * 0.05)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|end_of_text|>"}))
+    if chat_template is not None:
+        (d / "chat_template.jinja").write_text(chat_template)
+    return model.eval(), ids

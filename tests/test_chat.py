@@ -153,6 +153,13 @@ def test_think_template_exports_as_transformers_renders_it(micro, tok, tmp_path)
     for on in (True, False):
         r = at.apply_chat_template(THINKING[:1], tokenize=True, add_generation_prompt=True, enable_thinking=on)
         assert list(r["input_ids"] if hasattr(r, "keys") else r) == prompt_ids("think", THINKING[:1], tok, thinking=on)
+        # a reply without thinking: enable_thinking=False gives it the empty block, as render(thinking=False)
+        plain = THINKING[:1] + [{"role": "assistant", "content": "#### 4"}]
+        r = at.apply_chat_template(plain, tokenize=True, enable_thinking=on)
+        assert list(r["input_ids"] if hasattr(r, "keys") else r) == render("think", plain, tok, thinking=on)[0]
+    # lmlab import finds the thinking template again (not chatml, which renders the rest alike)
+    from lmlab.models.importer import detect_chat_template
+    assert detect_chat_template(tmp_path, tok) == ("think", None)
 
 
 def test_a_tokenizer_without_thinking_delimiters_is_told_what_it_lacks(tok):

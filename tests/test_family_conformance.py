@@ -27,6 +27,9 @@ SMALL = {
                     "n_kv_head": 2, "tie_embeddings": False},
     "transformer+sink": {"family": "transformer", "preset": "micro", "vocab_size": V, "max_seq_len": 64,
                          "n_kv_head": 2, "tie_embeddings": False, "attn_sink": True},
+    # SmolLM3's NoPE: layer 1 of 2 without the rotary embedding (exports as SmolLM3ForCausalLM)
+    "transformer+nope": {"family": "transformer", "preset": "micro", "vocab_size": V, "max_seq_len": 64,
+                         "n_kv_head": 2, "tie_embeddings": True, "nope_layers": [1]},
     # window 6 < the test sequences: the local attention's band and its ring cache are exercised
     "griffin": {"family": "griffin", "preset": "micro", "vocab_size": V, "width": 32, "num_heads": 4,
                 "mlp_expanded_width": 48, "attention_window_size": 6, "max_seq_len": 64},

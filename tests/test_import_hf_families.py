@@ -1,11 +1,11 @@
-"""`lmlab import` of Hugging Face Llama, Mistral, Qwen2 and SmolLM2-like checkpoints, all offline.
+"""`lmlab import` of Hugging Face Llama, Mistral, Qwen2, Qwen3 and SmolLM2-like checkpoints, all offline.
 
 Each is a tiny random model built with transformers' own classes (weights moved off their init)
 and saved with a real byte-level BPE tokenizer.json and a tokenizer_config.json as the hub
 ships them. The import must compute transformers' logits (fp32, 1e-4), take bos/eos/pad from
 the model's own files, and record the chat template only when an lmlab template renders it
-exactly; Qwen2's q/k/v biases survive `lmlab export`. Architectures lmlab's transformer does not
-compute exactly are refused in one line naming them.
+exactly (Qwen3's thinking template as lmlab's qwen3); Qwen2's q/k/v biases survive `lmlab export`.
+Architectures lmlab's transformer does not compute exactly are refused in one line naming them.
 """
 
 from __future__ import annotations
@@ -65,18 +65,28 @@ INST = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'u
         "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory):
+def _bpe(tmp_path_factory, specials):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=330, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok.save(str(path))
-    return path, {t: tok.token_to_id(t) for t in SPECIALS}, tok.get_vocab_size()
+    return path, {t: tok.token_to_id(t) for t in specials}, tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    return _bpe(tmp_path_factory, SPECIALS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json_think(tmp_path_factory):
+    """The tokenizer with Qwen3's thinking delimiters too (added tokens after the others: same ids for those)."""
+    return _bpe(tmp_path_factory, SPECIALS + ["<think>", "</think>"])
 
 
 def _perturb(model):
@@ -118,10 +128,16 @@ def _save(tmp_path_factory, name, model_cls, config, tokenizer_json, tokenizer_c
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory, tokenizer_json):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+def families(tmp_path_factory, tokenizer_json, tokenizer_json_think):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    from hub_templates import QWEN3
 
     path, ids, size = tokenizer_json
+    think_path, think_ids, think_size = tokenizer_json_think
+    assert all(think_ids[t] == ids[t] for t in SPECIALS)
+    ids = {**ids, **think_ids}
     s, eot, ime = ids["<s>"], ids["<|endoftext|>"], ids["<|im_end|>"]
     fams = {
         # bos + ChatML in tokenizer_config.json: exactly lmlab's chatml
@@ -157,10 +173,15 @@ def families(tmp_path_factory, tokenizer_json):
                                                            bos_token_id=ids["<|im_start|>"], eos_token_id=ime, **SHAPE),
                              {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
                              SMOLLM2, None),
+        # Qwen3 (QK-norm) with Qwen3's own thinking template; its tokenizer has <think> and </think>
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config(vocab_size=think_size, bos_token_id=eot, eos_token_id=ime, head_dim=16,
+                                                **SHAPE),
+                  {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": QWEN3},
+                  None, None),
     }
     out = {}
     for name, (cls, config, tc, jinja, legacy) in fams.items():
-        d = _save(tmp_path_factory, name, cls, config, path, tc, jinja, legacy)
+        d = _save(tmp_path_factory, name, cls, config, think_path if name == "qwen3" else path, tc, jinja, legacy)
         from transformers import AutoModelForCausalLM
         out[name] = (d, AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval())
     return out, ids
@@ -176,6 +197,7 @@ EXPECT = {
     "smollm2": (("<|endoftext|>", "<|endoftext|>", "<|endoftext|>"), "chatml", []),
     "qwen2.5": (("<|endoftext|>", "<|im_end|>", "<|endoftext|>"), "qwen2.5", []),
     "smollm2-instruct": (("<|im_start|>", "<|im_end|>", "<|im_end|>"), "smollm2", []),
+    "qwen3": (("<|endoftext|>", "<|im_end|>", "<|endoftext|>"), "qwen3", []),
 }
 
 
@@ -215,6 +237,14 @@ def test_import_matches_transformers(families, name, tmp_path, capsys):
                 {"role": "user", "content": "Again?"}]
         r = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
         assert chat.prompt_ids(template, msgs, tok) == list(r["input_ids"] if hasattr(r, "keys") else r)
+        if template in chat.THINKING_TEMPLATES:  # and thinks as the model's template does, or answers at once
+            assert tok.special_tokens["<think>"] == ids["<think>"] and tok.special_tokens["</think>"] == ids["</think>"]
+            r = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, enable_thinking=False)
+            assert chat.prompt_ids(template, msgs, tok, thinking=False) == list(r["input_ids"] if hasattr(r, "keys")
+                                                                               else r)
+            full = msgs + [{"role": "assistant", "reasoning_content": "The fox again.", "content": "Yes."}]
+            r = hf_tok.apply_chat_template(full, tokenize=True)
+            assert chat.render(template, full, tok)[0] == list(r["input_ids"] if hasattr(r, "keys") else r)
     assert model.cfg.tie_embeddings == name.startswith("smollm2")
     if name == "smollm2":
         assert model.cfg.rope_theta == 100000.0
@@ -287,7 +317,9 @@ def test_other_architectures_are_refused_naming_them(tmp_path, capsys, tokenizer
     from transformers import GPT2Config, MistralConfig, Qwen2Config, SmolLM3Config
 
     cases = {
-        "smollm3": (SmolLM3Config(architectures=["SmolLM3ForCausalLM"], **SHAPE), ["SmolLM3ForCausalLM", "NoPE"]),
+        # SmolLM3's NoPE layers import (tests/test_import_smollm3.py); its sliding-window layers do not
+        "smollm3": (SmolLM3Config(architectures=["SmolLM3ForCausalLM"], use_sliding_window=True, sliding_window=32,
+                                  **SHAPE), ["SmolLM3ForCausalLM", "use_sliding_window"]),
         "gpt2": (GPT2Config(architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=2, n_head=4),
                  ["GPT2LMHeadModel", "model_type gpt2"]),
         "qwen2_sliding": (Qwen2Config(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=32,
@@ -303,5 +335,5 @@ def test_other_architectures_are_refused_naming_them(tmp_path, capsys, tokenizer
         err = _refusal(d, tmp_path, capsys)
         for w in words + ["supported"]:
             assert w in err, (w, err)
-        if name in ("smollm3", "gpt2"):
-            assert "mistral, qwen2, qwen3" in err
+        if name == "gpt2":
+            assert "mistral, qwen2, qwen3, smollm3" in err

@@ -15,11 +15,13 @@ from lmlab.models.transformer import Transformer, resolve_model_config
 V = 97
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[[], [0]], ids=["rope", "nope"])
+def model(request):
+    """A one-layer model; `nope`: its layer has no rotary embedding (SmolLM3's NoPE), so eviction
+    must keep its keys as they are."""
     torch.manual_seed(0)
     m = Transformer(resolve_model_config({"preset": "micro", "vocab_size": V, "max_seq_len": 64, "n_kv_head": 2,
-                                          "n_layer": 1})).eval()
+                                          "n_layer": 1, "nope_layers": request.param})).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -16,17 +16,25 @@ message may also carry `"input"`, the Alpaca input field). Templates (see docs/c
     gemma     <bos><start_of_turn>user\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n
     qwen2, qwen2.5, smollm2    ChatML as those instruction-tuned models write it: no bos, and
               their default system message when the conversation has none (DEFAULT_SYSTEM)
+    qwen3     Qwen3's thinking ChatML: no bos, no default system message, the replies after the last
+              user message think first (the last always: an empty block when it has no thinking)
+    smollm3   SmolLM3's: no bos, its system header (metadata with today's date, /think or /no_think
+              mode, the system message's instructions), replies `<think>\\n{thinking}\\n</think>\\n{answer}`
 
-An assistant message may carry `"thinking"` (the text between the thinking delimiters) for
-the `think` template, whose replies are the thinking and then the answer, as Qwen3 and SmolLM3
-write theirs (the model learns to open `<think>` itself after the assistant header);
-`prompt_ids(..., thinking=False)` ends the prompt with an empty thinking block instead (Qwen3's
-`enable_thinking=False`), so the model answers at once. Other templates refuse a "thinking".
+An assistant message may carry `"thinking"` (the text between the thinking delimiters; Qwen3's
+name `reasoning_content` is read as it) for the thinking templates (THINKING_TEMPLATES: think,
+qwen3, smollm3), whose replies are the thinking and then the answer, as Qwen3 and SmolLM3 write
+theirs (the model learns to open `<think>` itself after the assistant header);
+`prompt_ids(..., thinking=False)` ends the prompt with an empty thinking block instead (their
+`enable_thinking=False`), so the model answers at once, and `render(..., thinking=False)` renders
+the reply that follows such a prompt (its ids are the prompt's, then the answer's). Other
+templates refuse a "thinking".
 
 `instruct` and `chat` put a system message first as plain text followed by a blank line;
 `alpaca` uses it instead of its preamble. Every conversation starts with bos, except in the
-imported ChatML variants (qwen2, qwen2.5, smollm2), which write none, as their Hugging Face
-templates do; `lmlab import` detects them (lmlab/models/importer.py).
+imported ChatML variants (qwen2, qwen2.5, smollm2, qwen3, smollm3), which write none, as their
+Hugging Face templates do; `lmlab import` detects them (lmlab/models/importer.py). smollm3's
+prompts carry today's date, as its own template writes it (`today`).
 
 `gemma` is Gemma's and RecurrentGemma's instruction-tuned format, as their Hugging Face
 chat template writes it: no system role (a system message and a blank line are prepended to
@@ -42,7 +50,11 @@ else. Segments break only after a newline, before a special token or before the 
 opens a `chat` reply, which is where lmlab's tokenizers split anyway, so the ids equal those
 of tokenizing the whole rendered text at once; `hf_chat_template` (lmlab/data/chat_jinja.py) gives transformers the
 same text as a Jinja template, so `apply_chat_template` on an exported model yields exactly
-`prompt_ids` (tested).
+`prompt_ids` (tested). One more break: in a no-thinking render (`thinking=False`), between the
+last reply's empty thinking block and its answer, so that those ids are exactly the no-thinking
+prompt's and then the answer's; a tokenizer that splits "\\n\\nText" otherwise than "\\n\\n" +
+"Text" (a GPT-2-style byte-level BPE whose vocabulary merges "\\n\\n") tokenizes the whole text
+differently there, and only there.
 
 Message text never yields a control token: every special token's string in a message (its
 role, content or input) is escaped with `escape_specials` (broken by TEXT_BREAK after its
@@ -69,13 +81,18 @@ DEFAULT_SYSTEM = {
     "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 }
-CHATML_STYLE = ("chatml", "think") + tuple(DEFAULT_SYSTEM)
+# The thinking ChatML of imported models (Qwen3, SmolLM3): no bos, replies that think first, as
+# their Hugging Face chat templates write them (see `_qwen3_pieces`, `_smollm3_pieces`).
+THINKING_IMPORTED = ("qwen3", "smollm3")
+# Templates that start a conversation without bos (as the imported models' templates do).
+NO_BOS = tuple(DEFAULT_SYSTEM) + THINKING_IMPORTED
+CHATML_STYLE = ("chatml", "think") + tuple(DEFAULT_SYSTEM) + THINKING_IMPORTED
 # Templates whose replies hold a thinking block between these delimiters.
-THINKING_TEMPLATES = ("think",)
+THINKING_TEMPLATES = ("think",) + THINKING_IMPORTED
 THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)
 # Templates whose tokens come with an imported tokenizer (Gemma's tokenizer.model, the ChatML
 # variants' tokenizer.json).
-IMPORTED_TEMPLATES = ("gemma",) + tuple(DEFAULT_SYSTEM)
+IMPORTED_TEMPLATES = ("gemma",) + tuple(DEFAULT_SYSTEM) + THINKING_IMPORTED
 ALL_TEMPLATES = TEMPLATES + IMPORTED_TEMPLATES
 DEFAULT_TEMPLATE = "chatml"
 ROLES = ("system", "user", "assistant")
@@ -93,6 +110,24 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                          "further context. Write a response that appropriately completes the request.\n\n")
 
+# SmolLM3's system header (its Hugging Face template without tools): the metadata lines, today's
+# date among them (`today`), then the system message's text, or one of these when it has none.
+SMOLLM3_CUTOFF = "June 2025"
+SMOLLM3_DATE_FORMAT = "%d %B %Y"  # the template's strftime_now("%d %B %Y")
+SMOLLM3_SYSTEM_THINK = (
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an assistant involves "
+    "thoroughly exploring questions through a systematic thinking process before providing the final precise and "
+    "accurate solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, "
+    "reassessment, reflection, backtracking, and iteration to develop well-considered thinking process. Please "
+    "structure your response into two main sections: Thought and Solution using the specified format: <think> "
+    "Thought section </think> Solution section. In the Thought section, detail your reasoning process in steps. "
+    "Each step should include detailed considerations such as analysing questions, summarizing relevant findings, "
+    "brainstorming new ideas, verifying the accuracy of the current steps, refining any errors, and revisiting "
+    "previous steps. In the Solution section, based on various attempts, explorations, and reflections from the "
+    "Thought section, systematically present the final solution that you deem correct. The Solution section should "
+    "be logical, accurate, and concise and detail necessary steps needed to reach the conclusion.")
+SMOLLM3_SYSTEM_NO_THINK = "You are a helpful AI assistant named SmolLM, trained by Hugging Face."
+
 # Truncation policies for render(max_len=...): see `render`.
 TRUNCATIONS = ("turns", "head", "error")
 
@@ -105,7 +140,7 @@ def _special_ids(tokenizer) -> dict[str, int]:
     if isinstance(st, dict):
         return dict(st)
     vocab = tokenizer.get_vocab()
-    return {t: vocab[t] for t in (BOS, EOS, IM_START, IM_END) + GEMMA_TOKENS if t in vocab}
+    return {t: vocab[t] for t in (BOS, EOS, IM_START, IM_END) + THINK_TOKENS + GEMMA_TOKENS if t in vocab}
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -135,14 +170,17 @@ def required_tokens(template: str) -> list[str]:
         return list(GEMMA_TOKENS)
     if template in DEFAULT_SYSTEM:
         return [IM_START, IM_END]
+    if template in THINKING_IMPORTED:
+        return [IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
     if template in THINKING_TEMPLATES:
         return [BOS, IM_START, IM_END, THINK_OPEN, THINK_CLOSE]
     return [BOS, IM_START, IM_END] if template == "chatml" else [BOS, EOS]
 
 
 def has_bos(template: str) -> bool:
-    """Whether the template starts every conversation with bos (all but the imported ChatML variants)."""
-    return template not in DEFAULT_SYSTEM
+    """Whether the template starts every conversation with bos (all but the imported ChatML variants,
+    qwen3 and smollm3 included)."""
+    return template not in NO_BOS
 
 
 def _check_name(template: str) -> None:
@@ -173,8 +211,10 @@ def check_thinking_template(template: Optional[str], tokenizer, where: str) -> N
     """UserError unless `template` is a thinking template whose delimiters the tokenizer holds."""
     if template not in THINKING_TEMPLATES:
         raise UserError(f"{where}: the model's chat template is {template or 'none'}, which has no thinking "
-                        f"delimiters ({' '.join(THINK_TOKENS)}); train a thinking model first (`lmlab tasks "
-                        f"thinking=true`, then `lmlab sft template=think`) or set template=think")
+                        f"delimiters ({' '.join(THINK_TOKENS)}); the thinking templates are "
+                        f"{', '.join(THINKING_TEMPLATES)}: train a thinking model first (`lmlab tasks "
+                        f"thinking=true`, then `lmlab sft template=think`), import a Qwen3 or SmolLM3 model, "
+                        f"or set template=think")
     check_template(template, tokenizer)
 
 
@@ -229,11 +269,21 @@ def _escaped(messages: list[dict], tokens: tuple[str, ...]) -> list[dict]:
 def _pieces(template: str, messages: list[dict], generation_prompt: bool,
             tokens: tuple[str, ...], thinking: bool = True) -> list[tuple[str, bool, bool, int]]:
     """(text, is_special, train, turn) pieces of the conversation, bos first (see `has_bos`); the
-    messages' text escaped against `tokens` (so only the template writes special tokens)."""
+    messages' text escaped against `tokens` (so only the template writes special tokens).
+
+    An empty text piece ("") is no text: it ends the text segment before it (`_tokenize` encodes the
+    two sides apart), where a no-thinking prompt ends in the last reply (see `_empty_thinking`)."""
     _check_name(template)
+    # reasoning_content: Qwen3's name for the thinking (as validate_conversation and transformers read it)
+    messages = [{**m, "thinking": m["reasoning_content"]} if "thinking" not in m
+                and m.get("reasoning_content") is not None else m for m in messages]
     if template not in THINKING_TEMPLATES and any(m.get("thinking") is not None for m in messages):
         raise UserError(f"a message carries 'thinking', which the {template} template has no delimiters for; use "
-                        f"template=think (or drop the field)")
+                        f"a thinking template (template=think, {' or '.join(THINKING_IMPORTED)}) or drop the field")
+    if template == "qwen3":
+        return _qwen3_pieces(messages, generation_prompt, tokens, thinking)
+    if template == "smollm3":
+        return _smollm3_pieces(messages, generation_prompt, tokens, thinking)
     messages = _escaped(messages, tokens)
     if template == "gemma":
         return _gemma_pieces(messages, generation_prompt)
@@ -248,7 +298,7 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
     def special(s, train=False):
         p.append((s, True, train, turn))
 
-    for m in messages:
+    for i, m in enumerate(messages):
         role = m["role"]
         if role == "user" and any(x[3] == turn and x[2] for x in p):
             turn += 1  # a new exchange begins after an assistant reply
@@ -261,6 +311,8 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
                     text("\n" + m["thinking"] + "\n", True)
                     special(THINK_CLOSE, True)
                     text("\n\n", True)
+                elif template == "think" and not thinking and i == len(messages) - 1 and not generation_prompt:
+                    p.extend(_empty_thinking("\n\n", True, turn, True))  # the no-thinking prompt's block, trained
                 text(m["content"], True)
                 special(IM_END, True)
             else:
@@ -291,11 +343,180 @@ def _pieces(template: str, messages: list[dict], generation_prompt: bool,
             text(ALPACA_PREAMBLE)
         text(_assistant_header(template))
         if template in THINKING_TEMPLATES and not thinking:  # an empty thinking block: answer at once
-            special(THINK_OPEN)
-            text("\n\n")
-            special(THINK_CLOSE)
-            text("\n\n")
+            p.extend(_empty_thinking("\n\n", False, turn))
     return p
+
+
+def _empty_thinking(after: str, train: bool, turn: int, last: bool = False) -> list[tuple[str, bool, bool, int]]:
+    """`<think>\\n\\n</think>` and `after`: the block a no-thinking generation prompt ends with, which
+    a reply rendered in that mode starts with. In the conversation's last reply (`last`) a segment
+    break follows, so that `render`'s ids are exactly the no-thinking prompt's and then the
+    answer's, whatever the tokenizer does with the newlines and the text after them (a GPT-2-style
+    pre-tokenizer, byte-level BPE's, splits "\\n\\nIt" into "\\n", "\\n", "It" but keeps a final
+    "\\n\\n" whole, which the vocabulary may hold as one token). Elsewhere (history in a prompt)
+    the text runs on, as transformers tokenizes the whole rendered text."""
+    return [(THINK_OPEN, True, train, turn), ("\n\n", False, train, turn), (THINK_CLOSE, True, train, turn),
+            (after, False, train, turn)] + ([("", False, train, turn)] if last else [])
+
+
+class _Pieces(list):
+    """The pieces of one conversation as `_pieces` returns them, with the turn count it keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.turn = 0
+
+    def text(self, s: str, train: bool = False) -> None:
+        self.append((s, False, train, self.turn))
+
+    def special(self, s: str, train: bool = False) -> None:
+        self.append((s, True, train, self.turn))
+
+    def user_turn(self) -> None:
+        if any(x[3] == self.turn and x[2] for x in self):
+            self.turn += 1  # a new exchange begins after an assistant reply
+
+    def message(self, role: str, text: str) -> None:
+        self.special(IM_START)
+        self.text(f"{role}\n{text}")
+        self.special(IM_END)
+        self.text("\n")
+
+
+def _qwen3_pieces(messages: list[dict], generation_prompt: bool, tokens: tuple[str, ...],
+                  thinking: bool) -> list[tuple[str, bool, bool, int]]:
+    """Qwen3's template (its Hugging Face chat template without tools): ChatML, no bos, no default
+    system message. The replies after the last user message think first,
+    `<think>\\n{thinking}\\n</think>\\n\\n{answer}`: the last reply always (an empty block when it
+    has no thinking), an earlier one of them only when it has thinking; the replies before the
+    last user message are their answer alone (their thinking is dropped, as Qwen3's template
+    drops it). The thinking's surrounding newlines and the answer's leading ones are stripped.
+
+    `thinking` changes only the generation prompt, which ends with an empty thinking block when it
+    is False (`enable_thinking=False`): Qwen3 renders history the same either way, save that a
+    reply without thinking is then set apart from its empty block (see `_empty_thinking`)."""
+    last_query = len(messages) - 1  # as the template: a user message that is not a tool response
+    for i in range(len(messages) - 1, -1, -1):
+        c = messages[i]["content"]
+        if messages[i]["role"] == "user" and not (c.startswith("<tool_response>") and c.endswith("</tool_response>")):
+            last_query = i
+            break
+    messages = _escaped(messages, tokens)
+    p = _Pieces()
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "user":
+            p.user_turn()
+            p.message("user", _user_text(m, "qwen3"))
+        elif role == "system":
+            p.message("system", m["content"])
+        else:
+            p.special(IM_START)
+            p.text("assistant\n")
+            reasoning = m.get("thinking") or ""
+            if i > last_query and (i == len(messages) - 1 or reasoning):
+                reasoning = reasoning.strip("\n")
+                if not reasoning and not thinking:
+                    p.extend(_empty_thinking("\n\n", True, p.turn, i == len(messages) - 1))
+                else:
+                    p.special(THINK_OPEN, True)
+                    p.text("\n" + reasoning + "\n", True)
+                    p.special(THINK_CLOSE, True)
+                    p.text("\n\n", True)
+                p.text(m["content"].lstrip("\n"), True)
+            else:
+                p.text(m["content"], True)
+            p.special(IM_END, True)
+            p.text("\n")
+    if generation_prompt:
+        p.special(IM_START)
+        p.text("assistant\n")
+        if not thinking:
+            p.extend(_empty_thinking("\n\n", False, p.turn))
+    return list(p)
+
+
+def today() -> str:
+    """Today's date as SmolLM3's template writes it (`strftime_now("%d %B %Y")`: the local date, the
+    month named in the process's locale), e.g. "05 March 2026"."""
+    import datetime
+    return datetime.datetime.now().strftime(SMOLLM3_DATE_FORMAT)
+
+
+def smollm3_thinks(messages: list[dict], thinking: bool = True) -> bool:
+    """Whether SmolLM3's template is in /think mode: `thinking`, unless the system message says
+    "/no_think" (or else "/think")."""
+    if messages and messages[0]["role"] == "system":
+        if "/no_think" in messages[0]["content"]:
+            return False
+        if "/think" in messages[0]["content"]:
+            return True
+    return thinking
+
+
+def _smollm3_pieces(messages: list[dict], generation_prompt: bool, tokens: tuple[str, ...],
+                    thinking: bool) -> list[tuple[str, bool, bool, int]]:
+    """SmolLM3's template (its Hugging Face chat template without tools), no bos: a system header
+    always, `<|im_start|>system\\n## Metadata\\n\\nKnowledge Cutoff Date: June 2025\\nToday Date:
+    {today}\\nReasoning Mode: /think\\n\\n## Custom Instructions\\n\\n{instructions}\\n\\n` with no
+    `<|im_end|>` (the template writes that only with tools), then the user and assistant turns
+    (the system message is not a turn). The instructions are the system message without its
+    "/think" / "/no_think" (and trailing whitespace), or the model's default one for the mode; a
+    system message with "/system_override" is the header alone, `<|im_start|>system\\n{it}<|im_end|>\\n`.
+
+    The mode (`smollm3_thinks`) is /think unless `thinking=False`, a system message's "/no_think"
+    or "/think" deciding over it. /think: a reply is its answer, or, with thinking,
+    `<think>\\n{thinking}\\n</think>\\n{answer}` (one newline after the block: what the model writes,
+    the content the template is given); /no_think: every reply, and the generation prompt, starts
+    with the empty block `<think>\\n\\n</think>\\n`, so a reply may carry no thinking."""
+    think = smollm3_thinks(messages, thinking)
+    if not think and any(m.get("thinking") is not None for m in messages):
+        raise UserError("smollm3: an assistant message carries 'thinking', but the conversation is in /no_think "
+                        "mode (thinking=False, or /no_think in the system message), where every reply starts with "
+                        "an empty thinking block; drop the thinking or the /no_think")
+    p = _Pieces()
+    p.special(IM_START)
+    rest = messages
+    instructions = ""
+    if messages and messages[0]["role"] == "system":
+        rest = messages[1:]
+        system = messages[0]["content"]
+        instructions = system.replace("/no_think", "").replace("/think", "").rstrip()
+        if "/system_override" in system:
+            p.text("system\n" + escape_specials(instructions.replace("/system_override", "").rstrip(), tokens))
+            p.special(IM_END)
+            p.text("\n")
+            instructions = None
+    if instructions is not None:
+        instructions = (escape_specials(instructions, tokens) if instructions else
+                        SMOLLM3_SYSTEM_THINK if think else SMOLLM3_SYSTEM_NO_THINK)
+        p.text(f"system\n## Metadata\n\nKnowledge Cutoff Date: {SMOLLM3_CUTOFF}\nToday Date: {today()}\n"
+               f"Reasoning Mode: {'/think' if think else '/no_think'}\n\n## Custom Instructions\n\n{instructions}\n\n")
+    for i, m in enumerate(_escaped(rest, tokens)):
+        if m["role"] == "user":
+            p.user_turn()
+            p.message("user", _user_text(m, "smollm3"))
+        elif m["role"] == "assistant":
+            p.special(IM_START)
+            p.text("assistant\n")
+            if not think:
+                p.extend(_empty_thinking("\n", True, p.turn, i == len(rest) - 1))
+                p.text(m["content"].lstrip("\n"), True)
+            elif m.get("thinking") is not None:
+                p.special(THINK_OPEN, True)
+                p.text("\n" + m["thinking"] + "\n", True)
+                p.special(THINK_CLOSE, True)
+                p.text("\n" + m["content"], True)
+            else:
+                p.text(m["content"].lstrip("\n"), True)
+            p.special(IM_END, True)
+            p.text("\n")
+    if generation_prompt:
+        p.special(IM_START)
+        p.text("assistant\n")
+        if not think:
+            p.extend(_empty_thinking("\n", False, p.turn))
+    return list(p)
 
 
 def _gemma_pieces(messages: list[dict], generation_prompt: bool) -> list[tuple[str, bool, bool, int]]:
@@ -363,6 +584,8 @@ def _tokenize(pieces, tokenizer) -> tuple[list[int], list[bool], list[int]]:
             ids.append(specials[s])
             mask.append(train)
             turns.append(turn)
+        elif not s:  # a segment break (see `_pieces`)
+            flush()
         else:
             if buf and (train, turn) != (buf_train, buf_turn):
                 flush()
@@ -381,8 +604,20 @@ def render_text(template: str, messages: list[dict], add_generation_prompt: bool
 
 
 def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int] = None,
-           truncation: str = "turns", stats: Optional[dict] = None) -> tuple[list[int], list[bool]]:
-    """(ids, train_mask) for a whole conversation; mask True on assistant replies + their end token.
+           truncation: str = "turns", stats: Optional[dict] = None,
+           thinking: bool = True) -> tuple[list[int], list[bool]]:
+    """(ids, train_mask) for a whole conversation; mask True on assistant replies + their end token
+    (and a thinking template's thinking block, written as part of the reply).
+
+    `thinking=False` renders a thinking template in its no-thinking mode, the last reply as it
+    follows `prompt_ids(..., thinking=False)`: `think` and `qwen3` give the last reply, when it has
+    no thinking, the empty block `<think>\\n\\n</think>\\n\\n` before its answer (qwen3 writes that
+    block in either mode; earlier replies are rendered as in a prompt's history, which
+    `thinking` does not change), smollm3 writes its /no_think header and starts every reply with
+    `<think>\\n\\n</think>\\n` (a reply with thinking is then an error). So
+    `render(t, [user, reply], tok, thinking=False)` starts with exactly
+    `prompt_ids(t, [user], tok, thinking=False)`, and the answer's tokens follow (see
+    `_empty_thinking`). For the other templates `thinking` changes nothing (as in prompt_ids).
 
     When `max_len` is given and the conversation is longer:
       truncation="turns" (default) keeps the head: whole later exchanges (user turn + reply)
@@ -394,7 +629,8 @@ def render(template: str, messages: list[dict], tokenizer, max_len: Optional[int
     """
     if truncation not in TRUNCATIONS:
         raise UserError(f"unknown truncation '{truncation}'; valid: {', '.join(TRUNCATIONS)}")
-    ids, mask, turns = _tokenize(_pieces(template, messages, False, control_tokens(tokenizer, template)), tokenizer)
+    ids, mask, turns = _tokenize(_pieces(template, messages, False, control_tokens(tokenizer, template), thinking),
+                                 tokenizer)
     if max_len is not None and len(ids) > max_len:
         if truncation == "error":
             raise UserError(f"a conversation has {len(ids)} tokens, more than max_len={max_len}; raise the "
@@ -426,7 +662,9 @@ def prompt_ids(template: str, messages: list[dict], tokenizer, max_len: Optional
     message alone is still too long, bos (where the template writes one) is kept and the
     tokens right after it are cut.
     `stats`, when given, counts `dropped_messages` and `cut_tokens`. `thinking=False` (a
-    thinking template only) closes an empty thinking block after the header: the reply is the answer.
+    thinking template only; the others ignore it) closes an empty thinking block after the header:
+    the reply is the answer (Qwen3's and SmolLM3's `enable_thinking=False`; smollm3 also writes its
+    /no_think header, unless the system message says "/think").
     """
     msgs = list(messages)
     tokens = control_tokens(tokenizer, template)

@@ -109,6 +109,11 @@ def arch_of(cfg) -> str:
     if getattr(cfg, "attn_sink", False):
         raise UserError("this model has learned attention sinks (model.attn_sink), which llama.cpp's llama, qwen2 "
                         "and qwen3 architectures lack; it cannot be written as GGUF (lmlab serve runs it as it is)")
+    if getattr(cfg, "nope_layers", None):
+        # llama.cpp's smollm3 graph fixes its NoPE layers itself; ours are not written, so refuse
+        raise UserError(f"this model has layers without the rotary embedding (model.nope_layers={cfg.nope_layers}, "
+                        f"as SmolLM3); lmlab does not write them as GGUF. Export it to Hugging Face (`lmlab export "
+                        f"RUN_DIR out=DIR`) and convert that with llama.cpp's convert_hf_to_gguf.py")
     if cfg.qk_norm:
         return "qwen3"
     return "qwen2" if getattr(cfg, "attn_bias", False) else "llama"

@@ -9,10 +9,11 @@ run with `chat.json` (made by sft/dpo) also gets its Jinja `chat_template` in
 tokenizer_config.json and its end-of-turn id in generation_config.json. Without
 QK-norm the model is exactly `LlamaForCausalLM`; with QK-norm it is exactly
 `Qwen3ForCausalLM` (Qwen3 RMS-normalises each query/key head before RoPE, as we do); with
-q/k/v biases and no QK-norm, `Qwen2ForCausalLM`.
+q/k/v biases and no QK-norm, `Qwen2ForCausalLM`; with layers without RoPE (`nope_layers`),
+`SmolLM3ForCausalLM`.
 
     from lmlab.models.hf import import_hf, to_hf_state_dict
-    model, cfg = import_hf("path/to/hf_dir")   # Llama/SmolLM, Mistral, Qwen2, Qwen3 layouts, safetensors
+    model, cfg = import_hf("path/to/hf_dir")   # Llama/SmolLM, Mistral, Qwen2, Qwen3, SmolLM3 layouts, safetensors
 
 The name mapping both ways is in `to_hf_state_dict` / `from_hf_state_dict`: our fused
 q/k/v and gate/up matrices are split into HF's separate projections and stacked back. RoPE
@@ -36,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ----------------------------------------------------------------------------- name mapping
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameters under HF Llama/Qwen2/Qwen3 names, fused projections (and q/k/v biases) split."""
+    """Our parameters under HF Llama/Qwen2/Qwen3/SmolLM3 names, fused projections (and q/k/v biases) split."""
     cfg, hd = model.cfg, model.head_dim
     sd = model.state_dict()
     sizes = [cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd]
@@ -59,7 +60,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             qb, kb, vb = sd[p + "attn.qkv.bias"].split(sizes)
             out.update({h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb,
                         h + "self_attn.v_proj.bias": vb})
-            if cfg.qk_norm:  # Qwen3's attention_bias puts a bias on o_proj too: ours is none, i.e. zero
+            if cfg.qk_norm or cfg.nope_layers:  # Qwen3's and SmolLM3's attention_bias biases o_proj too: ours is zero
                 out[h + "self_attn.o_proj.bias"] = torch.zeros(cfg.d_model, dtype=qb.dtype, device=qb.device)
         if cfg.qk_norm:
             out[h + "self_attn.q_norm.weight"] = sd[p + "attn.q_norm.weight"]
@@ -68,7 +69,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF Llama/Mistral/Qwen2/Qwen3 names -> ours (q/k/v, their biases and gate/up stacked).
+    """HF Llama/Mistral/Qwen2/Qwen3/SmolLM3 names -> ours (q/k/v, their biases and gate/up stacked).
 
     Raises KeyError naming a missing tensor, UserError for an o_proj bias that is not zero
     (Llama's and Qwen3's `attention_bias` has one; lmlab's transformer has none)."""
@@ -100,13 +101,19 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None, pad_id=None) -> dict:
     """config.json for LlamaForCausalLM; Qwen3ForCausalLM when the model uses QK-norm (with
-    `attention_bias` when it also has q/k/v biases: its o_proj bias is written as zeros), and
-    Qwen2ForCausalLM for q/k/v biases without QK-norm."""
+    `attention_bias` when it also has q/k/v biases: its o_proj bias is written as zeros),
+    Qwen2ForCausalLM for q/k/v biases without QK-norm, and SmolLM3ForCausalLM for a model with
+    NoPE layers (`no_rope_layers`: 0 where a layer has no rotary embedding)."""
     if getattr(cfg, "attn_sink", False):
-        raise UserError("this model has learned attention sinks (model.attn_sink), which Llama, Qwen2 and Qwen3 "
-                        "lack; it has no Hugging Face export (lmlab serve, eval and chat run it as it is)")
+        raise UserError("this model has learned attention sinks (model.attn_sink), which Llama, Qwen2, Qwen3 and "
+                        "SmolLM3 lack; it has no Hugging Face export (lmlab serve, eval and chat run it as it is)")
+    nope = list(getattr(cfg, "nope_layers", []) or [])
+    if nope and cfg.qk_norm:
+        raise UserError(f"this model has both NoPE layers (model.nope_layers={nope}) and QK-norm: no Hugging Face "
+                        f"architecture has both (SmolLM3 has NoPE layers, Qwen3 QK-norm); it has no Hugging Face "
+                        f"export (lmlab serve, eval and chat run it as it is)")
     hd = cfg.d_model // cfg.n_head
-    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
+    arch, model_type = (("SmolLM3ForCausalLM", "smollm3") if nope else ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
                         ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama"))
     d = {
         "architectures": [arch],
@@ -137,6 +144,10 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None
         d["attention_bias"] = bool(cfg.attn_bias)
     if model_type == "llama":
         d.update(mlp_bias=False, pretraining_tp=1)
+    elif model_type == "smollm3":
+        d.update(mlp_bias=False, use_sliding_window=False, sliding_window=None,
+                 no_rope_layers=[0 if i in nope else 1 for i in range(cfg.n_layer)],
+                 layer_types=["full_attention"] * cfg.n_layer)
     else:
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
                  layer_types=["full_attention"] * cfg.n_layer)
@@ -144,8 +155,10 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id=None, eos_id=None
 
 
 def model_config_from_hf(c: dict, source: str = "config.json", notes: list | None = None) -> ModelConfig:
-    """Our ModelConfig for an HF Llama (SmolLM, SmolLM2), Mistral, Qwen2 or Qwen3 config,
+    """Our ModelConfig for an HF Llama (SmolLM, SmolLM2), Mistral, Qwen2, Qwen3 or SmolLM3 config,
     refusing (UserError, one line naming the architecture) what we do not implement exactly.
+    SmolLM3's layers without the rotary embedding (`no_rope_layers` 0, by default every
+    `no_rope_layer_interval`th) become `nope_layers`.
 
     A Mistral `sliding_window` shorter than max_position_embeddings becomes max_seq_len (a window
     that covers the whole sequence is full attention, so the model is exact up to that length);
@@ -153,13 +166,9 @@ def model_config_from_hf(c: dict, source: str = "config.json", notes: list | Non
     mt = c.get("model_type")
     arch = (c.get("architectures") or [None])[0]
     named = f"{arch} (model_type {mt})" if arch else f"model_type {mt!r}"
-    supported = ("supported: llama (Llama, SmolLM, SmolLM2), mistral, qwen2, qwen3, and recurrent_gemma "
+    supported = ("supported: llama (Llama, SmolLM, SmolLM2), mistral, qwen2, qwen3, smollm3, and recurrent_gemma "
                  "(as the griffin family)")
-    if mt == "smollm3":
-        raise UserError(f"{source}: {named} is not supported: SmolLM3 leaves out the rotary embedding on every "
-                        f"{c.get('no_rope_layer_interval', 4)}th layer (NoPE), which lmlab's transformer does not "
-                        f"have; {supported}")
-    if mt not in ("llama", "mistral", "qwen2", "qwen3"):
+    if mt not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
         raise UserError(f"{source}: {named} is not supported by lmlab's transformer; {supported}")
     problems = []
     attn_bias = mt == "qwen2" or (mt != "mistral" and bool(c.get("attention_bias")))  # Qwen2's are built in
@@ -178,6 +187,15 @@ def model_config_from_hf(c: dict, source: str = "config.json", notes: list | Non
     if other and not c.get("use_sliding_window"):
         problems.append(f"layer_types {', '.join(other)}")
     hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    nope: list[int] = []
+    if mt == "smollm3":
+        flags = c.get("no_rope_layers")
+        if flags is None:  # transformers' default: a NoPE layer every interval-th layer
+            every = int(c.get("no_rope_layer_interval", 4))
+            flags = [int((i + 1) % every != 0) for i in range(c["num_hidden_layers"])]
+        if len(flags) < c["num_hidden_layers"]:
+            problems.append(f"no_rope_layers has {len(flags)} entries for {c['num_hidden_layers']} layers")
+        nope = [i for i, f in enumerate(flags[:c["num_hidden_layers"]]) if not f]
     if c.get("head_dim") not in (None, hidden // heads):
         problems.append(f"head_dim={c['head_dim']} != hidden_size/num_attention_heads={hidden // heads}")
     if problems:
@@ -199,11 +217,12 @@ def model_config_from_hf(c: dict, source: str = "config.json", notes: list | Non
         "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         "norm_eps": c.get("rms_norm_eps", 1e-6), "qk_norm": mt == "qwen3", "attn_bias": attn_bias,
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "init_std": c.get("initializer_range", 0.02),
+        "nope_layers": nope,
     })
 
 
 def import_hf(hf_dir: str | Path, device: str = "cpu", notes: list | None = None):
-    """A Llama-, Mistral-, Qwen2-, Qwen3- or RecurrentGemma-layout HF directory -> (our model in
+    """A Llama-, Mistral-, Qwen2-, Qwen3-, SmolLM3- or RecurrentGemma-layout HF directory -> (our model in
     float32, its config). Notes on how it was mapped (model_config_from_hf) go to `notes`, or are
     printed when no list is given."""
     d = Path(hf_dir)

@@ -5,13 +5,13 @@
     lmlab import recurrentgemma-2b.pt tokenizer=path/to/tokenizer.model out=runs/rg2b
 
 Sources: a Hugging Face directory (config.json + safetensors) of a Llama (SmolLM and SmolLM2
-are Llama), Mistral, Qwen2, Qwen3 or RecurrentGemma model, or Google DeepMind's recurrentgemma
+are Llama), Mistral, Qwen2, Qwen3, SmolLM3 or RecurrentGemma model, or Google DeepMind's recurrentgemma
 torch checkpoint (a `.pt` / `.safetensors` state_dict with `embedder.input_embedding`,
 `blocks.N...` keys; its shape is read from the tensors, the window and soft cap are the
-published 2b/9b ones unless set). Any other architecture (SmolLM3's NoPE layers, GPT-2, Phi,
-Gemma, Mixtral, ...) is refused before anything loads, naming it; so is a feature lmlab's
-transformer does not compute exactly (lmlab.models.hf.model_config_from_hf). A Mistral
-`sliding_window` shorter than its context becomes max_seq_len (noted).
+published 2b/9b ones unless set). Any other architecture (GPT-2, Phi, Gemma, Mixtral, ...) is
+refused before anything loads, naming it; so is a feature lmlab's transformer does not compute
+exactly (lmlab.models.hf.model_config_from_hf). A Mistral `sliding_window` shorter than its
+context becomes max_seq_len (noted). SmolLM3's layers without RoPE become `nope_layers`.
 
 The tokenizer: a Llama/Mistral/Qwen directory's `tokenizer.json` is taken unchanged, with
 bos/eos/pad the model's own (tokenizer_config.json's tokens, else config.json's ids; a model
@@ -30,7 +30,9 @@ Without it, the HF directory's own chat template (tokenizer_config.json's `chat_
 chat_template.jinja) is compared with each lmlab template on a few sample conversations,
 token id for token id (transformers' `apply_chat_template` against lmlab's rendering): the
 first that matches exactly is recorded; when none does, nothing is guessed: the model is
-imported without one, with a note naming what was found and the closest difference.
+imported without one, with a note naming what was found and the closest difference. The
+thinking templates (think, qwen3 for Qwen3's template, smollm3 for SmolLM3's) are tried first
+and must also render replies that think and `enable_thinking=False` prompts exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ KIND = "model"
 
 class Config(Strict):
     src: str = Field("", description="a Hugging Face model directory (llama incl. SmolLM/SmolLM2, mistral, qwen2, "
-                     "qwen3, recurrent_gemma) or a DeepMind recurrentgemma torch checkpoint (.pt / .safetensors)")
+                     "qwen3, smollm3, recurrent_gemma) or a DeepMind recurrentgemma torch checkpoint "
+                     "(.pt / .safetensors)")
     out: str = Field("", description="the lmlab model directory to write")
     tokenizer: Optional[str] = Field(None, description="tokenizer.model / tokenizer.json / an lmlab tokenizer dir; "
                                      "default: the one in the source directory")
@@ -63,7 +66,8 @@ class Config(Strict):
                                        "with (default 8192)")
 
 
-TRANSFORMER_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # HF model_types that map onto lmlab's transformer
+# HF model_types that map onto lmlab's transformer
+TRANSFORMER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 def _read_json(path: Path) -> dict:
@@ -191,6 +195,22 @@ _CASES = [(_SAMPLE, False, "a conversation with a system message"),
           (_SAMPLE[1:], False, "a conversation without a system message"),
           (_SAMPLE[:4], True, "a generation prompt after a system message"),
           (_SAMPLE[1:4], True, "a generation prompt")]
+# A thinking template (chat.THINKING_TEMPLATES) must also render these as transformers does:
+# (messages, add_generation_prompt, thinking, what); thinking=False is `enable_thinking=False`.
+_THINKING_REPLY = {"role": "assistant", "thinking": "Italy's capital is Rome.", "content": "It is Rome."}
+_THINKING_CASES = [(_SAMPLE[:4] + [_THINKING_REPLY], False, True, "a conversation whose last reply thinks"),
+                   (_SAMPLE[1:4] + [_THINKING_REPLY], False, True,
+                    "a conversation without a system message whose last reply thinks"),
+                   (_SAMPLE[:4], True, False, "a generation prompt with enable_thinking=False after a system message"),
+                   (_SAMPLE[1:4], True, False, "a generation prompt with enable_thinking=False")]
+# How a thinking reply is given to transformers: Qwen3's templates read `reasoning_content`, lmlab's
+# exported ones `thinking`, and SmolLM3's, which reads neither, take the block in the content as
+# the model writes it (`<think>\n...\n</think>\n` and the answer).
+_HF_THINKING = {
+    "reasoning_content": lambda m: {"role": m["role"], "content": m["content"], "reasoning_content": m["thinking"]},
+    "thinking": lambda m: {"role": m["role"], "content": m["content"], "thinking": m["thinking"]},
+    "inline": lambda m: {"role": m["role"], "content": f"<think>\n{m['thinking']}\n</think>\n{m['content']}"},
+}
 # What a chat template's text shows of its family, for the note when lmlab has no equivalent.
 _MARKERS = [("<|start_header_id|>", "Llama-3 headers"), ("[INST]", "[INST] turns, as Llama-2 and Mistral"),
             ("<start_of_turn>", "Gemma turns"), ("<|im_start|>", "ChatML turns"),
@@ -216,7 +236,11 @@ def detect_chat_template(folder: Path, tokenizer) -> tuple[Optional[str], Option
     chat template lmlab has no exact equivalent of). Exact: on every sample conversation
     (_CASES) that transformers' `apply_chat_template` renders, its token ids equal lmlab's
     (`chat.render` / `chat.prompt_ids` with `tokenizer`), and it renders those without a system
-    message (a template may refuse a system role, as Gemma's does)."""
+    message (a template may refuse a system role, as Gemma's does). A thinking template (think,
+    qwen3, smollm3) must match on _THINKING_CASES too (replies that think, given to transformers in
+    one of the _HF_THINKING ways, and prompts with `enable_thinking=False`); those are tried first,
+    so a template that thinks is recorded as the thinking template it is (a non-thinking template
+    cannot render `enable_thinking=False` as they do)."""
     from lmlab.data import chat
 
     source, where = hf_chat_template_source(folder)
@@ -239,9 +263,10 @@ def detect_chat_template(folder: Path, tokenizer) -> tuple[Optional[str], Option
                       f"with lmlab's ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); imported "
                       f"without a chat template: {advice}")
 
-    def theirs(msgs, gen):
+    def theirs(msgs, gen, thinking=True):
         try:
-            r = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+            r = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
+                                       **({} if thinking else {"enable_thinking": False}))
         except Exception:  # the template refuses this conversation (raise_exception), e.g. a system role
             return None
         return [int(i) for i in (r["input_ids"] if hasattr(r, "keys") else r)]
@@ -250,10 +275,19 @@ def detect_chat_template(folder: Path, tokenizer) -> tuple[Optional[str], Option
     if any(w is None for (m, _, _), w in zip(_CASES, want) if m[0]["role"] != "system"):
         return None, (f"{where} has a chat template ({desc}) that transformers cannot render on a plain "
                       f"user/assistant conversation; imported without a chat template: {advice}")
+    want_thinking = None  # per way of giving transformers the thinking: its ids on each _THINKING_CASES (or [])
     best = None  # (rank, name, detail) of the closest template, for the note
-    for name in usable:
+    for name in sorted(usable, key=lambda n: n not in chat.THINKING_TEMPLATES):  # thinking templates first
         got = [chat.prompt_ids(name, m, tokenizer) if g else chat.render(name, m, tokenizer)[0] for m, g, _ in _CASES]
         pairs = [(o, t, what) for o, t, (_, _, what) in zip(got, want, _CASES) if t is not None]
+        if name in chat.THINKING_TEMPLATES:
+            if want_thinking is None:
+                want_thinking = [[theirs([enc(x) if "thinking" in x else x for x in m], g, th) or []
+                                  for m, g, th, _ in _THINKING_CASES] for enc in _HF_THINKING.values()]
+            mine = [chat.prompt_ids(name, m, tokenizer, thinking=th) if g else chat.render(name, m, tokenizer)[0]
+                    for m, g, th, _ in _THINKING_CASES]
+            ways = [[(o, t, what) for o, t, (_, _, _, what) in zip(mine, w, _THINKING_CASES)] for w in want_thinking]
+            pairs = pairs + max(ways, key=lambda ps: sum(o == t for o, t, _ in ps))
         if all(o == t for o, t, _ in pairs):
             return name, None
         if all(o[:1] == [tokenizer.bos_id] and o[1:] == t for o, t, _ in pairs):

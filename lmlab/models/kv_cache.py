@@ -13,7 +13,8 @@ was computed from (the context it had, evicted tokens included), as in Streaming
 one-layer model that context does not enter the keys, so there each step equals the model run
 from scratch on [sinks, most recent window] (tested). Eviction runs in float32. Caches in
 bf16/fp16 evict `max_len // 16` positions at a time, so a key is rounded after at most 16
-rotations.
+rotations. Keys of layers without the rotary embedding (NoPE, `nope_layers`) carry no position
+and are kept as they are.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device, dtype, left_pad: Optional[Sequence[int]] = None, sinks: Optional[int] = None):
+                 device, dtype, left_pad: Optional[Sequence[int]] = None, sinks: Optional[int] = None,
+                 nope_layers: Sequence[int] = ()):
         shape = (n_layer, batch, n_kv_head, 0, head_dim)  # capacity grows with the first forward
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -54,6 +56,7 @@ class KVCache:
             raise ValueError(f"sinks={sinks} must be in [0, max_len={max_len})")
         self.sinks = sinks  # None: a plain cache that refuses to overflow
         self.evicted = 0    # positions evicted so far (sink mode)
+        self.nope_layers = list(nope_layers)  # layers whose keys are not rotated (never re-rotated)
 
     @property
     def batch(self) -> int:
@@ -151,6 +154,8 @@ class KVCache:
             win = self.k[:, i, :, start:self.pos].float()
             cos, sin = cos_t[drop].float(), -sin_t[drop].float()  # rotation by -drop positions
             k[:, i, :, s:self.pos - e] = (win * cos + rotate_half(win) * sin).to(k.dtype)
+            if self.nope_layers:
+                k[self.nope_layers, i, :, s:self.pos - e] = self.k[self.nope_layers, i, :, start:self.pos]
             v[:, i, :, s:self.pos - e] = self.v[:, i, :, start:self.pos]
         self.k, self.v = k, v
         left = torch.tensor([max(0, lp - e) for lp in pads], dtype=torch.long, device=self.k.device)

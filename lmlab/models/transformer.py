@@ -3,8 +3,9 @@
 Pre-RMSNorm blocks with rotary position embeddings (the Hugging Face Llama `rotate_half`
 convention, so export needs no weight permutation), grouped-query attention through
 `torch.nn.functional.scaled_dot_product_attention`, a SwiGLU MLP, optional per-head QK-norm
-(as Qwen3 does), tied or untied embeddings, no biases (q/k/v biases as an option, as Qwen2), and
-optionally a learned attention sink per head (`attn_sink`, see `sink_attention`).
+(as Qwen3 does), tied or untied embeddings, no biases (q/k/v biases as an option, as Qwen2),
+optionally a learned attention sink per head (`attn_sink`, see `sink_attention`), and optionally
+layers without the rotary embedding (`nope_layers`: SmolLM3 leaves it out of every 4th layer).
 
     from lmlab.models.transformer import Transformer, resolve_model_config
     cfg = resolve_model_config({"preset": "tiny"}, vocab_size=32768)
@@ -62,6 +63,8 @@ class ModelConfig(Strict):
     attn_bias: bool = Field(False, description="q/k/v projection biases, as Qwen2 (the output projection has none)")
     attn_sink: bool = Field(False, description="a learned attention sink: one logit per head that every query's "
                             "softmax also weighs, with a zero value, so a head can attend to nothing (as gpt-oss)")
+    nope_layers: list[int] = Field(default_factory=list, description="indices (from 0) of the layers whose attention "
+                                   "has no rotary embedding (NoPE), as SmolLM3's every 4th layer: 3, 7, 11, ...")
 
 
 _COMMON = dict(rope_theta=10000.0, norm_eps=1e-5, qk_norm=False, init_std=0.02)
@@ -108,7 +111,11 @@ def resolve_model_config(cfg: dict | ModelConfig | None, vocab_size: int | None 
         raise UserError(f"head_dim = d_model/n_head = {resolved.d_model // resolved.n_head} must be even for RoPE")
     if resolved.n_head % resolved.n_kv_head:
         raise UserError(f"model.n_kv_head={resolved.n_kv_head} must divide model.n_head={resolved.n_head}")
-    return resolved
+    bad = [i for i in resolved.nope_layers if not 0 <= i < resolved.n_layer]
+    if bad or len(set(resolved.nope_layers)) != len(resolved.nope_layers):
+        raise UserError(f"model.nope_layers={resolved.nope_layers} must be distinct layer indices in "
+                        f"0..{resolved.n_layer - 1}")
+    return resolved.model_copy(update={"nope_layers": sorted(resolved.nope_layers)})
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -175,6 +182,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.sink = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.attn_sink else None
+        self.rope = layer not in cfg.nope_layers  # NoPE: keys carry no position; the causal mask orders them
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
         B, T, _ = x.shape
@@ -183,7 +191,8 @@ class Attention(nn.Module):
         q, k, v = q.view(B, T, self.n_head, hd), k.view(B, T, self.n_kv_head, hd), v.view(B, T, self.n_kv_head, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             end = cache.pos + T
@@ -318,7 +327,8 @@ class Transformer(nn.Module):
         recent ones (attention sinks, lmlab.models.kv_cache)."""
         p = self.embed.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len, self.head_dim,
-                       device or p.device, dtype or p.dtype, left_pad=left_pad, sinks=sinks)
+                       device or p.device, dtype or p.dtype, left_pad=left_pad, sinks=sinks,
+                       nope_layers=self.cfg.nope_layers)
 
     # --- forward
 
