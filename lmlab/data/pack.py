@@ -37,7 +37,8 @@ BATCH_DOCS = 64  # documents per task sent to a worker: large enough to amortise
 
 class Config(Strict):
     corpus: str = Field("runs/corpus", description="corpus artifact to tokenize")
-    tokenizer: str = Field("runs/tokenizer", description="tokenizer artifact to tokenize with")
+    tokenizer: str = Field("runs/tokenizer", description="tokenizer artifact to tokenize with, or a model run "
+                           "directory (an imported checkpoint, say): its own tokenizer")
     out: str = Field("runs/packed", description="output packed artifact directory")
     seq_len: int = Field(1024, ge=2, description="tokens per packed row (training uses row[:-1] -> row[1:])")
     add_bos: bool = Field(True, description="start every document with the bos token (eos always ends it)")
@@ -195,14 +196,19 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.out)
     artifacts.check_out(out, KIND, "pack", inputs={"corpus": cfg.corpus, "tokenizer": cfg.tokenizer})
     corpus_m = artifacts.require_artifact(cfg.corpus, "corpus", what="corpus")
-    tok_m = artifacts.require_artifact(cfg.tokenizer, "tokenizer", what="tokenizer")
-    tok = Tokenizer.load(cfg.tokenizer)
-    if tok_m.get("tokenizer_sha256") != tok.sha256:
-        raise UserError(f"tokenizer {cfg.tokenizer}: manifest sha256 {tok_m.get('tokenizer_sha256')} differs from its "
-                        f"model file {tok.sha256}; re-run `lmlab tokenizer`")
+    tok_dir = Path(cfg.tokenizer)
+    tok_m = artifacts.require_artifact(tok_dir, ("tokenizer", "model"), what="tokenizer")
+    if tok_m["kind"] == "model":  # a model run (an imported checkpoint, say): text in its own tokens
+        tok_dir = tok_dir / "tokenizer"
+        tok = Tokenizer.load(tok_dir)
+    else:
+        tok = Tokenizer.load(tok_dir)
+        if tok_m.get("tokenizer_sha256") != tok.sha256:
+            raise UserError(f"tokenizer {cfg.tokenizer}: manifest sha256 {tok_m.get('tokenizer_sha256')} differs from "
+                            f"its model file {tok.sha256}; re-run `lmlab tokenizer`")
     config = cfg.model_dump(mode="json", exclude={"workers"})  # workers do not change the output
     inputs = {"corpus": {"path": str(cfg.corpus), "fingerprint": corpus_m["fingerprint"]},
-              "tokenizer": {"path": str(cfg.tokenizer), "fingerprint": tok.sha256}}
+              "tokenizer": {"path": str(tok_dir), "fingerprint": tok.sha256}}
     fp = artifacts.stage_fingerprint(KIND, config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"pack: up to date ({out}), nothing to do")

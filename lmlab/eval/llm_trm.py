@@ -14,7 +14,8 @@ On the same problems, greedy, one after another in one process (so the times com
 - **first token** (`first_token`: a `lmlab seqtrm` or `lmlab latent` run): the prototype's use
   of the prediction, deciding only the first answer token through the output head.
 
-Each row: exact match (the task's strict checker, with its standard error), generated tokens
+Each row: exact match (the task's strict checker, or with `match=flexible` lm-eval's flexible
+extraction of the answer after `</think>`, with its standard error), generated tokens
 and wall-clock seconds per problem (the latent rows include reading the prompt's states and the
 reasoner), the SequenceTRM's supervision steps, the exact match split by whether thinking in
 full got the problem right, and (reasoner rows) the exact match minus answering directly with
@@ -28,10 +29,11 @@ manifest.json (kind 'llm_trm_outcome').
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +67,22 @@ class Config(Strict):
                            "the vectors carry beyond a prior over answers)")
     batch_size: int = Field(64, ge=1, description="problems decoded together")
     template: Optional[str] = Field(None, description="chat template; default: the run's chat.json")
+    match: Literal["strict", "flexible"] = Field("strict", description="answer extraction: strict (the task's "
+                                                  "`#### N`) or flexible (the last number after </think>, lm-eval's "
+                                                  "flexible-extract: for a model that answers in its own words)")
     device: str = Field("auto", description="auto | cpu | cuda | mps")
 
 
 def _row(label: str, problems: list[dict], texts: list[str], tokens: list[int], seconds: float,
-         thinking_right: Optional[list[bool]] = None, steps: Optional[list[int]] = None) -> tuple[dict, list[dict]]:
+         thinking_right: Optional[list[bool]] = None, steps: Optional[list[int]] = None,
+         flexible: bool = False, answers: Optional[list[Optional[str]]] = None) -> tuple[dict, list[dict]]:
+    """A row of the table and its per-problem records; `answers` (default `texts`): the text each
+    answer is extracted from, None where there is none (thinking that never closed)."""
     from lmlab.eval.estimators import stderr
     from lmlab.tasks.problems import checked_answer
 
-    per = [checked_answer(p, t) for p, t in zip(problems, texts)]
+    per = [checked_answer(p, a, flexible) if a is not None else (None, False)
+           for p, a in zip(problems, texts if answers is None else answers)]
     ok = [float(c) for _, c in per]
     row = {"label": label, "n": len(problems), "exact_match": sum(ok) / len(ok), "exact_match_stderr": stderr(ok),
            "tokens_per_problem": sum(tokens) / len(tokens), "seconds_per_problem": seconds / len(problems)}
@@ -154,7 +163,9 @@ def run(cfg: Config) -> Path:
         ft = Path(cfg.first_token)
         weights = ft / "reasoner.safetensors" if (ft / "reasoner.json").is_file() else ft / "seqtrm.safetensors"
         inputs["first_token"] = {"path": cfg.first_token, "fingerprint": artifacts.sha256_file(weights)}
-    fp_config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("out", "device")}
+    # match=strict is left out, so outcome dirs written before `match` existed stay up to date
+    fp_config = {k: v for k, v in cfg.model_dump(mode="json").items()
+                 if k not in ("out", "device") and not (k == "match" and v == "strict")}
     fp = artifacts.stage_fingerprint(KIND, {**fp_config, "template": template},
                                      {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
@@ -173,6 +184,7 @@ def run(cfg: Config) -> Path:
     built = [lp.build(q) for q in questions]
     answer = Sampling(max_new_tokens=cfg.max_new_tokens)
     rows, per_problem = [], [{"i": i, "question": q} for i, q in enumerate(questions)]
+    scored = functools.partial(_row, flexible=cfg.match == "flexible")
 
     def add(name: str, row: dict, records: list[dict]) -> None:
         rows.append(row)
@@ -185,12 +197,15 @@ def run(cfg: Config) -> Path:
         t0 = time.perf_counter()
         outs = complete_ids(llm, tokenizer, [b.reads for b in built],
                             Sampling(max_new_tokens=cfg.thinking_max_new_tokens), stops, cfg.batch_size, device)
-        think_row, think_rec = _row("thinking in full", problems, [o.text for o in outs], [len(o.ids) for o in outs],
-                                    time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+    closer = tokenizer.special_tokens[THINK_CLOSE]
+    # flexible: the number is looked for after </think> only (none where the thinking never closed)
+    after = [tokenizer.decode(o.ids[o.ids.index(closer) + 1:]) if closer in o.ids else None for o in outs]
+    think_row, think_rec = scored("thinking in full", problems, [o.text for o in outs], [len(o.ids) for o in outs],
+                                  seconds, answers=after if cfg.match == "flexible" else None)
     add("thinking", think_row, think_rec)
     right = [r["correct"] for r in think_rec]
     # the phase-2 target of each problem whose thinking closed: the LLM's state at </think>
-    closer = tokenizer.special_tokens[THINK_CLOSE]
     closed = {i: o.ids.index(closer) for i, o in enumerate(outs) if closer in o.ids}
     states = hidden_states(llm, [built[i].reads + outs[i].ids for i in closed], batch_size=cfg.batch_size, device=device)
     targets = {i: s[len(built[i].reads) + c] for (i, c), s in zip(closed.items(), states)}
@@ -199,8 +214,8 @@ def run(cfg: Config) -> Path:
     with timer("direct"):
         t0 = time.perf_counter()
         outs = complete_ids(llm, tokenizer, [b.direct for b in built], answer, stops, cfg.batch_size, device)
-        row, rec = _row("direct (no thinking)", problems, [o.text for o in outs], [len(o.ids) for o in outs],
-                        time.perf_counter() - t0, right)
+        row, rec = scored("direct (no thinking)", problems, [o.text for o in outs], [len(o.ids) for o in outs],
+                          time.perf_counter() - t0, right)
     add("direct", row, rec)
     direct_right = [r["correct"] for r in rec]
 
@@ -217,8 +232,8 @@ def run(cfg: Config) -> Path:
             t0 = time.perf_counter()
             vecs, preds, steps = reason(llm, r, built, cfg.batch_size, device)
             outs = answer_with_vectors(llm, tokenizer, built, vecs, answer, stops, cfg.batch_size, device)
-            row, rec = _row(spec.label, problems, [o.text for o in outs], [len(o.ids) for o in outs],
-                            time.perf_counter() - t0, right, steps.tolist())
+            row, rec = scored(spec.label, problems, [o.text for o in outs], [len(o.ids) for o in outs],
+                              time.perf_counter() - t0, right, steps.tolist())
         row.update({"path": spec.path, "method": meta.get("method"),
                     **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
         against_direct(row, rec)
@@ -229,8 +244,8 @@ def run(cfg: Config) -> Path:
             t0 = time.perf_counter()
             outs = answer_with_vectors(llm, tokenizer, built, torch.roll(vecs, 1, dims=0), answer, stops,
                                        cfg.batch_size, device)
-            row, rec = _row(f"{spec.label}, another problem's vectors", problems, [o.text for o in outs],
-                            [len(o.ids) for o in outs], time.perf_counter() - t0, right)
+            row, rec = scored(f"{spec.label}, another problem's vectors", problems, [o.text for o in outs],
+                              [len(o.ids) for o in outs], time.perf_counter() - t0, right)
             row["control"] = True
             against_direct(row, rec)
             add(f"reasoner {i} control", row, rec)
@@ -241,15 +256,16 @@ def run(cfg: Config) -> Path:
             t0 = time.perf_counter()
             _, preds, steps = reason(llm, r, built, cfg.batch_size, device)
             texts, tokens = answer_from_states(llm, tokenizer, built, preds, answer, stops, cfg.batch_size, device)
-            row, rec = _row("first token only", problems, texts, tokens, time.perf_counter() - t0, right,
-                            steps.tolist())
+            row, rec = scored("first token only", problems, texts, tokens, time.perf_counter() - t0, right,
+                              steps.tolist())
         row.update({"path": cfg.first_token, **_cosines(preds, targets, r.compressor, [x["correct"] for x in rec])})
         against_direct(row, rec)
         add("first_token", row, rec)
 
     result = {"rows": rows, "settings": {"template": template, "k": k, "greedy": True,
                                           "thinking_max_new_tokens": cfg.thinking_max_new_tokens,
-                                          "max_new_tokens": cfg.max_new_tokens, "device": str(device)}}
+                                          "max_new_tokens": cfg.max_new_tokens, "match": cfg.match,
+                                          "device": str(device)}}
 
     def files(tmp: Path) -> None:
         artifacts.write_json_atomic(tmp / "outcome.json", result)

@@ -13,7 +13,8 @@ The pass is exact for every row, unlike states collected while sampling. Each re
 thinking and answer text, the generated token ids, the thinking's length in tokens, whether the
 thinking closed within `max_new_tokens` (an unclosed one has no hidden_post: counted in the
 manifest, not truncated) and whether the answer is right (the task's checker, as `lmlab eval`
-scores it).
+scores it; `match=flexible`: the last number after `</think>`, for a model such as SmolLM3 that
+answers in its own words).
 
 Files in `out` (kind 'hidden_pairs'): pairs.safetensors (`pre`: every problem's prompt states,
 concatenated, (sum of prompt lengths, D) float32; `post`: one row per closed thinking, (n_closed,
@@ -31,7 +32,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -59,6 +60,9 @@ class Config(Strict):
     batch_size: int = Field(32, ge=1, description="problems generated (and read back) together")
     chunk_size: int = Field(64, ge=1, description="problems per chunk (the unit an interrupted run keeps)")
     seed: int = Field(0, description="sampling seed (chunk c draws with a hash of seed and c)")
+    match: Literal["strict", "flexible"] = Field("strict", description="how `correct` reads the answer after "
+                                                  "</think>: strict (the task's `#### N`) or flexible (the last "
+                                                  "number, lm-eval's flexible-extract, for a model's own words)")
     device: str = Field("auto", description="auto | cpu | cuda | mps")
 
 
@@ -87,9 +91,11 @@ def _pairs_of(model, tokenizer, template: str, problems: list[dict], start: int,
         close = ids.index(closer) if closer in ids else None
         thinking_ids = ids[first:close] if close is not None else ids[first:]
         # the reply's text is cut at the stops already; the answer is what follows </think>
-        answer = c.text.split(THINK_CLOSE, 1)[1].strip() if close is not None and THINK_CLOSE in c.text else ""
-        strict, _, ref_fn = answer_rules(p.get("task"))
-        a = strict(answer) if close is not None else None
+        # (from the ids when the tokenizer drops the delimiters from decoded text as special tokens)
+        answer = "" if close is None else (c.text.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in c.text
+                                           else tokenizer.decode(ids[close + 1:])).strip()
+        strict, loose, ref_fn = answer_rules(p.get("task"))
+        a = (loose if cfg.match == "flexible" else strict)(answer) if close is not None else None
         ref = ref_fn(p["answer"])
         pre.append(h[:len(prompt)])
         if close is not None:
@@ -160,7 +166,9 @@ def run(cfg: Config) -> Path:
     check_thinking_template(template, tokenizer, VERB)
     problems = read_checkable(cfg.problems, cfg.max_problems)
     config = {**cfg.model_dump(mode="json"), "template": template}
-    fp_config = {k: v for k, v in config.items() if k not in ("out", "device")}
+    # match=strict is left out, so pairs written before `match` existed stay up to date
+    fp_config = {k: v for k, v in config.items()
+                 if k not in ("out", "device") and not (k == "match" and v == "strict")}
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_m.get("fingerprint")},
               "problems": {"path": str(cfg.problems), "fingerprint": artifacts.sha256_file(cfg.problems)}}
     fp = artifacts.stage_fingerprint(KIND, fp_config, {k: v["fingerprint"] for k, v in inputs.items()})

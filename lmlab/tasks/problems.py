@@ -46,10 +46,12 @@ def answer_rules(task: Optional[str]) -> tuple[Callable, Callable, Callable]:
     return mod.extract_strict, mod.extract_flexible, lambda ref: mod.extract_strict(ref)
 
 
-def checked_answer(problem: dict, text: str) -> tuple[Optional[str], bool]:
-    """(the strictly extracted answer of `text`, whether it is the problem's reference)."""
-    strict, _, ref = answer_rules(problem.get("task"))
-    a = strict(text)
+def checked_answer(problem: dict, text: str, flexible: bool = False) -> tuple[Optional[str], bool]:
+    """(the extracted answer of `text`, whether it is the problem's reference). Strict: the
+    task's own rule (`#### N` for GSM8K numbers); `flexible`: lm-eval's flexible extraction (the
+    last number), for a model that answers in its own words, as SmolLM3 or Qwen3 do."""
+    strict, loose, ref = answer_rules(problem.get("task"))
+    a = (loose if flexible else strict)(text)
     return a, a is not None and a == ref(problem["answer"])
 
 

@@ -137,6 +137,11 @@ def run(cfg: Config) -> Path:
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_m.get("fingerprint")}}
     for i, p in enumerate(packed):
         pm = artifacts.require_artifact(p, "packed", f"data[{i}]")
+        theirs, ours = pm.get("tokenizer_sha256"), model_m.get("tokenizer_sha256")
+        if theirs and ours and theirs != ours:  # its token ids would mean other words to this model
+            raise UserError(f"data[{i}] {p} was packed with another tokenizer (sha256 {theirs[:12]}) than "
+                            f"{model_dir}'s ({ours[:12]}); pack the text with the model's own: `lmlab pack "
+                            f"corpus=... tokenizer={model_dir} out=...`")
         inputs[f"data_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
     problems: list[dict] = []
     if cfg.trajectories is not None:

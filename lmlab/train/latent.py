@@ -92,12 +92,13 @@ def _held_out(i: int, seed: int, fraction: float) -> bool:
 
 
 def answer_ids(template: str, tokenizer, question: str, answer: str, direct: list[int]) -> list[int]:
-    """The reference reply's tokens after the empty-thinking prompt: `#### N` and the end of turn."""
+    """The reference reply's tokens after the empty-thinking prompt: `#### N` and the end of turn
+    (the conversation rendered in the template's no-thinking mode, which the prompt is too)."""
     from lmlab.data.chat import render
 
     final = "#### " + answer.rsplit("####", 1)[-1].strip()
-    ids, _ = render(template, [{"role": "user", "content": question},
-                               {"role": "assistant", "thinking": "", "content": final}], tokenizer)
+    ids, _ = render(template, [{"role": "user", "content": question}, {"role": "assistant", "content": final}],
+                    tokenizer, thinking=False)
     if ids[:len(direct)] != direct:
         raise UserError(f"the {template} template's reply does not continue its empty-thinking prompt; "
                         f"latent reasoning needs a template where it does")
