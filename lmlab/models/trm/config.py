@@ -66,6 +66,12 @@ class TRMConfig(Strict):
         return self.seq_len + self.prefix_len
 
 
+def swiglu_width(d: int, expansion: float) -> int:
+    """A SwiGLU's inner width: round(expansion * d * 2/3) rounded up to a multiple of 256 (the
+    official code's; shared by the torch and JAX models)."""
+    return -(round(expansion * d * 2 / 3) // -256) * 256
+
+
 def resolve_trm_config(fields: dict | TRMConfig | None) -> TRMConfig:
     """model.json's fields (or a stage's `model:`) -> a validated TRMConfig."""
     if isinstance(fields, TRMConfig):

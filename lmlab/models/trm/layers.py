@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.models.trm.config import swiglu_width
+
 
 def trunc_normal_(t: torch.Tensor, std: float = 1.0, lower: float = -2.0, upper: float = 2.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -52,16 +54,12 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _multiple(a: int, b: int) -> int:
-    return -(a // -b) * b
-
-
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); the inner width is round(expansion * d * 2/3) rounded up to 256."""
 
     def __init__(self, d: int, expansion: float) -> None:
         super().__init__()
-        inner = _multiple(round(expansion * d * 2 / 3), 256)
+        inner = swiglu_width(d, expansion)
         self.gate_up = Linear(d, 2 * inner)
         self.down = Linear(inner, d)
 
