@@ -29,7 +29,7 @@ from lmlab.train.batching import rank_pieces
 from lmlab.train.loop import check_same_run, finished_run, train
 from lmlab.train.parallelize import resolve_strategy
 
-HOW_KEYS = ("resume", "parallel", "hardware")
+HOW_KEYS = ("resume", "parallel", "hardware", "backend")  # backend: torch or jax (trm), the same maths
 TRAIN_HOW_KEYS = ("micro_batch",)
 # train.* keys a checkpoint may be resumed with changed: they do not change the trajectory
 RESUMABLE_TRAIN_KEYS = {"compile", "device", "micro_batch"}

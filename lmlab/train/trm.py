@@ -85,6 +85,9 @@ class Config(RunOptions):
                                                   "stable-max (the paper) or softmax")
     halt_loss_weight: float = Field(0.5, ge=0, description="weight of the Q-halt BCE (and Q-continue, with "
                                     "model.no_act_continue=false)")
+    backend: Literal["torch", "jax"] = Field("torch", description="torch (the shared trainer: torchrun, DDP, "
+                                             "checkpoints) or jax (lmlab.jax_backend: jit over a device mesh, "
+                                             "for TPUs; the jax extra)")
 
 
 def model_config_for(cfg: Config, meta: dict) -> TRMConfig:
@@ -129,6 +132,14 @@ def run(cfg: Config) -> Path:
     from lmlab.models.trm import TRM
     from lmlab.train.trm_objective import TRMObjective
 
+    if cfg.backend == "jax":
+        from lmlab import dist as lmdist
+        from lmlab.jax_backend import require_jax
+
+        require_jax()
+        if lmdist.read_env().world > 1:
+            raise UserError("backend=jax runs in one process over every device JAX sees; launch it without "
+                            "torchrun (several hosts are not supported yet)")
     run = TrainingRun(cfg, "trm", KIND)
     cfg, out = run.cfg, run.out
     if cfg.parallel.strategy == "fsdp":
@@ -159,8 +170,18 @@ def run(cfg: Config) -> Path:
     print(f"trm: {model.num_params():,} parameters ({variant}, T={model_cfg.h_cycles}, n={model_cfg.l_cycles}, "
           f"N_sup={model_cfg.halt_max_steps}); {train_split.num_examples:,} training examples in "
           f"{train_split.num_groups:,} groups; {steps} steps x {per_step} puzzles{budget} -> {out}", file=sys.stderr)
-    summary = run.train(model, objective, total_steps=steps, resume_config=resume_config,
-                        flops_per_token=model.flops_per_token(), desc="trm")
+    if cfg.backend == "jax":
+        from lmlab.jax_backend.trm.train import train as train_jax
+        from lmlab.train.checkpoint import list_checkpoints
+
+        if list_checkpoints(out) and cfg.resume == "auto":
+            raise UserError(f"{out} holds torch checkpoints, and backend=jax writes and resumes none yet; resume "
+                            f"them with backend=torch, or start over with resume=never")
+        with run.timer("train"):
+            summary = train_jax(cfg, out, model_cfg, objective, steps)
+    else:
+        summary = run.train(model, objective, total_steps=steps, resume_config=resume_config,
+                            flops_per_token=model.flops_per_token(), desc="trm")
     steps = summary["steps"]
     final_train, final_eval = summary["final_train"], summary["final_eval"]
     stats = {

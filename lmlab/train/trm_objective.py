@@ -34,6 +34,17 @@ from lmlab.train.trm_optim import TRMOptimizer
 STAT_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
 
 
+def train_metrics_of(sums: dict, rows: int, seconds: float) -> dict:
+    """The official train metrics from summed statistics (STAT_KEYS, lm_loss, q_halt_loss, rows):
+    accuracies and steps over the rows that halted, losses per row, examples (`rows`, of every
+    process) per second. Shared by the torch and the JAX trainers."""
+    count, n = max(sums["count"], 1.0), max(sums["rows"], 1.0)
+    out = {k: sums[k] / count for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
+    out.update(lm_loss=sums["lm_loss"] / n, q_halt_loss=sums["q_halt_loss"] / n, halted=sums["count"] / n,
+               examples_per_s=round(rows / max(seconds, 1e-9), 1))
+    return out
+
+
 class TRMObjective:
     progress_metrics = {"exact_accuracy": "exact", "steps": "sup"}
 
@@ -102,12 +113,8 @@ class TRMObjective:
         if lmdist.world() > 1:
             device = next(iter(self._sums.values())).device
             vals = lmdist.all_reduce_(vals.to(device)).cpu()
-        s = dict(zip(keys, vals.tolist()))
         now = time.perf_counter()
-        count, rows = max(s["count"], 1.0), max(s["rows"], 1.0)
-        out = {k: s[k] / count for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
-        out.update(lm_loss=s["lm_loss"] / rows, q_halt_loss=s["q_halt_loss"] / rows, halted=s["count"] / rows,
-                   examples_per_s=round(self._rows * lmdist.world() / max(now - self._t0, 1e-9), 1))
+        out = train_metrics_of(dict(zip(keys, vals.tolist())), self._rows * lmdist.world(), now - self._t0)
         self._sums, self._rows, self._t0 = {}, 0, now
         return out
 

@@ -20,7 +20,8 @@ TABLE = "puzzle_emb.weight"
 
 
 def _np(t) -> np.ndarray:
-    return t.detach().cpu().float().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=np.float32)
+    """A float32 copy (never a view of the torch tensor's memory, which its optimizer changes in place)."""
+    return np.array(t.detach().cpu().float().numpy() if hasattr(t, "detach") else t, dtype=np.float32, copy=True)
 
 
 def from_torch_state(state: dict, cfg: TRMConfig) -> tuple[dict, dict, np.ndarray | None]:

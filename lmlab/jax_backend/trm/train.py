@@ -1,0 +1,287 @@
+"""`lmlab trm backend=jax`: TRM's training loop in JAX, over every device of a `jax.sharding.Mesh`.
+
+The same run as the torch trainer (lmlab.train.trm + the shared loop), step for step:
+- the start: the torch model built with train.seed, converted (lmlab.jax_backend.trm.convert), so
+  both backends begin from the same weights, puzzle table and initial states;
+- the data: each optimizer step's micro-batches are TRMObjective's (the same canonical batches
+  and exploration draws per row), the ACT carry kept per micro-batch across steps;
+- the loss summed over rows, the gradients summed over micro-batches and divided by the step's
+  rows; AdamATan2 / AdamW with the loop's schedule; sign-SGD on the looked-up puzzle rows; an
+  optional gradient clip; the EMA the evaluations and the saved model use;
+- the metrics (metrics.jsonl: loss, lr, tokens, tokens_per_s, grad_norm, time_s and the official
+  train metrics; val_* from the test split through all supervision steps).
+
+Parallelism: `jax.jit` with `NamedSharding` over a one-axis mesh ("data") of all devices: each
+micro-batch is split by rows over the devices, the parameters, optimizer state and table are
+replicated, and XLA inserts the gradient all-reduce. A batch that does not divide the devices is
+refused, naming the sizes that do. (Several hosts, parameter sharding and Orbax checkpoints are
+not built yet: docs/jax.md.)
+
+The final weights (EMA'd) go back to the torch layout: the run directory is what the torch
+trainer writes (model.safetensors, model.json, puzzles.json, metrics.jsonl, manifest), so
+`lmlab puzzle-eval`, the report and export read it unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import UserError
+from lmlab.train.optim import Schedule, resolve_warmup
+from lmlab.train.trm_objective import STAT_KEYS, train_metrics_of
+
+
+def data_mesh():
+    """A one-axis mesh ("data") over every device JAX sees."""
+    import jax
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def check_batch(batch_size: int, shards: int, what: str = "train.batch_size") -> None:
+    if batch_size % shards:
+        valid = [k * shards for k in range(1, 5)]
+        raise UserError(f"{what}={batch_size} does not divide into the {shards} devices of the mesh; use a multiple "
+                        f"of {shards} ({', '.join(map(str, valid))}, ...)")
+
+
+class Trainer:
+    """The compiled pieces of a run: the micro-batch gradient, the update, the evaluation step."""
+
+    def __init__(self, cfg, model_cfg, mesh) -> None:
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from lmlab.jax_backend.trm import losses, model as jm
+        from lmlab.jax_backend.trm.optim import ema_update, network_optimizer, sign_sgd_rows
+
+        self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
+        self.net = net = jm.TRMNet(model_cfg)
+        self.rows_sharded = NamedSharding(mesh, P("data"))
+        self.replicated = NamedSharding(mesh, P())
+        t = cfg.train
+        self.opt = network_optimizer(cfg.optimizer, tuple(t.betas), t.weight_decay)
+
+        def micro(params, consts, carry, batch, rows):
+            def loss_fn(p, r):
+                new, out = jm.act_step(net, p, consts, carry, batch, r, training=True)
+                loss, aux = losses.act_loss(out, new.labels, new.halted, new.steps, cfg.loss, cfg.halt_loss_weight)
+                return loss, (new, aux)
+
+            (loss, (new, aux)), (g, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
+            stats = {k: aux[k] for k in STAT_KEYS + ("lm_loss", "q_halt_loss")}
+            return loss, g, g_rows, new, stats
+
+        def update(params, opt_state, table, shadow, grads, ids, row_grads, n_rows, lr, emb_lr):
+            grads = jax.tree_util.tree_map(lambda g: g / n_rows, grads)
+            leaves = jax.tree_util.tree_leaves(grads)
+            norm = jax.numpy.sqrt(sum(jax.numpy.sum(g * g) for g in leaves))
+            if t.grad_clip:
+                scale = jax.numpy.minimum(1.0, t.grad_clip / (norm + 1e-6))
+                grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+            updates, opt_state = self.opt.update(grads, opt_state, params, lr=lr)
+            params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+            if table is not None:
+                table = sign_sgd_rows(table, ids, row_grads, emb_lr, cfg.puzzle_emb_weight_decay)
+            if shadow is not None:
+                shadow = ema_update(shadow, params, t.ema)
+            return params, opt_state, table, shadow, norm
+
+        def evaluate(params, consts, batch, rows):
+            carry = jm.initial_carry(model_cfg, batch["inputs"].shape[0])
+            carry = carry._replace(**{k: jax.lax.with_sharding_constraint(v, self.rows_sharded)
+                                      for k, v in carry._asdict().items()})
+
+            def one(carry, _):
+                carry, out = jm.act_step(net, params, consts, carry, batch, rows, training=False)
+                pred = jax.numpy.argmax(out["logits"], -1)
+                return carry, (pred, out["q_halt_logits"])
+
+            _, (preds, q) = jax.lax.scan(one, carry, None, length=model_cfg.halt_max_steps)
+            return preds, q  # (S, B, L), (S, B)
+
+        self.micro = jax.jit(micro)
+        self.update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
+        self.evaluate = jax.jit(evaluate)
+
+    def put(self, tree, rows: bool):
+        import jax
+
+        return jax.device_put(tree, self.rows_sharded if rows else self.replicated)
+
+
+def _np_batch(batch: dict) -> dict:
+    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in batch.items() if k != "slot"}
+
+
+def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int, limit=None):
+    """lmlab.infer.puzzles.solve in JAX: every example through all supervision steps (a short last
+    batch is padded to the batch size, its padding rows dropped)."""
+    import jax.numpy as jnp
+
+    from lmlab.data.puzzles.sampler import eval_batches
+    from lmlab.infer.puzzles import Solved
+
+    parts: dict[str, list] = {k: [] for k in ("preds", "exact", "token_acc", "q_halt", "scored", "examples")}
+    for idx, batch in eval_batches(split, batch_size, limit):
+        b = _np_batch(batch)
+        n = len(idx)
+        b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in b.items()}
+        rows = jnp.asarray(table)[b["puzzle_identifiers"]] if table is not None else None
+        preds, q = trainer.evaluate(params, consts, trainer.put(b, True), None if rows is None else trainer.put(rows, True))
+        preds, q = np.asarray(preds)[:, :n], np.asarray(q)[:, :n]
+        labels = b["labels"][:n].astype(np.int64)
+        mask = labels != 0
+        counts = mask.sum(-1)
+        right = (mask[None] & (preds == labels[None])).sum(-1)  # (S, n)
+        parts["preds"].append(preds[-1].astype(np.int16))
+        parts["exact"].append((right == counts[None]).T)
+        parts["token_acc"].append((right / np.maximum(counts, 1)[None]).T.astype(np.float32))
+        parts["q_halt"].append(q.T.astype(np.float32))
+        parts["scored"].append(counts > 0)
+        parts["examples"].append(idx)
+    return Solved(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int) -> dict:
+    """Train for `total_steps`; -> the summary TrainingRun.finish takes (with the torch TRM holding
+    the final EMA weights under "model")."""
+    import jax
+    import jax.numpy as jnp
+
+    from lmlab.infer.puzzles import summary as solved_summary
+    from lmlab.data.puzzles.sampler import owners
+    from lmlab.jax_backend.trm import convert
+    from lmlab.models.trm import TRM
+    from lmlab.runtime import progress, seed_everything
+    from lmlab.train.logging import MetricsLogger
+
+    t = cfg.train
+    if t.micro_batch:
+        raise UserError("train.micro_batch is a torch option; with backend=jax the mesh splits each micro-batch "
+                        "over the devices (set train.grad_accum for smaller micro-batches)")
+    mesh = data_mesh()
+    shards = mesh.devices.size
+    check_batch(t.batch_size, shards)
+    eval_bs = cfg.eval.batch_size or t.batch_size
+    check_batch(eval_bs, shards, "eval.batch_size")
+    if t.time_budget:
+        raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
+
+    seed_everything(t.seed)
+    torch_model = TRM(model_cfg)  # the torch trainer's start, exactly
+    params, consts, table = convert.from_torch_state(torch_model.state_dict(), model_cfg)
+    trainer = Trainer(cfg, model_cfg, mesh)
+    params, consts = trainer.put(params, False), trainer.put(consts, False)
+    table = trainer.put(jnp.asarray(table), False) if table is not None else None
+    opt_state = trainer.put(trainer.opt.init(params), False)
+    shadow = trainer.put(jax.tree_util.tree_map(jnp.copy, params), False) if t.ema else None  # its own buffers
+    warmup = resolve_warmup(t.warmup_steps, total_steps)
+    schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
+    emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
+
+    from lmlab.jax_backend.trm.model import initial_carry
+    carries = {m: trainer.put(initial_carry(model_cfg, t.batch_size), True) for m in range(t.grad_accum)}
+    log = MetricsLogger(run_dir, resume_step=0, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                        wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
+                        config=cfg.model_dump(mode="json"))
+    sums: dict[str, float] = {}
+    rows_seen, t_metrics = 0, time.perf_counter()
+    tokens_seen, train_time, interval_t0, interval_tokens = 0, 0.0, time.perf_counter(), 0
+    compile_s = None
+
+    def evaluate_now(done: int) -> None:
+        if objective.test is None or not cfg.eval.batches:
+            return
+        solved = solve_split(trainer, shadow if shadow is not None else params, consts, table, objective.test,
+                             eval_bs, limit=cfg.eval.batches * t.batch_size)
+        m = solved_summary(solved, objective.test.ratings, owners(objective.test))
+        log.write({"step": done, "val_exact_accuracy": m["exact_accuracy"], "val_token_accuracy": m["token_accuracy"],
+                   "val_q_halt_accuracy": m["q_halt_accuracy"], "val_steps_used": m["steps_used_mean"],
+                   "val_exact_at_halt": m["exact_accuracy_at_halt"], "val_examples": m["examples"]})
+
+    bar = progress(total=total_steps, desc="trm (jax)", unit="step")
+    try:
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            lr = schedule(step)
+            loss_sum, grads, ids, row_grads, n_rows = 0.0, None, [], [], 0
+            for m in range(t.grad_accum):
+                batch = _np_batch(objective.batch(step, m))
+                carry = carries[m]
+                data_ids = jnp.where(carry.halted, jnp.asarray(batch["puzzle_identifiers"]), carry.puzzle_identifiers)
+                rows = trainer.put(table[data_ids], True) if table is not None else None
+                loss, g, g_rows, carries[m], stats = trainer.micro(params, consts, carry, trainer.put(batch, True), rows)
+                grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                if table is not None:
+                    ids.append(data_ids)
+                    row_grads.append(g_rows)
+                loss_sum = loss_sum + loss
+                n_rows += t.batch_size
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["rows"] = sums.get("rows", 0.0) + t.batch_size
+            params, opt_state, table, shadow, norm = trainer.update(
+                params, opt_state, table, shadow, grads, jnp.concatenate(ids) if ids else None,
+                jnp.concatenate(row_grads) if row_grads else None, float(n_rows), lr, lr * emb_scale)
+            done = step + 1
+            step_tokens = n_rows * model_cfg.total_len
+            tokens_seen += step_tokens
+            interval_tokens += step_tokens
+            rows_seen += n_rows
+            if done % cfg.log.every == 0 or done == total_steps:
+                loss_value = float(loss_sum) / n_rows  # a sync: only at log steps
+                if not np.isfinite(loss_value):
+                    from lmlab.errors import Diverged
+                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {total_steps}; "
+                                   f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
+            step_s = time.perf_counter() - t0
+            if compile_s is None:
+                compile_s = step_s  # the first step compiles
+            train_time += step_s
+            bar.update(1)
+            if done % cfg.log.every == 0 or done == total_steps:
+                now = time.perf_counter()
+                rec = {"step": done, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
+                       "tokens_per_s": round(interval_tokens / max(now - interval_t0, 1e-9), 1),
+                       "grad_norm": float(norm), "time_s": round(train_time, 2)}
+                interval_t0, interval_tokens = now, 0
+                host = {k: float(v) for k, v in sums.items()}
+                rec.update({k: v for k, v in train_metrics_of(host, rows_seen, now - t_metrics).items() if k not in rec})
+                sums, rows_seen, t_metrics = {}, 0, now
+                log.write(rec)
+                bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}",
+                                 "exact": f"{rec['exact_accuracy']:.3g}"}, refresh=False)
+            if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
+                evaluate_now(done)
+    except KeyboardInterrupt:
+        from lmlab.errors import Interrupted
+        raise Interrupted("stopped; backend=jax writes no checkpoints yet: the same command starts over") from None
+    finally:
+        bar.close()
+        log.close()
+
+    final = shadow if shadow is not None else params
+    torch_model.load_state_dict(convert.to_torch_state(jax.device_get(final), jax.device_get(consts),
+                                                       None if table is None else np.asarray(jax.device_get(table))))
+    from lmlab.train.logging import read_metrics
+    lines = read_metrics(run_dir)
+    train_lines = [r for r in lines if "loss" in r]
+    eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
+    print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}); first step (compiling) {compile_s:.1f} s",
+          file=sys.stderr)
+    return {
+        "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
+        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None, "precision": "float32",
+        "final_loss": train_lines[-1]["loss"] if train_lines else None,
+        "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
+        "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
+        "parallel": {"strategy": "jax data parallel", "world_size": shards, "backend": "jax"},
+        "first_step_s": round(compile_s or 0.0, 2), **({"ema": t.ema} if t.ema else {}),
+        "model": torch_model,
+    }

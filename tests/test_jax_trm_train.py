@@ -1,0 +1,144 @@
+"""`lmlab trm backend=jax` (lmlab.jax_backend.trm.train) against the torch trainer it mirrors.
+
+- The optimizers: one AdamATan2 / AdamW step and sign-SGD on repeated puzzle ids equal
+  TRMOptimizer's (lmlab.train.trm_optim), to float32 rounding.
+- The whole run: the torch trainer in float32 and the JAX one, from the same seed on the toy
+  puzzle set of tests/test_trm_train.py, log the same losses, gradient norms, train metrics and
+  test-split metrics at every logged step, and write the same kind of run directory (the final
+  EMA weights within 1e-4 in model.safetensors), which `lmlab puzzle-eval` reads.
+- Data parallel: on 8 (fake, XLA_FLAGS) CPU devices the run logs what it logs on one; a batch
+  that does not divide the devices is refused, naming sizes that do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_trm_train import ENV, run_cli, write_toy_set
+
+from lmlab.train.logging import read_metrics
+
+jax = pytest.importorskip("jax", reason="the jax extra is not installed (pip install 'lmlab[jax]')")
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+ARGS = ["model.hidden_size=32", "model.num_heads=2", "model.h_cycles=2", "model.l_cycles=2", "model.puzzle_emb_len=2",
+        "model.halt_max_steps=4", "train.batch_size=16", "train.grad_accum=2", "train.warmup_steps=4",
+        "train.lr=1e-3", "train.ema=0.9", "puzzle_emb_lr=1e-3", "eval.batches=1", "log.every=2", "checkpoint.every=0"]
+
+
+def _trm(data, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "lmlab", "trm", f"data={data}", f"out={out}", *ARGS, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_set(tmp_path_factory.mktemp("toy") / "set")
+
+
+@pytest.fixture(scope="module")
+def jax_run(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jax") / "run"
+    r = _trm(toy, out, "train.steps=8", "eval.every=4", "backend=jax")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_optimizers_equal_the_torch_ones():
+    import jax.numpy as jnp
+
+    from lmlab.jax_backend.trm import convert
+    from lmlab.jax_backend.trm.optim import network_optimizer, sign_sgd_rows
+    from lmlab.models.trm import TRM, TRMConfig
+    from lmlab.train.trm_optim import TRMOptimizer
+
+    cfg = TRMConfig(seq_len=6, vocab_size=5, hidden_size=16, num_heads=2, num_puzzle_identifiers=7, puzzle_emb_len=1)
+    for kind in ("adam_atan2", "adamw"):
+        torch.manual_seed(0)
+        m = TRM(cfg)
+        params, consts, table = convert.from_torch_state(m.state_dict(), cfg)
+        opt_t = TRMOptimizer(m, kind, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.5, emb_lr=0.1, emb_weight_decay=0.2)
+        opt_j = network_optimizer(kind, (0.9, 0.95), 0.5)
+        state = opt_j.init(params)
+        ids = torch.tensor([3, 1, 3, 3, 6])  # repeated ids: their gradients add up before the sign
+        for step in range(3):  # bias correction changes with the step
+            g = torch.Generator().manual_seed(step)
+            grads = {n: torch.randn(p.shape, generator=g) for n, p in m.named_parameters() if p.requires_grad}
+            rows = torch.randn(len(ids), cfg.emb_ndim, generator=g)
+            for n, p in m.named_parameters():
+                p.grad = grads.get(n)
+            leaf = m.puzzle_emb.weight[ids].detach().requires_grad_(True)
+            leaf.grad = rows.clone()
+            m.puzzle_emb.pending.append((ids, leaf))
+            opt_t.step()
+            jgrads, _, _ = convert.from_torch_state({**grads, **{k: m.state_dict()[k] for k in convert.CONSTS},
+                                                     convert.TABLE: m.puzzle_emb.weight}, cfg)
+            updates, state = opt_j.update(jgrads, state, params, lr=1e-2)
+            params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+            table = sign_sgd_rows(jnp.asarray(table), jnp.asarray(ids.numpy()), jnp.asarray(rows.numpy()), 0.1, 0.2)
+        back = convert.to_torch_state(params, consts, table)
+        for n, p in m.state_dict().items():  # the table too: looked-up rows moved, the others untouched
+            torch.testing.assert_close(back[n], p.float(), atol=2e-6, rtol=1e-5, msg=f"{kind}: {n}")
+
+
+def test_the_jax_run_logs_what_the_torch_run_logs(toy, jax_run, tmp_path):
+    from safetensors.torch import load_file
+
+    ref = tmp_path / "torch"
+    r = _trm(toy, ref, "train.steps=8", "eval.every=4", "train.dtype=float32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs, ours = read_metrics(ref), read_metrics(jax_run)
+    assert [sorted(x) for x in theirs] == [sorted(x) for x in ours]
+    skip = {"tokens_per_s", "time_s", "examples_per_s"}
+    for a, b in zip(theirs, ours):
+        for k, v in a.items():
+            if k not in skip:
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (a["step"], k, v, b[k])
+    assert [x["step"] for x in ours if "val_exact_accuracy" in x] == [4, 8]
+    wt, wj = load_file(str(ref / "model.safetensors")), load_file(str(jax_run / "model.safetensors"))
+    assert set(wt) == set(wj)
+    for k in wt:
+        torch.testing.assert_close(wj[k], wt[k], atol=1e-4, rtol=1e-4, msg=k)
+    m = json.loads((jax_run / "manifest.json").read_text())
+    assert m["kind"] == "trm" and m["stats"]["parallel"]["backend"] == "jax" and m["stats"]["steps"] == 8
+    assert json.loads((jax_run / "model.json").read_text())["family"] == "trm"
+    # the torch stages read it: puzzle-eval on the whole test split
+    r = run_cli([sys.executable, "-m", "lmlab", "puzzle-eval", str(jax_run), f"data={toy}", f"out={tmp_path / 'pe'}",
+                 "device=cpu"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_eight_devices_log_what_one_logs_and_a_batch_must_divide_them(toy, jax_run, tmp_path):
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = tmp_path / "eight"
+    r = _trm(toy, out, "train.steps=8", "eval.every=4", "backend=jax", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8 device(s)" in r.stderr
+    one, eight = read_metrics(jax_run), read_metrics(out)
+    assert len(one) == len(eight)
+    for a, b in zip(one, eight):
+        for k in ("loss", "grad_norm", "lm_loss", "exact_accuracy", "val_token_accuracy", "val_exact_accuracy"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert json.loads((out / "manifest.json").read_text())["stats"]["parallel"]["world_size"] == 8
+    r = _trm(toy, tmp_path / "bad", "train.steps=2", "train.batch_size=12", "backend=jax", env=env)
+    assert r.returncode == 2 and "train.batch_size=12" in r.stderr and "16, 24" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_backend_jax_without_the_extra_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from lmlab.errors import UserError
+    from lmlab.jax_backend import require_jax
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs flax.*pip install 'lmlab\[jax\]'"):
+        require_jax()
