@@ -4,6 +4,7 @@
     lmlab bench generate preset=tiny batch_size=4 prompt_len=32 max_new_tokens=64 out=bench.json
     lmlab bench grpo model=runs/cpu/sft problems=runs/cpu/tasks/train.jsonl prompts=8 num_generations=8
     lmlab bench trm trm_reference=PATH batch_size=64
+    lmlab bench trm-jax batch_size=64                       # the JAX TRM step against the PyTorch one
     lmlab bench griffin preset=tiny batch_size=4 seq_len=2048
     lmlab bench decode preset=tiny contexts='[256, 1024, 4096]' plot=decode.png
     lmlab bench serve model=runs/cpu/sft concurrency='[1, 4, 16]' requests=32 max_new_tokens=64 out=serve.json
@@ -19,6 +20,8 @@ the two produce identical tokens.
 exported model, prompts, G, length and reward (lmlab.bench_grpo; TRL runs in its own venv).
 `trm`: puzzles/s of a TRM training step (ACT forward, loss, backward, optimizer) against the
 official TinyRecursiveModels code, same weights and batch (lmlab.bench_trm).
+`trm-jax`: the same step in JAX (lmlab.jax_backend, the jax extra) against lmlab's PyTorch TRM,
+same weights and batch, float32, and the JAX step's compile time (lmlab.bench_trm_jax).
 `griffin`: forward+backward of Griffin's RG-LRU scan and of the whole model at sequence 2048
 against Google DeepMind's recurrentgemma torch code, same weights (lmlab.bench_griffin).
 `decode`: decode tokens/s and decoding-state size against the context length, Griffin beside
@@ -47,13 +50,14 @@ from lmlab.bench_timing import interleaved as _interleaved
 from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train, generate, grpo, trm, griffin, decode or serve")
+POSITIONAL = ("what", "train, generate, grpo, trm, trm-jax, griffin, decode or serve")
 
 
 class Config(Strict):
-    what: Literal["train", "generate", "grpo", "trm", "griffin", "decode", "serve"] = Field(
+    what: Literal["train", "generate", "grpo", "trm", "trm-jax", "griffin", "decode", "serve"] = Field(
         "train", description="train (fwd+bwd+AdamW tokens/s), generate (decode tokens/s), grpo (a GRPO step "
-        "against TRL), trm (a TRM step against the official code), griffin (Griffin's scan and model against "
+        "against TRL), trm (a TRM step against the official code), trm-jax (the JAX TRM step against the "
+        "PyTorch one), griffin (Griffin's scan and model against "
         "recurrentgemma), decode (Griffin beside the transformer against the context length) or serve "
         "(lmlab serve under concurrent clients against one request at a time)")
     preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base; griffin: "
@@ -203,6 +207,9 @@ def run(cfg: Config) -> dict:
     if cfg.what == "trm":
         from lmlab.bench_trm import bench_trm
         return _measured(cfg, bench_trm, _print_trm)
+    if cfg.what == "trm-jax":
+        from lmlab.bench_trm_jax import bench_trm_jax, print_trm_jax
+        return _measured(cfg, bench_trm_jax, print_trm_jax)
     if cfg.what in ("griffin", "decode"):
         from lmlab import bench_griffin as bg
         if cfg.what == "griffin":
@@ -249,7 +256,7 @@ def _print_vs_transformers(cfg: Config, res: dict, device) -> None:
 
 
 def _res_with_figures(res: dict) -> bool:
-    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm", "griffin", "decode"))
+    return isinstance(res, dict) and ("tokens_per_s" in res or res.get("what") in ("grpo", "trm", "trm-jax", "griffin", "decode"))
 
 
 def _print_decode(cfg: Config, res: dict, device) -> None:
