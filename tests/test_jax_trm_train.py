@@ -8,6 +8,8 @@
   EMA weights within 1e-4 in model.safetensors), which `lmlab puzzle-eval` reads.
 - Data parallel: on 8 (fake, XLA_FLAGS) CPU devices the run logs what it logs on one; a batch
   that does not divide the devices is refused, naming sizes that do.
+- Orbax checkpoints: kill -9 mid-run and the same command gives, bitwise, the uninterrupted run's
+  weights and metrics; a checkpoint saved on 8 devices resumes on 1.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def toy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jax_run(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("jax") / "run"
-    r = _trm(toy, out, "train.steps=8", "eval.every=4", "backend=jax")
+    r = _trm(toy, out, "train.steps=20", "eval.every=10", "backend=jax")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -91,7 +93,7 @@ def test_the_jax_run_logs_what_the_torch_run_logs(toy, jax_run, tmp_path):
     from safetensors.torch import load_file
 
     ref = tmp_path / "torch"
-    r = _trm(toy, ref, "train.steps=8", "eval.every=4", "train.dtype=float32")
+    r = _trm(toy, ref, "train.steps=20", "eval.every=10", "train.dtype=float32")
     assert r.returncode == 0, r.stderr[-3000:]
     theirs, ours = read_metrics(ref), read_metrics(jax_run)
     assert [sorted(x) for x in theirs] == [sorted(x) for x in ours]
@@ -100,13 +102,13 @@ def test_the_jax_run_logs_what_the_torch_run_logs(toy, jax_run, tmp_path):
         for k, v in a.items():
             if k not in skip:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (a["step"], k, v, b[k])
-    assert [x["step"] for x in ours if "val_exact_accuracy" in x] == [4, 8]
+    assert [x["step"] for x in ours if "val_exact_accuracy" in x] == [10, 20]
     wt, wj = load_file(str(ref / "model.safetensors")), load_file(str(jax_run / "model.safetensors"))
     assert set(wt) == set(wj)
     for k in wt:
         torch.testing.assert_close(wj[k], wt[k], atol=1e-4, rtol=1e-4, msg=k)
     m = json.loads((jax_run / "manifest.json").read_text())
-    assert m["kind"] == "trm" and m["stats"]["parallel"]["backend"] == "jax" and m["stats"]["steps"] == 8
+    assert m["kind"] == "trm" and m["stats"]["parallel"]["backend"] == "jax" and m["stats"]["steps"] == 20
     assert json.loads((jax_run / "model.json").read_text())["family"] == "trm"
     # the torch stages read it: puzzle-eval on the whole test split
     r = run_cli([sys.executable, "-m", "lmlab", "puzzle-eval", str(jax_run), f"data={toy}", f"out={tmp_path / 'pe'}",
@@ -114,10 +116,37 @@ def test_the_jax_run_logs_what_the_torch_run_logs(toy, jax_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_eight_devices_log_what_one_logs_and_a_batch_must_divide_them(toy, jax_run, tmp_path):
+def _metrics(run):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time_s", "examples_per_s")}
+            for r in read_metrics(run)]
+
+
+def test_kill_9_then_the_same_command_is_bitwise_the_uninterrupted_run(toy, jax_run, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
+           "backend=jax", "checkpoint.every=2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "checkpoints_jax" / "4").is_dir() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (jax_run / "model.safetensors").read_bytes()
+    assert _metrics(out) == _metrics(jax_run)
+
+
+def test_eight_devices_log_what_one_logs_resume_on_one_and_a_batch_must_divide_them(toy, jax_run, tmp_path):
+    import shutil
+
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = tmp_path / "eight"
-    r = _trm(toy, out, "train.steps=8", "eval.every=4", "backend=jax", env=env)
+    r = _trm(toy, out, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "8 device(s)" in r.stderr
     one, eight = read_metrics(jax_run), read_metrics(out)
@@ -127,9 +156,22 @@ def test_eight_devices_log_what_one_logs_and_a_batch_must_divide_them(toy, jax_r
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
     assert json.loads((out / "manifest.json").read_text())["stats"]["parallel"]["world_size"] == 8
-    r = _trm(toy, tmp_path / "bad", "train.steps=2", "train.batch_size=12", "backend=jax", env=env)
-    assert r.returncode == 2 and "train.batch_size=12" in r.stderr and "16, 24" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "bad" / "manifest.json").exists()
+    # its checkpoint at step 10 resumes on one device: the rest of the run is the one-device run's
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    (moved / "manifest.json").unlink()
+    shutil.rmtree(moved / "checkpoints_jax" / "20")
+    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10")
+    assert r.returncode == 0 and "saved on 8 device(s), now 1" in r.stderr, r.stderr[-3000:]
+    for a, b in zip(read_metrics(jax_run), read_metrics(moved)):
+        for k in ("loss", "grad_norm", "val_token_accuracy"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    from lmlab.errors import UserError
+    from lmlab.jax_backend.trm.train import check_batch
+
+    with pytest.raises(UserError, match=r"train.batch_size=12 does not divide into the 8 devices.*8, 16, 24"):
+        check_batch(12, 8)
 
 
 def test_backend_jax_without_the_extra_names_the_pip_command(monkeypatch):

@@ -406,12 +406,17 @@ def check_same_run(run_dir: Path, resume_config: dict) -> None:
         return  # unreadable: find_resumable reports it and falls back
     if saved is None:
         return
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(resume_config)))
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+    shown = settings_diff(saved, resume_config)
+    if shown:
         raise UserError(f"{run_dir} holds checkpoints of a run with different settings ({shown}); use another "
                         f"`out`, restore those settings to continue it, or pass resume=never to start over")
+
+
+def settings_diff(saved: dict, now: dict) -> str:
+    """The settings that differ between two resume configs, as "key: old -> new, ..." ("" when none)."""
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(now)))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
 
 
 class _StopOnSignals:

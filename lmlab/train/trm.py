@@ -175,10 +175,11 @@ def run(cfg: Config) -> Path:
         from lmlab.train.checkpoint import list_checkpoints
 
         if list_checkpoints(out) and cfg.resume == "auto":
-            raise UserError(f"{out} holds torch checkpoints, and backend=jax writes and resumes none yet; resume "
-                            f"them with backend=torch, or start over with resume=never")
+            raise UserError(f"{out} holds torch checkpoints, which backend=jax does not read (its own are Orbax "
+                            f"checkpoints in checkpoints_jax/); resume them with backend=torch, or start over "
+                            f"with resume=never")
         with run.timer("train"):
-            summary = train_jax(cfg, out, model_cfg, objective, steps)
+            summary = train_jax(cfg, out, model_cfg, objective, steps, resume_config)
     else:
         summary = run.train(model, objective, total_steps=steps, resume_config=resume_config,
                             flops_per_token=model.flops_per_token(), desc="trm")

@@ -14,8 +14,15 @@ The same run as the torch trainer (lmlab.train.trm + the shared loop), step for 
 Parallelism: `jax.jit` with `NamedSharding` over a one-axis mesh ("data") of all devices: each
 micro-batch is split by rows over the devices, the parameters, optimizer state and table are
 replicated, and XLA inserts the gradient all-reduce. A batch that does not divide the devices is
-refused, naming the sizes that do. (Several hosts, parameter sharding and Orbax checkpoints are
-not built yet: docs/jax.md.)
+refused, naming the sizes that do. (Several hosts and parameter sharding are not built yet:
+docs/jax.md.)
+
+Checkpoints (lmlab.jax_backend.checkpoint, Orbax): every `checkpoint.every` steps, at the end and
+on Ctrl-C, the parameters, optimizer state, puzzle table, EMA, initial states and every
+micro-batch's ACT carry, with the step, tokens and time; the same command resumes from the
+newest (refusing another run's settings), with the same data order, so a resumed run on the
+CPU is bitwise the uninterrupted one. It restores onto the current mesh, whatever the device
+count it was saved on.
 
 The final weights (EMA'd) go back to the torch layout: the run directory is what the torch
 trainer writes (model.safetensors, model.json, puzzles.json, metrics.jsonl, manifest), so
@@ -148,75 +155,102 @@ def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int,
     return Solved(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
-def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int) -> dict:
-    """Train for `total_steps`; -> the summary TrainingRun.finish takes (with the torch TRM holding
-    the final EMA weights under "model")."""
+def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_config: dict) -> dict:
+    """Train for `total_steps`, resuming from RUN/checkpoints_jax when it holds this run's
+    checkpoints; -> the summary TrainingRun.finish takes (the torch TRM holding the final EMA
+    weights under "model")."""
     import jax
     import jax.numpy as jnp
 
-    from lmlab.infer.puzzles import summary as solved_summary
     from lmlab.data.puzzles.sampler import owners
+    from lmlab.errors import Diverged, Interrupted
+    from lmlab.infer.puzzles import summary as solved_summary
+    from lmlab.jax_backend.checkpoint import Checkpoints
     from lmlab.jax_backend.trm import convert
+    from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.models.trm import TRM
     from lmlab.runtime import progress, seed_everything
-    from lmlab.train.logging import MetricsLogger
+    from lmlab.train.logging import MetricsLogger, read_metrics
 
     t = cfg.train
     if t.micro_batch:
         raise UserError("train.micro_batch is a torch option; with backend=jax the mesh splits each micro-batch "
                         "over the devices (set train.grad_accum for smaller micro-batches)")
+    if t.time_budget:
+        raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
     mesh = data_mesh()
     shards = mesh.devices.size
     check_batch(t.batch_size, shards)
     eval_bs = cfg.eval.batch_size or t.batch_size
     check_batch(eval_bs, shards, "eval.batch_size")
-    if t.time_budget:
-        raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
 
     seed_everything(t.seed)
     torch_model = TRM(model_cfg)  # the torch trainer's start, exactly
     params, consts, table = convert.from_torch_state(torch_model.state_dict(), model_cfg)
     trainer = Trainer(cfg, model_cfg, mesh)
-    params, consts = trainer.put(params, False), trainer.put(consts, False)
-    table = trainer.put(jnp.asarray(table), False) if table is not None else None
-    opt_state = trainer.put(trainer.opt.init(params), False)
-    shadow = trainer.put(jax.tree_util.tree_map(jnp.copy, params), False) if t.ema else None  # its own buffers
+    params = trainer.put(params, False)
+    # everything a step changes, and what a checkpoint holds (the carries: the rows' puzzles and states)
+    st = {"params": params, "opt_state": trainer.put(trainer.opt.init(params), False),
+          "consts": trainer.put(consts, False),
+          "carries": {str(m): trainer.put(initial_carry(model_cfg, t.batch_size), True) for m in range(t.grad_accum)}}
+    if table is not None:
+        st["table"] = trainer.put(jnp.asarray(table), False)
+    if t.ema:
+        st["shadow"] = trainer.put(jax.tree_util.tree_map(jnp.copy, params), False)  # its own buffers
     warmup = resolve_warmup(t.warmup_steps, total_steps)
     schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
     emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
 
-    from lmlab.jax_backend.trm.model import initial_carry
-    carries = {m: trainer.put(initial_carry(model_cfg, t.batch_size), True) for m in range(t.grad_accum)}
-    log = MetricsLogger(run_dir, resume_step=0, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+    ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never")
+    start, tokens_seen, train_time = 0, 0, 0.0
+    found = ck.latest(resume_config)
+    if found is not None:
+        start, meta = found
+        if start > total_steps:
+            raise UserError(f"{ck.dir} has a checkpoint at step {start}, past this run's {total_steps} steps; use "
+                            f"another `out` or resume=never")
+        st = ck.restore(start, like=st)
+        tokens_seen, train_time = meta["tokens"], meta["train_time_s"]
+        print(f"resuming from {ck.dir / str(start)} (step {start} of {total_steps}; saved on {meta['devices']} "
+              f"device(s), now {shards})", file=sys.stderr)
+
+    def save(done: int) -> None:
+        ck.save(done, st, {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3),
+                           "resume_config": resume_config, "devices": shards})
+
+    log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                         wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
                         config=cfg.model_dump(mode="json"))
     sums: dict[str, float] = {}
     rows_seen, t_metrics = 0, time.perf_counter()
-    tokens_seen, train_time, interval_t0, interval_tokens = 0, 0.0, time.perf_counter(), 0
+    interval_t0, interval_tokens = time.perf_counter(), 0
     compile_s = None
 
     def evaluate_now(done: int) -> None:
         if objective.test is None or not cfg.eval.batches:
             return
-        solved = solve_split(trainer, shadow if shadow is not None else params, consts, table, objective.test,
+        solved = solve_split(trainer, st.get("shadow", st["params"]), st["consts"], st.get("table"), objective.test,
                              eval_bs, limit=cfg.eval.batches * t.batch_size)
         m = solved_summary(solved, objective.test.ratings, owners(objective.test))
         log.write({"step": done, "val_exact_accuracy": m["exact_accuracy"], "val_token_accuracy": m["token_accuracy"],
                    "val_q_halt_accuracy": m["q_halt_accuracy"], "val_steps_used": m["steps_used_mean"],
                    "val_exact_at_halt": m["exact_accuracy_at_halt"], "val_examples": m["examples"]})
 
-    bar = progress(total=total_steps, desc="trm (jax)", unit="step")
+    bar = progress(total=total_steps, desc="trm (jax)", unit="step", initial=start)
+    done = start
     try:
-        for step in range(total_steps):
+        for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = schedule(step)
             loss_sum, grads, ids, row_grads, n_rows = 0.0, None, [], [], 0
+            table = st.get("table")
             for m in range(t.grad_accum):
                 batch = _np_batch(objective.batch(step, m))
-                carry = carries[m]
+                carry = st["carries"][str(m)]
                 data_ids = jnp.where(carry.halted, jnp.asarray(batch["puzzle_identifiers"]), carry.puzzle_identifiers)
                 rows = trainer.put(table[data_ids], True) if table is not None else None
-                loss, g, g_rows, carries[m], stats = trainer.micro(params, consts, carry, trainer.put(batch, True), rows)
+                loss, g, g_rows, st["carries"][str(m)], stats = trainer.micro(st["params"], st["consts"], carry,
+                                                                              trainer.put(batch, True), rows)
                 grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
                 if table is not None:
                     ids.append(data_ids)
@@ -226,26 +260,29 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int) -> dict:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 sums["rows"] = sums.get("rows", 0.0) + t.batch_size
-            params, opt_state, table, shadow, norm = trainer.update(
-                params, opt_state, table, shadow, grads, jnp.concatenate(ids) if ids else None,
+            st["params"], st["opt_state"], new_table, new_shadow, norm = trainer.update(
+                st["params"], st["opt_state"], table, st.get("shadow"), grads, jnp.concatenate(ids) if ids else None,
                 jnp.concatenate(row_grads) if row_grads else None, float(n_rows), lr, lr * emb_scale)
+            if table is not None:
+                st["table"] = new_table
+            if t.ema:
+                st["shadow"] = new_shadow
             done = step + 1
             step_tokens = n_rows * model_cfg.total_len
             tokens_seen += step_tokens
             interval_tokens += step_tokens
             rows_seen += n_rows
-            if done % cfg.log.every == 0 or done == total_steps:
+            logging_now = done % cfg.log.every == 0 or done == total_steps
+            if logging_now:
                 loss_value = float(loss_sum) / n_rows  # a sync: only at log steps
                 if not np.isfinite(loss_value):
-                    from lmlab.errors import Diverged
                     raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {total_steps}; "
                                    f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
             step_s = time.perf_counter() - t0
-            if compile_s is None:
-                compile_s = step_s  # the first step compiles
+            compile_s = step_s if compile_s is None else compile_s  # the first step compiles
             train_time += step_s
             bar.update(1)
-            if done % cfg.log.every == 0 or done == total_steps:
+            if logging_now:
                 now = time.perf_counter()
                 rec = {"step": done, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
                        "tokens_per_s": round(interval_tokens / max(now - interval_t0, 1e-9), 1),
@@ -259,22 +296,28 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int) -> dict:
                                  "exact": f"{rec['exact_accuracy']:.3g}"}, refresh=False)
             if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
                 evaluate_now(done)
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps:
+                save(done)
     except KeyboardInterrupt:
-        from lmlab.errors import Interrupted
-        raise Interrupted("stopped; backend=jax writes no checkpoints yet: the same command starts over") from None
+        save(done)
+        ck.close()
+        raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in {ck.dir}. Run the same "
+                          f"command to continue.") from None
     finally:
         bar.close()
         log.close()
+    ck.close()
 
-    final = shadow if shadow is not None else params
-    torch_model.load_state_dict(convert.to_torch_state(jax.device_get(final), jax.device_get(consts),
+    final = jax.device_get(st.get("shadow", st["params"]))
+    table = st.get("table")
+    torch_model.load_state_dict(convert.to_torch_state(final, jax.device_get(st["consts"]),
                                                        None if table is None else np.asarray(jax.device_get(table))))
-    from lmlab.train.logging import read_metrics
     lines = read_metrics(run_dir)
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
-    print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}); first step (compiling) {compile_s:.1f} s",
-          file=sys.stderr)
+    if compile_s is not None:
+        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}); first step (compiling) {compile_s:.1f} s",
+              file=sys.stderr)
     return {
         "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None, "precision": "float32",

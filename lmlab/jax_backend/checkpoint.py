@@ -1,0 +1,70 @@
+"""Checkpoints of a JAX run with Orbax: RUN/checkpoints_jax/STEP/{state, meta}.
+
+    ck = Checkpoints(run_dir, keep=3)
+    ck.save(step, state, meta)          # async: training goes on while it is written
+    found = ck.latest(resume_config)    # None, or (step, meta); refuses another run's settings
+    state = ck.restore(step, like=state)
+
+`state` is any pytree of arrays (parameters, optimizer state, the ACT carries ...), `meta` a
+JSON object (the step, tokens, time and the run's resume config). Orbax's CheckpointManager
+writes each step into a temporary directory and renames it when complete, keeps the newest
+`keep`, and saves asynchronously; `close()` waits for the last save. A checkpoint killed while
+being written is never listed, so the previous one is what a resume finds.
+
+Restoring takes the shardings of `like` (arrays of the current mesh): a checkpoint saved on 8
+devices restores onto 1, or the other way round.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from lmlab.errors import UserError
+
+DIRNAME = "checkpoints_jax"
+
+
+class Checkpoints:
+    def __init__(self, run_dir: str | Path, keep: int, fresh: bool = False) -> None:
+        import orbax.checkpoint as ocp
+
+        self.dir = (Path(run_dir) / DIRNAME).resolve()
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                           create=True),
+            item_names=("state", "meta"))
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        a = self._ocp.args
+        self.manager.save(step, args=a.Composite(state=a.StandardSave(state), meta=a.JsonSave(meta)))
+
+    def latest(self, resume_config: dict) -> Optional[tuple[int, dict]]:
+        """(step, meta) of the newest checkpoint, None without one; UserError when it is another run's."""
+        from lmlab.train.loop import settings_diff
+
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        a = self._ocp.args
+        meta = self.manager.restore(step, args=a.Composite(meta=a.JsonRestore())).meta
+        shown = settings_diff(meta.get("resume_config") or {}, resume_config)
+        if shown:
+            raise UserError(f"{self.dir} holds checkpoints of a run with different settings ({shown}); use another "
+                            f"`out`, restore those settings to continue it, or pass resume=never to start over")
+        return step, meta
+
+    def restore(self, step: int, like: Any) -> Any:
+        import jax
+
+        a = self._ocp.args
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        return self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract))).state
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
