@@ -184,3 +184,41 @@ def test_backend_jax_without_the_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a))
     with pytest.raises(UserError, match=r"needs flax.*pip install 'lmlab\[jax\]'"):
         require_jax()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed_log_what_one_logs(toy, jax_run, tmp_path):
+    """Two hosts (processes on 127.0.0.1, 4 fake devices each), launched as torchrun would (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each reads its half of every batch, process 0 alone
+    writes; the run logs what the one-device run logs. A process whose coordinator never
+    answers stops with one clear line."""
+    port = _free_port()
+    base = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
+           "backend=jax"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**base, "RANK": str(r)}) for r in (0, 1)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-2000:]
+    assert "8 device(s) (cpu) on 2 host(s)" in results[0][1]
+    for a, b in zip(read_metrics(jax_run), read_metrics(out), strict=True):
+        for k in ("loss", "grad_norm", "lm_loss", "val_token_accuracy"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    stats = json.loads((out / "manifest.json").read_text())["stats"]["parallel"]
+    assert stats["world_size"] == 8 and stats["hosts"] == 2
+
+    lonely = {**base, "RANK": "1", "MASTER_PORT": str(_free_port()), "LMLAB_JAX_INIT_TIMEOUT": "2"}
+    r = subprocess.run([*cmd[:5], f"out={tmp_path / 'lonely'}", *cmd[6:]], capture_output=True, text=True,
+                       env=lonely, timeout=120)
+    assert r.returncode == 2 and "did not answer within 2 s" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "lonely").exists()

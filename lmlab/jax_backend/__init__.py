@@ -15,6 +15,67 @@ PACKAGES = ("jax", "flax", "optax")
 INSTALL = "pip install 'lmlab[jax]'  (jax, flax, optax, orbax-checkpoint; on TPU: pip install 'jax[tpu]')"
 
 
+def init_distributed(timeout_s: float | None = None) -> int:
+    """Join the other hosts' JAX processes when launched as several (-> the process count).
+
+    Launched like torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: torchrun sets them, or
+    export them on every host), each process joins `jax.distributed` at the coordinator
+    MASTER_ADDR:MASTER_PORT+1 (or $LMLAB_JAX_COORDINATOR), as process RANK of WORLD_SIZE, before
+    any JAX computation; the device mesh then spans every host's devices. (lmlab's rank-0 writes
+    and barriers go through torch.distributed's CPU group on MASTER_PORT, as for every stage.)
+    CPU devices reduce over gloo. A coordinator that does not answer within `timeout_s`
+    ($LMLAB_JAX_INIT_TIMEOUT, default 300 s) is one clear error."""
+    import os
+
+    from lmlab import dist as lmdist
+
+    env = lmdist.read_env()
+    if env.world == 1:
+        return 1
+    import jax
+
+    coordinator = os.environ.get("LMLAB_JAX_COORDINATOR")
+    if not coordinator:
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not addr or not port:
+            raise UserError(f"launched as process {env.rank} of {env.world} but MASTER_ADDR/MASTER_PORT are not set: "
+                            f"export them (the first host and a free port) or LMLAB_JAX_COORDINATOR=HOST:PORT")
+        coordinator = f"{addr}:{int(port) + 1}"
+    timeout = int(timeout_s if timeout_s is not None else float(os.environ.get("LMLAB_JAX_INIT_TIMEOUT", "300")))
+    if env.rank != 0 and not _reachable(coordinator, timeout):
+        # jax aborts the process (no exception) when its deadline passes: look first, and say so
+        raise UserError(f"process {env.rank} of {env.world}: the JAX coordinator at {coordinator} did not answer "
+                        f"within {timeout} s; start process 0 (RANK=0) on that host, check the address and port, or "
+                        f"raise LMLAB_JAX_INIT_TIMEOUT")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=env.world, process_id=env.rank,
+                                   initialization_timeout=timeout)
+    except Exception as e:  # jaxlib raises XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"process {env.rank} of {env.world} could not join the JAX coordinator at {coordinator} within "
+                        f"{timeout} s ({first}); check that process 0 is running and reachable on that port "
+                        f"(LMLAB_JAX_COORDINATOR, LMLAB_JAX_INIT_TIMEOUT)") from None
+    return env.world
+
+
+def _reachable(address: str, timeout_s: float) -> bool:
+    """Whether a TCP connection to HOST:PORT succeeds within `timeout_s` (retried every 0.2 s)."""
+    import socket
+    import time
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
 def require_jax() -> None:
     """UserError naming the pip command unless jax, flax and optax import."""
     import importlib.util

@@ -133,13 +133,10 @@ def run(cfg: Config) -> Path:
     from lmlab.train.trm_objective import TRMObjective
 
     if cfg.backend == "jax":
-        from lmlab import dist as lmdist
-        from lmlab.jax_backend import require_jax
+        from lmlab.jax_backend import init_distributed, require_jax
 
         require_jax()
-        if lmdist.read_env().world > 1:
-            raise UserError("backend=jax runs in one process over every device JAX sees; launch it without "
-                            "torchrun (several hosts are not supported yet)")
+        init_distributed()  # several hosts: before anything touches JAX (or the torch group waits)
     run = TrainingRun(cfg, "trm", KIND)
     cfg, out = run.cfg, run.out
     if cfg.parallel.strategy == "fsdp":

@@ -14,8 +14,10 @@ The same run as the torch trainer (lmlab.train.trm + the shared loop), step for 
 Parallelism: `jax.jit` with `NamedSharding` over a one-axis mesh ("data") of all devices: each
 micro-batch is split by rows over the devices, the parameters, optimizer state and table are
 replicated, and XLA inserts the gradient all-reduce. A batch that does not divide the devices is
-refused, naming the sizes that do. (Several hosts and parameter sharding are not built yet:
-docs/jax.md.)
+refused, naming the sizes that do. Several hosts (lmlab.jax_backend.init_distributed): each
+process reads only its slice of every micro-batch's rows and hands it to
+`make_array_from_process_local_data`; process 0 alone writes. (Parameter sharding is not
+built yet: docs/jax.md.)
 
 Checkpoints (lmlab.jax_backend.checkpoint, Orbax): every `checkpoint.every` steps, at the end and
 on Ctrl-C, the parameters, optimizer state, puzzle table, EMA, initial states and every
@@ -74,7 +76,10 @@ class Trainer:
         t = cfg.train
         self.opt = network_optimizer(cfg.optimizer, tuple(t.betas), t.weight_decay)
 
-        def micro(params, consts, carry, batch, rows):
+        def micro(params, consts, carry, batch, table):
+            ids = jm.merge(carry, batch)["puzzle_identifiers"]
+            rows = table[ids] if table is not None else None  # the looked-up puzzle embeddings
+
             def loss_fn(p, r):
                 new, out = jm.act_step(net, p, consts, carry, batch, r, training=True)
                 loss, aux = losses.act_loss(out, new.labels, new.halted, new.steps, cfg.loss, cfg.halt_loss_weight)
@@ -82,7 +87,7 @@ class Trainer:
 
             (loss, (new, aux)), (g, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
             stats = {k: aux[k] for k in STAT_KEYS + ("lm_loss", "q_halt_loss")}
-            return loss, g, g_rows, new, stats
+            return loss, g, ids, g_rows, new, stats
 
         def update(params, opt_state, table, shadow, grads, ids, row_grads, n_rows, lr, emb_lr):
             grads = jax.tree_util.tree_map(lambda g: g / n_rows, grads)
@@ -99,7 +104,8 @@ class Trainer:
                 shadow = ema_update(shadow, params, t.ema)
             return params, opt_state, table, shadow, norm
 
-        def evaluate(params, consts, batch, rows):
+        def evaluate(params, consts, batch, table):
+            rows = table[batch["puzzle_identifiers"]] if table is not None else None
             carry = jm.initial_carry(model_cfg, batch["inputs"].shape[0])
             carry = carry._replace(**{k: jax.lax.with_sharding_constraint(v, self.rows_sharded)
                                       for k, v in carry._asdict().items()})
@@ -114,12 +120,27 @@ class Trainer:
 
         self.micro = jax.jit(micro)
         self.update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
-        self.evaluate = jax.jit(evaluate)
+        self.evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
 
     def put(self, tree, rows: bool):
+        """Host arrays (the same on every process) as global arrays: split by rows, or replicated."""
         import jax
 
-        return jax.device_put(tree, self.rows_sharded if rows else self.replicated)
+        sharding = self.rows_sharded if rows else self.replicated
+
+        def one(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree_util.tree_map(one, tree)
+
+    def put_local(self, tree):
+        """This process's rows (its slice of the global batch) as global arrays split by rows."""
+        import jax
+
+        n = jax.process_count()
+        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(
+            self.rows_sharded, np.asarray(x), (x.shape[0] * n,) + x.shape[1:]), tree)
 
 
 def _np_batch(batch: dict) -> dict:
@@ -129,8 +150,6 @@ def _np_batch(batch: dict) -> dict:
 def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int, limit=None):
     """lmlab.infer.puzzles.solve in JAX: every example through all supervision steps (a short last
     batch is padded to the batch size, its padding rows dropped)."""
-    import jax.numpy as jnp
-
     from lmlab.data.puzzles.sampler import eval_batches
     from lmlab.infer.puzzles import Solved
 
@@ -139,8 +158,7 @@ def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int,
         b = _np_batch(batch)
         n = len(idx)
         b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in b.items()}
-        rows = jnp.asarray(table)[b["puzzle_identifiers"]] if table is not None else None
-        preds, q = trainer.evaluate(params, consts, trainer.put(b, True), None if rows is None else trainer.put(rows, True))
+        preds, q = trainer.evaluate(params, consts, trainer.put(b, True), table)
         preds, q = np.asarray(preds)[:, :n], np.asarray(q)[:, :n]
         labels = b["labels"][:n].astype(np.int64)
         mask = labels != 0
@@ -178,11 +196,18 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
                         "over the devices (set train.grad_accum for smaller micro-batches)")
     if t.time_budget:
         raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
+    from lmlab import dist as lmdist
+    from lmlab.train.loop import _NoLog
+
     mesh = data_mesh()
     shards = mesh.devices.size
     check_batch(t.batch_size, shards)
     eval_bs = cfg.eval.batch_size or t.batch_size
     check_batch(eval_bs, shards, "eval.batch_size")
+    hosts, host = jax.process_count(), jax.process_index()
+    main = host == 0
+    # this process's rows of every micro-batch (its devices' slice of the mesh's "data" axis)
+    mine = None if hosts == 1 else slice(host * t.batch_size // hosts, (host + 1) * t.batch_size // hosts)
 
     seed_everything(t.seed)
     torch_model = TRM(model_cfg)  # the torch trainer's start, exactly
@@ -201,7 +226,8 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
     schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
     emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
 
-    ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never")
+    ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never" and main)
+    lmdist.barrier()  # (several hosts) none lists the checkpoints while process 0 deletes them
     start, tokens_seen, train_time = 0, 0, 0.0
     found = ck.latest(resume_config)
     if found is not None:
@@ -220,7 +246,7 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
 
     log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                         wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                        config=cfg.model_dump(mode="json"))
+                        config=cfg.model_dump(mode="json")) if main else _NoLog()
     sums: dict[str, float] = {}
     rows_seen, t_metrics = 0, time.perf_counter()
     interval_t0, interval_tokens = time.perf_counter(), 0
@@ -236,7 +262,7 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
                    "val_q_halt_accuracy": m["q_halt_accuracy"], "val_steps_used": m["steps_used_mean"],
                    "val_exact_at_halt": m["exact_accuracy_at_halt"], "val_examples": m["examples"]})
 
-    bar = progress(total=total_steps, desc="trm (jax)", unit="step", initial=start)
+    bar = progress(total=total_steps, desc="trm (jax)", unit="step", initial=start, disable=not main)
     done = start
     try:
         for step in range(start, total_steps):
@@ -245,12 +271,9 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
             loss_sum, grads, ids, row_grads, n_rows = 0.0, None, [], [], 0
             table = st.get("table")
             for m in range(t.grad_accum):
-                batch = _np_batch(objective.batch(step, m))
-                carry = st["carries"][str(m)]
-                data_ids = jnp.where(carry.halted, jnp.asarray(batch["puzzle_identifiers"]), carry.puzzle_identifiers)
-                rows = trainer.put(table[data_ids], True) if table is not None else None
-                loss, g, g_rows, st["carries"][str(m)], stats = trainer.micro(st["params"], st["consts"], carry,
-                                                                              trainer.put(batch, True), rows)
+                batch = _np_batch(objective.batch(step, m) if mine is None else objective.batch(step, m, rows=mine))
+                loss, g, data_ids, g_rows, st["carries"][str(m)], stats = trainer.micro(
+                    st["params"], st["consts"], st["carries"][str(m)], trainer.put_local(batch), table)
                 grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
                 if table is not None:
                     ids.append(data_ids)
@@ -312,19 +335,19 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
     table = st.get("table")
     torch_model.load_state_dict(convert.to_torch_state(final, jax.device_get(st["consts"]),
                                                        None if table is None else np.asarray(jax.device_get(table))))
-    lines = read_metrics(run_dir)
+    lines = read_metrics(run_dir) if main else []
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
     if compile_s is not None:
-        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}); first step (compiling) {compile_s:.1f} s",
-              file=sys.stderr)
+        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s); first step "
+              f"(compiling) {compile_s:.1f} s", file=sys.stderr)
     return {
         "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None, "precision": "float32",
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": {"strategy": "jax data parallel", "world_size": shards, "backend": "jax"},
+        "parallel": {"strategy": "jax data parallel", "world_size": shards, "hosts": hosts, "backend": "jax"},
         "first_step_s": round(compile_s or 0.0, 2), **({"ema": t.ema} if t.ema else {}),
         "model": torch_model,
     }
