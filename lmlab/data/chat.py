@@ -376,6 +376,14 @@ class _Pieces(list):
         if any(x[3] == self.turn and x[2] for x in self):
             self.turn += 1  # a new exchange begins after an assistant reply
 
+    def generation_prompt(self, empty_block: Optional[str] = None) -> None:
+        """The assistant header a reply follows; with `empty_block`, the empty thinking block
+        (followed by that text) that makes the model answer at once."""
+        self.special(IM_START)
+        self.text("assistant\n")
+        if empty_block is not None:
+            self.extend(_empty_thinking(empty_block, False, self.turn))
+
     def message(self, role: str, text: str) -> None:
         self.special(IM_START)
         self.text(f"{role}\n{text}")
@@ -429,10 +437,7 @@ def _qwen3_pieces(messages: list[dict], generation_prompt: bool, tokens: tuple[s
             p.special(IM_END, True)
             p.text("\n")
     if generation_prompt:
-        p.special(IM_START)
-        p.text("assistant\n")
-        if not thinking:
-            p.extend(_empty_thinking("\n\n", False, p.turn))
+        p.generation_prompt(None if thinking else "\n\n")
     return list(p)
 
 
@@ -512,10 +517,7 @@ def _smollm3_pieces(messages: list[dict], generation_prompt: bool, tokens: tuple
             p.special(IM_END, True)
             p.text("\n")
     if generation_prompt:
-        p.special(IM_START)
-        p.text("assistant\n")
-        if not think:
-            p.extend(_empty_thinking("\n", False, p.turn))
+        p.generation_prompt(None if think else "\n")
     return list(p)
 
 
