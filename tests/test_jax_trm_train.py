@@ -1,4 +1,4 @@
-"""`lmlab trm backend=jax` (lmlab.jax_backend.trm.train) against the torch trainer it mirrors.
+"""`lmlab trm backend=jax` (lmlab.train.trm_jax) against the torch trainer it mirrors.
 
 - The optimizers: one AdamATan2 / AdamW step and sign-SGD on repeated puzzle ids equal
   TRMOptimizer's (lmlab.train.trm_optim), to float32 rounding.
@@ -168,7 +168,7 @@ def test_eight_devices_log_what_one_logs_resume_on_one_and_a_batch_must_divide_t
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
     from lmlab.errors import UserError
-    from lmlab.jax_backend.trm.train import check_batch
+    from lmlab.train.trm_jax import check_batch
 
     with pytest.raises(UserError, match=r"train.batch_size=12 does not divide into the 8 devices.*8, 16, 24"):
         check_batch(12, 8)

@@ -168,7 +168,7 @@ def run(cfg: Config) -> Path:
           f"N_sup={model_cfg.halt_max_steps}); {train_split.num_examples:,} training examples in "
           f"{train_split.num_groups:,} groups; {steps} steps x {per_step} puzzles{budget} -> {out}", file=sys.stderr)
     if cfg.backend == "jax":
-        from lmlab.jax_backend.trm.train import train as train_jax
+        from lmlab.train.trm_jax import train as train_jax
         from lmlab.train.checkpoint import list_checkpoints
 
         if list_checkpoints(out) and cfg.resume == "auto":

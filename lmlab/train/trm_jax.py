@@ -19,7 +19,7 @@ process reads only its slice of every micro-batch's rows and hands it to
 `make_array_from_process_local_data`; process 0 alone writes. (Parameter sharding is not
 built yet: docs/jax.md.)
 
-Checkpoints (lmlab.jax_backend.checkpoint, Orbax): every `checkpoint.every` steps, at the end and
+Checkpoints (lmlab.train.jax_checkpoint, Orbax): every `checkpoint.every` steps, at the end and
 on Ctrl-C, the parameters, optimizer state, puzzle table, EMA, initial states and every
 micro-batch's ACT carry, with the step, tokens and time; the same command resumes from the
 newest (refusing another run's settings), with the same data order, so a resumed run on the
@@ -183,7 +183,7 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
     from lmlab.data.puzzles.sampler import owners
     from lmlab.errors import Diverged, Interrupted
     from lmlab.infer.puzzles import summary as solved_summary
-    from lmlab.jax_backend.checkpoint import Checkpoints
+    from lmlab.train.jax_checkpoint import Checkpoints
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.models.trm import TRM
