@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """The JAX tests last: once JAX has run in this process its threads exist, and a test that
+    forks afterwards (multiprocessing, subprocesses) would do so from a multithreaded process."""
+    items.sort(key=lambda item: Path(str(item.fspath)).name.startswith("test_jax_"))
+
+
 def build_micro_pipeline(root: Path, max_docs: int = 40, seq_len: int = 65, steps: int = 12) -> dict:
     """corpus (stdlib) -> tokenizer (vocab 400) -> pack -> pretrain (a micro model) under `root`."""
     from lmlab.data import corpus, pack, tokenizer

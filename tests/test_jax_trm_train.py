@@ -6,10 +6,10 @@
   puzzle set of tests/test_trm_train.py, log the same losses, gradient norms, train metrics and
   test-split metrics at every logged step, and write the same kind of run directory (the final
   EMA weights within 1e-4 in model.safetensors), which `lmlab puzzle-eval` reads.
-- Data parallel: on 8 (fake, XLA_FLAGS) CPU devices the run logs what it logs on one; a batch
-  that does not divide the devices is refused, naming sizes that do.
+- Data parallel over hosts: two processes of 4 (fake, XLA_FLAGS) CPU devices each log what one
+  device logs; a batch that does not divide the devices is refused, naming sizes that do.
 - Orbax checkpoints: kill -9 mid-run and the same command gives, bitwise, the uninterrupted run's
-  weights and metrics; a checkpoint saved on 8 devices resumes on 1.
+  weights and metrics; a checkpoint saved on the 8-device mesh resumes on 1 device.
 """
 
 from __future__ import annotations
@@ -141,37 +141,13 @@ def test_kill_9_then_the_same_command_is_bitwise_the_uninterrupted_run(toy, jax_
     assert _metrics(out) == _metrics(jax_run)
 
 
-def test_eight_devices_log_what_one_logs_resume_on_one_and_a_batch_must_divide_them(toy, jax_run, tmp_path):
-    import shutil
-
-    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = tmp_path / "eight"
-    r = _trm(toy, out, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10", env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "8 device(s)" in r.stderr
-    one, eight = read_metrics(jax_run), read_metrics(out)
-    assert len(one) == len(eight)
-    for a, b in zip(one, eight):
-        for k in ("loss", "grad_norm", "lm_loss", "exact_accuracy", "val_token_accuracy", "val_exact_accuracy"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
-    assert json.loads((out / "manifest.json").read_text())["stats"]["parallel"]["world_size"] == 8
-    # its checkpoint at step 10 resumes on one device: the rest of the run is the one-device run's
-    moved = tmp_path / "moved"
-    shutil.copytree(out, moved)
-    (moved / "manifest.json").unlink()
-    shutil.rmtree(moved / "checkpoints_jax" / "20")
-    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10")
-    assert r.returncode == 0 and "saved on 8 device(s), now 1" in r.stderr, r.stderr[-3000:]
-    for a, b in zip(read_metrics(jax_run), read_metrics(moved)):
-        for k in ("loss", "grad_norm", "val_token_accuracy"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+def test_a_batch_must_divide_the_devices():
     from lmlab.errors import UserError
     from lmlab.train.trm_jax import check_batch
 
     with pytest.raises(UserError, match=r"train.batch_size=12 does not divide into the 8 devices.*8, 16, 24"):
         check_batch(12, 8)
+    check_batch(16, 8)
 
 
 def test_backend_jax_without_the_extra_names_the_pip_command(monkeypatch):
@@ -194,17 +170,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_through_jax_distributed_log_what_one_logs(toy, jax_run, tmp_path):
-    """Two hosts (processes on 127.0.0.1, 4 fake devices each), launched as torchrun would (RANK,
-    WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each reads its half of every batch, process 0 alone
-    writes; the run logs what the one-device run logs. A process whose coordinator never
-    answers stops with one clear line."""
+def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_one(toy, jax_run, tmp_path):
+    """Two hosts (processes on 127.0.0.1, 4 fake devices each: an 8-device mesh), launched as
+    torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each reads its half of every
+    batch, process 0 alone writes; the run logs what the one-device run logs. Its checkpoint at
+    step 10 resumes in one process on one device, and the rest is the one-device run's. A process
+    whose coordinator never answers stops with one clear line."""
+    import shutil
+
     port = _free_port()
     base = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
-           "backend=jax"]
+           "backend=jax", "checkpoint.every=10"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**base, "RANK": str(r)}) for r in (0, 1)]
     results = [p.communicate(timeout=300) for p in procs]
@@ -216,6 +195,17 @@ def test_two_processes_through_jax_distributed_log_what_one_logs(toy, jax_run, t
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
     stats = json.loads((out / "manifest.json").read_text())["stats"]["parallel"]
     assert stats["world_size"] == 8 and stats["hosts"] == 2
+
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    (moved / "manifest.json").unlink()
+    shutil.rmtree(moved / "checkpoints_jax" / "20")
+    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10")
+    assert r.returncode == 0 and "saved on 8 device(s), now 1" in r.stderr, r.stderr[-3000:]
+    for a, b in zip(read_metrics(jax_run), read_metrics(moved), strict=True):
+        for k in ("loss", "grad_norm", "val_token_accuracy"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
     lonely = {**base, "RANK": "1", "MASTER_PORT": str(_free_port()), "LMLAB_JAX_INIT_TIMEOUT": "2"}
     r = subprocess.run([*cmd[:5], f"out={tmp_path / 'lonely'}", *cmd[6:]], capture_output=True, text=True,
