@@ -83,17 +83,24 @@ def copy_to_official(ours, official) -> None:
             theirs[b].copy_(mine[a].to(theirs[b].dtype))
 
 
+def bench_model_config(cfg):
+    """The TRM the `trm` and `trm-jax` benches time, from the bench's trm_* options."""
+    from lmlab.models.trm import TRMConfig
+
+    return TRMConfig(seq_len=cfg.trm_seq_len, vocab_size=cfg.trm_vocab, num_puzzle_identifiers=1,
+                     hidden_size=cfg.trm_hidden, num_heads=max(1, cfg.trm_hidden // 64), h_cycles=cfg.trm_h_cycles,
+                     l_cycles=cfg.trm_l_cycles, mlp_t=cfg.trm_mlp_t, pos_encodings="none" if cfg.trm_mlp_t else "rope")
+
+
 def bench_trm(cfg, device) -> dict:
     from lmlab.bench_timing import interleaved as _interleaved
     from lmlab.bench_timing import median as _median
-    from lmlab.models.trm import TRM, TRMConfig
+    from lmlab.models.trm import TRM
     from lmlab.train.trm_losses import act_loss
     from lmlab.train.trm_optim import TRMOptimizer
 
     Official, Head = import_official(cfg.trm_reference)
-    mcfg = TRMConfig(seq_len=cfg.trm_seq_len, vocab_size=cfg.trm_vocab, num_puzzle_identifiers=1,
-                     hidden_size=cfg.trm_hidden, num_heads=max(1, cfg.trm_hidden // 64), h_cycles=cfg.trm_h_cycles,
-                     l_cycles=cfg.trm_l_cycles, mlp_t=cfg.trm_mlp_t, pos_encodings="none" if cfg.trm_mlp_t else "rope")
+    mcfg = bench_model_config(cfg)
     torch.manual_seed(cfg.seed)
     ours = TRM(mcfg).to(device).train()
     bf16 = device.type == "cuda"

@@ -29,13 +29,12 @@ def bench_trm_jax(cfg, device) -> dict:
     from lmlab.bench_timing import interleaved, median
     from lmlab.jax_backend.trm import convert, losses, model as jm
     from lmlab.jax_backend.trm.optim import network_optimizer
-    from lmlab.models.trm import TRM, TRMConfig
+    from lmlab.bench_trm import bench_model_config
+    from lmlab.models.trm import TRM
     from lmlab.train.trm_losses import act_loss
     from lmlab.train.trm_optim import TRMOptimizer
 
-    mcfg = TRMConfig(seq_len=cfg.trm_seq_len, vocab_size=cfg.trm_vocab, num_puzzle_identifiers=1,
-                     hidden_size=cfg.trm_hidden, num_heads=max(1, cfg.trm_hidden // 64), h_cycles=cfg.trm_h_cycles,
-                     l_cycles=cfg.trm_l_cycles, mlp_t=cfg.trm_mlp_t, pos_encodings="none" if cfg.trm_mlp_t else "rope")
+    mcfg = bench_model_config(cfg)
     torch.manual_seed(cfg.seed)
     ours = TRM(mcfg).to(device).train()
     params, consts, table = convert.from_torch_state(ours.state_dict(), mcfg)

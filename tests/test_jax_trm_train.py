@@ -184,9 +184,13 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
            "backend=jax", "checkpoint.every=10"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**base, "RANK": str(r)}) for r in (0, 1)]
-    results = [p.communicate(timeout=300) for p in procs]
+    # output to files, not pipes: a rank blocked on a full pipe that nobody reads yet would hang the other
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**base, "RANK": str(r)})
+             for r, log in zip((0, 1), logs)]
+    for p in procs:
+        p.wait(timeout=300)
+    results = [("", log.read_text()) for log in logs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-2000:]
     assert "8 device(s) (cpu) on 2 host(s)" in results[0][1]
     for a, b in zip(read_metrics(jax_run), read_metrics(out), strict=True):

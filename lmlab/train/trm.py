@@ -176,7 +176,7 @@ def run(cfg: Config) -> Path:
                             f"checkpoints in checkpoints_jax/); resume them with backend=torch, or start over "
                             f"with resume=never")
         with run.timer("train"):
-            summary = train_jax(cfg, out, model_cfg, objective, steps, resume_config)
+            summary = train_jax(cfg, out, model, objective, steps, resume_config)
     else:
         summary = run.train(model, objective, total_steps=steps, resume_config=resume_config,
                             flops_per_token=model.flops_per_token(), desc="trm")

@@ -173,22 +173,24 @@ def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int,
     return Solved(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
-def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_config: dict) -> dict:
-    """Train for `total_steps`, resuming from RUN/checkpoints_jax when it holds this run's
-    checkpoints; -> the summary TrainingRun.finish takes (the torch TRM holding the final EMA
+def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_config: dict) -> dict:
+    """Train for `total_steps` from `torch_model` (the TRM the stage built with train.seed, as the
+    torch trainer starts from), resuming from RUN/checkpoints_jax when it holds this run's
+    checkpoints; -> the summary TrainingRun.finish takes (`torch_model` holding the final EMA
     weights under "model")."""
     import jax
     import jax.numpy as jnp
 
+    from lmlab import dist as lmdist
     from lmlab.data.puzzles.sampler import owners
     from lmlab.errors import Diverged, Interrupted
     from lmlab.infer.puzzles import summary as solved_summary
-    from lmlab.train.jax_checkpoint import Checkpoints
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
-    from lmlab.models.trm import TRM
-    from lmlab.runtime import progress, seed_everything
+    from lmlab.runtime import progress
+    from lmlab.train.jax_checkpoint import Checkpoints
     from lmlab.train.logging import MetricsLogger, read_metrics
+    from lmlab.train.loop import _NoLog
 
     t = cfg.train
     if t.micro_batch:
@@ -196,9 +198,7 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
                         "over the devices (set train.grad_accum for smaller micro-batches)")
     if t.time_budget:
         raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
-    from lmlab import dist as lmdist
-    from lmlab.train.loop import _NoLog
-
+    model_cfg = torch_model.cfg
     mesh = data_mesh()
     shards = mesh.devices.size
     check_batch(t.batch_size, shards)
@@ -209,8 +209,6 @@ def train(cfg, run_dir: Path, model_cfg, objective, total_steps: int, resume_con
     # this process's rows of every micro-batch (its devices' slice of the mesh's "data" axis)
     mine = None if hosts == 1 else slice(host * t.batch_size // hosts, (host + 1) * t.batch_size // hosts)
 
-    seed_everything(t.seed)
-    torch_model = TRM(model_cfg)  # the torch trainer's start, exactly
     params, consts, table = convert.from_torch_state(torch_model.state_dict(), model_cfg)
     trainer = Trainer(cfg, model_cfg, mesh)
     params = trainer.put(params, False)
