@@ -162,12 +162,37 @@ def test_backend_jax_without_the_extra_names_the_pip_command(monkeypatch):
         require_jax()
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free now (held open together while chosen). Not MASTER_PORT+1 for JAX's
+    coordinator: bind(0) hands out odd ports and Linux gives outgoing connections the even ones,
+    so the port after a chosen one may already be some connection's local port."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait_all(procs, logs, timeout: float) -> None:
+    """Wait for every process; past `timeout`, kill them all and fail with their logs' ends."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        pytest.fail(f"the processes did not finish within {timeout:g} s:\n" +
+                    "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in logs))
 
 
 def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_one(toy, jax_run, tmp_path):
@@ -178,9 +203,10 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
     whose coordinator never answers stops with one clear line."""
     import shutil
 
-    port = _free_port()
+    port, coordinator, lonely_port = _free_ports(3)
     base = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+            "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+            "LMLAB_JAX_COORDINATOR": f"127.0.0.1:{coordinator}", "LMLAB_JAX_INIT_TIMEOUT": "60"}
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
            "backend=jax", "checkpoint.every=10"]
@@ -188,8 +214,7 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
     logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**base, "RANK": str(r)})
              for r, log in zip((0, 1), logs)]
-    for p in procs:
-        p.wait(timeout=300)
+    _wait_all(procs, logs, 300)
     results = [("", log.read_text()) for log in logs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-2000:]
     assert "8 device(s) (cpu) on 2 host(s)" in results[0][1]
@@ -211,7 +236,7 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
-    lonely = {**base, "RANK": "1", "MASTER_PORT": str(_free_port()), "LMLAB_JAX_INIT_TIMEOUT": "2"}
+    lonely = {**base, "RANK": "1", "LMLAB_JAX_COORDINATOR": f"127.0.0.1:{lonely_port}", "LMLAB_JAX_INIT_TIMEOUT": "2"}
     r = subprocess.run([*cmd[:5], f"out={tmp_path / 'lonely'}", *cmd[6:]], capture_output=True, text=True,
                        env=lonely, timeout=120)
     assert r.returncode == 2 and "did not answer within 2 s" in r.stderr and "Traceback" not in r.stderr

@@ -89,8 +89,13 @@ class Trainer:
             stats = {k: aux[k] for k in STAT_KEYS + ("lm_loss", "q_halt_loss")}
             return loss, g, ids, g_rows, new, stats
 
+        def add(a, b):  # the micro-batches' sums (loss, gradients, train stats): one program, no eager ops
+            return jax.tree_util.tree_map(jax.numpy.add, a, b)
+
         def update(params, opt_state, table, shadow, grads, ids, row_grads, n_rows, lr, emb_lr):
             grads = jax.tree_util.tree_map(lambda g: g / n_rows, grads)
+            ids = jax.numpy.concatenate(ids) if ids else None  # (the micro-batches' puzzle rows)
+            row_grads = jax.numpy.concatenate(row_grads) if row_grads else None
             leaves = jax.tree_util.tree_leaves(grads)
             norm = jax.numpy.sqrt(sum(jax.numpy.sum(g * g) for g in leaves))
             if t.grad_clip:
@@ -118,9 +123,34 @@ class Trainer:
             _, (preds, q) = jax.lax.scan(one, carry, None, length=model_cfg.halt_max_steps)
             return preds, q  # (S, B, L), (S, B)
 
-        self.micro = jax.jit(micro)
-        self.update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
-        self.evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
+        self._micro = jax.jit(micro)
+        self._add = jax.jit(add)
+        self._update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
+        self._evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
+        # CPU devices of several processes reduce over gloo, and XLA's CPU client runs dispatched
+        # programs concurrently: two programs' all-reduces could then meet in a different order on
+        # each host and wait for each other forever (seen: about 1 run in 15 of the two-process
+        # test). There, each program finishes before the next is dispatched; TPUs and GPUs order
+        # programs per device, so they keep asynchronous dispatch.
+        self.serial = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+
+    def _run(self, fn, *args):
+        import jax
+
+        out = fn(*args)
+        return jax.block_until_ready(out) if self.serial else out
+
+    def micro(self, *args):
+        return self._run(self._micro, *args)
+
+    def add(self, a, b):
+        return b if a is None else self._run(self._add, a, b)
+
+    def update(self, *args):
+        return self._run(self._update, *args)
+
+    def evaluate(self, *args):
+        return self._run(self._evaluate, *args)
 
     def put(self, tree, rows: bool):
         """Host arrays (the same on every process) as global arrays: split by rows, or replicated."""
@@ -179,7 +209,6 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     checkpoints; -> the summary TrainingRun.finish takes (`torch_model` holding the final EMA
     weights under "model")."""
     import jax
-    import jax.numpy as jnp
 
     from lmlab import dist as lmdist
     from lmlab.data.puzzles.sampler import owners
@@ -211,15 +240,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
 
     params, consts, table = convert.from_torch_state(torch_model.state_dict(), model_cfg)
     trainer = Trainer(cfg, model_cfg, mesh)
-    params = trainer.put(params, False)
-    # everything a step changes, and what a checkpoint holds (the carries: the rows' puzzles and states)
-    st = {"params": params, "opt_state": trainer.put(trainer.opt.init(params), False),
+    # everything a step changes, and what a checkpoint holds (the carries: the rows' puzzles and states);
+    # built on the host, then placed: no eager programs on arrays that span hosts
+    st = {"params": trainer.put(params, False), "opt_state": trainer.put(trainer.opt.init(params), False),
           "consts": trainer.put(consts, False),
           "carries": {str(m): trainer.put(initial_carry(model_cfg, t.batch_size), True) for m in range(t.grad_accum)}}
     if table is not None:
-        st["table"] = trainer.put(jnp.asarray(table), False)
+        st["table"] = trainer.put(table, False)
     if t.ema:
-        st["shadow"] = trainer.put(jax.tree_util.tree_map(jnp.copy, params), False)  # its own buffers
+        st["shadow"] = trainer.put(params, False)  # its own buffers
     warmup = resolve_warmup(t.warmup_steps, total_steps)
     schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
     emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
@@ -245,7 +274,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                         wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
                         config=cfg.model_dump(mode="json")) if main else _NoLog()
-    sums: dict[str, float] = {}
+    sums = None  # the train stats summed since the last log line (on the devices)
     rows_seen, t_metrics = 0, time.perf_counter()
     interval_t0, interval_tokens = time.perf_counter(), 0
     compile_s = None
@@ -266,24 +295,21 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = schedule(step)
-            loss_sum, grads, ids, row_grads, n_rows = 0.0, None, [], [], 0
+            acc, ids, row_grads, n_rows = None, [], [], 0
             table = st.get("table")
             for m in range(t.grad_accum):
                 batch = _np_batch(objective.batch(step, m) if mine is None else objective.batch(step, m, rows=mine))
                 loss, g, data_ids, g_rows, st["carries"][str(m)], stats = trainer.micro(
                     st["params"], st["consts"], st["carries"][str(m)], trainer.put_local(batch), table)
-                grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+                acc = trainer.add(acc, {"loss": loss, "grads": g})
+                sums = trainer.add(sums, stats)
                 if table is not None:
                     ids.append(data_ids)
                     row_grads.append(g_rows)
-                loss_sum = loss_sum + loss
                 n_rows += t.batch_size
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                sums["rows"] = sums.get("rows", 0.0) + t.batch_size
             st["params"], st["opt_state"], new_table, new_shadow, norm = trainer.update(
-                st["params"], st["opt_state"], table, st.get("shadow"), grads, jnp.concatenate(ids) if ids else None,
-                jnp.concatenate(row_grads) if row_grads else None, float(n_rows), lr, lr * emb_scale)
+                st["params"], st["opt_state"], table, st.get("shadow"), acc["grads"], ids, row_grads, float(n_rows),
+                lr, lr * emb_scale)
             if table is not None:
                 st["table"] = new_table
             if t.ema:
@@ -295,7 +321,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             rows_seen += n_rows
             logging_now = done % cfg.log.every == 0 or done == total_steps
             if logging_now:
-                loss_value = float(loss_sum) / n_rows  # a sync: only at log steps
+                loss_value = float(acc["loss"]) / n_rows  # a sync: only at log steps
                 if not np.isfinite(loss_value):
                     raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {total_steps}; "
                                    f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
@@ -309,9 +335,9 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                        "tokens_per_s": round(interval_tokens / max(now - interval_t0, 1e-9), 1),
                        "grad_norm": float(norm), "time_s": round(train_time, 2)}
                 interval_t0, interval_tokens = now, 0
-                host = {k: float(v) for k, v in sums.items()}
+                host = {**{k: float(v) for k, v in jax.device_get(sums).items()}, "rows": float(rows_seen)}
                 rec.update({k: v for k, v in train_metrics_of(host, rows_seen, now - t_metrics).items() if k not in rec})
-                sums, rows_seen, t_metrics = {}, 0, now
+                sums, rows_seen, t_metrics = None, 0, now
                 log.write(rec)
                 bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}",
                                  "exact": f"{rec['exact_accuracy']:.3g}"}, refresh=False)
