@@ -56,15 +56,16 @@ fi
 if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("lm_eval") is None)' 2>/dev/null; then
   "${PIP[@]}" "lm-eval>=0.4" || echo "[setup] lm-eval not installed: tests/test_lm_harness.py will skip" >&2
 fi
-# The JAX backend (the `jax` extra: jax, flax, optax, orbax-checkpoint; ~700 MB, ~15 s from the
-# index), so tests/test_jax_*.py compare it with the torch models. Without it those skip.
-if ! "$VPY" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(p) is None for p in ("jax", "flax", "optax", "orbax")))' 2>/dev/null; then
-  "${PIP[@]}" "jax>=0.4.31" "flax>=0.10" "optax>=0.2" "orbax-checkpoint>=0.6" \
+# The JAX backend (the `jax` extra: jax, flax, optax, orbax-checkpoint, and typeguard 2 for
+# recurrentgemma.jax; ~700 MB, ~15 s from the index), so tests/test_jax_*.py compare it with the
+# torch models. Without it those skip.
+if ! "$VPY" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(p) is None for p in ("jax", "flax", "optax", "orbax", "typeguard")))' 2>/dev/null; then
+  "${PIP[@]}" "jax>=0.9" "flax>=0.12" "optax>=0.2" "orbax-checkpoint>=0.6" "typeguard>=2.13,<3" \
     || echo "[setup] the jax extra not installed: tests/test_jax_*.py will skip" >&2
 fi
-# The Griffin parity test's reference (Google DeepMind's recurrentgemma, its torch model): it
-# pins numpy<2.4 and pulls jax for its other half, neither of which the test needs, so it is
-# installed without dependencies (its torch part needs einops and jaxtyping: the dev extra).
+# Google DeepMind's recurrentgemma: its torch model is the Griffin parity test's reference, its
+# JAX model lmlab's Griffin with backend=jax. It pins numpy<2.4, which lmlab's numpy runs fine,
+# so it is installed without dependencies (einops, jaxtyping: the dev extra; typeguard: above).
 if ! "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("recurrentgemma") is None)' 2>/dev/null; then
   "${PIP[@]}" --no-deps "recurrentgemma==1.0.1" || echo "[setup] recurrentgemma not installed: its parity test will skip" >&2
 fi

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("LMLAB_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +80,20 @@ def build_tiny_smollm3(d: Path, chat_template: str | None = None, **config):
     if chat_template is not None:
         (d / "chat_template.jinja").write_text(chat_template)
     return model.eval(), ids
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(tmp_path_factory):
+    """A SentencePiece model (280 pieces) laid out as Gemma's: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn markers."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    text = d / "text.txt"
+    text.write_text("\n".join(f"theorem t{i} (n : Nat) : n + {i} = {i} + n := by omega -- lemma{i * 7919 % 1000}"
+                              for i in range(2000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=280,
+                                   hard_vocab_limit=False,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1,
+                                   minloglevel=2)
+    return d / "tokenizer.model"

@@ -17,23 +17,6 @@ V = 300
 
 
 @pytest.fixture(scope="module")
-def gemma_tokenizer(tmp_path_factory):
-    """A SentencePiece model laid out as Gemma's: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn markers."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("spm")
-    text = d / "text.txt"
-    text.write_text("\n".join(f"theorem t{i} (n : Nat) : n + {i} = {i} + n := by omega -- lemma{i * 7919 % 1000}"
-                              for i in range(2000)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=V - 20,
-                                   hard_vocab_limit=False,
-                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1,
-                                   minloglevel=2)
-    return d / "tokenizer.model"
-
-
-@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, gemma_tokenizer):
     import shutil
 

@@ -196,9 +196,10 @@ def _wait_all(procs, logs, timeout: float) -> None:
 
 
 def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_one(toy, jax_run, tmp_path):
-    """Two hosts (processes on 127.0.0.1, 4 fake devices each: an 8-device mesh), launched as
-    torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each reads its half of every
-    batch, process 0 alone writes; the run logs what the one-device run logs. Its checkpoint at
+    """Two hosts (processes on 127.0.0.1, 4 fake devices each: an 8-device mesh, data:2 x fsdp:4,
+    so every parameter the fsdp axis divides is split over 4 devices), launched as torchrun would
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each reads its half of every batch, process 0
+    alone writes; the run logs what the one-device run logs. Its checkpoint at
     step 10 resumes in one process on one device, and the rest is the one-device run's. A process
     whose coordinator never answers stops with one clear line."""
     import shutil
@@ -209,7 +210,7 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
             "LMLAB_JAX_COORDINATOR": f"127.0.0.1:{coordinator}", "LMLAB_JAX_INIT_TIMEOUT": "60"}
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "lmlab", "trm", f"data={toy}", f"out={out}", *ARGS, "train.steps=20", "eval.every=10",
-           "backend=jax", "checkpoint.every=10"]
+           "backend=jax", "checkpoint.every=10", "parallel.mesh=data:2,fsdp:4"]
     # output to files, not pipes: a rank blocked on a full pipe that nobody reads yet would hang the other
     logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**base, "RANK": str(r)})
@@ -229,7 +230,7 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
     shutil.copytree(out, moved)
     (moved / "manifest.json").unlink()
     shutil.rmtree(moved / "checkpoints_jax" / "20")
-    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10")
+    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10", "parallel.mesh=data:1")
     assert r.returncode == 0 and "saved on 8 device(s), now 1" in r.stderr, r.stderr[-3000:]
     for a, b in zip(read_metrics(jax_run), read_metrics(moved), strict=True):
         for k in ("loss", "grad_norm", "val_token_accuracy"):

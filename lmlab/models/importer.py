@@ -8,7 +8,8 @@ Sources: a Hugging Face directory (config.json + safetensors) of a Llama (SmolLM
 are Llama), Mistral, Qwen2, Qwen3, SmolLM3 or RecurrentGemma model, or Google DeepMind's recurrentgemma
 torch checkpoint (a `.pt` / `.safetensors` state_dict with `embedder.input_embedding`,
 `blocks.N...` keys; its shape is read from the tensors, the window and soft cap are the
-published 2b/9b ones unless set). Any other architecture (GPT-2, Phi, Gemma, Mixtral, ...) is
+published 2b/9b ones unless set), or its Flax/Orbax checkpoint directory (Kaggle's
+`recurrentgemma/flax/2b/1/2b`, read with the jax extra; tokenizer.model beside it). Any other architecture (GPT-2, Phi, Gemma, Mixtral, ...) is
 refused before anything loads, naming it; so is a feature lmlab's transformer does not compute
 exactly (lmlab.models.hf.model_config_from_hf). A Mistral `sliding_window` shorter than its
 context becomes max_seq_len (noted). SmolLM3's layers without RoPE become `nope_layers`.
@@ -86,10 +87,13 @@ def _read_json(path: Path) -> dict:
 def check_source(src: Path, notes: list[str]) -> Optional[dict]:
     """An HF directory's config.json (None for a DeepMind checkpoint file), refusing an
     architecture lmlab does not map exactly before anything else is read."""
-    if not src.is_dir():
+    from lmlab.jax_backend.griffin.convert import is_orbax_dir
+
+    if not src.is_dir() or is_orbax_dir(src):
         return None
     if not (src / "config.json").is_file():
-        raise UserError(f"{src} holds no config.json; give a Hugging Face model directory or a DeepMind .pt file")
+        raise UserError(f"{src} holds no config.json; give a Hugging Face model directory, a DeepMind .pt file or a "
+                        f"DeepMind Orbax checkpoint directory")
     c = _read_json(src / "config.json")
     if c.get("model_type") != "recurrent_gemma":
         from lmlab.models.hf import model_config_from_hf
@@ -176,6 +180,8 @@ def _tokenizer(src: Path, given: Optional[str], hf_cfg: Optional[dict] = None, n
         if hf_cfg is not None and hf_cfg.get("model_type") in TRANSFORMER_TYPES and (folder / tk.HF_FILE).is_file():
             return hf_tokenizer(folder, hf_cfg, notes)
         candidates = [folder / "tokenizer.model", folder / "tokenizer.json"]
+        if src.is_dir() and hf_cfg is None:  # an Orbax checkpoint: Kaggle puts tokenizer.model beside it
+            candidates += [src.parent / "tokenizer.model"]
     for f in candidates:
         if f.is_file():
             return tk.import_tokenizer(f)
@@ -308,7 +314,13 @@ def detect_chat_template(folder: Path, tokenizer) -> tuple[Optional[str], Option
 
 def load_source(cfg: Config):
     """-> the model (float32) of `cfg.src`."""
+    from lmlab.jax_backend.griffin.convert import is_orbax_dir, load_orbax
+
     src = Path(cfg.src)
+    overrides = {k: v for k, v in (("attention_window_size", cfg.attention_window_size),
+                                   ("max_seq_len", cfg.max_seq_len)) if v is not None}
+    if is_orbax_dir(src):
+        return load_orbax(src, **overrides)
     if src.is_dir():
         if not (src / "config.json").is_file():
             raise UserError(f"{src} holds no config.json; give a Hugging Face model directory or a DeepMind .pt file")
@@ -317,15 +329,17 @@ def load_source(cfg: Config):
     if not src.is_file():
         raise UserError(f"checkpoint not found: {src}")
     from lmlab.models.griffin.checkpoints import load_deepmind
-    overrides = {k: v for k, v in (("attention_window_size", cfg.attention_window_size),
-                                   ("max_seq_len", cfg.max_seq_len)) if v is not None}
     return load_deepmind(src, **overrides)
 
 
 def source_vocab_size(src: Path, hf_cfg: Optional[dict] = None) -> int:
     """The embedding rows of `src`, read without loading its weights (`hf_cfg`, the HF directory's
     config.json, or the DeepMind checkpoint's embedding shape: safetensors and mmap-ed .pt read
-    only that)."""
+    only that; an Orbax checkpoint's metadata)."""
+    from lmlab.jax_backend.griffin.convert import is_orbax_dir, orbax_vocab_size
+
+    if is_orbax_dir(src):
+        return orbax_vocab_size(src)
     if src.is_dir():
         try:
             return int((hf_cfg if hf_cfg is not None else _read_json(src / "config.json"))["vocab_size"])

@@ -6,7 +6,7 @@ the planner and the SLURM script writer read it without importing torch.distribu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -23,6 +23,10 @@ class ParallelConfig(Strict):
     fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="fsdp only: dtype of the gathered parameters for compute (auto: bfloat16 when the "
         "run trains under bf16 autocast); gradients are always reduced in float32")
+    mesh: Optional[str] = Field(None, description="backend=jax only: the device mesh over every chip of every "
+                                "host, e.g. data:8 or data:2,fsdp:4 (sizes multiply to the device count; one may be "
+                                "-1 for the rest). fsdp splits parameters, gradients and optimizer state over its "
+                                "devices; unset: data parallel over every device")
     reshard_after_forward: bool = Field(True, description="fsdp only: free gathered parameters after each "
                                         "block's forward (ZeRO-3; false keeps them until backward: ZeRO-2, faster, "
                                         "more memory)")

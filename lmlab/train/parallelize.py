@@ -41,6 +41,9 @@ FORWARD_METHODS = ("hidden", "logits")  # called directly by DPO, generation and
 def resolve_strategy(p: ParallelConfig, launched: lmdist.Env) -> str:
     """The strategy this run uses; refuses one that cannot work with how the run was launched."""
     world = launched.world
+    if p.mesh:
+        raise UserError(f"parallel.mesh={p.mesh} shapes the JAX device mesh: it takes backend=jax (on the stages "
+                        f"that have one); torch runs spread with parallel.strategy=ddp or fsdp")
     if p.strategy == "auto":
         return "ddp" if world > 1 else "none"
     if p.strategy == "none" and world > 1:

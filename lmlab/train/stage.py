@@ -87,7 +87,8 @@ class TrainingRun:
     def start(self, resume_config: dict) -> None:
         """Check the launch, that resumable checkpoints match, then mark `out` as this verb's unfinished run."""
         t = self.cfg.train
-        resolve_strategy(self.cfg.parallel, lmdist.read_env())  # the loop resolves it again; refuse early
+        if getattr(self.cfg, "backend", "torch") == "torch":  # (JAX runs shape their mesh with parallel.mesh)
+            resolve_strategy(self.cfg.parallel, lmdist.read_env())  # the loop resolves it again; refuse early
         rank_pieces(t.batch_size, t.grad_accum, lmdist.world(), lmdist.rank(), t.micro_batch)
         if self.cfg.resume == "auto":
             check_same_run(self.out, resume_config)  # before touching out: a typo must not unmark a finished run

@@ -139,6 +139,9 @@ def run(cfg: Config) -> Path:
         init_distributed()  # several hosts: before anything touches JAX (or the torch group waits)
     run = TrainingRun(cfg, "trm", KIND)
     cfg, out = run.cfg, run.out
+    if cfg.parallel.strategy == "fsdp" and cfg.backend == "jax":
+        raise UserError("with backend=jax, parameter sharding is a mesh axis: parallel.mesh=data:N,fsdp:M "
+                        "(parallel.strategy is the torch trainer's)")
     if cfg.parallel.strategy == "fsdp":
         raise UserError("trm trains with parallel.strategy=ddp (or auto): a TRM is a few million parameters, and "
                         "its puzzle-embedding table is updated by sign-SGD outside FSDP's sharding")

@@ -11,13 +11,14 @@ The same run as the torch trainer (lmlab.train.trm + the shared loop), step for 
 - the metrics (metrics.jsonl: loss, lr, tokens, tokens_per_s, grad_norm, time_s and the official
   train metrics; val_* from the test split through all supervision steps).
 
-Parallelism: `jax.jit` with `NamedSharding` over a one-axis mesh ("data") of all devices: each
-micro-batch is split by rows over the devices, the parameters, optimizer state and table are
-replicated, and XLA inserts the gradient all-reduce. A batch that does not divide the devices is
-refused, naming the sizes that do. Several hosts (lmlab.jax_backend.init_distributed): each
-process reads only its slice of every micro-batch's rows and hands it to
-`make_array_from_process_local_data`; process 0 alone writes. (Parameter sharding is not
-built yet: docs/jax.md.)
+Parallelism: `jax.jit` with `NamedSharding` over the mesh `parallel.mesh` describes
+(lmlab.jax_backend.mesh; unset: one "data" axis over every device): each micro-batch is split
+by rows over all devices; the parameters, optimizer state, EMA and puzzle table are replicated
+over "data" and split over "fsdp" where the mesh has one (their gradients too); XLA inserts the
+collectives. A batch that does not divide the devices is refused, naming the sizes that do.
+Several hosts (lmlab.jax_backend.init_distributed): each process reads only its slice of every
+micro-batch's rows and hands it to `make_array_from_process_local_data`; process 0 alone
+writes.
 
 Checkpoints (lmlab.train.jax_checkpoint, Orbax): every `checkpoint.every` steps, at the end and
 on Ctrl-C, the parameters, optimizer state, puzzle table, EMA, initial states and every
@@ -44,14 +45,6 @@ from lmlab.train.optim import Schedule, resolve_warmup
 from lmlab.train.trm_objective import STAT_KEYS, train_metrics_of
 
 
-def data_mesh():
-    """A one-axis mesh ("data") over every device JAX sees."""
-    import jax
-    from jax.sharding import Mesh
-
-    return Mesh(np.array(jax.devices()), ("data",))
-
-
 def check_batch(batch_size: int, shards: int, what: str = "train.batch_size") -> None:
     if batch_size % shards:
         valid = [k * shards for k in range(1, 5)]
@@ -66,12 +59,14 @@ class Trainer:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
+        from lmlab.jax_backend.mesh import rows_sharding
+
         from lmlab.jax_backend.trm import losses, model as jm
         from lmlab.jax_backend.trm.optim import ema_update, network_optimizer, sign_sgd_rows
 
         self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
         self.net = net = jm.TRMNet(model_cfg)
-        self.rows_sharded = NamedSharding(mesh, P("data"))
+        self.rows_sharded = rows_sharding(mesh)  # a batch's rows over every device
         self.replicated = NamedSharding(mesh, P())
         t = cfg.train
         self.opt = network_optimizer(cfg.optimizer, tuple(t.betas), t.weight_decay)
@@ -123,9 +118,9 @@ class Trainer:
             _, (preds, q) = jax.lax.scan(one, carry, None, length=model_cfg.halt_max_steps)
             return preds, q  # (S, B, L), (S, B)
 
-        self._micro = jax.jit(micro)
+        self._fns = {"micro": micro, "update": update}
+        self._micro = self._update = None  # compiled at the first call, for the state's shardings
         self._add = jax.jit(add)
-        self._update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
         self._evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
         # CPU devices of several processes reduce over gloo, and XLA's CPU client runs dispatched
         # programs concurrently: two programs' all-reduces could then meet in a different order on
@@ -140,14 +135,29 @@ class Trainer:
         out = fn(*args)
         return jax.block_until_ready(out) if self.serial else out
 
-    def micro(self, *args):
-        return self._run(self._micro, *args)
+    def micro(self, params, *args):
+        import jax
+
+        if self._micro is None:  # gradients sharded as the parameters: reduce-scattered under fsdp
+            grads = jax.tree_util.tree_map(lambda x: x.sharding, params)
+            rows, rep = self.rows_sharded, self.replicated
+            self._micro = jax.jit(self._fns["micro"], out_shardings=(rep, grads, rows, rows, rows, rep))
+        return self._run(self._micro, params, *args)
 
     def add(self, a, b):
         return b if a is None else self._run(self._add, a, b)
 
-    def update(self, *args):
-        return self._run(self._update, *args)
+    def update(self, params, opt_state, table, shadow, *args):
+        import jax
+
+        if self._update is None:  # the new state keeps the old one's shardings
+            def same(tree):
+                return None if tree is None else jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+            self._update = jax.jit(self._fns["update"], donate_argnums=(0, 1, 2, 3),
+                                   out_shardings=(same(params), same(opt_state), same(table), same(shadow),
+                                                  self.replicated))
+        return self._run(self._update, params, opt_state, table, shadow, *args)
 
     def evaluate(self, *args):
         return self._run(self._evaluate, *args)
@@ -214,6 +224,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.data.puzzles.sampler import owners
     from lmlab.errors import Diverged, Interrupted
     from lmlab.infer.puzzles import summary as solved_summary
+    from lmlab.jax_backend.mesh import make_mesh, param_shardings, place
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
@@ -228,7 +239,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     if t.time_budget:
         raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
     model_cfg = torch_model.cfg
-    mesh = data_mesh()
+    mesh = make_mesh(cfg.parallel.mesh)
     shards = mesh.devices.size
     check_batch(t.batch_size, shards)
     eval_bs = cfg.eval.batch_size or t.batch_size
@@ -242,13 +253,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     trainer = Trainer(cfg, model_cfg, mesh)
     # everything a step changes, and what a checkpoint holds (the carries: the rows' puzzles and states);
     # built on the host, then placed: no eager programs on arrays that span hosts
-    st = {"params": trainer.put(params, False), "opt_state": trainer.put(trainer.opt.init(params), False),
-          "consts": trainer.put(consts, False),
+    def sharded(tree):  # split over the mesh's fsdp axis where it has one, else replicated
+        return place(tree, param_shardings(tree, mesh))
+
+    st = {"params": sharded(params), "opt_state": sharded(trainer.opt.init(params)), "consts": sharded(consts),
           "carries": {str(m): trainer.put(initial_carry(model_cfg, t.batch_size), True) for m in range(t.grad_accum)}}
     if table is not None:
-        st["table"] = trainer.put(table, False)
+        st["table"] = sharded(table)
     if t.ema:
-        st["shadow"] = trainer.put(params, False)  # its own buffers
+        st["shadow"] = sharded(params)  # its own buffers
     warmup = resolve_warmup(t.warmup_steps, total_steps)
     schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
     emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
@@ -363,7 +376,8 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
     if compile_s is not None:
-        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s); first step "
+        shape = " x ".join(f"{k}:{n}" for k, n in zip(mesh.axis_names, mesh.devices.shape))
+        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), mesh {shape}; first step "
               f"(compiling) {compile_s:.1f} s", file=sys.stderr)
     return {
         "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
@@ -371,7 +385,9 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": {"strategy": "jax data parallel", "world_size": shards, "hosts": hosts, "backend": "jax"},
+        "parallel": {"strategy": "jax fsdp" if "fsdp" in mesh.axis_names else "jax data parallel",
+                     "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))), "world_size": shards,
+                     "hosts": hosts, "backend": "jax"},
         "first_step_s": round(compile_s or 0.0, 2), **({"ema": t.ema} if t.ema else {}),
         "model": torch_model,
     }

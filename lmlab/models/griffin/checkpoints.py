@@ -141,6 +141,39 @@ def from_deepmind_state_dict(sd: dict[str, torch.Tensor], cfg: GriffinConfig,
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def to_deepmind_state_dict(sd: dict[str, torch.Tensor], cfg: GriffinConfig) -> dict[str, torch.Tensor]:
+    """Our parameters in DeepMind's layout (the inverse of from_deepmind_state_dict)."""
+    out = {"embedder.input_embedding": sd["embed_tokens.weight"], "final_norm.scale": sd["final_norm.weight"]}
+    for i, kind in enumerate(cfg.block_types):
+        b = o = f"blocks.{i}."
+        m = o + "mlp_block."
+        out.update({
+            b + "temporal_pre_norm.scale": sd[o + "temporal_pre_norm.weight"],
+            b + "channel_pre_norm.scale": sd[o + "channel_pre_norm.weight"],
+            b + "mlp_block.ffw_up.w": torch.stack([sd[m + "gate_proj.weight"].t(), sd[m + "up_proj.weight"].t()]),
+            b + "mlp_block.ffw_up.b": torch.stack([sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]])[:, None, None],
+            b + "mlp_block.ffw_down.weight": sd[m + "down_proj.weight"],
+            b + "mlp_block.ffw_down.bias": sd[m + "down_proj.bias"],
+        })
+        t = o + "temporal_block."
+        if kind == "recurrent":
+            r = b + "recurrent_block."
+            for lin in ("linear_y", "linear_x", "linear_out"):
+                out[r + f"{lin}.weight"], out[r + f"{lin}.bias"] = sd[t + f"{lin}.weight"], sd[t + f"{lin}.bias"]
+            out[r + "conv_1d.w"] = sd[t + "conv_1d.weight"][:, 0, :].t()
+            out[r + "conv_1d.b"] = sd[t + "conv_1d.bias"]
+            out[r + "rg_lru.a_param"] = sd[t + "rg_lru.recurrent_param"]
+            for ours, theirs in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
+                out[r + f"rg_lru.{theirs}.w"] = sd[t + f"rg_lru.{ours}_weight"]
+                out[r + f"rg_lru.{theirs}.b"] = sd[t + f"rg_lru.{ours}_bias"]
+        else:
+            a = b + "attention_block."
+            for ours, theirs in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v")):
+                out[a + f"{theirs}.weight"] = sd[t + f"{ours}.weight"]
+            out[a + "proj_final.weight"], out[a + "proj_final.bias"] = sd[t + "o_proj.weight"], sd[t + "o_proj.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def read_torch_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
