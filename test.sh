@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
 export LMLAB_NO_PROGRESS=1
-exec "$VENV/bin/python" -m pytest -q -ra "$@"
+exec "$VENV/bin/python" -m pytest -q -ra --durations=25 "$@"

@@ -43,6 +43,7 @@ STAGES: dict[str, tuple[str, str]] = {
                "RecurrentGemma) or DeepMind recurrentgemma checkpoint as an lmlab model"),
     "pipeline": ("lmlab.pipeline", "run a list of stages from a pipeline YAML"),
     "bench": ("lmlab.bench", "benchmarks against a peer in the same run: transformers (train, generate), TRL (grpo), official TRM (trm), recurrentgemma (griffin); decode against context; serve under concurrent clients"),
+    "tpu": ("lmlab.tpu", "print (and --run) the gcloud commands that copy, install and run a verb on every worker of a Cloud TPU VM"),
     "slurm": ("lmlab.slurm", "write (and --submit) an sbatch script that runs a training verb on N nodes x G GPUs"),
     "plan": ("lmlab.plan", "estimate per-GPU memory and tokens/s of a training run before launching it"),
     "sweep": ("lmlab.sweep", "hyperparameter search with Optuna: each trial a run directory, shared storage, pruning"),

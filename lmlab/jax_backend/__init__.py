@@ -15,11 +15,51 @@ PACKAGES = ("jax", "flax", "optax")
 INSTALL = "pip install 'lmlab[jax]'  (jax, flax, optax, orbax-checkpoint; on TPU: pip install 'jax[tpu]')"
 
 
+METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
+
+def _metadata(key: str) -> str:
+    """A GCE metadata attribute of this VM (what a TPU VM's worker learns about its pod)."""
+    import urllib.request
+
+    req = urllib.request.Request(METADATA + key, headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read().decode().strip()
+
+
+def tpu_pod_env(environ=None, metadata=_metadata) -> dict[str, str] | None:
+    """Under LMLAB_TPU_POD=1 (set by `lmlab tpu`) and without torchrun's variables: RANK,
+    WORLD_SIZE, LOCAL_RANK and MASTER_ADDR (MASTER_PORT: 29500 unless set) of this TPU VM
+    worker, from TPU_WORKER_ID and TPU_WORKER_HOSTNAMES when set (as on GKE), else from the
+    metadata server's agent-worker-number and worker-network-endpoints (entries
+    `id:name:IP`), the two sources JAX's own TPU cluster detection reads. None otherwise."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("LMLAB_TPU_POD") != "1" or ("RANK" in environ and "WORLD_SIZE" in environ):
+        return None
+    try:
+        if "TPU_WORKER_ID" in environ and "TPU_WORKER_HOSTNAMES" in environ:
+            rank, hosts = int(environ["TPU_WORKER_ID"]), environ["TPU_WORKER_HOSTNAMES"].split(",")
+        else:
+            rank = int(metadata("agent-worker-number"))
+            hosts = [e.split(":")[2] for e in metadata("worker-network-endpoints").split(",")]
+    except (OSError, ValueError, IndexError) as e:
+        raise UserError(f"LMLAB_TPU_POD=1 but this machine does not say which TPU worker it is ({type(e).__name__}: "
+                        f"{e}); run on a Cloud TPU VM (lmlab tpu ...), or set RANK, WORLD_SIZE, MASTER_ADDR and "
+                        f"MASTER_PORT yourself") from None
+    hosts = [h.strip() for h in hosts if h.strip()]
+    if not 0 <= rank < len(hosts):
+        raise UserError(f"TPU worker {rank} is not among the {len(hosts)} workers listed ({', '.join(hosts)})")
+    return {"RANK": str(rank), "WORLD_SIZE": str(len(hosts)), "LOCAL_RANK": "0", "MASTER_ADDR": hosts[0],
+            "MASTER_PORT": environ.get("MASTER_PORT", "29500")}
+
+
 def init_distributed(timeout_s: float | None = None) -> int:
     """Join the other hosts' JAX processes when launched as several (-> the process count).
 
-    Launched like torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: torchrun sets them, or
-    export them on every host), each process joins `jax.distributed` at the coordinator
+    Launched like torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: torchrun sets them,
+    export them on every host, or, on a TPU VM under `lmlab tpu`, tpu_pod_env finds them), each process joins `jax.distributed` at the coordinator
     MASTER_ADDR:MASTER_PORT+1 (or $LMLAB_JAX_COORDINATOR), as process RANK of WORLD_SIZE, before
     any JAX computation; the device mesh then spans every host's devices. (lmlab's rank-0 writes
     and barriers go through torch.distributed's CPU group on MASTER_PORT, as for every stage.)
@@ -29,6 +69,9 @@ def init_distributed(timeout_s: float | None = None) -> int:
 
     from lmlab import dist as lmdist
 
+    pod = tpu_pod_env()
+    if pod:  # a TPU VM worker started by `lmlab tpu`: the launch variables from the TPU runtime
+        os.environ.update(pod)
     env = lmdist.read_env()
     if env.world == 1:
         return 1
