@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("LMLAB_NO_PROGRESS", "1")
+# JAX's compiled programs shared by the JAX tests (lmlab.jax_backend.enable_compile_cache), not in ~/.cache
+os.environ.setdefault("LMLAB_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "lmlab-test-jax-cache"))
 
 ROOT = Path(__file__).resolve().parent.parent
 # ../shared/data beside the checkout holds real public datasets; a fresh clone may not have it.

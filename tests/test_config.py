@@ -150,7 +150,8 @@ def test_shipped_pipelines_validate(name):
         load_config(module.Config, None, base=pipeline._substitute(entry.config, cfg.root))
 
 
-@pytest.mark.parametrize("path,verb", [("grpo/gsm8k.yaml", "grpo"), ("verifier/gsm8k.yaml", "verifier")])
+@pytest.mark.parametrize("path,verb", [("grpo/gsm8k.yaml", "grpo"), ("verifier/gsm8k.yaml", "verifier"),
+                                       ("griffin/herald_tpu_v4_8.yaml", "sft")])
 def test_shipped_stage_recipes_validate(path, verb):
     """The GSM8K recipes load as their stage's config (a renamed option fails here, not on a GPU)."""
     import importlib

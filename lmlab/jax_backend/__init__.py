@@ -119,6 +119,23 @@ def _reachable(address: str, timeout_s: float) -> bool:
             time.sleep(0.2)
 
 
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so a resumed run, a
+    rerun or another run of the same shapes skips XLA's compile (seconds on a CPU, minutes for a
+    large model on a pod). $LMLAB_JAX_CACHE names the directory (default ~/.cache/lmlab/jax;
+    `off` disables it); a cache the user configured for JAX is left alone."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    path = os.environ.get("LMLAB_JAX_CACHE", str(Path("~/.cache/lmlab/jax").expanduser()))
+    if path.lower() in ("", "0", "off", "none") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # not the many tiny programs
+
+
 def require_jax() -> None:
     """UserError naming the pip command unless jax, flax and optax import."""
     import importlib.util

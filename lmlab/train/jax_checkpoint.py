@@ -68,3 +68,12 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def refuse_torch_checkpoints(out: Path, resume: str) -> None:
+    """A JAX run does not start where torch checkpoints are (it would not continue them)."""
+    from lmlab.train.checkpoint import list_checkpoints
+
+    if list_checkpoints(out) and resume == "auto":
+        raise UserError(f"{out} holds torch checkpoints, which backend=jax does not read (its own are Orbax "
+                        f"checkpoints in {DIRNAME}/); resume them with backend=torch, or start over with resume=never")

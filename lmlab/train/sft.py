@@ -39,7 +39,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -90,6 +90,9 @@ class Config(RunOptions):
                                       "samples.jsonl")
     sample_max_new_tokens: int = Field(64, ge=1, description="token budget of each sample answer")
     train: FinetuneTrainConfig = Field(default_factory=FinetuneTrainConfig, description="optimisation")
+    backend: Literal["torch", "jax"] = Field("torch", description="torch (the shared trainer) or jax (Griffin only: "
+                                             "DeepMind's recurrentgemma.jax over a device mesh, parallel.mesh; "
+                                             "for TPUs, docs/jax.md)")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT)")
     eval: EvalConfig = Field(default_factory=EvalConfig,
                              description="validation loss and sample generations")
@@ -466,12 +469,22 @@ def run(cfg: Config) -> Path:
     from lmlab.infer.prompting import chat_stops, question_prompt
     from lmlab.models.lora import apply_lora, check_targets, param_counts, targets_of
 
+    if cfg.backend == "jax":
+        from lmlab.jax_backend import init_distributed
+        from lmlab.jax_backend.griffin.model import require_recurrentgemma
+
+        require_recurrentgemma()
+        init_distributed()  # several hosts: before anything touches JAX (or the torch group waits)
     run = TrainingRun(cfg, "sft", KIND)
     cfg, out, timer = run.cfg, run.out, run.timer
     run.check_out(inputs={"init model": cfg.init})  # before the init model loads
     required_tokens(cfg.template)  # an unknown name fails now; its tokens are checked once the data is known to be chat
     with timer("load"):
         model, tokenizer, init_fp, init_format = load_init(cfg)
+    if cfg.backend == "jax":
+        from lmlab.train.sft_jax import check_supported
+
+        check_supported(cfg, model)
     if cfg.lora.enabled:
         check_targets(model, targets_of(model, cfg.lora))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
@@ -534,8 +547,16 @@ def run(cfg: Config) -> Path:
     print(f"sft ({mode}): {trainable:,} trainable of {total:,} parameters; {epoch_rows:,} rows of {seq_len} "
           f"positions ({what}); {total_steps} steps x {rows_per_step} rows"
           f"{f' (at most: time budget {t.time_budget:g} min)' if t.time_budget else ''} -> {out}", file=sys.stderr)
-    summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config,
-                        flops_per_token=None, desc="sft")
+    if cfg.backend == "jax":
+        from lmlab.train.jax_checkpoint import refuse_torch_checkpoints
+        from lmlab.train.sft_jax import train as train_jax
+
+        refuse_torch_checkpoints(out, cfg.resume)
+        with timer("train"):
+            summary = train_jax(cfg, out, model, objective, total_steps, resume_config, seq_len, tokenizer.pad_id)
+    else:
+        summary = run.train(model, objective, total_steps=total_steps, resume_config=resume_config,
+                            flops_per_token=None, desc="sft")
     total_steps = summary["steps"]  # with a time budget: the resolved length
     positions, targets = objective.trained_tokens(total_steps)
     final_eval = summary["final_eval"]

@@ -172,12 +172,9 @@ def run(cfg: Config) -> Path:
           f"{train_split.num_groups:,} groups; {steps} steps x {per_step} puzzles{budget} -> {out}", file=sys.stderr)
     if cfg.backend == "jax":
         from lmlab.train.trm_jax import train as train_jax
-        from lmlab.train.checkpoint import list_checkpoints
+        from lmlab.train.jax_checkpoint import refuse_torch_checkpoints
 
-        if list_checkpoints(out) and cfg.resume == "auto":
-            raise UserError(f"{out} holds torch checkpoints, which backend=jax does not read (its own are Orbax "
-                            f"checkpoints in checkpoints_jax/); resume them with backend=torch, or start over "
-                            f"with resume=never")
+        refuse_torch_checkpoints(out, cfg.resume)
         with run.timer("train"):
             summary = train_jax(cfg, out, model, objective, steps, resume_config)
     else:

@@ -59,7 +59,7 @@ class Trainer:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from lmlab.jax_backend.mesh import rows_sharding
+        from lmlab.jax_backend.mesh import rows_sharding, serial_dispatch
 
         from lmlab.jax_backend.trm import losses, model as jm
         from lmlab.jax_backend.trm.optim import ema_update, network_optimizer, sign_sgd_rows
@@ -122,12 +122,7 @@ class Trainer:
         self._micro = self._update = None  # compiled at the first call, for the state's shardings
         self._add = jax.jit(add)
         self._evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
-        # CPU devices of several processes reduce over gloo, and XLA's CPU client runs dispatched
-        # programs concurrently: two programs' all-reduces could then meet in a different order on
-        # each host and wait for each other forever (seen: about 1 run in 15 of the two-process
-        # test). There, each program finishes before the next is dispatched; TPUs and GPUs order
-        # programs per device, so they keep asynchronous dispatch.
-        self.serial = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+        self.serial = serial_dispatch()  # (CPU hosts: one program at a time, lmlab.jax_backend.mesh)
 
     def _run(self, fn, *args):
         import jax
@@ -176,11 +171,9 @@ class Trainer:
 
     def put_local(self, tree):
         """This process's rows (its slice of the global batch) as global arrays split by rows."""
-        import jax
+        from lmlab.jax_backend.mesh import local_rows
 
-        n = jax.process_count()
-        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(
-            self.rows_sharded, np.asarray(x), (x.shape[0] * n,) + x.shape[1:]), tree)
+        return local_rows(tree, self.rows_sharded)
 
 
 def _np_batch(batch: dict) -> dict:
@@ -224,6 +217,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.data.puzzles.sampler import owners
     from lmlab.errors import Diverged, Interrupted
     from lmlab.infer.puzzles import summary as solved_summary
+    from lmlab.jax_backend import enable_compile_cache
     from lmlab.jax_backend.mesh import make_mesh, param_shardings, place
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
@@ -238,6 +232,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                         "over the devices (set train.grad_accum for smaller micro-batches)")
     if t.time_budget:
         raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
+    enable_compile_cache()
     model_cfg = torch_model.cfg
     mesh = make_mesh(cfg.parallel.mesh)
     shards = mesh.devices.size

@@ -59,7 +59,7 @@ def flax_to_deepmind(params: dict) -> dict[str, torch.Tensor]:
             if isinstance(v, dict):
                 walk(v, name)
                 continue
-            x = np.asarray(v, dtype=np.float32)
+            x = np.array(v, dtype=np.float32)  # a copy: JAX's buffers are read-only
             if name.endswith(".kernel") and x.ndim == 2:
                 name, x = name[: -len("kernel")] + "weight", x.T
             out[name] = torch.from_numpy(np.ascontiguousarray(x))
