@@ -9,6 +9,7 @@ option with its type, default and meaning for `--help`.
 
 from __future__ import annotations
 
+import argparse
 import typing
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,11 @@ def stage_arguments(verb: str, module, args: list[str], hint: str = "") -> tuple
             overrides.insert(0, f"{positional[0]}={bare}")
     return config_file, overrides
 
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for verbs with their own options (`lmlab slurm`, `lmlab tpu`): a bad option is one
+    UserError line through the CLI (exit 2), naming where the options are listed, instead of
+    argparse's usage block."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (the options are listed by `{self.prog} --help`)")

@@ -37,7 +37,8 @@ from pydantic import Field
 
 from lmlab import __version__
 from lmlab.artifacts import check_out
-from lmlab.config import Strict, build_config, load_config, parse_override, read_yaml, stage_arguments
+from lmlab.config import (OneLineParser, Strict, build_config, load_config, parse_override, read_yaml,
+                          stage_arguments)
 from lmlab.errors import Preempted, UserError
 from lmlab.stages import STAGES, training_verbs
 
@@ -72,13 +73,8 @@ class Options(Strict):
                               "--sbatch=--qos=preempt --sbatch=--constraint=a100")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through the CLI (exit 2) instead of argparse's usage block
-        raise UserError(f"lmlab slurm: {message} (the options are listed by `lmlab slurm --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lmlab slurm", usage="lmlab slurm VERB [--config F.yaml] [key=value ...] --nodes N "
+    p = OneLineParser(prog="lmlab slurm", usage="lmlab slurm VERB [--config F.yaml] [key=value ...] --nodes N "
                 "--gpus-per-node G --time HH:MM:SS [options]", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--from", dest="from_file", metavar="FILE.yaml", help="read the options below from a YAML "

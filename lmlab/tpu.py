@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lmlab.config import load_config, stage_arguments
+from lmlab.config import OneLineParser, load_config, stage_arguments
 from lmlab.errors import UserError
 from lmlab.stages import STAGES, training_verbs
 
@@ -43,13 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout lmlab runs from
 DIR, VENV, PORT = "~/lmlab", "~/lmlab-venv", 29500
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through the CLI (exit 2) instead of argparse's usage block
-        raise UserError(f"lmlab tpu: {message} (the options are listed by `lmlab tpu --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lmlab tpu", usage="lmlab tpu VERB [--config F.yaml] [key=value ...] --tpu NAME --zone ZONE "
+    p = OneLineParser(prog="lmlab tpu", usage="lmlab tpu VERB [--config F.yaml] [key=value ...] --tpu NAME --zone ZONE "
                 "[--project P] [--setup] [--run]", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--tpu", required=True, metavar="NAME", help="the TPU VM's name (gcloud compute tpus tpu-vm list)")

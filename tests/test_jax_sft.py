@@ -81,7 +81,10 @@ def runs(griffin):
              for r, log in enumerate(logs)]
     _wait_all(procs, logs, 300)
     assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-2000:]
-    assert "4 device(s) (cpu) on 2 host(s), mesh data:2 x fsdp:2" in logs[0].read_text()
+    # every parameter array fsdp can split is split (a (12,) gate bias of 2 x 6 ... all divide by 2)
+    assert "4 device(s) (cpu) on 2 host(s), mesh data:2 x fsdp:2 (" in logs[0].read_text()
+    split, total = map(int, logs[0].read_text().split("mesh data:2 x fsdp:2 (")[1].split(" parameter")[0].split(" of "))
+    assert split == total > 20
     return root / "torch", root / "jax"
 
 

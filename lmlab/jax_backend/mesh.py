@@ -130,3 +130,22 @@ def local_rows(tree, sharding):
     n = jax.process_count()
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(
         sharding, np.asarray(x), (x.shape[0] * n,) + x.shape[1:]), tree)
+
+
+def describe(mesh, params=None) -> str:
+    """"mesh data:2 x fsdp:4" and, with `params`, how many of their arrays fsdp splits."""
+    import jax
+
+    text = "mesh " + " x ".join(f"{k}:{n}" for k, n in zip(mesh.axis_names, mesh.devices.shape))
+    if params is not None and "fsdp" in mesh.axis_names:
+        leaves = jax.tree_util.tree_leaves(params)
+        split = sum("fsdp" in jax.tree_util.tree_leaves(tuple(x.sharding.spec)) for x in leaves)
+        text += f" ({split} of {len(leaves)} parameter arrays split over fsdp)"
+    return text
+
+
+def stats(mesh, hosts: int) -> dict:
+    """The manifest's `parallel` entry of a JAX run."""
+    return {"strategy": "jax fsdp" if "fsdp" in mesh.axis_names else "jax data parallel",
+            "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))), "world_size": int(mesh.devices.size),
+            "hosts": hosts, "backend": "jax"}

@@ -87,7 +87,7 @@ def _read_json(path: Path) -> dict:
 def check_source(src: Path, notes: list[str]) -> Optional[dict]:
     """An HF directory's config.json (None for a DeepMind checkpoint file), refusing an
     architecture lmlab does not map exactly before anything else is read."""
-    from lmlab.jax_backend.griffin.convert import is_orbax_dir
+    from lmlab.models.griffin.orbax import is_orbax_dir
 
     if not src.is_dir() or is_orbax_dir(src):
         return None
@@ -314,7 +314,7 @@ def detect_chat_template(folder: Path, tokenizer) -> tuple[Optional[str], Option
 
 def load_source(cfg: Config):
     """-> the model (float32) of `cfg.src`."""
-    from lmlab.jax_backend.griffin.convert import is_orbax_dir, load_orbax
+    from lmlab.models.griffin.orbax import is_orbax_dir, load_orbax
 
     src = Path(cfg.src)
     overrides = {k: v for k, v in (("attention_window_size", cfg.attention_window_size),
@@ -336,7 +336,7 @@ def source_vocab_size(src: Path, hf_cfg: Optional[dict] = None) -> int:
     """The embedding rows of `src`, read without loading its weights (`hf_cfg`, the HF directory's
     config.json, or the DeepMind checkpoint's embedding shape: safetensors and mmap-ed .pt read
     only that; an Orbax checkpoint's metadata)."""
-    from lmlab.jax_backend.griffin.convert import is_orbax_dir, orbax_vocab_size
+    from lmlab.models.griffin.orbax import is_orbax_dir, orbax_vocab_size
 
     if is_orbax_dir(src):
         return orbax_vocab_size(src)

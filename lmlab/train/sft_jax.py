@@ -182,7 +182,8 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.errors import Diverged, Interrupted
     from lmlab.jax_backend import enable_compile_cache
     from lmlab.jax_backend.griffin import convert
-    from lmlab.jax_backend.mesh import local_rows, make_mesh, param_shardings, place, rows_sharding
+    from lmlab.jax_backend.mesh import (describe, local_rows, make_mesh, param_shardings, place,
+                                        rows_sharding, stats as mesh_stats)
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
     from lmlab.train.logging import MetricsLogger, read_metrics
@@ -211,21 +212,10 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
 
     ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never" and main)
     lmdist.barrier()  # (several hosts) none lists the checkpoints while process 0 deletes them
-    start, tokens_seen, train_time = 0, 0, 0.0
-    found = ck.latest(resume_config)
-    if found is not None:
-        start, meta = found
-        if start > total_steps:
-            raise UserError(f"{ck.dir} has a checkpoint at step {start}, past this run's {total_steps} steps; use "
-                            f"another `out` or resume=never")
-        st = ck.restore(start, like=st)
-        tokens_seen, train_time = meta["tokens"], meta["train_time_s"]
-        print(f"resuming from {ck.dir / str(start)} (step {start} of {total_steps}; saved on {meta['devices']} "
-              f"device(s), now {shards})", file=sys.stderr)
+    st, start, tokens_seen, train_time = ck.resume(st, resume_config, total_steps, shards)
 
     def save(done: int) -> None:
-        ck.save(done, st, {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3),
-                           "resume_config": resume_config, "devices": shards})
+        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards)
 
     def evaluate_now(done: int) -> None:
         val = objective.val_rows
@@ -302,10 +292,9 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     lines = read_metrics(run_dir) if main else []
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "val_loss" in r and r.get("step") == total_steps]
-    shape = " x ".join(f"{k}:{n}" for k, n in zip(mesh.axis_names, mesh.devices.shape))
     if compile_s is not None:
-        print(f"sft (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), mesh {shape}; first "
-              f"step (compiling) {compile_s:.1f} s", file=sys.stderr)
+        print(f"sft (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), "
+              f"{describe(mesh, st['params'])}; first step (compiling) {compile_s:.1f} s", file=sys.stderr)
     return {
         "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
@@ -313,8 +302,6 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": {"strategy": "jax fsdp" if "fsdp" in mesh.axis_names else "jax data parallel",
-                     "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))), "world_size": shards,
-                     "hosts": hosts, "backend": "jax"},
+        "parallel": mesh_stats(mesh, hosts),
         "first_step_s": round(compile_s or 0.0, 2), "model": torch_model,
     }

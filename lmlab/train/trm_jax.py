@@ -218,7 +218,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.errors import Diverged, Interrupted
     from lmlab.infer.puzzles import summary as solved_summary
     from lmlab.jax_backend import enable_compile_cache
-    from lmlab.jax_backend.mesh import make_mesh, param_shardings, place
+    from lmlab.jax_backend.mesh import describe, make_mesh, param_shardings, place, stats as mesh_stats
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
@@ -263,21 +263,10 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
 
     ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never" and main)
     lmdist.barrier()  # (several hosts) none lists the checkpoints while process 0 deletes them
-    start, tokens_seen, train_time = 0, 0, 0.0
-    found = ck.latest(resume_config)
-    if found is not None:
-        start, meta = found
-        if start > total_steps:
-            raise UserError(f"{ck.dir} has a checkpoint at step {start}, past this run's {total_steps} steps; use "
-                            f"another `out` or resume=never")
-        st = ck.restore(start, like=st)
-        tokens_seen, train_time = meta["tokens"], meta["train_time_s"]
-        print(f"resuming from {ck.dir / str(start)} (step {start} of {total_steps}; saved on {meta['devices']} "
-              f"device(s), now {shards})", file=sys.stderr)
+    st, start, tokens_seen, train_time = ck.resume(st, resume_config, total_steps, shards)
 
     def save(done: int) -> None:
-        ck.save(done, st, {"step": done, "tokens": tokens_seen, "train_time_s": round(train_time, 3),
-                           "resume_config": resume_config, "devices": shards})
+        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards)
 
     log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                         wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
@@ -371,8 +360,8 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     train_lines = [r for r in lines if "loss" in r]
     eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
     if compile_s is not None:
-        shape = " x ".join(f"{k}:{n}" for k, n in zip(mesh.axis_names, mesh.devices.shape))
-        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), mesh {shape}; first step "
+        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), "
+              f"{describe(mesh, st['params'])}; first step "
               f"(compiling) {compile_s:.1f} s", file=sys.stderr)
     return {
         "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
@@ -380,9 +369,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         "final_loss": train_lines[-1]["loss"] if train_lines else None,
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": {"strategy": "jax fsdp" if "fsdp" in mesh.axis_names else "jax data parallel",
-                     "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape))), "world_size": shards,
-                     "hosts": hosts, "backend": "jax"},
+        "parallel": mesh_stats(mesh, hosts),
         "first_step_s": round(compile_s or 0.0, 2), **({"ema": t.ema} if t.ema else {}),
         "model": torch_model,
     }

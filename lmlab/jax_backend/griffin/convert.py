@@ -1,71 +1,19 @@
-"""lmlab's PyTorch Griffin parameters <-> `recurrentgemma.jax` Flax parameters, and Google
-DeepMind's Orbax checkpoints (the Flax `2b` / `2b-it` ones Kaggle ships) read as lmlab's.
+"""lmlab's PyTorch Griffin parameters <-> `recurrentgemma.jax` Flax parameters.
 
-The Flax tree is DeepMind's torch layout nested by module (lmlab.models.griffin.checkpoints
-maps that layout to ours): `{"params": {"blocks.N": {"recurrent_block": {"linear_x": {"kernel",
-"bias"}, ...}}, "embedder": ..., "final_norm": ...}}`, where a dense layer's `kernel` is the
-torch `weight` transposed (Flax multiplies x @ kernel, torch x @ weight.T). Every other
-tensor (the conv's `w`, the gates' block-diagonal `w`, `ffw_up`'s stacked `w`) has the same
-shape in both.
+Through DeepMind's torch layout (lmlab.models.griffin.checkpoints maps it to ours) and its Flax
+tree (lmlab.models.griffin.orbax, which also reads DeepMind's Orbax checkpoints):
 
     params = from_torch_state(model.state_dict(), model.cfg)
     model.load_state_dict(to_torch_state(params, model.cfg))
-    model = load_orbax("recurrentgemma/flax/2b/1/2b")       # -> lmlab's Griffin (float32)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from lmlab.errors import UserError
 from lmlab.models.griffin.checkpoints import from_deepmind_state_dict, to_deepmind_state_dict
 from lmlab.models.griffin.config import GriffinConfig
-
-# files an Orbax checkpoint directory holds (one of them), whatever its Orbax version
-ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint", "_sharding")
-
-
-def _dense(path: str, x: np.ndarray) -> bool:
-    """Whether the DeepMind torch tensor at `path` is a torch Linear weight (a Flax kernel)."""
-    return path.endswith(".weight") and x.ndim == 2
-
-
-def deepmind_to_flax(sd: dict[str, torch.Tensor]) -> dict:
-    tree: dict = {}
-    for name, t in sd.items():
-        x = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
-        if _dense(name, x):
-            name, x = name[: -len("weight")] + "kernel", x.T
-        parts = name.split(".")
-        if parts[0] == "blocks":  # "blocks.N" is one Flax module name
-            parts = [f"blocks.{parts[1]}", *parts[2:]]
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = np.ascontiguousarray(x)
-    return {"params": tree}
-
-
-def flax_to_deepmind(params: dict) -> dict[str, torch.Tensor]:
-    tree = params.get("params", params)
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            name = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(v, name)
-                continue
-            x = np.array(v, dtype=np.float32)  # a copy: JAX's buffers are read-only
-            if name.endswith(".kernel") and x.ndim == 2:
-                name, x = name[: -len("kernel")] + "weight", x.T
-            out[name] = torch.from_numpy(np.ascontiguousarray(x))
-
-    walk(tree, "")
-    return out
+from lmlab.models.griffin.orbax import deepmind_to_flax, flax_to_deepmind
 
 
 def from_torch_state(sd: dict[str, torch.Tensor], cfg: GriffinConfig) -> dict:
@@ -76,60 +24,3 @@ def from_torch_state(sd: dict[str, torch.Tensor], cfg: GriffinConfig) -> dict:
 def to_torch_state(params: dict, cfg: GriffinConfig, source: str = "JAX parameters") -> dict[str, torch.Tensor]:
     """The Flax variables -> lmlab's Griffin state_dict (float32)."""
     return from_deepmind_state_dict(flax_to_deepmind(params), cfg, source)
-
-
-def is_orbax_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and any((p / m).exists() for m in ORBAX_MARKERS)
-
-
-def read_orbax(path: str | Path) -> dict[str, torch.Tensor]:
-    """A DeepMind Orbax checkpoint (Flax parameters) -> its tensors in DeepMind's torch layout."""
-    from lmlab.jax_backend.griffin.model import require_recurrentgemma
-
-    require_recurrentgemma()
-    import orbax.checkpoint as ocp
-
-    p = Path(path).resolve()
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(p)  # numpy arrays: no device placement needed
-    except Exception as e:  # not a checkpoint, or a damaged one: name it, no traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{p} cannot be read as an Orbax checkpoint ({type(e).__name__}: {first})") from None
-    if not isinstance(restored, dict) or not isinstance(restored.get("params", restored), dict):
-        raise UserError(f"{p} holds a {type(restored).__name__}, not a tree of Griffin parameters")
-    return flax_to_deepmind(restored)
-
-
-def orbax_vocab_size(path: str | Path) -> int:
-    """The embedding rows of an Orbax checkpoint, from its metadata (no weights read)."""
-    from lmlab.jax_backend.griffin.model import require_recurrentgemma
-
-    require_recurrentgemma()
-    import orbax.checkpoint as ocp
-
-    p = Path(path).resolve()
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(p)
-        tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-        tree = tree.get("params", tree)
-        return int(tree["embedder"]["input_embedding"].shape[0])
-    except UserError:
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{p} is not a DeepMind recurrentgemma Orbax checkpoint: no params/embedder/input_embedding "
-                        f"in its metadata ({type(e).__name__}: {first})") from None
-
-
-def load_orbax(path: str | Path, **overrides):
-    """A DeepMind Orbax checkpoint -> lmlab's Griffin (float32); the shape is read from the
-    tensors (lmlab.models.griffin.checkpoints.config_from_deepmind), `overrides` as there."""
-    from lmlab.models.griffin.checkpoints import config_from_deepmind
-    from lmlab.models.griffin.model import Griffin
-
-    sd = read_orbax(path)
-    cfg = config_from_deepmind(sd, str(path), **overrides)
-    model = Griffin(cfg)
-    model.load_state_dict(from_deepmind_state_dict(sd, cfg, str(path)))
-    return model.eval()
