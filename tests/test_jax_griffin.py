@@ -6,8 +6,10 @@ lmlab's PyTorch Griffin on random weights, fp32, converted both ways:
 - the loss and every parameter's gradient of a next-token cross-entropy agree;
 - torch -> Flax -> torch gives back the same tensors, bit for bit;
 - `lmlab import` of a DeepMind Orbax checkpoint (written by recurrentgemma's own
-  save_parameters) gives a model directory with the JAX model's logits; a directory that is
-  not a checkpoint is named, and a setting the reference fixes is refused.
+  save_parameters) gives a model directory with the JAX model's logits, and `lmlab export
+  format=orbax` writes one that recurrentgemma's load_parameters reads (float32 and bfloat16)
+  and that imports back bit for bit; a directory that is not a checkpoint is named, and a
+  setting the reference fixes is refused.
 """
 
 from __future__ import annotations
@@ -143,6 +145,27 @@ def test_import_of_a_deepmind_orbax_checkpoint(pair, tmp_path, gemma_tokenizer):
         got = model(x)[0]
     want = _jax_logits(net, params, x, torch.arange(30)[None].expand(2, -1))
     assert (got - want).abs().max().item() <= TOL
+
+    # and back: `lmlab export format=orbax` writes the tree recurrentgemma's save_parameters writes
+    # (its own load_parameters fails on either with orbax 0.12's metadata, so Orbax's restore reads)
+    import orbax.checkpoint as ocp
+
+    def restore(d):
+        return ocp.PyTreeCheckpointer().restore((tmp_path / d).resolve())
+
+    def shapes(tree):
+        return jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), tree)
+
+    assert main(["export", str(out), f"out={tmp_path / 'flax'}", "format=orbax"]) == 0
+    ours = restore("flax")
+    assert shapes(ours) == shapes(restore("2b"))
+    assert (_jax_logits(net, ours, x, torch.arange(30)[None].expand(2, -1)) - want).abs().max() <= TOL
+    assert main(["import", str(tmp_path / "flax"), f"out={tmp_path / 'again'}", f"attention_window_size={WINDOW}",
+                 "max_seq_len=128"]) == 0
+    again, _, _ = load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert main(["export", str(out), f"out={tmp_path / 'flax16'}", "format=orbax", "dtype=bfloat16"]) == 0
+    assert str(restore("flax16")["params"]["embedder"]["input_embedding"].dtype) == "bfloat16"
 
 
 def test_a_directory_that_is_no_checkpoint_and_a_fixed_setting_are_named(tmp_path, capsys, gemma_tokenizer):

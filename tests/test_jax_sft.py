@@ -135,3 +135,6 @@ def test_a_transformer_init_and_lora_are_refused(griffin, tmp_path, capsys):
     assert not (tmp_path / "lora").exists()
     with pytest.raises(UserError, match=r"trains Griffin .* this init model is a transformer: use backend=torch"):
         check_supported(Config(backend="jax"), build_model({"preset": "micro", "vocab_size": 64}))
+    griffin_model = build_model({"family": "griffin", "preset": "micro", "vocab_size": 64})
+    with pytest.raises(UserError, match=r"does not take parallel.strategy=fsdp: the device mesh decides"):
+        check_supported(Config(backend="jax", parallel={"strategy": "fsdp"}), griffin_model)

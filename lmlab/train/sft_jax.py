@@ -42,7 +42,9 @@ def check_supported(cfg, model) -> None:
     if getattr(model.cfg, "family", None) != "griffin":
         raise UserError(f"sft backend=jax trains Griffin / RecurrentGemma (recurrentgemma.jax); this init model is "
                         f"a {getattr(model.cfg, 'family', 'transformer')}: use backend=torch")
-    for bad, why in ((cfg.lora.enabled, "lora.enabled: LoRA finetunes with backend=torch"),
+    for bad, why in ((cfg.parallel.strategy in ("ddp", "fsdp"), f"parallel.strategy={cfg.parallel.strategy}: the "
+                      f"device mesh decides (parallel.mesh=data:N,fsdp:M); parallel.strategy is the torch trainer's"),
+                     (cfg.lora.enabled, "lora.enabled: LoRA finetunes with backend=torch"),
                      (t.time_budget, "train.time_budget: set train.steps or train.epochs"),
                      (t.micro_batch, "train.micro_batch: the mesh splits each micro-batch over the devices "
                                      "(set train.grad_accum for smaller micro-batches)")):
@@ -51,15 +53,15 @@ def check_supported(cfg, model) -> None:
 
 
 def decay_mask(model) -> dict:
-    """The Flax tree of booleans: which parameters AdamW decays (the torch trainer's groups)."""
+    """The Flax tree of booleans: which parameters AdamW decays (the torch trainer's groups),
+    found by converting a tree of 1s (decayed) and 0s like the weights."""
+    import jax
     import torch
 
     from lmlab.jax_backend.griffin import convert
 
     decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] for p in g["params"]}
     ones = {n: torch.full_like(p, 1.0 if id(p) in decayed else 0.0) for n, p in model.named_parameters()}
-    import jax
-
     return jax.tree_util.tree_map(lambda x: bool(np.all(x > 0.5)), convert.from_torch_state(ones, model.cfg))
 
 
@@ -91,6 +93,9 @@ def compute_dtype(dtype: str, platform: str) -> str:
 
 
 class Trainer:
+    """The compiled pieces of a run: a micro-batch's summed loss and gradients, their sum over
+    micro-batches, the AdamW update, the validation loss."""
+
     def __init__(self, cfg, model_cfg, mesh, mask) -> None:
         import jax
         import jax.numpy as jnp

@@ -9,6 +9,7 @@ tensor (the conv's `w`, the gates' block-diagonal `w`, `ffw_up`'s stacked `w`) h
 shape in both. Reading needs only orbax-checkpoint (the jax extra), not JAX's Griffin.
 
     model = load_orbax("recurrentgemma/flax/2b/1/2b")       # -> lmlab's Griffin (float32)
+    export_orbax(cfg)                                        # `lmlab export RUN out=DIR format=orbax`
 """
 
 from __future__ import annotations
@@ -115,3 +116,67 @@ def load_orbax(path: str | Path, **overrides):
     model = Griffin(cfg)
     model.load_state_dict(from_deepmind_state_dict(sd, cfg, str(path)))
     return model.eval()
+
+
+def export_orbax(cfg) -> Path:
+    """`lmlab export RUN_DIR out=DIR format=orbax` (cfg: lmlab.models.export.Config): a Griffin
+    as DeepMind's Flax checkpoint (the tree recurrentgemma's save_parameters writes; `lmlab
+    import DIR` reads it back), float32 or bfloat16, with the SentencePiece tokenizer.model
+    inside the directory. (recurrentgemma 1.0.1's own load_parameters fails on any checkpoint
+    with orbax-checkpoint 0.12's metadata objects; Orbax's PyTreeCheckpointer().restore reads it.)"""
+    import json
+    import shutil
+
+    from lmlab import artifacts
+    from lmlab.models import WEIGHTS, load_model
+
+    dtype = {"f32": "float32", "bf16": "bfloat16"}.get(cfg.dtype, cfg.dtype)
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"format=orbax writes float32 or bfloat16 (DeepMind's checkpoints are bfloat16), not "
+                        f"dtype={cfg.dtype}")
+    if not cfg.model or not cfg.out:
+        raise UserError("run `lmlab export RUN_DIR out=DIR format=orbax`")
+    src, out = Path(cfg.model), Path(cfg.out)
+    try:
+        family = json.loads((src / "model.json").read_text()).get("family", "transformer")
+    except (OSError, ValueError):
+        family = None  # load_model explains
+    if family is not None and family != "griffin":
+        raise UserError(f"{src} is a '{family}' model; format=orbax writes DeepMind's Griffin checkpoints (a griffin "
+                        f"model); export it with format=hf or format=gguf")
+    artifacts.check_out(out, "orbax_export", "export", inputs={"model directory": src})
+    in_fp = (artifacts.read_manifest(src) or {}).get("fingerprint") or artifacts.sha256_file(src / WEIGHTS)
+    fp = artifacts.stage_fingerprint("orbax_export", {"dtype": dtype}, {"model": in_fp})
+    if artifacts.is_up_to_date(out, fp):
+        print(f"export: up to date ({out}), nothing to do")
+        return out
+    ocp = _orbax()
+    timer = artifacts.Timer()
+    with timer("load"):
+        model, tokenizer, _ = load_model(src)
+    from lmlab.models.griffin.checkpoints import to_deepmind_state_dict
+
+    tree = deepmind_to_flax(to_deepmind_state_dict(model.state_dict(), model.cfg))
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        tree = _map(tree, lambda x: x.astype(ml_dtypes.bfloat16))
+    try:
+        with artifacts.atomic_dir(out) as tmp:
+            with timer("write"):
+                ocp.PyTreeCheckpointer().save(tmp.resolve(), tree, force=True)
+                spm = Path(tokenizer.path) / "tokenizer.model"
+                if spm.is_file():  # beside the tensors, where `lmlab import DIR` looks
+                    shutil.copy(spm, tmp / "tokenizer.model")
+            artifacts.write_manifest(tmp, "orbax_export", cfg.model_dump(mode="json"), fp, verb="export",
+                                     inputs={"model": {"path": str(src), "fingerprint": in_fp}},
+                                     tokenizer_sha256=getattr(tokenizer, "sha256", None), timings=timer.total(),
+                                     stats={"format": "orbax", "params": model.num_params(), "dtype": dtype})
+    except OSError as e:
+        raise artifacts.disk_error(e, out) from None
+    print(f"export: wrote {out} (DeepMind's Flax/Orbax Griffin checkpoint, {model.num_params():,} params, {dtype})")
+    return out
+
+
+def _map(tree: dict, fn) -> dict:
+    return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
