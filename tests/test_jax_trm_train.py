@@ -230,7 +230,8 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
     shutil.copytree(out, moved)
     (moved / "manifest.json").unlink()
     shutil.rmtree(moved / "checkpoints_jax" / "20")
-    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10", "parallel.mesh=data:1")
+    r = _trm(toy, moved, "train.steps=20", "eval.every=10", "backend=jax", "checkpoint.every=10",
+             "parallel.mesh=data:1")
     assert r.returncode == 0 and "saved on 8 device(s), now 1" in r.stderr, r.stderr[-3000:]
     for a, b in zip(read_metrics(jax_run), read_metrics(moved), strict=True):
         for k in ("loss", "grad_norm", "val_token_accuracy"):

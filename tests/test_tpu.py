@@ -65,7 +65,8 @@ def test_setup_and_run_against_a_standin_gcloud(tmp_path, monkeypatch, capsys):
     assert [c[3] for c in calls] == ["scp", "ssh", "ssh"]
     assert calls[0][5:] == ["pod:~/lmlab-src.tar.gz", "--zone", "us-central2-b", "--worker=all"]
     install, run = calls[1][-1], calls[2][-1]
-    assert "tar xzf ~/lmlab-src.tar.gz -C ~/lmlab" in install and "--index-url https://download.pytorch.org/whl/cpu" in install
+    assert "tar xzf ~/lmlab-src.tar.gz -C ~/lmlab" in install
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
     assert '"$HOME/lmlab[jax]" "jax[tpu]"' in install and "--no-deps recurrentgemma==1.0.1" in install
     assert "LMLAB_TPU_POD=1" in run and run.endswith("backend=jax")
     with tarfile.open(tmp_path / "copied.tar.gz") as t:

@@ -59,8 +59,9 @@ def init_distributed(timeout_s: float | None = None) -> int:
     """Join the other hosts' JAX processes when launched as several (-> the process count).
 
     Launched like torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: torchrun sets them,
-    export them on every host, or, on a TPU VM under `lmlab tpu`, tpu_pod_env finds them), each process joins `jax.distributed` at the coordinator
-    MASTER_ADDR:MASTER_PORT+1 (or $LMLAB_JAX_COORDINATOR), as process RANK of WORLD_SIZE, before
+    export them on every host, or, on a TPU VM under `lmlab tpu`, tpu_pod_env finds them), each
+    process joins `jax.distributed` at the coordinator MASTER_ADDR:MASTER_PORT+1 (or
+    $LMLAB_JAX_COORDINATOR), as process RANK of WORLD_SIZE, before
     any JAX computation; the device mesh then spans every host's devices. (lmlab's rank-0 writes
     and barriers go through torch.distributed's CPU group on MASTER_PORT, as for every stage.)
     CPU devices reduce over gloo. A coordinator that does not answer within `timeout_s`

@@ -9,10 +9,11 @@ are Llama), Mistral, Qwen2, Qwen3, SmolLM3 or RecurrentGemma model, or Google De
 torch checkpoint (a `.pt` / `.safetensors` state_dict with `embedder.input_embedding`,
 `blocks.N...` keys; its shape is read from the tensors, the window and soft cap are the
 published 2b/9b ones unless set), or its Flax/Orbax checkpoint directory (Kaggle's
-`recurrentgemma/flax/2b/1/2b`, read with the jax extra; tokenizer.model beside it). Any other architecture (GPT-2, Phi, Gemma, Mixtral, ...) is
-refused before anything loads, naming it; so is a feature lmlab's transformer does not compute
-exactly (lmlab.models.hf.model_config_from_hf). A Mistral `sliding_window` shorter than its
-context becomes max_seq_len (noted). SmolLM3's layers without RoPE become `nope_layers`.
+`recurrentgemma/flax/2b/1/2b`, read with the jax extra; tokenizer.model in or beside it).
+Any other architecture (GPT-2, Phi, Gemma, Mixtral, ...) is refused before anything loads,
+naming it; so is a feature lmlab's transformer does not compute exactly
+(lmlab.models.hf.model_config_from_hf). A Mistral `sliding_window` shorter than its context
+becomes max_seq_len (noted). SmolLM3's layers without RoPE become `nope_layers`.
 
 The tokenizer: a Llama/Mistral/Qwen directory's `tokenizer.json` is taken unchanged, with
 bos/eos/pad the model's own (tokenizer_config.json's tokens, else config.json's ids; a model

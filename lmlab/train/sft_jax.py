@@ -184,18 +184,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     import jax
     import jax.numpy as jnp
 
-    from lmlab.errors import Diverged, Interrupted
+    from lmlab import dist as lmdist
+    from lmlab.errors import Diverged
     from lmlab.jax_backend import enable_compile_cache
     from lmlab.jax_backend.griffin import convert
-    from lmlab.jax_backend.mesh import (describe, local_rows, make_mesh, param_shardings, place,
-                                        rows_sharding, stats as mesh_stats)
+    from lmlab.jax_backend.mesh import local_rows, make_mesh, param_shardings, place, rows_sharding
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.logging import MetricsLogger, read_metrics
-    from lmlab.train.loop import _NoLog
+    from lmlab.train.jax_loop import due, open_log, steps, summary as run_summary
     from lmlab.train.trm_jax import check_batch
-
-    from lmlab import dist as lmdist
 
     check_supported(cfg, torch_model)
     enable_compile_cache()
@@ -241,12 +238,10 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     if cfg.sample_prompts and main:
         print("sft (jax): sample_prompts are not answered during a JAX run; `lmlab generate` on the written model "
               "answers them", file=sys.stderr)
-    log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                        wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                        config=cfg.model_dump(mode="json")) if main else _NoLog()
+    log = open_log(cfg, run_dir, start, main)
     bar = progress(total=total_steps, desc="sft (jax)", unit="step", initial=start, disable=not main)
-    interval_t0, interval_tokens, compile_s, done = time.perf_counter(), 0, None, start
-    try:
+    interval_t0, interval_tokens, compile_s = time.perf_counter(), 0, None
+    with steps(ck, save, log, bar, total_steps, start) as at:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = schedule(step)
@@ -259,7 +254,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                                                                               trainer.rows)))
             st["params"], st["opt_state"], norm = trainer.update(st["params"], st["opt_state"], acc,
                                                                  jnp.float32(lr))
-            done = step + 1
+            done = at.done = step + 1
             tokens_seen += positions
             interval_tokens += positions
             logging_now = done % cfg.log.every == 0 or done == total_steps
@@ -279,34 +274,11 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                            "grad_norm": float(norm), "time_s": round(train_time, 2)})
                 interval_t0, interval_tokens = now, 0
                 bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
-            if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
+            if cfg.eval.batches and due(cfg.eval.every, done, total_steps):
                 evaluate_now(done)
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps:
+            if due(cfg.checkpoint.every, done, total_steps):
                 save(done)
-    except KeyboardInterrupt:
-        save(done)
-        ck.close()
-        raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in {ck.dir}. Run the same "
-                          f"command to continue.") from None
-    finally:
-        bar.close()
-        log.close()
-    ck.close()
 
     torch_model.load_state_dict(convert.to_torch_state(jax.device_get(st["params"]), model_cfg))
-    lines = read_metrics(run_dir) if main else []
-    train_lines = [r for r in lines if "loss" in r]
-    eval_lines = [r for r in lines if "val_loss" in r and r.get("step") == total_steps]
-    if compile_s is not None:
-        print(f"sft (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), "
-              f"{describe(mesh, st['params'])}; first step (compiling) {compile_s:.1f} s", file=sys.stderr)
-    return {
-        "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
-        "precision": trainer.precision,
-        "final_loss": train_lines[-1]["loss"] if train_lines else None,
-        "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
-        "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": mesh_stats(mesh, hosts),
-        "first_step_s": round(compile_s or 0.0, 2), "model": torch_model,
-    }
+    return run_summary(run_dir, main, "sft", total_steps, tokens_seen, train_time, trainer.precision, mesh,
+                       st["params"], hosts, compile_s, "val_loss", model=torch_model)

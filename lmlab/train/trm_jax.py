@@ -34,7 +34,6 @@ trainer writes (model.safetensors, model.json, puzzles.json, metrics.jsonl, mani
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -215,16 +214,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
 
     from lmlab import dist as lmdist
     from lmlab.data.puzzles.sampler import owners
-    from lmlab.errors import Diverged, Interrupted
+    from lmlab.errors import Diverged
     from lmlab.infer.puzzles import summary as solved_summary
     from lmlab.jax_backend import enable_compile_cache
-    from lmlab.jax_backend.mesh import describe, make_mesh, param_shardings, place, stats as mesh_stats
+    from lmlab.jax_backend.mesh import make_mesh, param_shardings, place
     from lmlab.jax_backend.trm import convert
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.logging import MetricsLogger, read_metrics
-    from lmlab.train.loop import _NoLog
+    from lmlab.train.jax_loop import due, open_log, steps, summary as run_summary
 
     t = cfg.train
     if t.micro_batch:
@@ -268,9 +266,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     def save(done: int) -> None:
         ck.save_run(done, st, tokens_seen, train_time, resume_config, shards)
 
-    log = MetricsLogger(run_dir, resume_step=start, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
-                        wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                        config=cfg.model_dump(mode="json")) if main else _NoLog()
+    log = open_log(cfg, run_dir, start, main)
     sums = None  # the train stats summed since the last log line (on the devices)
     rows_seen, t_metrics = 0, time.perf_counter()
     interval_t0, interval_tokens = time.perf_counter(), 0
@@ -287,8 +283,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                    "val_exact_at_halt": m["exact_accuracy_at_halt"], "val_examples": m["examples"]})
 
     bar = progress(total=total_steps, desc="trm (jax)", unit="step", initial=start, disable=not main)
-    done = start
-    try:
+    with steps(ck, save, log, bar, total_steps, start) as at:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = schedule(step)
@@ -311,7 +306,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                 st["table"] = new_table
             if t.ema:
                 st["shadow"] = new_shadow
-            done = step + 1
+            done = at.done = step + 1
             step_tokens = n_rows * model_cfg.total_len
             tokens_seen += step_tokens
             interval_tokens += step_tokens
@@ -333,43 +328,20 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                        "grad_norm": float(norm), "time_s": round(train_time, 2)}
                 interval_t0, interval_tokens = now, 0
                 host = {**{k: float(v) for k, v in jax.device_get(sums).items()}, "rows": float(rows_seen)}
-                rec.update({k: v for k, v in train_metrics_of(host, rows_seen, now - t_metrics).items() if k not in rec})
+                shown = train_metrics_of(host, rows_seen, now - t_metrics)
+                rec.update({k: v for k, v in shown.items() if k not in rec})
                 sums, rows_seen, t_metrics = None, 0, now
                 log.write(rec)
                 bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}",
                                  "exact": f"{rec['exact_accuracy']:.3g}"}, refresh=False)
-            if cfg.eval.batches and ((cfg.eval.every and done % cfg.eval.every == 0) or done == total_steps):
+            if cfg.eval.batches and due(cfg.eval.every, done, total_steps):
                 evaluate_now(done)
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps:
+            if due(cfg.checkpoint.every, done, total_steps):
                 save(done)
-    except KeyboardInterrupt:
-        save(done)
-        ck.close()
-        raise Interrupted(f"stopped after step {done} of {total_steps}; checkpoint saved in {ck.dir}. Run the same "
-                          f"command to continue.") from None
-    finally:
-        bar.close()
-        log.close()
-    ck.close()
 
     final = jax.device_get(st.get("shadow", st["params"]))
     table = st.get("table")
     torch_model.load_state_dict(convert.to_torch_state(final, jax.device_get(st["consts"]),
                                                        None if table is None else np.asarray(jax.device_get(table))))
-    lines = read_metrics(run_dir) if main else []
-    train_lines = [r for r in lines if "loss" in r]
-    eval_lines = [r for r in lines if "loss" not in r and r.get("step") == total_steps]
-    if compile_s is not None:
-        print(f"trm (jax): {shards} device(s) ({jax.devices()[0].platform}) on {hosts} host(s), "
-              f"{describe(mesh, st['params'])}; first step "
-              f"(compiling) {compile_s:.1f} s", file=sys.stderr)
-    return {
-        "steps": total_steps, "tokens": tokens_seen, "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None, "precision": "float32",
-        "final_loss": train_lines[-1]["loss"] if train_lines else None,
-        "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
-        "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
-        "parallel": mesh_stats(mesh, hosts),
-        "first_step_s": round(compile_s or 0.0, 2), **({"ema": t.ema} if t.ema else {}),
-        "model": torch_model,
-    }
+    return run_summary(run_dir, main, "trm", total_steps, tokens_seen, train_time, "float32", mesh, st["params"], hosts,
+                       compile_s, "val_exact_accuracy", **({"ema": t.ema} if t.ema else {}), model=torch_model)

@@ -73,7 +73,8 @@ def _orbax():
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise UserError(f"reading an Orbax checkpoint needs orbax-checkpoint, which is not installed; {INSTALL}") from None
+        raise UserError(f"reading an Orbax checkpoint needs orbax-checkpoint, which is not installed; "
+                        f"{INSTALL}") from None
     return ocp
 
 
