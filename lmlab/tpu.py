@@ -58,12 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _target(o) -> list[str]:
-    return [o.tpu, "--zone", o.zone, *(["--project", o.project] if o.project else [])]
+def _where(o) -> list[str]:
+    return ["--zone", o.zone, *(["--project", o.project] if o.project else [])]
 
 
 def ssh(o, command: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", *_target(o), "--worker=all", "--command", command]
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", o.tpu, *_where(o), "--worker=all", "--command", command]
+
+
+def scp(o, *paths: str, worker: str) -> list[str]:
+    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", *paths, *_where(o), f"--worker={worker}"]
 
 
 def install_command() -> str:
@@ -82,17 +86,17 @@ def run_command(verb: str, args: list[str], jax: bool, port: int) -> str:
     return f"cd {DIR} && {env}{VENV}/bin/python -m lmlab {verb} " + " ".join(shlex.quote(a) for a in args)
 
 
-def plan(verb: str, stage_args: list[str], o) -> dict:
+def plan(verb: str, stage_args: list[str], o, tarball: str = "lmlab-src.tar.gz") -> dict:
     """The commands, in order; raises UserError naming what is wrong."""
     if verb not in STAGES:
         raise UserError(f"{verb!r} is not an lmlab verb; e.g. lmlab tpu trm data=runs/s/puzzles --tpu NAME --zone Z")
     module = importlib.import_module(STAGES[verb][0])
     if not hasattr(module, "Config"):
         raise UserError(f"`lmlab {verb}` is not a stage lmlab tpu runs (it takes no stage config)")
-    jax_verbs = [v for v in training_verbs()
-                 if "backend" in getattr(importlib.import_module(STAGES[v][0]), "Config").model_fields]
     jax = "backend" in module.Config.model_fields
     if verb in training_verbs() and not jax:
+        jax_verbs = [v for v in training_verbs()
+                     if "backend" in getattr(importlib.import_module(STAGES[v][0]), "Config").model_fields]
         raise UserError(f"`lmlab {verb}` has no JAX backend, so it cannot use the TPU's chips; lmlab tpu trains "
                         f"{', '.join(jax_verbs)} (data stages such as puzzles run on every worker as given)")
     args = list(stage_args)
@@ -106,17 +110,14 @@ def plan(verb: str, stage_args: list[str], o) -> dict:
     steps = []
     if o.setup:
         steps.append(("pack", None))
-        steps.append(("copy", ["gcloud", "compute", "tpus", "tpu-vm", "scp", "LMLAB_TARBALL",
-                               f"{o.tpu}:~/lmlab-src.tar.gz", "--zone", o.zone,
-                               *(["--project", o.project] if o.project else []), "--worker=all"]))
+        steps.append(("copy", scp(o, tarball, f"{o.tpu}:~/lmlab-src.tar.gz", worker="all")))
         steps.append(("install", ssh(o, install_command())))
     steps.append(("run", ssh(o, run_command(verb, args, jax, o.port))))
     out = getattr(cfg, "out", None)
     fetch = None
     if out:
         remote = out if str(out).startswith(("/", "~")) else f"{DIR}/{out}"
-        fetch = ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", f"{o.tpu}:{remote}", str(Path(out).parent),
-                 "--zone", o.zone, *(["--project", o.project] if o.project else []), "--worker=0"]
+        fetch = scp(o, "--recurse", f"{o.tpu}:{remote}", str(Path(out).parent), worker="0")
     return {"steps": steps, "fetch": fetch, "verb": verb}
 
 
@@ -141,12 +142,12 @@ def main(argv: list[str]) -> int:
     if not rest or rest[0].startswith("-"):
         what = f"unknown option {rest[0]}" if rest else "no verb given"
         raise UserError(f"{what}: write lmlab tpu VERB [key=value ...] --tpu NAME --zone ZONE (see `lmlab tpu --help`)")
-    job = plan(rest[0], rest[1:], ns)
-    if ns.run and shutil.which("gcloud") is None:
-        raise UserError("gcloud is not on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/"
-                        "install) and run `gcloud auth login`, or leave out --run and run the printed commands")
     with tempfile.TemporaryDirectory(prefix="lmlab-tpu-") as tmp:
         tarball = Path(tmp) / "lmlab-src.tar.gz"
+        job = plan(rest[0], rest[1:], ns, str(tarball) if ns.run else "lmlab-src.tar.gz")
+        if ns.run and shutil.which("gcloud") is None:
+            raise UserError("gcloud is not on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/"
+                            "install) and run `gcloud auth login`, or leave out --run and run the printed commands")
         for name, step in job["steps"]:
             if name == "pack":
                 line = f"(cd {shlex.quote(ns.src)} && git ls-files -z | tar czf lmlab-src.tar.gz --null -T -)"
@@ -154,8 +155,6 @@ def main(argv: list[str]) -> int:
                 if ns.run:
                     pack(Path(ns.src).expanduser().resolve(), tarball)
                 continue
-            step = [str(tarball) if (a == "LMLAB_TARBALL" and ns.run) else
-                    ("lmlab-src.tar.gz" if a == "LMLAB_TARBALL" else a) for a in step]
             if name == "run":
                 print(f"# run `lmlab {job['verb']}` on every worker")
             print(show(step), flush=True)

@@ -3,7 +3,7 @@ log on process 0, the eval and checkpoint cadence, Ctrl-C, and the summary Train
 takes. Their steps differ (TRM's ACT carry and puzzle table, SFT's masked rows); this does not.
 
     log = open_log(cfg, run_dir, start, main)
-    with steps(cfg, ck, save, log, bar, total) as at:   # Ctrl-C: checkpoint, then Interrupted
+    with steps(ck, save, log, bar, total, start) as at:   # Ctrl-C: checkpoint, then Interrupted
         for step in ...:
             ...
             at.done = step + 1

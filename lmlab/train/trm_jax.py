@@ -160,13 +160,10 @@ class Trainer:
         """Host arrays (the same on every process) as global arrays: split by rows, or replicated."""
         import jax
 
+        from lmlab.jax_backend.mesh import place
+
         sharding = self.rows_sharded if rows else self.replicated
-
-        def one(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-        return jax.tree_util.tree_map(one, tree)
+        return place(tree, jax.tree_util.tree_map(lambda _: sharding, tree))
 
     def put_local(self, tree):
         """This process's rows (its slice of the global batch) as global arrays split by rows."""
