@@ -55,6 +55,9 @@ fingerprint, the packed artifacts' fingerprints and the sha256 of the text, prob
 few-shot, multiple-choice and Herald files, and the Lean settings that change verdicts (its
 project, with the sha256 of its lean-toolchain and lake-manifest.json, command, limits; not
 its worker count), so re-running with nothing changed is a no-op.
+`backend=jax` (a Griffin, the jax extra): the generating sections (prompts, generative, proofs)
+decode with DeepMind's recurrentgemma.jax model (lmlab.jax_backend.griffin.decode, docs/jax.md);
+the scoring ones are refused, naming them.
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
@@ -175,6 +178,13 @@ class Config(Strict):
                                           "(docs/lm_eval.md)")
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    backend: Literal["torch", "jax"] = Field("torch", description="what generates: torch, or jax (a Griffin: "
+                                             "sample prompts, generative problems and proofs decode with "
+                                             "recurrentgemma.jax; the scoring sections need torch)")
+
+
+# sections that score with the torch model; backend=jax refuses them (it only generates)
+SCORING = ("packed", "texts", "choice", "long_context", "lm_eval")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -258,8 +268,11 @@ def run(cfg: Config) -> Path:
     # device computes them), the model, the packed artifacts and the text files' contents.
     fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
-    if not cfg.packed and cfg.packed_default:  # default: the val splits of the model's own training data
+    packed_by_default = not cfg.packed and cfg.packed_default
+    if packed_by_default:  # default: the val splits of the model's own training data
         cfg = cfg.model_copy(update={"packed": training_data(model_manifest)})
+    if cfg.backend == "jax":
+        _vet_jax(cfg, model_dir, packed_by_default)
     for i, p in enumerate(cfg.packed):
         pm = check_packed_tokenizer(p, tokenizer)
         inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
@@ -286,6 +299,8 @@ def run(cfg: Config) -> Path:
         if g.get("thinking", True):
             g.pop("thinking", None)
     lm_eval_tasks = _vet_lm_eval(cfg, inputs, fp_config)
+    if cfg.backend == "torch":  # left out, so evals made before backends existed keep their fingerprint
+        fp_config.pop("backend", None)
     fp = artifacts.stage_fingerprint("eval", fp_config, {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"eval: up to date ({out}), nothing to do")
@@ -298,11 +313,15 @@ def run(cfg: Config) -> Path:
     with timer("load"):
         model, tokenizer, _ = load_model(model_dir, device=device)
         model.eval()
+        if cfg.backend == "jax":  # the engine hands decoding to it (lmlab.models.family.Decoder)
+            from lmlab.jax_backend.griffin.decode import Decoder
+
+            model.decoder = Decoder.of(model)
     tok_sha = tokenizer.sha256
     max_seq_len = int(model.cfg.max_seq_len)
 
     results: dict = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint"),
-                               "tokenizer_sha256": tok_sha, "max_seq_len": max_seq_len,
+                               "tokenizer_sha256": tok_sha, "max_seq_len": max_seq_len, "backend": cfg.backend,
                                **{k: model_manifest.get("stats", {}).get(k) for k in ("params", "flops_per_token", "tokens_trained")}},
                      "packed": [], "texts": []}
 
@@ -477,6 +496,25 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
         outcomes.extend({"file": spec.path, "name": name, "kind": "generative", **r} for r in res.pop("problems"))
         results.append({"path": spec.path, "name": name, **res})
     return results
+
+
+def _vet_jax(cfg: Config, model_dir: Path, packed_by_default: bool) -> None:
+    """backend=jax: a Griffin the reference can run, recurrentgemma installed, no scoring section."""
+    from lmlab.jax_backend.griffin.model import reference_config, require_recurrentgemma
+    from lmlab.models.family import get_family, split_model_json
+
+    family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
+    if family != "griffin":
+        raise UserError(f"backend=jax generates with the JAX Griffin; {model_dir} is a {family} model: "
+                        f"evaluate it with backend=torch")
+    scoring = [k for k in SCORING if getattr(cfg, k)]
+    if scoring:
+        raise UserError(f"backend=jax only generates (prompts, generative, proofs); {', '.join(scoring)} "
+                        f"score with the torch model: evaluate them in another `lmlab eval` with backend=torch"
+                        + (" (the packed data the model was trained on is scored by default: pass "
+                           "packed_default=false)" if cfg.packed and packed_by_default else ""))
+    require_recurrentgemma()
+    reference_config(get_family(family).config(fields))  # a setting the reference fixes is refused
 
 
 def _vet_proofs(cfg: Config, inputs: dict, fp_config: dict) -> list[tuple]:

@@ -26,6 +26,11 @@ Optional, for LLM-TRM's latent thinking (the transformer has it; lmlab.models.fa
 tells): `vectors=(mask (B, T) bool, values (n, D))` on `hidden` and `forward` puts input vectors
 in place of the token embeddings at the masked positions, gradients flowing into the values.
 
+Optional, a decoder elsewhere: a model may carry `model.decoder`, a `Decoder` that
+lmlab.infer.engine.generate_ids hands the decoding to (so `generate`, `complete`, the eval's
+generations, problems and proofs go through it); `lmlab eval backend=jax` sets the JAX Griffin's
+(lmlab.jax_backend.griffin.decode). Everything else still reads the torch model.
+
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
 that reads, generates or trains text takes them); "puzzle" families (TRM) are PuzzleModels,
 which fill a whole grid per call and are trained and evaluated by `lmlab trm` and
@@ -89,6 +94,16 @@ class LanguageModel(Protocol):
     def num_params(self, non_embedding: bool = False) -> int: ...
 
     def flops_per_token(self, seq_len: int) -> float: ...
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Decodes a language model's prompts in its place, as lmlab.infer.engine.generate_ids: per
+    step, each row's new token (None once the row has ended at eos, should_stop or the limit)."""
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
+                     pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None): ...
 
 
 @runtime_checkable

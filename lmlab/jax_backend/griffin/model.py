@@ -54,8 +54,22 @@ def reference_config(cfg: GriffinConfig):
                                 logits_soft_cap=cfg.logits_soft_cap or 0.0, lru_width=cfg.lru_width)
 
 
+def scan_type(platform: str):
+    """The RG-LRU scan for a platform: on TPUs the reference's default (its Pallas kernel); elsewhere
+    the associative scan. The reference's default there, a `lax.scan` over time, is a while loop
+    XLA's CPU compiler expands: a 256-token forward of one recurrent layer compiled in 8.6 s
+    (a 10 MB program) against 1.3 s for the associative scan, which also ran faster
+    (23 ms against 53 ms, batch 8) and computes the same recurrence."""
+    from recurrentgemma import common
+
+    return common.ScanType.AUTO if platform == "tpu" else common.ScanType.ASSOCIATIVE_NATIVE
+
+
 def build(cfg: GriffinConfig, dtype=None, remat: bool = False):
     """The Flax module (parameters in float32; `dtype` the compute dtype, e.g. jnp.bfloat16;
     `remat`: recompute each residual block in the backward pass, to save memory)."""
+    import jax
+
     rg = require_recurrentgemma()
-    return rg.Griffin(reference_config(cfg), gradient_checkpointing=remat, dtype=dtype)
+    ref = reference_config(cfg)._replace(scan_type=scan_type(jax.devices()[0].platform))
+    return rg.Griffin(ref, gradient_checkpointing=remat, dtype=dtype)

@@ -1,0 +1,194 @@
+"""Generation with the JAX Griffin (lmlab.jax_backend.griffin.decode) against lmlab's torch engine
+on the same random weights, fp32:
+
+- greedy tokens equal the torch engine's, for a left-padded batch of prompts from 1 token (the
+  convolution's state holds padding after prefill) to past the attention window, and rows end
+  at eos on the same step;
+- sampling repeats with its seed; top-k 1 and a tiny top-p are greedy; top-k 3 draws only
+  among the three most likely first tokens;
+- `lmlab eval RUN backend=jax proofs=[...]` (Lean played by tests/lean_standin.py) writes the
+  same greedy proofs and verdicts as backend=torch; scoring sections and a transformer are
+  refused with backend=jax.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("jax", reason="the jax extra is not installed (pip install 'lmlab[jax]')")
+try:
+    import recurrentgemma.jax  # noqa: F401
+except ImportError as e:
+    pytest.skip(f"recurrentgemma.jax does not import ({e})", allow_module_level=True)
+
+from conftest import ROOT
+from lmlab.infer import engine
+from lmlab.jax_backend.griffin.decode import Decoder, bucket
+from lmlab.models.griffin.config import resolve_griffin_config
+from lmlab.models.griffin.model import Griffin
+
+V, WINDOW = 300, 8
+N = 8  # new tokens everywhere: one compiled program per sampling mode
+PROMPTS = [[1], [5, 7], [3, 9, 11, 4, 8], list(range(20, 33)), [(7 * i) % 290 + 3 for i in range(30)]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = resolve_griffin_config({"preset": "micro", "vocab_size": V, "width": 64, "num_heads": 4, "lru_width": 48,
+                                  "n_layer": 3, "block_pattern": ["recurrent", "recurrent", "attention"],
+                                  "attention_window_size": WINDOW, "max_seq_len": 128})
+    torch.manual_seed(0)
+    model = Griffin(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # far from init, so the tokens depend on every parameter
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, Decoder.of(model)
+
+
+def _run(gen) -> list[list[int]]:
+    out: list[list[int]] = []
+    for step in gen:
+        out = out or [[] for _ in step]
+        for r, t in enumerate(step):
+            if t is not None:
+                out[r].append(t)
+    return out
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 8, 9, 100, 129)] == [8, 8, 16, 128, 256]
+    assert bucket(5, 4) == 8 and bucket(9, 3) == 18
+
+
+def test_greedy_tokens_equal_the_torch_engine(pair):
+    model, dec = pair
+    with torch.no_grad():
+        want = _run(engine.generate_ids(model, PROMPTS, max_new_tokens=N, device="cpu"))
+    got = _run(dec.generate_ids(PROMPTS, max_new_tokens=N))
+    assert got == want
+    assert len({tuple(w) for w in want}) == len(want)  # the prompts lead to different text
+    eos = want[3][4]  # a token row 3 emits on its 5th step: each row ends at its first one
+    with torch.no_grad():
+        want = _run(engine.generate_ids(model, PROMPTS, max_new_tokens=N, eos_id=eos, device="cpu"))
+    assert _run(dec.generate_ids(PROMPTS, max_new_tokens=N, eos_id=eos)) == want
+    assert len(want[3]) <= 5 and want[3][-1] == eos
+
+
+def test_sampling_repeats_and_truncates(pair):
+    model, dec = pair
+    greedy = _run(dec.generate_ids(PROMPTS, max_new_tokens=N))
+    a = _run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=1.5, seed=3))
+    assert a == _run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=1.5, seed=3))
+    assert a != _run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=1.5, seed=4)) and a != greedy
+    assert _run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=1.5, top_k=1, seed=3)) == greedy
+    assert _run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=1.5, top_p=1e-6, seed=3)) == greedy
+    with torch.no_grad():
+        top3 = [set(model(torch.tensor([p]))[0][0, -1].topk(3).indices.tolist()) for p in PROMPTS]
+    firsts = [set() for _ in PROMPTS]
+    for seed in range(8):
+        for r, row in enumerate(_run(dec.generate_ids(PROMPTS, max_new_tokens=N, temperature=5.0, top_k=3, seed=seed))):
+            firsts[r].add(row[0])
+    assert all(f <= t for f, t in zip(firsts, top3)) and any(len(f) > 1 for f in firsts)
+
+
+def test_should_stop_ends_a_row_as_the_engine_does(pair):
+    model, dec = pair
+    stop = lambda row, ids: row == 1 and len(ids) == 3  # noqa: E731
+    with torch.no_grad():
+        want = _run(engine.generate_ids(model, PROMPTS, max_new_tokens=N, should_stop=stop, device="cpu"))
+    assert _run(dec.generate_ids(PROMPTS, max_new_tokens=N, should_stop=stop)) == want and len(want[1]) == 3
+
+
+# ----------------------------------------------------------------------------- lmlab eval backend=jax
+
+@pytest.fixture(scope="module")
+def griffin_run(tmp_path_factory):
+    """A Griffin micro model with a 320-token context (Herald prompts fit) and a Herald sample."""
+    from lmlab.data import corpus, herald, pack, tokenizer
+    from lmlab.train import pretrain
+
+    root = tmp_path_factory.mktemp("jax_decode")
+    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 30}]))
+    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
+    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=321, workers=1,
+                             val_fraction=0.2))
+    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "griffin"),
+                                     model={"family": "griffin", "preset": "micro", "max_seq_len": 320},
+                                     train={"steps": 2, "batch_size": 2, "device": "cpu"},
+                                     eval={"every": 0, "batches": 0}, checkpoint={"every": 0}))
+    from lmlab.models import load_model, save_model
+
+    model, _, _ = load_model(m, device="cpu")  # two steps teach it one token: move it off, so proofs differ
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn(q.shape, generator=g) * 0.2)
+    save_model(model, m)
+    path = root / "herald.jsonl"
+    herald.write_jsonl_atomic(herald.sample_rows(6, seed=0), path)
+    return {"root": root, "model": m, "herald": path}
+
+
+def _eval(griffin_run, out, *extra):
+    from test_proof_eval import lean_cfg
+
+    spec = {"path": str(griffin_run["herald"]), "name": "herald", "split": "all", "n_samples": 1, "k": [1],
+            "temperature": 0.0, "max_new_tokens": 10, "batch_size": 8, "lean": lean_cfg(griffin_run["root"])}
+    return subprocess.run([sys.executable, "-m", "lmlab", "eval", str(griffin_run["model"]), f"out={out}",
+                           "packed_default=false", "max_new_tokens=6", "prompts=[def , Return the]", "device=cpu",
+                           f"proofs={json.dumps([spec])}", *extra], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_eval_backend_jax_proves_what_torch_proves(griffin_run, tmp_path):
+    runs = {}
+    for backend in ("torch", "jax"):
+        r = _eval(griffin_run, tmp_path / backend, f"backend={backend}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[backend] = tmp_path / backend
+    problems = {b: [p for p in map(json.loads, (d / "problems.jsonl").read_text().splitlines())]
+                for b, d in runs.items()}
+    proofs = {b: [(p["theorem_name"], p["samples"][0]["proof"], p["samples"][0]["ok"]) for p in ps]
+              for b, ps in problems.items()}
+    assert proofs["jax"] == proofs["torch"] and len(proofs["jax"]) == 4  # (the sample's 6 rows hold 4 theorems)
+    assert len({text for _, text, _ in proofs["jax"]}) == 4
+    gens = {b: [(g["prompt"], g["completion"]) for g in map(json.loads, (d / "generations.jsonl").read_text()
+                                                             .splitlines()) if g["setting"] == "greedy"]
+            for b, d in runs.items()}
+    assert gens["jax"] == gens["torch"]
+    res = {b: json.loads((d / "eval.json").read_text()) for b, d in runs.items()}
+    assert res["jax"]["model"]["backend"] == "jax" and res["torch"]["model"]["backend"] == "torch"
+    assert res["jax"]["proofs"][0]["valid"] == res["torch"]["proofs"][0]["valid"]
+    m = {b: json.loads((d / "manifest.json").read_text()) for b, d in runs.items()}
+    assert m["jax"]["fingerprint"] != m["torch"]["fingerprint"]  # sampled text differs across backends
+    again = _eval(griffin_run, runs["jax"], "backend=jax")
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_eval_backend_jax_refusals(griffin_run, tmp_path):
+    import shutil
+
+    from lmlab.errors import UserError
+    from lmlab.eval import evaluate
+
+    def run(model=griffin_run["model"], **kw):
+        cfg = {"model": str(model), "out": str(tmp_path / "e"), "backend": "jax", "packed_default": False, **kw}
+        with pytest.raises(UserError) as e:
+            evaluate.run(evaluate.Config(**cfg))
+        return str(e.value)
+
+    msg = run(texts=["README.md"], choice=["README.md"])
+    assert "backend=jax only generates" in msg and "texts, choice" in msg and "backend=torch" in msg
+    assert "packed_default=false" in run(packed_default=True)
+    other = tmp_path / "transformer"  # a model.json naming another family
+    shutil.copytree(griffin_run["model"], other)
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "family": "transformer"}))
+    msg = run(model=other)
+    assert "is a transformer model" in msg and "backend=torch" in msg
+    assert not (tmp_path / "e").exists()
