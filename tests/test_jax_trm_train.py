@@ -112,8 +112,23 @@ def test_the_jax_run_logs_what_the_torch_run_logs(toy, jax_run, tmp_path):
     assert json.loads((jax_run / "model.json").read_text())["family"] == "trm"
     # the torch stages read it: puzzle-eval on the whole test split
     r = run_cli([sys.executable, "-m", "lmlab", "puzzle-eval", str(jax_run), f"data={toy}", f"out={tmp_path / 'pe'}",
-                 "device=cpu"])
+                 "device=cpu", "dtype=float32"])
     assert r.returncode == 0, r.stderr[-2000:]
+    # ... and so does the JAX solver (puzzle-eval backend=jax, 8 devices): the same answers and metrics
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = [sys.executable, "-m", "lmlab", "puzzle-eval", str(jax_run), f"data={toy}", "backend=jax"]
+    r = subprocess.run([*args, f"out={tmp_path / 'pj'}", "batch_size=16"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pe", "pj"))
+    assert b["backend"] == "jax" and a["backend"] == "torch"
+    for k in ("examples", "exact_accuracy", "token_accuracy", "steps_used_mean", "exact_accuracy_by_step"):
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
+    import numpy as np
+
+    pa, pb = (np.load(tmp_path / d / "predictions.npz", allow_pickle=True) for d in ("pe", "pj"))
+    assert np.array_equal(pa["preds"], pb["preds"]) and np.array_equal(pa["exact"], pb["exact"])
+    r = subprocess.run([*args, f"out={tmp_path / 'px'}", "batch_size=12"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "batch_size=12 does not divide into the 8 devices" in r.stderr
 
 
 def _metrics(run):

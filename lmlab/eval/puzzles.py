@@ -20,6 +20,8 @@ Every puzzle of the split runs all `halt_max_steps` supervision steps (lmlab.inf
 `OUT/predictions.npz` keeps the first `keep_predictions` puzzles (inputs, labels, answers,
 exactness per step, steps used) for the report's rendered puzzles. The model's own
 puzzles.json (written by `lmlab trm`) must describe the same cells and vocabulary as the set.
+`backend=jax` solves with the JAX TRM (lmlab.infer.puzzles_jax) over every device JAX sees, in
+float32: the same answers and metrics.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Config(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="autocast as in training (auto: bf16 "
                                                           "on CUDA and on CPUs with native bf16)")
+    backend: Literal["torch", "jax"] = Field("torch", description="torch, or jax: the JAX TRM over every device "
+                                             "JAX sees (the jax extra; batch_size a multiple of the devices)")
 
 
 def default_out(model_dir: Path, data: Path) -> Path:
@@ -105,7 +109,8 @@ def run(cfg: Config) -> Path:
     config = cfg.model_dump(mode="json")
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")},
               "puzzles": {"path": str(data), "fingerprint": set_manifest.get("fingerprint")}}
-    fp = artifacts.stage_fingerprint(KIND, {k: v for k, v in config.items() if k not in ("out", "device")},
+    # how it runs, not what it measures: the device and the backend (the same argmax answers)
+    fp = artifacts.stage_fingerprint(KIND, {k: v for k, v in config.items() if k not in ("out", "device", "backend")},
                                      {k: v["fingerprint"] for k, v in inputs.items()})
     if artifacts.is_up_to_date(out, fp):
         print(f"puzzle-eval: up to date ({out}), nothing to do")
@@ -120,15 +125,26 @@ def run(cfg: Config) -> Path:
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     timer = artifacts.Timer()
     n = split.num_examples if cfg.limit is None else min(cfg.limit, split.num_examples)
+    if cfg.backend == "jax":
+        if cfg.dtype == "bfloat16":
+            raise UserError("dtype=bfloat16 is a torch autocast; backend=jax solves in float32 (drop dtype, or use "
+                            "backend=torch)")
+        solver, state = _jax_solver(model, cfg.batch_size)
+        amp = None  # float32 (TPUs run float32 matmuls in bf16 passes by default)
     with timer("solve"), progress(total=n, desc="puzzle-eval", unit="puzzle") as bar:
-        solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, autocast=autocast)
+        if cfg.backend == "jax":
+            from lmlab.infer.puzzles_jax import solve_split
+
+            solved = solve_split(solver, *state, split, cfg.batch_size, limit=cfg.limit, progress_bar=bar)
+        else:
+            solved = solve(model, split, cfg.batch_size, device, limit=cfg.limit, progress_bar=bar, autocast=autocast)
     own = owners(split)
     metrics = summary(solved, split.ratings, own, fill=cells_to_fill(split))
     last = solved.exact[solved.scored][:, -1].astype(float)
     metrics["exact_accuracy_stderr"] = stderr(last.tolist())
     metrics.update(split=cfg.split, kind=info.get("kind"), model=str(model_dir), data=str(data),
                    halt_max_steps=model.cfg.halt_max_steps, puzzles_per_s=round(n / max(timer.total()["solve"], 1e-9), 1),
-                   precision="bf16 autocast" if amp is not None else "float32")
+                   precision="bf16 autocast" if amp is not None else "float32", backend=cfg.backend)
     submission = None
     if info.get("kind") == "arc":
         metrics["arc"], submission = _arc_votes(data, split, solved, own, cfg.pass_ks)
@@ -159,6 +175,24 @@ def run(cfg: Config) -> Path:
           f"{f' ± {se:.3f}' if se is not None else ''}, token accuracy {metrics['token_accuracy']:.3f}, "
           f"steps used {metrics['steps_used_mean']:.1f}{arc} -> {out}", file=sys.stderr)
     return out
+
+
+def _jax_solver(model, batch_size: int):
+    """backend=jax: (the Solver on a mesh of every device, [params, consts, table] placed on it)."""
+    from lmlab.infer.puzzles_jax import Solver
+    from lmlab.jax_backend import enable_compile_cache, require_jax
+    from lmlab.jax_backend.mesh import make_mesh, shards
+    from lmlab.jax_backend.trm import convert
+    from lmlab.train.trm_jax import check_batch
+
+    require_jax()
+    enable_compile_cache()
+    mesh = make_mesh(None)
+    check_batch(batch_size, shards(mesh), "batch_size")
+    solver = Solver(model.cfg, mesh)
+    params, consts, table = convert.from_torch_state(model.state_dict(), model.cfg)
+    return solver, [solver.put(params, False), solver.put(consts, False),
+                    None if table is None else solver.put(table, False)]
 
 
 def _arc_votes(data: Path, split, solved, own: np.ndarray, pass_ks: list[int]):

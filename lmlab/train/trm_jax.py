@@ -56,17 +56,15 @@ class Trainer:
 
     def __init__(self, cfg, model_cfg, mesh) -> None:
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from lmlab.jax_backend.mesh import rows_sharding, serial_dispatch
-
+        from lmlab.infer.puzzles_jax import Solver
         from lmlab.jax_backend.trm import losses, model as jm
         from lmlab.jax_backend.trm.optim import ema_update, network_optimizer, sign_sgd_rows
 
         self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-        self.net = net = jm.TRMNet(model_cfg)
-        self.rows_sharded = rows_sharding(mesh)  # a batch's rows over every device
-        self.replicated = NamedSharding(mesh, P())
+        self.solver = Solver(model_cfg, mesh)  # the evaluation step, the shardings, how arrays are placed
+        self.net = net = self.solver.net
+        self.rows_sharded, self.replicated = self.solver.rows_sharded, self.solver.replicated
         t = cfg.train
         self.opt = network_optimizer(cfg.optimizer, tuple(t.betas), t.weight_decay)
 
@@ -103,31 +101,10 @@ class Trainer:
                 shadow = ema_update(shadow, params, t.ema)
             return params, opt_state, table, shadow, norm
 
-        def evaluate(params, consts, batch, table):
-            rows = table[batch["puzzle_identifiers"]] if table is not None else None
-            carry = jm.initial_carry(model_cfg, batch["inputs"].shape[0])
-            carry = carry._replace(**{k: jax.lax.with_sharding_constraint(v, self.rows_sharded)
-                                      for k, v in carry._asdict().items()})
-
-            def one(carry, _):
-                carry, out = jm.act_step(net, params, consts, carry, batch, rows, training=False)
-                pred = jax.numpy.argmax(out["logits"], -1)
-                return carry, (pred, out["q_halt_logits"])
-
-            _, (preds, q) = jax.lax.scan(one, carry, None, length=model_cfg.halt_max_steps)
-            return preds, q  # (S, B, L), (S, B)
-
         self._fns = {"micro": micro, "update": update}
         self._micro = self._update = None  # compiled at the first call, for the state's shardings
         self._add = jax.jit(add)
-        self._evaluate = jax.jit(evaluate, out_shardings=self.replicated)  # every host reads the answers
-        self.serial = serial_dispatch()  # (CPU hosts: one program at a time, lmlab.jax_backend.mesh)
-
-    def _run(self, fn, *args):
-        import jax
-
-        out = fn(*args)
-        return jax.block_until_ready(out) if self.serial else out
+        self._run = self.solver.run
 
     def micro(self, params, *args):
         import jax
@@ -153,53 +130,14 @@ class Trainer:
                                                   self.replicated))
         return self._run(self._update, params, opt_state, table, shadow, *args)
 
-    def evaluate(self, *args):
-        return self._run(self._evaluate, *args)
-
     def put(self, tree, rows: bool):
-        """Host arrays (the same on every process) as global arrays: split by rows, or replicated."""
-        import jax
-
-        from lmlab.jax_backend.mesh import place
-
-        sharding = self.rows_sharded if rows else self.replicated
-        return place(tree, jax.tree_util.tree_map(lambda _: sharding, tree))
+        return self.solver.put(tree, rows)
 
     def put_local(self, tree):
         """This process's rows (its slice of the global batch) as global arrays split by rows."""
         from lmlab.jax_backend.mesh import local_rows
 
         return local_rows(tree, self.rows_sharded)
-
-
-def _np_batch(batch: dict) -> dict:
-    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in batch.items() if k != "slot"}
-
-
-def solve_split(trainer: Trainer, params, consts, table, split, batch_size: int, limit=None):
-    """lmlab.infer.puzzles.solve in JAX: every example through all supervision steps (a short last
-    batch is padded to the batch size, its padding rows dropped)."""
-    from lmlab.data.puzzles.sampler import eval_batches
-    from lmlab.infer.puzzles import Solved
-
-    parts: dict[str, list] = {k: [] for k in ("preds", "exact", "token_acc", "q_halt", "scored", "examples")}
-    for idx, batch in eval_batches(split, batch_size, limit):
-        b = _np_batch(batch)
-        n = len(idx)
-        b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in b.items()}
-        preds, q = trainer.evaluate(params, consts, trainer.put(b, True), table)
-        preds, q = np.asarray(preds)[:, :n], np.asarray(q)[:, :n]
-        labels = b["labels"][:n].astype(np.int64)
-        mask = labels != 0
-        counts = mask.sum(-1)
-        right = (mask[None] & (preds == labels[None])).sum(-1)  # (S, n)
-        parts["preds"].append(preds[-1].astype(np.int16))
-        parts["exact"].append((right == counts[None]).T)
-        parts["token_acc"].append((right / np.maximum(counts, 1)[None]).T.astype(np.float32))
-        parts["q_halt"].append(q.T.astype(np.float32))
-        parts["scored"].append(counts > 0)
-        parts["examples"].append(idx)
-    return Solved(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
 def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_config: dict) -> dict:
@@ -213,6 +151,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.data.puzzles.sampler import owners
     from lmlab.errors import Diverged
     from lmlab.infer.puzzles import summary as solved_summary
+    from lmlab.infer.puzzles_jax import np_batch, solve_split
     from lmlab.jax_backend import enable_compile_cache
     from lmlab.jax_backend.mesh import make_mesh, param_shardings, place
     from lmlab.jax_backend.trm import convert
@@ -272,8 +211,8 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     def evaluate_now(done: int) -> None:
         if objective.test is None or not cfg.eval.batches:
             return
-        solved = solve_split(trainer, st.get("shadow", st["params"]), st["consts"], st.get("table"), objective.test,
-                             eval_bs, limit=cfg.eval.batches * t.batch_size)
+        solved = solve_split(trainer.solver, st.get("shadow", st["params"]), st["consts"], st.get("table"),
+                             objective.test, eval_bs, limit=cfg.eval.batches * t.batch_size)
         m = solved_summary(solved, objective.test.ratings, owners(objective.test))
         log.write({"step": done, "val_exact_accuracy": m["exact_accuracy"], "val_token_accuracy": m["token_accuracy"],
                    "val_q_halt_accuracy": m["q_halt_accuracy"], "val_steps_used": m["steps_used_mean"],
@@ -287,7 +226,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             acc, ids, row_grads, n_rows = None, [], [], 0
             table = st.get("table")
             for m in range(t.grad_accum):
-                batch = _np_batch(objective.batch(step, m) if mine is None else objective.batch(step, m, rows=mine))
+                batch = np_batch(objective.batch(step, m) if mine is None else objective.batch(step, m, rows=mine))
                 loss, g, data_ids, g_rows, st["carries"][str(m)], stats = trainer.micro(
                     st["params"], st["consts"], st["carries"][str(m)], trainer.put_local(batch), table)
                 acc = trainer.add(acc, {"loss": loss, "grads": g})
