@@ -38,6 +38,22 @@ def build_micro_pipeline(root: Path, max_docs: int = 40, seq_len: int = 65, step
     return {"root": root, "corpus": c, "tokenizer": t, "packed": p, "model": m}
 
 
+def pretrain_griffin(root: Path, seq_len: int, batch_size: int = 4) -> Path:
+    """corpus (stdlib, 30 docs) -> tokenizer (vocab 400) -> pack -> a micro Griffin pretrained 2 steps,
+    context `seq_len`, under `root`; -> its model directory."""
+    from lmlab.data import corpus, pack, tokenizer
+    from lmlab.train import pretrain
+
+    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 30}]))
+    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
+    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=seq_len + 1,
+                             workers=1, val_fraction=0.2))
+    return pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "griffin"),
+                                        model={"family": "griffin", "preset": "micro", "max_seq_len": seq_len},
+                                        train={"steps": 2, "batch_size": batch_size, "device": "cpu"},
+                                        eval={"every": 0, "batches": 0}, checkpoint={"every": 0}))
+
+
 SMOLLM3_TEXT = ["Once upon a time there was a little fox.", "What is 3 plus 4? It is 7.", "The answer is #### 12",
                 "Think first, then answer.", "Ann has 3 pens. She buys 4 more."] * 20
 SMOLLM3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]

@@ -110,19 +110,12 @@ def test_should_stop_ends_a_row_as_the_engine_does(pair):
 @pytest.fixture(scope="module")
 def griffin_run(tmp_path_factory):
     """A Griffin micro model with a 320-token context (Herald prompts fit) and a Herald sample."""
-    from lmlab.data import corpus, herald, pack, tokenizer
-    from lmlab.train import pretrain
+    from conftest import pretrain_griffin
+    from lmlab.data import herald
+    from lmlab.models import load_model, save_model
 
     root = tmp_path_factory.mktemp("jax_decode")
-    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 30}]))
-    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
-    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=321, workers=1,
-                             val_fraction=0.2))
-    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "griffin"),
-                                     model={"family": "griffin", "preset": "micro", "max_seq_len": 320},
-                                     train={"steps": 2, "batch_size": 2, "device": "cpu"},
-                                     eval={"every": 0, "batches": 0}, checkpoint={"every": 0}))
-    from lmlab.models import load_model, save_model
+    m = pretrain_griffin(root, 320, batch_size=2)
 
     model, _, _ = load_model(m, device="cpu")  # two steps teach it one token: move it off, so proofs differ
     g = torch.Generator().manual_seed(0)

@@ -36,18 +36,10 @@ ARGS = ["train.steps=6", "train.batch_size=4", "train.grad_accum=2", "train.weig
 
 @pytest.fixture(scope="module")
 def griffin(tmp_path_factory):
-    from lmlab.data import corpus, pack, tokenizer
-    from lmlab.train import pretrain
+    from conftest import pretrain_griffin
 
     root = tmp_path_factory.mktemp("jax_sft")
-    c = corpus.run(corpus.Config(out=str(root / "corpus"), sources=[{"kind": "stdlib", "max_docs": 30}]))
-    t = tokenizer.run(tokenizer.Config(corpus=str(c), out=str(root / "tokenizer"), vocab_size=400, threads=1))
-    p = pack.run(pack.Config(corpus=str(c), tokenizer=str(t), out=str(root / "packed"), seq_len=33, workers=1,
-                             val_fraction=0.2))
-    m = pretrain.run(pretrain.Config(data=[str(p)], out=str(root / "griffin"),
-                                     model={"family": "griffin", "preset": "micro", "max_seq_len": 32},
-                                     train={"steps": 2, "batch_size": 4, "device": "cpu"},
-                                     eval={"every": 0, "batches": 0}, checkpoint={"every": 0}))
+    m = pretrain_griffin(root, 32)
     data = root / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."}) + "\n"
                             for a in range(12) for b in range(12)))
