@@ -31,7 +31,6 @@ import importlib
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

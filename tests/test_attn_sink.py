@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lmlab.errors import UserError
 from lmlab.models.transformer import Transformer, param_count, resolve_model_config, sink_attention

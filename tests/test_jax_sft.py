@@ -18,7 +18,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 pytest.importorskip("jax", reason="the jax extra is not installed (pip install 'lmlab[jax]')")
 try:

@@ -56,7 +56,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
     decoder = getattr(model, "decoder", None)
-    if decoder is not None:  # the model decodes elsewhere (lmlab.models.protocol.Decoder: the JAX Griffin)
+    if decoder is not None:  # the model decodes elsewhere (lmlab.models.family.Decoder: the JAX Griffin)
         if sinks is not None or vectors is not None:
             raise ValueError("a model's own decoder takes neither attention sinks nor input vectors")
         yield from decoder.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id, seed=seed,

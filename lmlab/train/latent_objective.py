@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmlab.models import unwrap
 from lmlab.models.seqtrm import left_pad

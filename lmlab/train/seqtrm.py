@@ -21,7 +21,6 @@ cosine by thinking length), metrics.jsonl, manifest.json (kind 'seqtrm').
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Literal

@@ -187,8 +187,6 @@ class Decoder:
 def _zero_padded_conv_states(cache: dict, pos):
     """The prefill cache with each recurrent block's convolution state zeroed at padding (pos < 0):
     the forward pass never lets padding into the convolution, so the next steps must not either."""
-    import jax.numpy as jnp
-
     out = {}
     for name, c in cache.items():
         if hasattr(c, "conv1d_state"):
