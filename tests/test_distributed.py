@@ -201,6 +201,18 @@ def test_two_simulated_nodes_train_like_two_local_processes(runs, packed, tmp_pa
     assert max_diff(out, runs["ddp"]) == 0.0
 
 
+def test_ranks_that_time_their_steps_differently_train_rank_0s_budgeted_length(packed, tmp_path):
+    """train.time_budget on 2 processes whose steps take 0.5 s (rank 0) and 0.25 s (rank 1): both
+    train the 12 steps rank 0 measured (0.1 min / 0.5 s), not 12 and 24 (which would hang)."""
+    out = tmp_path / "budget"
+    args = stage_args(packed, out, "train.time_budget=0.1", "checkpoint.every=0")[2:]
+    r = run(torchrun(2, str(Path(__file__).parent / "budget_ranks.py"), *args), timeout=120)
+    ok(r)
+    assert "measured 0.5 s/step over steps 3-5 -> 12 of 60 steps" in r.stderr
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["steps"] == stats["resolved_steps"] == 12 and stats["parallel"]["world_size"] == 2
+
+
 def test_launch_errors_are_one_clear_line(packed, tmp_path):
     # fsdp in a plain process: says how to launch it
     r = run([sys.executable, *stage_args(packed, tmp_path / "a", "parallel.strategy=fsdp")])

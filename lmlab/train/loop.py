@@ -705,7 +705,10 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                     if done > start_step + PROBE_SKIP:
                         probe_times[done] = step_s
                     if done >= resolve_at:
-                        budget = resolve_budget(budget_min, probe_times or process_times, max_steps, resolve_at)
+                        # rank 0's measurement for every rank: each timed its own steps, and ranks
+                        # that resolved different lengths would wait for each other at the end
+                        budget = lmdist.broadcast_object(
+                            resolve_budget(budget_min, probe_times or process_times, max_steps, resolve_at))
                         total_steps = budget["resolved_steps"]
                         schedule = make_schedule(total_steps)
                         bar.total = total_steps
