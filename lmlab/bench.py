@@ -7,6 +7,7 @@
     lmlab bench trm-jax batch_size=64                       # the JAX TRM step against the PyTorch one
     lmlab bench griffin preset=tiny batch_size=4 seq_len=2048
     lmlab bench decode preset=tiny contexts='[256, 1024, 4096]' plot=decode.png
+    lmlab bench decode-jax preset=tiny batch_size=8 prompt_len=64 max_new_tokens=128
     lmlab bench serve model=runs/cpu/sft concurrency='[1, 4, 16]' requests=32 max_new_tokens=64 out=serve.json
     lmlab bench serve preset=tiny threads=2 llamacpp_python=PY vllm_python=PY   # with the peers
 
@@ -21,11 +22,14 @@ exported model, prompts, G, length and reward (lmlab.bench_grpo; TRL runs in its
 `trm`: puzzles/s of a TRM training step (ACT forward, loss, backward, optimizer) against the
 official TinyRecursiveModels code, same weights and batch (lmlab.bench_trm).
 `trm-jax`: the same step in JAX (lmlab.jax_backend, the jax extra) against lmlab's PyTorch TRM,
-same weights and batch, float32, and the JAX step's compile time (lmlab.bench_trm_jax).
+same weights and batch, float32 (or both bf16: trm_dtype), and the JAX step's compile time
+(lmlab.bench_trm_jax).
 `griffin`: forward+backward of Griffin's RG-LRU scan and of the whole model at sequence 2048
 against Google DeepMind's recurrentgemma torch code, same weights (lmlab.bench_griffin).
 `decode`: decode tokens/s and decoding-state size against the context length, Griffin beside
 our transformer (lmlab.bench_griffin), optionally plotted.
+`decode-jax`: a Griffin's greedy decoding in JAX (recurrentgemma.jax, as `eval backend=jax`)
+against the torch engine, same weights and prompts (lmlab.bench_decode_jax).
 `serve`: `lmlab serve` (a subprocess) under 1, 4, 16... concurrent streaming clients: tokens/s,
 requests/s, time to first token and inter-token latency, against the same requests one at a
 time and, where their venvs are given, against llama.cpp's (llama-cpp-python) and vLLM's
@@ -50,15 +54,16 @@ from lmlab.bench_timing import interleaved as _interleaved
 from lmlab.bench_timing import median as _median
 from lmlab.errors import UserError
 
-POSITIONAL = ("what", "train, generate, grpo, trm, trm-jax, griffin, decode or serve")
+POSITIONAL = ("what", "train, generate, grpo, trm, trm-jax, griffin, decode, decode-jax or serve")
 
 
 class Config(Strict):
-    what: Literal["train", "generate", "grpo", "trm", "trm-jax", "griffin", "decode", "serve"] = Field(
+    what: Literal["train", "generate", "grpo", "trm", "trm-jax", "griffin", "decode", "decode-jax", "serve"] = Field(
         "train", description="train (fwd+bwd+AdamW tokens/s), generate (decode tokens/s), grpo (a GRPO step "
         "against TRL), trm (a TRM step against the official code), trm-jax (the JAX TRM step against the "
         "PyTorch one), griffin (Griffin's scan and model against "
-        "recurrentgemma), decode (Griffin beside the transformer against the context length) or serve "
+        "recurrentgemma), decode (Griffin beside the transformer against the context length), decode-jax "
+        "(a Griffin's decoding in JAX against the torch engine) or serve "
         "(lmlab serve under concurrent clients against one request at a time)")
     preset: str = Field("tiny", description="model preset to benchmark (micro, tiny, small, base; griffin: "
                         "micro, tiny, small, 2b, 9b)")
@@ -99,6 +104,8 @@ class Config(Strict):
     trm_l_cycles: int = Field(6, ge=1, description="trm: n")
     trm_seq_len: int = Field(81, ge=1, description="trm: cells per puzzle (81 Sudoku, 900 maze/ARC)")
     trm_vocab: int = Field(11, ge=2, description="trm: token ids per cell (11 Sudoku, 6 maze, 12 ARC)")
+    trm_dtype: Literal["float32", "bfloat16"] = Field("float32", description="trm-jax: the compute dtype of both "
+                                                      "sides (bfloat16: torch's autocast, the JAX TRM's bf16)")
     peer_python: Optional[str] = Field(None, description="grpo: python of the venv with trl (default .peers/trl/bin/"
                                        "python, or $LMLAB_PEER_PYTHON; ./scripts/setup_peers.sh makes it)")
     llamacpp_python: Optional[str] = Field(None, description="serve: python of a venv with llama-cpp-python[server], "
@@ -210,6 +217,9 @@ def run(cfg: Config) -> dict:
     if cfg.what == "trm-jax":
         from lmlab.bench_trm_jax import bench_trm_jax, print_trm_jax
         return _measured(cfg, bench_trm_jax, print_trm_jax)
+    if cfg.what == "decode-jax":
+        from lmlab.bench_decode_jax import bench_decode_jax, print_decode_jax
+        return _measured(cfg, bench_decode_jax, print_decode_jax)
     if cfg.what in ("griffin", "decode"):
         from lmlab import bench_griffin as bg
         if cfg.what == "griffin":

@@ -6,7 +6,8 @@ same weights and batch, in the same run; and the JAX step's compile time.
 
 One supervision step on each side: the ACT forward, the loss (stable-max cross-entropy + 0.5 x
 Q-halt BCE), the backward and AdamATan2 (the torch TRMOptimizer; the JAX optax transformation,
-the update jitted with the step). Both in float32 on the same device kind: the JAX side on
+the update jitted with the step). Both in float32 (`trm_dtype=bfloat16`: torch under bf16
+autocast, the JAX TRM computing in bf16) on the same device kind: the JAX side on
 the first device JAX sees (its CPU build here; JAX CUDA or TPU where installed), torch on
 `device`. Sides alternate, each figure is the median step; the JAX side's first call, which
 compiles, is reported apart (`compile_s`).
@@ -49,7 +50,9 @@ def bench_trm_jax(cfg, device) -> dict:
     batch = {k: v.to(device) for k, v in batch.items()}
     opt_t = TRMOptimizer(ours, "adam_atan2", 1e-4, (0.9, 0.95), 0.1, 1e-4, 0.1)
     opt_j = network_optimizer("adam_atan2", (0.9, 0.95), 0.1)
-    net = jm.TRMNet(mcfg)
+    bf16 = cfg.trm_dtype == "bfloat16"
+    net = jm.TRMNet(mcfg, jnp.bfloat16 if bf16 else None)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     rows = jnp.asarray(table)[jbatch["puzzle_identifiers"]] if table is not None else None
 
     def jstep(params, opt_state, carry, batch, rows):
@@ -66,9 +69,11 @@ def bench_trm_jax(cfg, device) -> dict:
              "j": (params, opt_j.init(params), jm.initial_carry(mcfg, cfg.batch_size))}
 
     def step_torch():
-        state["t"], out = ours(state["t"], batch)
-        c = state["t"]
-        (act_loss(out, c.labels.long(), c.halted, c.steps).loss / cfg.batch_size).backward()
+        with autocast:  # (lmlab's torch trainer: the forward and the loss under autocast, as here)
+            state["t"], out = ours(state["t"], batch)
+            c = state["t"]
+            loss = act_loss(out, c.labels.long(), c.halted, c.steps).loss / cfg.batch_size
+        loss.backward()
         opt_t.step()
         opt_t.zero_grad(set_to_none=True)
 
@@ -83,7 +88,7 @@ def bench_trm_jax(cfg, device) -> dict:
     compile_s = time.perf_counter() - t0
     times = interleaved({"jax": step_jax, "torch": step_torch}, cfg.warmup, cfg.repeats * cfg.steps, device)
     pps = {k: cfg.batch_size / median(v) for k, v in times.items()}
-    return {"what": "trm-jax", "params": ours.num_params(), "puzzles_per_s": pps, "ratio": pps["jax"] / pps["torch"],
+    return {"what": "trm-jax", "dtype": cfg.trm_dtype, "params": ours.num_params(), "puzzles_per_s": pps, "ratio": pps["jax"] / pps["torch"],
             "times_s": times, "compile_s": compile_s, "jax_device": str(jax.devices()[0]), "jax": jax.__version__,
             "flops_per_example": ours.flops_per_example()}
 
@@ -92,7 +97,7 @@ def print_trm_jax(cfg, res: dict, device) -> None:
     variant = "MLP" if cfg.trm_mlp_t else "attention"
     print(f"bench trm-jax: {variant} variant, hidden {cfg.trm_hidden}, T={cfg.trm_h_cycles} n={cfg.trm_l_cycles}, "
           f"{cfg.trm_seq_len} cells, {res['params'] / 1e6:.2f}M params; batch {cfg.batch_size}, one supervision step "
-          f"(ACT forward, loss, backward, AdamATan2), float32, median of {cfg.repeats * cfg.steps} interleaved "
+          f"(ACT forward, loss, backward, AdamATan2), {res['dtype']}, median of {cfg.repeats * cfg.steps} interleaved "
           f"timings; torch on {device} ({res['threads']} threads), JAX {res['jax']} on {res['jax_device']}")
     print(f"  {'':<14}{'puzzles/s':>12}{'ms/step':>10}")
     for k, v in res["puzzles_per_s"].items():

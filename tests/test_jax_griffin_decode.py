@@ -6,9 +6,11 @@ on the same random weights, fp32:
   at eos on the same step;
 - sampling repeats with its seed; top-k 1 and a tiny top-p are greedy; top-k 3 draws only
   among the three most likely first tokens;
+- decoding a few steps per call gives the same tokens as one call;
 - `lmlab eval RUN backend=jax proofs=[...]` (Lean played by tests/lean_standin.py) writes the
   same greedy proofs and verdicts as backend=torch; scoring sections and a transformer are
-  refused with backend=jax.
+  refused with backend=jax; `lmlab generate` and `lmlab chat` with backend=jax write torch's
+  greedy text.
 """
 
 from __future__ import annotations
@@ -105,6 +107,21 @@ def test_should_stop_ends_a_row_as_the_engine_does(pair):
     assert _run(dec.generate_ids(PROMPTS, max_new_tokens=N, should_stop=stop)) == want and len(want[1]) == 3
 
 
+def test_chunks_decode_what_one_call_decodes(pair):
+    """Decoding 3 steps per call (the cache and PRNG key carried between calls) gives the same
+    greedy and sampled tokens; rows ended on the host are marked done on the devices."""
+    model, dec = pair
+    small = Decoder.of(model, chunk=3)
+    assert _run(small.generate_ids(PROMPTS, max_new_tokens=N)) == _run(dec.generate_ids(PROMPTS, max_new_tokens=N))
+    kw = {"max_new_tokens": N, "temperature": 1.5, "top_k": 20, "seed": 5}
+    assert _run(small.generate_ids(PROMPTS, **kw)) == _run(dec.generate_ids(PROMPTS, **kw))
+    stop = lambda row, ids: len(ids) == 2 + row % 2  # noqa: E731  (every row ends on step 2 or 3)
+    steps = list(small.generate_ids(PROMPTS, max_new_tokens=40, should_stop=stop))
+    assert len(steps) == 3 and [len(r) for r in _run(iter(steps))] == [2, 3, 2, 3, 2]
+    assert small.decode(PROMPTS, 7).shape == (len(PROMPTS), 7)  # a budget that is not a multiple of the chunk
+    assert (small.decode(PROMPTS, 7) == dec.decode(PROMPTS, 7)).all()
+
+
 # ----------------------------------------------------------------------------- lmlab eval backend=jax
 
 @pytest.fixture(scope="module")
@@ -185,3 +202,37 @@ def test_eval_backend_jax_refusals(griffin_run, tmp_path):
     msg = run(model=other)
     assert "is a transformer model" in msg and "backend=torch" in msg
     assert not (tmp_path / "e").exists()
+
+
+def test_generate_and_chat_backend_jax_say_what_torch_says(griffin_run, capsys, monkeypatch):
+    """`lmlab generate` (a batch, and one streamed prompt) and `lmlab chat` with backend=jax write
+    torch's greedy text; a torch device with backend=jax is refused."""
+    import io
+
+    from lmlab.errors import UserError
+    from lmlab.infer import chat, generate
+
+    m = str(griffin_run["model"])
+    out = {}
+    for backend in ("torch", "jax"):
+        common = {"model": m, "temperature": 0.0, "max_new_tokens": 6, "backend": backend}
+        batch = generate.run(generate.Config(prompts=["def ", "Return the"], **common))
+        one = generate.run(generate.Config(prompts=["import "], **common))
+        streamed = capsys.readouterr().out
+        monkeypatch.setattr("sys.stdin", io.StringIO("def f\nReturn\n"))
+        chat.run(chat.Config(**common))
+        out[backend] = (batch, one, streamed, capsys.readouterr().out)
+    assert out["jax"] == out["torch"]
+    assert out["jax"][2].endswith("import " + out["jax"][1][0]["completion"] + "\n")
+    assert out["jax"][3].count("assistant> ") == 2
+    with pytest.raises(UserError, match="backend=jax decodes on JAX's devices"):
+        generate.run(generate.Config(model=m, prompts=["x"], backend="jax", device="cuda"))
+
+
+def test_bench_decode_jax_decodes_the_torch_engines_tokens(tmp_path):
+    from lmlab import bench
+
+    out = tmp_path / "bench.json"
+    res = bench.run(bench.Config(what="decode-jax", preset="micro", vocab_size=512, batch_size=2, prompt_len=8,
+                                 max_new_tokens=4, repeats=1, warmup=0, out=str(out)))
+    assert res["greedy_identical"] is True and res["ratio"] > 0 and json.loads(out.read_text())["what"] == "decode-jax"

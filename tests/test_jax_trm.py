@@ -3,7 +3,8 @@
 ACT steps (the second continues the rows that did not halt and loads new ones where they did), and
 the same loss and gradients (every trained parameter and the puzzle-embedding rows), fp32, 1e-4.
 Three variants: attention with RoPE and a puzzle embedding padded over two positions; the mlp_t
-block without positions or puzzle embedding; learned positions with HRM's Q-continue target."""
+block without positions or puzzle embedding; learned positions with HRM's Q-continue target.
+bf16 (torch's autocast in JAX) against float32 and torch's autocast; `lmlab bench trm-jax` in both dtypes."""
 
 from __future__ import annotations
 
@@ -134,3 +135,50 @@ def test_fresh_parameters_have_the_torch_models_shapes_and_scales():
         w = state[k]
         # truncated at 2 s, s = std / 0.8796 (the std of a standard normal cut at +-2)
         assert abs(float(w.std()) * w.shape[1] ** 0.5 - 1) < 0.1 and float(w.abs().max()) <= 2.28 / w.shape[1] ** 0.5
+
+
+def test_bfloat16_computes_in_bf16_near_float32_and_torch_autocast():
+    """TRMNet(dtype=bfloat16), torch's autocast in JAX: the logits in bf16, the carried y and z, Q
+    values, loss and gradients in float32; its logits as near the float32 ones as torch's bf16
+    autocast's are, and its gradients pointing the float32 gradients' way."""
+    cfg = TRMConfig(**VARIANTS["attention"])
+    tm = _torch_model(cfg)
+    params, consts, table = convert.from_torch_state(tm.state_dict(), cfg)
+    batch = _batch(cfg, 1)
+    jb = _jx(batch)
+    out = {}
+    for name, dtype in (("f32", None), ("bf16", jnp.bfloat16)):
+        net = jm.TRMNet(cfg, dtype)
+        carry = jm.initial_carry(cfg, B)
+        rows = jnp.asarray(table)[jm.merge(carry, jb)["puzzle_identifiers"]]
+
+        def loss_fn(p, r):
+            new, o = jm.act_step(net, p, consts, carry, jb, r, training=True)
+            return losses.act_loss(o, new.labels, new.halted, new.steps)[0], (new, o)
+
+        (loss, (new, o)), (g, g_rows) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(params, rows)
+        out[name] = (loss, new, o, g, g_rows)
+    loss, new, o, g, g_rows = out["bf16"]
+    assert o["logits"].dtype == jnp.bfloat16  # the matmuls' dtype; the carried states stay float32
+    assert new.y.dtype == new.z.dtype == o["q_halt_logits"].dtype == loss.dtype == g_rows.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(g))
+    f32 = np.asarray(out["f32"][2]["logits"], np.float64)
+    ours = np.abs(np.asarray(o["logits"], np.float64) - f32).max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, t_out = tm(tm.initial_carry(B), batch)
+    theirs = np.abs(t_out["logits"].detach().double().numpy() - f32).max()
+    assert 0 < ours <= 3 * max(theirs, 1e-3) and ours < 0.05 * np.abs(f32).max(), (ours, theirs)
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(t)])  # noqa: E731
+    a, b = flat(g), flat(out["f32"][3])
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98  # (0.988; torch's bf16 autocast: 0.994)
+    assert float(loss) == pytest.approx(float(out["f32"][0]), rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_trm_jax_times_both_sides(dtype):
+    from lmlab import bench
+
+    res = bench.run(bench.Config(what="trm-jax", trm_hidden=64, trm_mlp_t=False, trm_seq_len=9, trm_vocab=6,
+                                 trm_h_cycles=2, trm_l_cycles=1, batch_size=2, steps=1, repeats=1, warmup=0,
+                                 trm_dtype=dtype))
+    assert res["dtype"] == dtype and res["ratio"] > 0 and set(res["puzzles_per_s"]) == {"jax", "torch"}

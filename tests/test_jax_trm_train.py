@@ -258,3 +258,40 @@ def test_two_processes_of_four_devices_log_what_one_device_logs_and_resume_on_on
                        env=lonely, timeout=120)
     assert r.returncode == 2 and "did not answer within 2 s" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "lonely").exists()
+
+
+def test_a_time_budget_fixes_the_length_and_equals_that_fixed_length(toy, tmp_path):
+    """train.time_budget with backend=jax, each step taking 0.5 s (lmlab.train.jax_loop.clock
+    replaced): steps 3-6 are timed (the first two compile), 0.0834 min fits 10 steps, and the run
+    is bitwise the `train.steps=10` run; the checkpoint before the resolution keeps the timed
+    steps, the ones after it the resolved length."""
+    import contextlib
+    import io
+
+    from test_time_budget import FakeClock
+
+    from lmlab.config import load_config
+    from lmlab.train import jax_loop, trm
+    from lmlab.train.jax_checkpoint import Checkpoints
+
+    def run(out, *extra) -> str:
+        cfg = load_config(trm.Config, None, [f"data={toy}", f"out={out}", *ARGS, "backend=jax", "train.dtype=float32",
+                                             "train.warmup_steps=6", "eval.every=5", "checkpoint.every=5", *extra])
+        err = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+            mp.setattr(jax_loop, "clock", FakeClock(0.5))
+            trm.run(cfg)
+        return err.getvalue()
+
+    budgeted, fixed = tmp_path / "budgeted", tmp_path / "fixed"
+    err = run(budgeted, "train.steps=30", "train.time_budget=0.0834")
+    assert "time budget 0.0834 min: measured 0.5 s/step over steps 3-6 -> 10 of 30 steps" in err
+    run(fixed, "train.steps=10")
+    assert _metrics(budgeted) == _metrics(fixed) and _metrics(fixed)[-1]["step"] == 10
+    assert (budgeted / "model.safetensors").read_bytes() == (fixed / "model.safetensors").read_bytes()
+    stats = json.loads((budgeted / "manifest.json").read_text())["stats"]
+    assert stats["steps"] == stats["resolved_steps"] == 10 and stats["measured_step_s"] == 0.5
+    ck = Checkpoints(budgeted, keep=3)
+    assert ck.meta(5)["probe_times"] == [[3, 0.5], [4, 0.5], [5, 0.5]] and "budget" not in ck.meta(5)
+    assert ck.meta(10)["budget"]["resolved_steps"] == 10
+    ck.close()

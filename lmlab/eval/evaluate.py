@@ -79,7 +79,7 @@ from lmlab.eval import perplexity
 from lmlab.eval.choice import read_choice_file, score_choices
 from lmlab.eval.long_context import LongContextSpec
 from lmlab.eval.proofs import ProofSpec
-from lmlab.runtime import pick_device, progress, seed_everything
+from lmlab.runtime import progress, seed_everything
 
 POSITIONAL = ("model", "the model run directory to evaluate (written by `lmlab pretrain`)")
 
@@ -306,17 +306,11 @@ def run(cfg: Config) -> Path:
         print(f"eval: up to date ({out}), nothing to do")
         return out
 
-    from lmlab.models import load_model
+    from lmlab.infer.backend import load_for_decoding
 
     timer = artifacts.Timer()
-    device = pick_device(cfg.device)
-    with timer("load"):
-        model, tokenizer, _ = load_model(model_dir, device=device)
-        model.eval()
-        if cfg.backend == "jax":  # the engine hands decoding to it (lmlab.models.family.Decoder)
-            from lmlab.jax_backend.griffin.decode import Decoder
-
-            model.decoder = Decoder.of(model)
+    with timer("load"):  # backend=jax: the engine hands decoding to the JAX Griffin (lmlab.infer.backend)
+        model, tokenizer, _, device = load_for_decoding(model_dir, cfg.backend, cfg.device)
     tok_sha = tokenizer.sha256
     max_seq_len = int(model.cfg.max_seq_len)
 
@@ -499,22 +493,18 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
 
 
 def _vet_jax(cfg: Config, model_dir: Path, packed_by_default: bool) -> None:
-    """backend=jax: a Griffin the reference can run, recurrentgemma installed, no scoring section."""
-    from lmlab.jax_backend.griffin.model import reference_config, require_recurrentgemma
+    """backend=jax, before the weights load: no scoring section, a Griffin the reference can run."""
+    from lmlab.jax_backend.griffin.decode import check
     from lmlab.models.family import get_family, split_model_json
 
-    family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
-    if family != "griffin":
-        raise UserError(f"backend=jax generates with the JAX Griffin; {model_dir} is a {family} model: "
-                        f"evaluate it with backend=torch")
     scoring = [k for k in SCORING if getattr(cfg, k)]
     if scoring:
         raise UserError(f"backend=jax only generates (prompts, generative, proofs); {', '.join(scoring)} "
                         f"score with the torch model: evaluate them in another `lmlab eval` with backend=torch"
                         + (" (the packed data the model was trained on is scored by default: pass "
                            "packed_default=false)" if cfg.packed and packed_by_default else ""))
-    require_recurrentgemma()
-    reference_config(get_family(family).config(fields))  # a setting the reference fixes is refused
+    family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
+    check(family, get_family(family).config(fields) if family == "griffin" else None, model_dir)
 
 
 def _vet_proofs(cfg: Config, inputs: dict, fp_config: dict) -> list[tuple]:

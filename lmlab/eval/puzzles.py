@@ -20,8 +20,8 @@ Every puzzle of the split runs all `halt_max_steps` supervision steps (lmlab.inf
 `OUT/predictions.npz` keeps the first `keep_predictions` puzzles (inputs, labels, answers,
 exactness per step, steps used) for the report's rendered puzzles. The model's own
 puzzles.json (written by `lmlab trm`) must describe the same cells and vocabulary as the set.
-`backend=jax` solves with the JAX TRM (lmlab.infer.puzzles_jax) over every device JAX sees, in
-float32: the same answers and metrics.
+`backend=jax` solves with the JAX TRM (lmlab.infer.puzzles_jax) over every device JAX sees
+(dtype auto: bfloat16 on TPUs and GPUs, float32 on CPUs): in float32 the same answers and metrics.
 """
 
 from __future__ import annotations
@@ -126,11 +126,8 @@ def run(cfg: Config) -> Path:
     timer = artifacts.Timer()
     n = split.num_examples if cfg.limit is None else min(cfg.limit, split.num_examples)
     if cfg.backend == "jax":
-        if cfg.dtype == "bfloat16":
-            raise UserError("dtype=bfloat16 is a torch autocast; backend=jax solves in float32 (drop dtype, or use "
-                            "backend=torch)")
-        solver, state = _jax_solver(model, cfg.batch_size)
-        amp = None  # float32 (TPUs run float32 matmuls in bf16 passes by default)
+        solver, state = _jax_solver(model, cfg.batch_size, cfg.dtype)
+        amp = None  # the precision is the solver's
     with timer("solve"), progress(total=n, desc="puzzle-eval", unit="puzzle") as bar:
         if cfg.backend == "jax":
             from lmlab.infer.puzzles_jax import solve_split
@@ -144,7 +141,8 @@ def run(cfg: Config) -> Path:
     metrics["exact_accuracy_stderr"] = stderr(last.tolist())
     metrics.update(split=cfg.split, kind=info.get("kind"), model=str(model_dir), data=str(data),
                    halt_max_steps=model.cfg.halt_max_steps, puzzles_per_s=round(n / max(timer.total()["solve"], 1e-9), 1),
-                   precision="bf16 autocast" if amp is not None else "float32", backend=cfg.backend)
+                   precision=(solver.precision if cfg.backend == "jax" else "bf16 autocast" if amp is not None
+                              else "float32"), backend=cfg.backend)
     submission = None
     if info.get("kind") == "arc":
         metrics["arc"], submission = _arc_votes(data, split, solved, own, cfg.pass_ks)
@@ -177,19 +175,22 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def _jax_solver(model, batch_size: int):
-    """backend=jax: (the Solver on a mesh of every device, [params, consts, table] placed on it)."""
+def _jax_solver(model, batch_size: int, dtype: str):
+    """backend=jax: (the Solver on a mesh of every device, [params, consts, table] placed on it);
+    dtype auto: bfloat16 on TPUs and GPUs, float32 on CPUs (lmlab.jax_backend.compute_dtype)."""
     from lmlab.infer.puzzles_jax import Solver
-    from lmlab.jax_backend import enable_compile_cache, require_jax
+    from lmlab.jax_backend import compute_dtype, enable_compile_cache, require_jax
     from lmlab.jax_backend.mesh import make_mesh, shards
     from lmlab.jax_backend.trm import convert
     from lmlab.train.trm_jax import check_batch
 
     require_jax()
+    import jax
+
     enable_compile_cache()
     mesh = make_mesh(None)
     check_batch(batch_size, shards(mesh), "batch_size")
-    solver = Solver(model.cfg, mesh)
+    solver = Solver(model.cfg, mesh, compute_dtype(dtype, jax.devices()[0].platform))
     params, consts, table = convert.from_torch_state(model.state_dict(), model.cfg)
     return solver, [solver.put(params, False), solver.put(consts, False),
                     None if table is None else solver.put(table, False)]

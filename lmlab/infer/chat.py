@@ -15,12 +15,13 @@ first 4 tokens and the most recent ones stay in the cache: lmlab.models.kv_cache
 
 Commands: `/reset` clears the history (the system message stays), `/exit` (or `/quit`,
 end of input, Ctrl-C) leaves. Ctrl-C while a reply streams stops that reply only.
+`backend=jax` decodes a Griffin with the JAX model (lmlab.infer.backend, docs/jax.md).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -44,6 +45,8 @@ class Config(Strict):
     sinks: Optional[int] = Field(None, ge=0, description="when the history outgrows the context, stream past it "
                                  "with attention sinks (the first `sinks` tokens and the most recent ones) "
                                  "instead of dropping the oldest messages")
+    backend: Literal["torch", "jax"] = Field("torch", description="what decodes: torch, or jax (a Griffin, with "
+                                             "DeepMind's recurrentgemma.jax on JAX's devices; docs/jax.md)")
 
 
 def stream_reply(model, tokenizer, ids: list[int], template: str, cfg: Config, seed: int, device,
@@ -81,14 +84,13 @@ def run(cfg: Config) -> list[dict]:
     """The REPL; returns the conversation as it stands when the chat ends."""
     from lmlab.data.chat import check_template, prompt_ids
     from lmlab.infer.prompting import resolve_template
-    from lmlab.models import load_model
-    from lmlab.runtime import pick_device
+    from lmlab.infer.backend import load_for_decoding
 
     if not cfg.model:
         raise UserError("no model given; run `lmlab chat RUN_DIR`")
     template = resolve_template(cfg.model, template=cfg.template)  # a bad name fails before the weights load
-    device = pick_device(cfg.device)
-    model, tokenizer, _ = load_model(cfg.model, device=device)
+    # backend=jax: the reply streams 8 tokens at a time
+    model, tokenizer, _, device = load_for_decoding(cfg.model, cfg.backend, cfg.device, chunk=8)
     check_template(template, tokenizer)
     context = model.cfg.max_seq_len
     # Leave room for the reply, but never less than half the context for the history.

@@ -56,9 +56,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
     decoder = getattr(model, "decoder", None)
-    if decoder is not None:  # the model decodes elsewhere (lmlab.models.family.Decoder: the JAX Griffin)
-        if sinks is not None or vectors is not None:
-            raise ValueError("a model's own decoder takes neither attention sinks nor input vectors")
+    if decoder is not None:  # the model decodes elsewhere (lmlab.models.family.Decoder: the JAX Griffin);
+        # sinks only matter past a bounded context, which the Griffin does not have
+        if vectors is not None or (sinks is not None and getattr(model, "max_context", None) is not None):
+            raise ValueError("a model's own decoder takes neither input vectors nor attention sinks")
         yield from decoder.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, eos_id=eos_id, seed=seed,
                                         pad_id=pad_id, should_stop=should_stop)
         return

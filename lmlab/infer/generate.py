@@ -8,6 +8,7 @@ Prints each prompt and its completion; a single prompt streams its tokens as the
 A transformer generating past its context (prompt + new tokens > max_seq_len) streams with
 attention sinks (`sinks=4`: the first 4 tokens and the most recent ones stay in the cache).
 With `out`, also writes one `{"prompt", "completion"}` JSON object per line.
+`backend=jax` decodes a Griffin with the JAX model (lmlab.infer.backend, docs/jax.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -43,6 +44,8 @@ class Config(Strict):
                                  "keep the first `sinks` tokens and the most recent ones (attention sinks, "
                                  "StreamingLLM); null = RoPE positions past the context")
     out: Optional[str] = Field(None, description="optional JSONL file for {prompt, completion} records")
+    backend: Literal["torch", "jax"] = Field("torch", description="what decodes: torch, or jax (a Griffin, with "
+                                             "DeepMind's recurrentgemma.jax on JAX's devices; docs/jax.md)")
 
 
 def _is_generations(path: Path) -> bool:
@@ -88,9 +91,9 @@ def _stream_one(model, tokenizer, prompt: str, cfg: Config, device) -> str:
 
 
 def run(cfg: Config) -> list[dict]:
+    from lmlab.infer.backend import load_for_decoding
     from lmlab.infer.engine import generate
-    from lmlab.models import load_model
-    from lmlab.runtime import pick_device, progress
+    from lmlab.runtime import progress
 
     if not cfg.model:
         raise UserError("no model given; run `lmlab generate RUN_DIR prompts='[\"...\"]'`")
@@ -98,8 +101,9 @@ def run(cfg: Config) -> list[dict]:
     if cfg.out:
         from lmlab.artifacts import check_out_file
         check_out_file(cfg.out, "generate", _is_generations, "generations.jsonl")  # before the model loads
-    device = pick_device(cfg.device)
-    model, tokenizer, _ = load_model(cfg.model, device=device)
+    # (backend=jax: a single prompt streams 8 tokens at a time; a batch decodes 32 per call)
+    model, tokenizer, _, device = load_for_decoding(cfg.model, cfg.backend, cfg.device,
+                                                    chunk=8 if len(prompts) == 1 else 32)
     records = []
     if len(prompts) == 1:
         records.append({"prompt": prompts[0], "completion": _stream_one(model, tokenizer, prompts[0], cfg, device)})

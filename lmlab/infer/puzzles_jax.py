@@ -1,6 +1,6 @@
 """Solve a puzzle split with the JAX TRM over a device mesh: lmlab.infer.puzzles.solve in JAX.
 
-    solver = Solver(model_cfg, mesh)             # mesh: lmlab.jax_backend.mesh.make_mesh()
+    solver = Solver(model_cfg, mesh)             # mesh: lmlab.jax_backend.mesh.make_mesh(); dtype="bfloat16"
     solved = solve_split(solver, params, consts, table, split, batch_size=256)   # a Solved
 
 Every example runs all `halt_max_steps` supervision steps in one compiled `lax.scan`, the rows
@@ -17,15 +17,17 @@ import numpy as np
 class Solver:
     """The compiled evaluation step of a TRM on a mesh, and how host arrays are placed on it."""
 
-    def __init__(self, model_cfg, mesh) -> None:
+    def __init__(self, model_cfg, mesh, dtype: str = "float32") -> None:
         import jax
+        import jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from lmlab.jax_backend.mesh import rows_sharding, serial_dispatch
         from lmlab.jax_backend.trm import model as jm
 
-        self.model_cfg, self.mesh = model_cfg, mesh
-        self.net = net = jm.TRMNet(model_cfg)
+        self.model_cfg, self.mesh, self.precision = model_cfg, mesh, dtype
+        self.dtype = jnp.bfloat16 if dtype == "bfloat16" else None  # the matmuls' (lmlab.jax_backend.trm.model)
+        self.net = net = jm.TRMNet(model_cfg, self.dtype)
         self.rows_sharded = rows_sharding(mesh)  # a batch's rows over every device
         self.replicated = NamedSharding(mesh, P())
         self.serial = serial_dispatch()  # (CPU hosts: one program at a time, lmlab.jax_backend.mesh)

@@ -137,6 +137,14 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # not the many tiny programs
 
 
+def compute_dtype(dtype: str, platform: str) -> str:
+    """A `dtype` setting (auto, float32, bfloat16) for JAX on `platform`: auto is bfloat16 on TPUs
+    and GPUs, float32 on CPUs (whose XLA build has no fast bf16 matmuls to gain from)."""
+    if dtype == "auto":
+        return "bfloat16" if platform in ("tpu", "gpu", "cuda", "rocm") else "float32"
+    return dtype
+
+
 def require_jax() -> None:
     """UserError naming the pip command unless jax, flax and optax import."""
     import importlib.util

@@ -50,3 +50,66 @@ def budget_line(budget: dict) -> str:
     span = f"steps {lo}-{hi}" if budget["timed_steps"] == hi - lo + 1 else f"{budget['timed_steps']} of steps {lo}-{hi}"
     return (f"time budget {budget['time_budget_min']:g} min: measured {budget['measured_step_s']:.3g} s/step over "
             f"{span} -> {budget['resolved_steps']} of {budget['max_steps']} steps")
+
+
+class Budget:
+    """train.time_budget through a run, for a loop that times its own steps (the JAX trainers):
+    which steps are timed, when and to what the length resolves, and what a checkpoint keeps.
+
+        budget = Budget(t.time_budget, max_steps, warmup)
+        total = budget.restore(saved, start)      # saved: budget.state() of the checkpoint, or {}
+        ...after each step: if budget.probing and budget.observe(done, step_s): total = budget.steps
+    """
+
+    def __init__(self, minutes: float | None, max_steps: int, warmup: int) -> None:
+        self.minutes, self.max_steps = minutes, max_steps
+        self.resolve_at = budget_resolve_at(warmup, max_steps) if minutes else None
+        self.record: dict | None = None  # resolve_budget's, once the length is fixed
+        self.probe: dict[int, float] = {}  # {step: seconds} of the timed steps before the resolution
+        self.seen: dict[int, float] = {}  # every step this process ran before the resolution
+        self.start = 0
+
+    @property
+    def probing(self) -> bool:
+        return bool(self.minutes) and self.record is None
+
+    @property
+    def steps(self) -> int:
+        """The run's length: the resolved one, else the maximum."""
+        return self.record["resolved_steps"] if self.record else self.max_steps
+
+    def restore(self, saved: dict, start: int, where) -> int:
+        """After resuming at `start` from a checkpoint whose meta held `saved` (state()); -> the length."""
+        import sys
+
+        from lmlab.errors import UserError
+
+        self.start = start
+        if not self.minutes:
+            return self.steps
+        self.record = saved.get("budget")
+        self.probe = {int(k): float(v) for k, v in saved.get("probe_times", [])}
+        if self.record is not None:  # resolved before the checkpoint: keep that length, never re-measure
+            print(f"{budget_line(self.record)} (resolved before the checkpoint)", file=sys.stderr)
+        elif start >= self.resolve_at:
+            raise UserError(f"{where} has a checkpoint at step {start} without a resolved time budget (written by a "
+                            f"run without train.time_budget); use another `out` or resume=never")
+        return self.steps
+
+    def observe(self, done: int, step_s: float, agree=lambda record: record) -> bool:
+        """Step `done` took `step_s`; True when it resolves the length (`agree`: every process takes
+        process 0's record, e.g. lmlab.dist.broadcast_object). The PROBE_SKIP steps after each
+        (re)start (a JAX loop compiles there) are not timed unless nothing else is."""
+        self.seen[done] = step_s
+        if done > self.start + PROBE_SKIP:
+            self.probe[done] = step_s
+        if done < self.resolve_at:
+            return False
+        self.record = agree(resolve_budget(self.minutes, self.probe or self.seen, self.max_steps, self.resolve_at))
+        return True
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the record once resolved, else the timed steps so far."""
+        if self.record is not None:
+            return {"budget": self.record}
+        return {"probe_times": sorted(self.probe.items())} if self.minutes else {}

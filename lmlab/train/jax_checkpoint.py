@@ -50,13 +50,17 @@ class Checkpoints:
         step = self.manager.latest_step()
         if step is None:
             return None
-        a = self._ocp.args
-        meta = self.manager.restore(step, args=a.Composite(meta=a.JsonRestore())).meta
+        meta = self.meta(step)
         shown = settings_diff(meta.get("resume_config") or {}, resume_config)
         if shown:
             raise UserError(f"{self.dir} holds checkpoints of a run with different settings ({shown}); use another "
                             f"`out`, restore those settings to continue it, or pass resume=never to start over")
         return step, meta
+
+    def meta(self, step: int) -> dict:
+        """The JSON object saved with step `step`."""
+        a = self._ocp.args
+        return self.manager.restore(step, args=a.Composite(meta=a.JsonRestore())).meta
 
     def restore(self, step: int, like: Any) -> Any:
         import jax
@@ -65,27 +69,28 @@ class Checkpoints:
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         return self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract))).state
 
-    def resume(self, like: Any, resume_config: dict, total_steps: int, devices: int) -> tuple[Any, int, int, float]:
-        """(state, start step, tokens seen, train time) from the newest checkpoint of this run,
-        or (`like`, 0, 0, 0.0) without one; says where it resumes from."""
+    def resume(self, like: Any, resume_config: dict, total_steps: int, devices: int
+               ) -> tuple[Any, int, int, float, dict]:
+        """(state, start step, tokens seen, train time, meta) from the newest checkpoint of this
+        run, or (`like`, 0, 0, 0.0, {}) without one; says where it resumes from."""
         import sys
 
         found = self.latest(resume_config)
         if found is None:
-            return like, 0, 0, 0.0
+            return like, 0, 0, 0.0, {}
         start, meta = found
         if start > total_steps:
             raise UserError(f"{self.dir} has a checkpoint at step {start}, past this run's {total_steps} steps; use "
                             f"another `out` or resume=never")
         print(f"resuming from {self.dir / str(start)} (step {start} of {total_steps}; saved on {meta['devices']} "
               f"device(s), now {devices})", file=sys.stderr)
-        return self.restore(start, like=like), start, meta["tokens"], meta["train_time_s"]
+        return self.restore(start, like=like), start, meta["tokens"], meta["train_time_s"], meta
 
     def save_run(self, done: int, state: Any, tokens: int, train_time: float, resume_config: dict,
-                 devices: int) -> None:
-        """save() with the meta a resume reads."""
+                 devices: int, extra: Optional[dict] = None) -> None:
+        """save() with the meta a resume reads (`extra`: more of it, e.g. the time budget's state)."""
         self.save(done, state, {"step": done, "tokens": tokens, "train_time_s": round(train_time, 3),
-                                "resume_config": resume_config, "devices": devices})
+                                "resume_config": resume_config, "devices": devices, **(extra or {})})
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -2,13 +2,17 @@
 log on process 0, the eval and checkpoint cadence, Ctrl-C, and the summary TrainingRun.finish
 takes. Their steps differ (TRM's ACT carry and puzzle table, SFT's masked rows); this does not.
 
+    length = Length(cfg.train, max_steps)                 # the schedule, and train.time_budget
+    state, start, ..., meta = ck.resume(...); length.resumed(meta, start, ck.dir)
     log = open_log(cfg, run_dir, start, main)
-    with steps(ck, save, log, bar, total, start) as at:   # Ctrl-C: checkpoint, then Interrupted
-        for step in ...:
-            ...
-            at.done = step + 1
-            if due(cfg.eval.every, at.done, total): evaluate(...)
-            if due(cfg.checkpoint.every, at.done, total): save(at.done)
+    with steps(ck, save, log, bar, length, start) as at:  # Ctrl-C: checkpoint, then Interrupted
+        step = start
+        while step < length.total:                        # a time budget may shorten it once
+            t0 = clock(); lr = length.schedule(step) ...
+            step = at.done = step + 1
+            length.after_step(at.done, clock() - t0, bar)
+            if due(cfg.eval.every, at.done, length.total): evaluate(...)
+            if due(cfg.checkpoint.every, at.done, length.total): save(at.done)   # meta: length.meta()
     return summary(run_dir, main, ..., model=torch_model)
 """
 
@@ -16,8 +20,58 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+clock = time.perf_counter  # times the optimizer steps (tests replace it to inject a step time)
+
+
+class Length:
+    """A JAX run's length and LR schedule. With `train.time_budget` the length given is a maximum:
+    the first steps are timed (lmlab.train.budget.Budget; a loop blocks on its step while
+    `probing`, so the time is the devices', not the dispatch's), and at the resolution the length,
+    the schedule and the progress bar shrink once, every process taking process 0's measurement."""
+
+    def __init__(self, t, max_steps: int) -> None:
+        from lmlab.train.budget import Budget
+        from lmlab.train.optim import Schedule, resolve_warmup
+
+        self.t, self.warmup = t, resolve_warmup(t.warmup_steps, max_steps)
+        self.budget = Budget(t.time_budget, max_steps, self.warmup)
+        self._schedule = lambda n: Schedule(t.schedule, t.lr, n, self.warmup, t.min_lr_ratio, t.decay_frac)  # noqa: E731
+        self.total = max_steps
+        self.schedule = self._schedule(max_steps)
+
+    @property
+    def probing(self) -> bool:
+        return self.budget.probing
+
+    def resumed(self, meta: dict, start: int, where) -> None:
+        """After Checkpoints.resume: a budget resolved before the checkpoint keeps its length."""
+        self.total = self.budget.restore(meta, start, where)
+        self.schedule = self._schedule(self.total)
+
+    def after_step(self, done: int, step_s: float, bar) -> None:
+        from lmlab import dist as lmdist
+        from lmlab.train.budget import budget_line
+
+        if not self.budget.probing or not self.budget.observe(done, step_s, lmdist.broadcast_object):
+            return
+        self.total = self.budget.steps
+        self.schedule = self._schedule(self.total)
+        bar.total = self.total
+        bar.refresh()
+        note = f"; it ends inside the {self.warmup}-step warmup" if self.total < self.warmup else ""
+        bar.write(budget_line(self.budget.record) + note, file=sys.stderr)
+
+    def meta(self) -> dict:
+        """What a checkpoint's meta keeps of the budget (Checkpoints.save_run's `extra`)."""
+        return self.budget.state()
+
+    def stats(self) -> dict:
+        """For the manifest: the budget's record, when there is one."""
+        return {"budget": self.budget.record} if self.budget.record else {}
 
 
 def open_log(cfg, run_dir: Path, start: int, main: bool):
@@ -43,7 +97,7 @@ class Progress:
 
 
 @contextlib.contextmanager
-def steps(ck, save, log, bar, total: int, start: int):
+def steps(ck, save, log, bar, length: Length, start: int):
     """Around the step loop: on Ctrl-C a checkpoint of the last finished step, then
     Interrupted (exit 130: the same command continues); the bar and log closed either way; the
     checkpoint writer drained at the end."""
@@ -55,8 +109,8 @@ def steps(ck, save, log, bar, total: int, start: int):
     except KeyboardInterrupt:
         save(at.done)
         ck.close()
-        raise Interrupted(f"stopped after step {at.done} of {total}; checkpoint saved in {ck.dir}. Run the same "
-                          f"command to continue.") from None
+        raise Interrupted(f"stopped after step {at.done} of {length.total}; checkpoint saved in {ck.dir}. Run the "
+                          f"same command to continue.") from None
     finally:
         bar.close()
         log.close()

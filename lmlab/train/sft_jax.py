@@ -20,8 +20,9 @@ trainer (lmlab.train.trm_jax, docs/jax.md): `parallel.mesh` with data and fsdp a
 process reading its slice of every micro-batch, process 0 writing. The final weights go back to
 the torch layout, so the run directory is what the torch trainer writes.
 
-Not with backend=jax (each refused, or said): LoRA, train.time_budget, train.micro_batch, and
-the sample generations during training (`lmlab generate` on the written model answers them).
+`train.time_budget` times the first steps and fixes the length as the torch loop does
+(lmlab.train.jax_loop.Length). Not with backend=jax (each refused, or said): LoRA,
+train.micro_batch, and the sample generations during training (`lmlab generate` on the written model answers them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import UserError
-from lmlab.train.optim import Schedule, param_groups, resolve_warmup
+from lmlab.train.optim import param_groups
 
 
 def check_supported(cfg, model) -> None:
@@ -45,7 +46,6 @@ def check_supported(cfg, model) -> None:
     for bad, why in ((cfg.parallel.strategy in ("ddp", "fsdp"), f"parallel.strategy={cfg.parallel.strategy}: the "
                       f"device mesh decides (parallel.mesh=data:N,fsdp:M); parallel.strategy is the torch trainer's"),
                      (cfg.lora.enabled, "lora.enabled: LoRA finetunes with backend=torch"),
-                     (t.time_budget, "train.time_budget: set train.steps or train.epochs"),
                      (t.micro_batch, "train.micro_batch: the mesh splits each micro-batch over the devices "
                                      "(set train.grad_accum for smaller micro-batches)")):
         if bad:
@@ -85,13 +85,6 @@ def padded(b: dict, seq_len: int, pad_id: int) -> dict:
     return {"x": x.astype(np.int32), "y": y.astype(np.int32), "pos": segment_positions(doc)}
 
 
-def compute_dtype(dtype: str, platform: str) -> str:
-    """train.dtype for the JAX Griffin: auto is bfloat16 on TPUs and GPUs, float32 on CPUs."""
-    if dtype == "auto":
-        return "bfloat16" if platform in ("tpu", "gpu", "cuda", "rocm") else "float32"
-    return dtype
-
-
 class Trainer:
     """The compiled pieces of a run: a micro-batch's summed loss and gradients, their sum over
     micro-batches, the AdamW update, the validation loss."""
@@ -102,6 +95,7 @@ class Trainer:
         import optax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
+        from lmlab.jax_backend import compute_dtype
         from lmlab.jax_backend.griffin.model import build
         from lmlab.jax_backend.mesh import rows_sharding, serial_dispatch
 
@@ -191,7 +185,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.jax_backend.mesh import local_rows, make_mesh, param_shardings, place, rows_sharding
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import Length, clock, due, open_log, steps, summary as run_summary
     from lmlab.train.trm_jax import check_batch
 
     check_supported(cfg, torch_model)
@@ -209,15 +203,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     st = {"params": place(params, param_shardings(params, mesh))}
     opt_state = trainer.opt.init(params)
     st["opt_state"] = place(opt_state, param_shardings(opt_state, mesh))
-    warmup = resolve_warmup(t.warmup_steps, total_steps)
-    schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
+    length = Length(t, total_steps)  # the schedule; with train.time_budget total_steps is a maximum
 
     ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never" and main)
     lmdist.barrier()  # (several hosts) none lists the checkpoints while process 0 deletes them
-    st, start, tokens_seen, train_time = ck.resume(st, resume_config, total_steps, shards)
+    st, start, tokens_seen, train_time, meta = ck.resume(st, resume_config, total_steps, shards)
+    length.resumed(meta, start, ck.dir)
 
     def save(done: int) -> None:
-        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards)
+        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards, length.meta())
 
     def evaluate_now(done: int) -> None:
         val = objective.val_rows
@@ -239,12 +233,13 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         print("sft (jax): sample_prompts are not answered during a JAX run; `lmlab generate` on the written model "
               "answers them", file=sys.stderr)
     log = open_log(cfg, run_dir, start, main)
-    bar = progress(total=total_steps, desc="sft (jax)", unit="step", initial=start, disable=not main)
+    bar = progress(total=length.total, desc="sft (jax)", unit="step", initial=start, disable=not main)
     interval_t0, interval_tokens, compile_s = time.perf_counter(), 0, None
-    with steps(ck, save, log, bar, total_steps, start) as at:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            lr = schedule(step)
+    with steps(ck, save, log, bar, length, start) as at:
+        step = start
+        while step < length.total:  # a time budget may shorten it once
+            t0 = clock()
+            lr = length.schedule(step)
             acc, positions = None, 0
             for m in range(t.grad_accum):
                 full = objective.batch(step, m)
@@ -254,16 +249,22 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                                                                               trainer.rows)))
             st["params"], st["opt_state"], norm = trainer.update(st["params"], st["opt_state"], acc,
                                                                  jnp.float32(lr))
-            done = at.done = step + 1
+            done = at.done = step = step + 1
             tokens_seen += positions
             interval_tokens += positions
-            logging_now = done % cfg.log.every == 0 or done == total_steps
+            probed = length.probing
+            if probed:  # time the devices' work, not its dispatch
+                jax.block_until_ready(st["params"])
+                step_s = clock() - t0
+                length.after_step(done, step_s, bar)  # may fix a shorter length
+            logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / max(int(acc["count"]), 1)
                 if not np.isfinite(loss_value):
-                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {total_steps}; "
+                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {length.total}; "
                                    f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
-            step_s = time.perf_counter() - t0
+            if not probed:
+                step_s = clock() - t0
             compile_s = step_s if compile_s is None else compile_s
             train_time += step_s
             bar.update(1)
@@ -274,11 +275,11 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                            "grad_norm": float(norm), "time_s": round(train_time, 2)})
                 interval_t0, interval_tokens = now, 0
                 bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
-            if cfg.eval.batches and due(cfg.eval.every, done, total_steps):
+            if cfg.eval.batches and due(cfg.eval.every, done, length.total):
                 evaluate_now(done)
-            if due(cfg.checkpoint.every, done, total_steps):
+            if due(cfg.checkpoint.every, done, length.total):
                 save(done)
 
     torch_model.load_state_dict(convert.to_torch_state(jax.device_get(st["params"]), model_cfg))
-    return run_summary(run_dir, main, "sft", total_steps, tokens_seen, train_time, trainer.precision, mesh,
-                       st["params"], hosts, compile_s, "val_loss", model=torch_model)
+    return run_summary(run_dir, main, "sft", length.total, tokens_seen, train_time, trainer.precision, mesh,
+                       st["params"], hosts, compile_s, "val_loss", **length.stats(), model=torch_model)

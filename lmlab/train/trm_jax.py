@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import UserError
-from lmlab.train.optim import Schedule, resolve_warmup
 from lmlab.train.trm_objective import STAT_KEYS, train_metrics_of
 
 
@@ -58,11 +57,14 @@ class Trainer:
         import jax
 
         from lmlab.infer.puzzles_jax import Solver
+        from lmlab.jax_backend import compute_dtype
         from lmlab.jax_backend.trm import losses, model as jm
         from lmlab.jax_backend.trm.optim import ema_update, network_optimizer, sign_sgd_rows
 
         self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-        self.solver = Solver(model_cfg, mesh)  # the evaluation step, the shardings, how arrays are placed
+        self.precision = compute_dtype(cfg.train.dtype, jax.devices()[0].platform)
+        # the evaluation step (in the same dtype), the shardings, how arrays are placed
+        self.solver = Solver(model_cfg, mesh, self.precision)
         self.net = net = self.solver.net
         self.rows_sharded, self.replicated = self.solver.rows_sharded, self.solver.replicated
         t = cfg.train
@@ -158,14 +160,12 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import Length, clock, due, open_log, steps, summary as run_summary
 
     t = cfg.train
     if t.micro_batch:
         raise UserError("train.micro_batch is a torch option; with backend=jax the mesh splits each micro-batch "
                         "over the devices (set train.grad_accum for smaller micro-batches)")
-    if t.time_budget:
-        raise UserError("train.time_budget is not supported with backend=jax yet; set train.steps")
     enable_compile_cache()
     model_cfg = torch_model.cfg
     mesh = make_mesh(cfg.parallel.mesh)
@@ -191,16 +191,16 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
         st["table"] = sharded(table)
     if t.ema:
         st["shadow"] = sharded(params)  # its own buffers
-    warmup = resolve_warmup(t.warmup_steps, total_steps)
-    schedule = Schedule(t.schedule, t.lr, total_steps, warmup, t.min_lr_ratio, t.decay_frac)
+    length = Length(t, total_steps)  # the schedule; with train.time_budget total_steps is a maximum
     emb_scale = cfg.puzzle_emb_lr / t.lr  # the table's LR follows the schedule (TRMOptimizer's lr_scale)
 
     ck = Checkpoints(run_dir, keep=cfg.checkpoint.keep, fresh=cfg.resume == "never" and main)
     lmdist.barrier()  # (several hosts) none lists the checkpoints while process 0 deletes them
-    st, start, tokens_seen, train_time = ck.resume(st, resume_config, total_steps, shards)
+    st, start, tokens_seen, train_time, meta = ck.resume(st, resume_config, total_steps, shards)
+    length.resumed(meta, start, ck.dir)
 
     def save(done: int) -> None:
-        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards)
+        ck.save_run(done, st, tokens_seen, train_time, resume_config, shards, length.meta())
 
     log = open_log(cfg, run_dir, start, main)
     sums = None  # the train stats summed since the last log line (on the devices)
@@ -218,11 +218,12 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                    "val_q_halt_accuracy": m["q_halt_accuracy"], "val_steps_used": m["steps_used_mean"],
                    "val_exact_at_halt": m["exact_accuracy_at_halt"], "val_examples": m["examples"]})
 
-    bar = progress(total=total_steps, desc="trm (jax)", unit="step", initial=start, disable=not main)
-    with steps(ck, save, log, bar, total_steps, start) as at:
-        for step in range(start, total_steps):
-            t0 = time.perf_counter()
-            lr = schedule(step)
+    bar = progress(total=length.total, desc="trm (jax)", unit="step", initial=start, disable=not main)
+    with steps(ck, save, log, bar, length, start) as at:
+        step = start
+        while step < length.total:  # a time budget may shorten it once
+            t0 = clock()
+            lr = length.schedule(step)
             acc, ids, row_grads, n_rows = None, [], [], 0
             table = st.get("table")
             for m in range(t.grad_accum):
@@ -242,18 +243,24 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                 st["table"] = new_table
             if t.ema:
                 st["shadow"] = new_shadow
-            done = at.done = step + 1
+            done = at.done = step = step + 1
             step_tokens = n_rows * model_cfg.total_len
             tokens_seen += step_tokens
             interval_tokens += step_tokens
             rows_seen += n_rows
-            logging_now = done % cfg.log.every == 0 or done == total_steps
+            probed = length.probing
+            if probed:  # time the devices' work, not its dispatch
+                jax.block_until_ready(st["params"])
+                step_s = clock() - t0
+                length.after_step(done, step_s, bar)  # may fix a shorter length
+            logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / n_rows  # a sync: only at log steps
                 if not np.isfinite(loss_value):
-                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {total_steps}; "
+                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {length.total}; "
                                    f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
-            step_s = time.perf_counter() - t0
+            if not probed:
+                step_s = clock() - t0
             compile_s = step_s if compile_s is None else compile_s  # the first step compiles
             train_time += step_s
             bar.update(1)
@@ -270,14 +277,15 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
                 log.write(rec)
                 bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}",
                                  "exact": f"{rec['exact_accuracy']:.3g}"}, refresh=False)
-            if cfg.eval.batches and due(cfg.eval.every, done, total_steps):
+            if cfg.eval.batches and due(cfg.eval.every, done, length.total):
                 evaluate_now(done)
-            if due(cfg.checkpoint.every, done, total_steps):
+            if due(cfg.checkpoint.every, done, length.total):
                 save(done)
 
     final = jax.device_get(st.get("shadow", st["params"]))
     table = st.get("table")
     torch_model.load_state_dict(convert.to_torch_state(final, jax.device_get(st["consts"]),
                                                        None if table is None else np.asarray(jax.device_get(table))))
-    return run_summary(run_dir, main, "trm", total_steps, tokens_seen, train_time, "float32", mesh, st["params"], hosts,
-                       compile_s, "val_exact_accuracy", **({"ema": t.ema} if t.ema else {}), model=torch_model)
+    return run_summary(run_dir, main, "trm", length.total, tokens_seen, train_time, trainer.precision, mesh,
+                       st["params"], hosts, compile_s, "val_exact_accuracy", **({"ema": t.ema} if t.ema else {}),
+                       **length.stats(), model=torch_model)

@@ -45,7 +45,7 @@ def reference_config(cfg: GriffinConfig):
     off = {k: getattr(cfg, k) for k, v in FIXED.items() if getattr(cfg, k) != v}
     if off:
         raise UserError(f"recurrentgemma.jax fixes {', '.join(f'{k}={FIXED[k]:g}' for k in off)}; this model sets "
-                        f"{', '.join(f'{k}={v:g}' for k, v in off.items())}: train it with backend=torch")
+                        f"{', '.join(f'{k}={v:g}' for k, v in off.items())}: run it with backend=torch")
     kinds = {"recurrent": common.TemporalBlockType.RECURRENT, "attention": common.TemporalBlockType.ATTENTION}
     return common.GriffinConfig(vocab_size=cfg.vocab_size, width=cfg.width, mlp_expanded_width=cfg.mlp_expanded_width,
                                 num_heads=cfg.num_heads, block_types=tuple(kinds[k] for k in cfg.block_types),

@@ -1,6 +1,6 @@
 """TRM in JAX (Flax linen): the same network and the same ACT step as lmlab.models.trm.model.
 
-    net = TRMNet(cfg)                                   # cfg: lmlab.models.trm.config.TRMConfig
+    net = TRMNet(cfg)                                   # cfg: lmlab.models.trm.config.TRMConfig; dtype=jnp.bfloat16
     params = net.init_params(jax.random.key(0))         # or convert.params_from_torch(torch_model)
     carry = initial_carry(cfg, batch_size=768)
     rows = table[merged puzzle ids]                     # see `merge`; the puzzle embeddings
@@ -61,14 +61,18 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """x @ kernel (+ bias), the truncated LeCun init (std 1/sqrt(fan_in)), zero bias."""
+    """x @ kernel (+ bias), the truncated LeCun init (std 1/sqrt(fan_in)), zero bias. With a
+    compute `dtype` (bfloat16) the input and the weights are cast to it and so is the output, as
+    torch's autocast does for a linear layer; None computes in x's dtype."""
 
     features: int
     bias: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", trunc_normal(x.shape[-1] ** -0.5), (x.shape[-1], self.features))
+        x = x if self.dtype is None else x.astype(self.dtype)
         y = x @ kernel.astype(x.dtype)
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
@@ -78,12 +82,13 @@ class Linear(nn.Module):
 class SwiGLU(nn.Module):
     d: int
     expansion: float
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         inner = swiglu_width(self.d, self.expansion)
-        gate, up = jnp.split(Linear(2 * inner, name="gate_up")(x), 2, axis=-1)
-        return Linear(self.d, name="down")(jax.nn.silu(gate) * up)
+        gate, up = jnp.split(Linear(2 * inner, name="gate_up", dtype=self.dtype)(x), 2, axis=-1)
+        return Linear(self.d, name="down", dtype=self.dtype)(jax.nn.silu(gate) * up)
 
 
 def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -106,16 +111,18 @@ class Attention(nn.Module):
 
     d: int
     heads: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, rope):
         b, t, _ = x.shape
-        q, k, v = jnp.split(Linear(3 * self.d, name="qkv")(x).reshape(b, t, 3, self.heads, -1), 3, axis=2)
+        qkv = Linear(3 * self.d, name="qkv", dtype=self.dtype)(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, -1), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = jax.nn.dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(Dh)) v, (B, T, H, Dh)
-        return Linear(self.d, name="o")(out.reshape(b, t, -1))
+        return Linear(self.d, name="o", dtype=self.dtype)(out.reshape(b, t, -1))
 
 
 class Block(nn.Module):
@@ -123,42 +130,52 @@ class Block(nn.Module):
     across the positions of each channel."""
 
     cfg: TRMConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, rope):
-        c = self.cfg
+        c, dt = self.cfg, self.dtype
         if c.mlp_t:
             xt = jnp.swapaxes(x, 1, 2)
-            x = jnp.swapaxes(rms_norm(xt + SwiGLU(c.total_len, c.expansion, name="mlp_t")(xt), c.rms_norm_eps), 1, 2)
+            mixed = SwiGLU(c.total_len, c.expansion, name="mlp_t", dtype=dt)(xt)
+            x = jnp.swapaxes(rms_norm(xt + mixed, c.rms_norm_eps), 1, 2)
         else:
-            x = rms_norm(x + Attention(c.hidden_size, c.num_heads, name="attn")(x, rope), c.rms_norm_eps)
-        return rms_norm(x + SwiGLU(c.hidden_size, c.expansion, name="mlp")(x), c.rms_norm_eps)
+            x = rms_norm(x + Attention(c.hidden_size, c.num_heads, name="attn", dtype=dt)(x, rope), c.rms_norm_eps)
+        return rms_norm(x + SwiGLU(c.hidden_size, c.expansion, name="mlp", dtype=dt)(x), c.rms_norm_eps)
 
 
 class QHead(nn.Module):
     """The Q head: weight 0 and bias -5 at the start (sigmoid(-5) ~ 0.007: "do not halt"), as torch's."""
 
+    dtype: Any = None
+
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], 2))
+        x = x if self.dtype is None else x.astype(self.dtype)
         bias = self.param("bias", nn.initializers.constant(-5.0), (2,))
         return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
 class TRMNet(nn.Module):
-    """The parameters and the three pieces the recursion is made of (`method=` in `apply`)."""
+    """The parameters and the three pieces the recursion is made of (`method=` in `apply`).
+    `dtype`: the compute dtype of the matmuls, as torch's autocast: None is float32; bfloat16
+    casts each linear layer's input and weights to bf16 (so the logits and attention are bf16),
+    while the embeddings, the residual stream, the carried y and z, RMSNorm and RoPE stay float32
+    and the parameters are float32."""
 
     cfg: TRMConfig
+    dtype: Any = None
 
     def setup(self):
         c = self.cfg
         d = c.hidden_size
         self.embed = self.param("embed", trunc_normal(1.0 / math.sqrt(d)), (c.vocab_size, d))
-        self.lm_head = Linear(c.vocab_size)
-        self.q_head = QHead()
+        self.lm_head = Linear(c.vocab_size, dtype=self.dtype)
+        self.q_head = QHead(self.dtype)
         if c.pos_encodings == "learned":
             self.pos = self.param("pos", trunc_normal(1.0 / math.sqrt(d)), (c.total_len, d))
-        self.blocks = [Block(c) for _ in range(c.l_layers)]  # named blocks_0, blocks_1, ... by flax
+        self.blocks = [Block(c, self.dtype) for _ in range(c.l_layers)]  # named blocks_0, blocks_1, ... by flax
 
     def _rope(self):
         c = self.cfg
