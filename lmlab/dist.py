@@ -21,11 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support: nothing is ever sharded
-    DTensor = ()
-
 from lmlab.errors import UserError
 
 
@@ -48,8 +43,11 @@ def read_env(environ=os.environ) -> Env:
 
 
 def is_dtensor(t) -> bool:
-    """Whether `t` is a torch.distributed DTensor (FSDP2's sharded parameters, their gradients)."""
-    return isinstance(t, DTensor)
+    """Whether `t` is a torch.distributed DTensor (FSDP2's sharded parameters, their gradients).
+    Looked up, not imported: a DTensor exists only once its module is loaded (FSDP loads it), and
+    importing torch.distributed.tensor (sympy with it) took 1.0 s of every lmlab command's start."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def rank() -> int:

@@ -90,3 +90,24 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kw) -
                 mininterval=0.2 if tty else 15.0,
                 disable=kw.pop("disable", False) or os.environ.get("LMLAB_NO_PROGRESS") == "1",
                 unit_scale=kw.pop("unit_scale", False), **kw)
+
+
+def eager_under_compile(fn):
+    """`torch.compiler.disable` for `fn`, decided at the call rather than at import.
+
+    The decorator imports torch._dynamo, which took 1.0 s of every lmlab command's 3.1 s start
+    (`python -X importtime`), though only `train.compile=true` runs use it. Outside torch.compile
+    this calls `fn`; while dynamo traces a caller, it calls the disabled `fn` (made once), so the
+    graph breaks there as the decorator would make it.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call

@@ -22,6 +22,39 @@ def micro(**kw):
                     "attention_window_size": 6, **kw})
 
 
+def test_the_scan_is_a_graph_break_under_compile_yet_importing_lmlab_loads_no_dynamo():
+    """linear_scan is eager under torch.compile (its loops are not traced: 2 graphs, 1 break, the
+    compiled gradients are eager's), decided at the call (lmlab.runtime.eager_under_compile):
+    importing the models, trainers and lmlab.dist loads neither torch._dynamo nor
+    torch.distributed.tensor, which took 1.8 s of CPU of every lmlab command's start."""
+    import subprocess
+    import sys
+
+    heavy = ("torch._dynamo", "torch.distributed.tensor", "sympy")
+    code = ("import sys, lmlab.cli, lmlab.train.pretrain, lmlab.train.sft, lmlab.eval.evaluate, lmlab.models; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+
+    import torch._dynamo
+
+    a, x = torch.rand(2, 64, 8), torch.randn(2, 64, 8, requires_grad=True)
+
+    def f(a, x):
+        h, last = linear_scan(torch.sigmoid(a), x)
+        return (h * 2).sum() + last.sum()
+
+    want = f(a, x)
+    want.backward()
+    grad, x.grad = x.grad.clone(), None
+    seen = torch._dynamo.explain(f)(a, x)
+    assert (seen.graph_count, seen.graph_break_count, seen.op_count) == (2, 1, 3)
+    got = torch.compile(f, backend="eager")(a, x)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x.grad, grad)
+
+
 def test_chunked_scan_equals_the_loop_with_gradients():
     g = torch.Generator().manual_seed(0)
     for T in (1, 2, 7, 33, 129):

@@ -10,7 +10,7 @@ takes. Their steps differ (TRM's ACT carry and puzzle table, SFT's masked rows);
         while step < length.total:                        # a time budget may shorten it once
             t0 = clock(); lr = length.schedule(step) ...
             step = at.done = step + 1
-            length.after_step(at.done, clock() - t0, bar)
+            step_s = length.probe(at.done, t0, bar, state)    # (None unless a time budget is measured)
             if due(cfg.eval.every, at.done, length.total): evaluate(...)
             if due(cfg.checkpoint.every, at.done, length.total): save(at.done)   # meta: length.meta()
     return summary(run_dir, main, ..., model=torch_model)
@@ -52,6 +52,18 @@ class Length:
         self.total = self.budget.restore(meta, start, where)
         self.schedule = self._schedule(self.total)
 
+    def probe(self, done: int, t0: float, bar, outputs) -> float | None:
+        """While the budget is being measured: wait for the step's `outputs`, time the step from
+        `t0` (a `clock()`) and maybe fix the length; -> its seconds, or None when not measuring."""
+        if not self.budget.probing:
+            return None
+        import jax
+
+        jax.block_until_ready(outputs)  # the devices' work, not its dispatch
+        step_s = clock() - t0
+        self.after_step(done, step_s, bar)
+        return step_s
+
     def after_step(self, done: int, step_s: float, bar) -> None:
         from lmlab import dist as lmdist
         from lmlab.train.budget import budget_line
@@ -72,6 +84,17 @@ class Length:
     def stats(self) -> dict:
         """For the manifest: the budget's record, when there is one."""
         return {"budget": self.budget.record} if self.budget.record else {}
+
+
+def check_finite(loss: float, done: int, total: int, lr: float) -> None:
+    """Diverged (the run stops, its last checkpoint kept) when a logged loss is not finite."""
+    import math
+
+    from lmlab.errors import Diverged
+
+    if not math.isfinite(loss):
+        raise Diverged(f"training diverged: the loss was {loss:g} at step {done} of {total}; lower train.lr (now "
+                       f"{lr:g}) or set train.grad_clip, and run again")
 
 
 def open_log(cfg, run_dir: Path, start: int, main: bool):

@@ -179,13 +179,12 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     import jax.numpy as jnp
 
     from lmlab import dist as lmdist
-    from lmlab.errors import Diverged
     from lmlab.jax_backend import enable_compile_cache
     from lmlab.jax_backend.griffin import convert
     from lmlab.jax_backend.mesh import local_rows, make_mesh, param_shardings, place, rows_sharding
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import Length, clock, due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import Length, check_finite, clock, due, open_log, steps, summary as run_summary
     from lmlab.train.trm_jax import check_batch
 
     check_supported(cfg, torch_model)
@@ -252,18 +251,12 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             done = at.done = step = step + 1
             tokens_seen += positions
             interval_tokens += positions
-            probed = length.probing
-            if probed:  # time the devices' work, not its dispatch
-                jax.block_until_ready(st["params"])
-                step_s = clock() - t0
-                length.after_step(done, step_s, bar)  # may fix a shorter length
+            step_s = length.probe(done, t0, bar, st["params"])  # a time budget being measured: may fix the length
             logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / max(int(acc["count"]), 1)
-                if not np.isfinite(loss_value):
-                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {length.total}; "
-                                   f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
-            if not probed:
+                check_finite(loss_value, done, length.total, t.lr)
+            if step_s is None:
                 step_s = clock() - t0
             compile_s = step_s if compile_s is None else compile_s
             train_time += step_s

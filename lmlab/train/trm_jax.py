@@ -151,7 +151,6 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
 
     from lmlab import dist as lmdist
     from lmlab.data.puzzles.sampler import owners
-    from lmlab.errors import Diverged
     from lmlab.infer.puzzles import summary as solved_summary
     from lmlab.infer.puzzles_jax import np_batch, solve_split
     from lmlab.jax_backend import enable_compile_cache
@@ -160,7 +159,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import Length, clock, due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import Length, check_finite, clock, due, open_log, steps, summary as run_summary
 
     t = cfg.train
     if t.micro_batch:
@@ -248,18 +247,12 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             tokens_seen += step_tokens
             interval_tokens += step_tokens
             rows_seen += n_rows
-            probed = length.probing
-            if probed:  # time the devices' work, not its dispatch
-                jax.block_until_ready(st["params"])
-                step_s = clock() - t0
-                length.after_step(done, step_s, bar)  # may fix a shorter length
+            step_s = length.probe(done, t0, bar, st["params"])  # a time budget being measured: may fix the length
             logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / n_rows  # a sync: only at log steps
-                if not np.isfinite(loss_value):
-                    raise Diverged(f"training diverged: the loss was {loss_value:g} at step {done} of {length.total}; "
-                                   f"lower train.lr (now {t.lr:g}) or set train.grad_clip, and run again")
-            if not probed:
+                check_finite(loss_value, done, length.total, t.lr)
+            if step_s is None:
                 step_s = clock() - t0
             compile_s = step_s if compile_s is None else compile_s  # the first step compiles
             train_time += step_s

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from lmlab.runtime import eager_under_compile
+
 
 def _chunk_size(t: int) -> int:
     # ~sqrt(T), a power of two: balances the two loops (C steps, then T/C steps).
@@ -75,7 +77,7 @@ class _LinearScan(torch.autograd.Function):
         return ga, g, gh0
 
 
-@torch.compiler.disable  # two short Python loops: a graph break is cheaper than unrolling them
+@eager_under_compile  # two short Python loops: a graph break is cheaper than unrolling them
 def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (h (B, T, D) float32, h[:, -1] float32): h_t = a_t h_{t-1} + x_t, h_{-1} = h0 (or 0)."""
