@@ -293,8 +293,11 @@ def _supervise(child, timeout, cpu, say):
     fired = []
 
     def on_alarm(*_):
+        try:
+            os.kill(child, signal.SIGKILL)  # the init of the pid namespace: the kernel kills the rest
+        except ProcessLookupError:  # wait4 reaped it just before the alarm (its CPU limit, same second)
+            return
         fired.append(True)
-        os.kill(child, signal.SIGKILL)  # the init of the pid namespace: the kernel kills the rest
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
