@@ -3,12 +3,15 @@
 The first PROBE_SKIP steps after each (re)start are not timed (allocation, caches,
 torch.compile); the steps after them up to the resolution point are (the loop times them
 with `loop.clock`), and their mean gives the length: the steps that fit the budget, at most
-the maximum the other settings give. See docs/training.md, "Time budget".
+the maximum the other settings give. See docs/training.md, "Time budget". `Budget` keeps that
+state through a run (the timed steps, the record, what a checkpoint holds); `Length` is the
+run's length and LR schedule around it, which the torch loop and the JAX trainers share.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 PROBE_SKIP = 2
 PROBE_STEPS = 20
@@ -53,11 +56,11 @@ def budget_line(budget: dict) -> str:
 
 
 class Budget:
-    """train.time_budget through a run, for a loop that times its own steps (the JAX trainers):
-    which steps are timed, when and to what the length resolves, and what a checkpoint keeps.
+    """train.time_budget through a run: which steps are timed, when and to what the length
+    resolves, and what a checkpoint keeps (Length drives it).
 
         budget = Budget(t.time_budget, max_steps, warmup)
-        total = budget.restore(saved, start)      # saved: budget.state() of the checkpoint, or {}
+        total = budget.restore(saved, start, run_dir)   # saved: budget.state() of the checkpoint, or {}
         ...after each step: if budget.probing and budget.observe(done, step_s): total = budget.steps
     """
 
@@ -80,8 +83,6 @@ class Budget:
 
     def restore(self, saved: dict, start: int, where) -> int:
         """After resuming at `start` from a checkpoint whose meta held `saved` (state()); -> the length."""
-        import sys
-
         from lmlab.errors import UserError
 
         self.start = start
@@ -113,3 +114,46 @@ class Budget:
         if self.record is not None:
             return {"budget": self.record}
         return {"probe_times": sorted(self.probe.items())} if self.minutes else {}
+
+
+class Length:
+    """A run's length and LR schedule (the torch loop's and the JAX trainers'). With
+    `train.time_budget` the length given is a maximum: the loop times its first steps and hands
+    each to `after_step` while `budget.probing`; at the resolution the length, the schedule and the
+    progress bar shrink once, every rank taking rank 0's measurement. Before it, the steps follow
+    the maximum's schedule (inside the warmup: the same as any length's)."""
+
+    def __init__(self, t, max_steps: int) -> None:
+        from lmlab.train.optim import Schedule, resolve_warmup
+
+        self.warmup = resolve_warmup(t.warmup_steps, max_steps)
+        self.budget = Budget(getattr(t, "time_budget", None), max_steps, self.warmup)
+        self._schedule = lambda n: Schedule(t.schedule, t.lr, n, self.warmup, t.min_lr_ratio, t.decay_frac)  # noqa: E731
+        self.total = max_steps
+        self.schedule = self._schedule(max_steps)
+
+    def resumed(self, meta: dict, start: int, where) -> None:
+        """After resuming at `start` from a checkpoint whose state held `meta` ({} without one): a
+        budget resolved before the checkpoint keeps its length."""
+        self.total = self.budget.restore(meta, start, where)
+        self.schedule = self._schedule(self.total)
+
+    def after_step(self, done: int, step_s: float, bar) -> None:
+        from lmlab import dist as lmdist
+
+        if not self.budget.probing or not self.budget.observe(done, step_s, lmdist.broadcast_object):
+            return
+        self.total = self.budget.steps
+        self.schedule = self._schedule(self.total)
+        bar.total = self.total
+        bar.refresh()
+        note = f"; it ends inside the {self.warmup}-step warmup" if self.total < self.warmup else ""
+        bar.write(budget_line(self.budget.record) + note, file=sys.stderr)
+
+    def meta(self) -> dict:
+        """What a checkpoint keeps of the budget."""
+        return self.budget.state()
+
+    def stats(self) -> dict:
+        """For the manifest: the budget's record, when there is one."""
+        return {"budget": self.budget.record} if self.budget.record else {}

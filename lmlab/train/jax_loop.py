@@ -10,7 +10,7 @@ takes. Their steps differ (TRM's ACT carry and puzzle table, SFT's masked rows);
         while step < length.total:                        # a time budget may shorten it once
             t0 = clock(); lr = length.schedule(step) ...
             step = at.done = step + 1
-            step_s = length.probe(at.done, t0, bar, state)    # (None unless a time budget is measured)
+            step_s = probe(length, at.done, t0, bar, state)   # (None unless a time budget is measured)
             if due(cfg.eval.every, at.done, length.total): evaluate(...)
             if due(cfg.checkpoint.every, at.done, length.total): save(at.done)   # meta: length.meta()
     return summary(run_dir, main, ..., model=torch_model)
@@ -24,66 +24,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.train.budget import Length
+
 clock = time.perf_counter  # times the optimizer steps (tests replace it to inject a step time)
 
 
-class Length:
-    """A JAX run's length and LR schedule. With `train.time_budget` the length given is a maximum:
-    the first steps are timed (lmlab.train.budget.Budget; a loop blocks on its step while
-    `probing`, so the time is the devices', not the dispatch's), and at the resolution the length,
-    the schedule and the progress bar shrink once, every process taking process 0's measurement."""
+def probe(length: Length, done: int, t0: float, bar, outputs) -> float | None:
+    """While a time budget is being measured: wait for the step's `outputs` (the devices' work,
+    not its dispatch), time the step from `t0` (a `clock()`) and maybe fix the length
+    (Length.after_step); -> its seconds, or None when not measuring."""
+    if not length.budget.probing:
+        return None
+    import jax
 
-    def __init__(self, t, max_steps: int) -> None:
-        from lmlab.train.budget import Budget
-        from lmlab.train.optim import Schedule, resolve_warmup
-
-        self.t, self.warmup = t, resolve_warmup(t.warmup_steps, max_steps)
-        self.budget = Budget(t.time_budget, max_steps, self.warmup)
-        self._schedule = lambda n: Schedule(t.schedule, t.lr, n, self.warmup, t.min_lr_ratio, t.decay_frac)  # noqa: E731
-        self.total = max_steps
-        self.schedule = self._schedule(max_steps)
-
-    @property
-    def probing(self) -> bool:
-        return self.budget.probing
-
-    def resumed(self, meta: dict, start: int, where) -> None:
-        """After Checkpoints.resume: a budget resolved before the checkpoint keeps its length."""
-        self.total = self.budget.restore(meta, start, where)
-        self.schedule = self._schedule(self.total)
-
-    def probe(self, done: int, t0: float, bar, outputs) -> float | None:
-        """While the budget is being measured: wait for the step's `outputs`, time the step from
-        `t0` (a `clock()`) and maybe fix the length; -> its seconds, or None when not measuring."""
-        if not self.budget.probing:
-            return None
-        import jax
-
-        jax.block_until_ready(outputs)  # the devices' work, not its dispatch
-        step_s = clock() - t0
-        self.after_step(done, step_s, bar)
-        return step_s
-
-    def after_step(self, done: int, step_s: float, bar) -> None:
-        from lmlab import dist as lmdist
-        from lmlab.train.budget import budget_line
-
-        if not self.budget.probing or not self.budget.observe(done, step_s, lmdist.broadcast_object):
-            return
-        self.total = self.budget.steps
-        self.schedule = self._schedule(self.total)
-        bar.total = self.total
-        bar.refresh()
-        note = f"; it ends inside the {self.warmup}-step warmup" if self.total < self.warmup else ""
-        bar.write(budget_line(self.budget.record) + note, file=sys.stderr)
-
-    def meta(self) -> dict:
-        """What a checkpoint's meta keeps of the budget (Checkpoints.save_run's `extra`)."""
-        return self.budget.state()
-
-    def stats(self) -> dict:
-        """For the manifest: the budget's record, when there is one."""
-        return {"budget": self.budget.record} if self.budget.record else {}
+    jax.block_until_ready(outputs)
+    step_s = clock() - t0
+    length.after_step(done, step_s, bar)
+    return step_s
 
 
 def check_finite(loss: float, done: int, total: int, lr: float) -> None:

@@ -111,14 +111,14 @@ from lmlab.config import Strict
 from lmlab.errors import Diverged, Interrupted, Preempted, UserError
 from lmlab.runtime import cpu_has_native_bf16, pick_device, progress  # noqa: F401 (cpu_has_native_bf16: re-exported)
 from lmlab.train.batching import EvalShard, rank_pieces
-from lmlab.train.budget import PROBE_SKIP, budget_line, budget_resolve_at, resolve_budget
+from lmlab.train.budget import Length
 from lmlab.train.checkpoint import (CHECKPOINTS, find_resumable, list_checkpoints, remove_stale_temps,
                                     save_checkpoint)
 from lmlab.train.ema import EMA
 from lmlab.train.parallel_config import ParallelConfig
 from lmlab.train.parallelize import grad_sync, local_scalar, parallelize, resolve_strategy
 from lmlab.train.logging import MetricsLogger, read_metrics
-from lmlab.train.optim import Schedule, build_optimizer, resolve_warmup, set_lr
+from lmlab.train.optim import build_optimizer, set_lr
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -507,17 +507,8 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
     has_state = hasattr(objective, "state_dict") and hasattr(objective, "load_state_dict")
     # With a time budget total_steps is the maximum: a fractional warmup is a share of it, and the
     # steps before the resolution follow its schedule (inside the warmup: the same as any length's).
-    max_steps = total_steps
-    warmup = resolve_warmup(t.warmup_steps, max_steps)
-
-    def make_schedule(steps: int) -> Schedule:
-        return Schedule(t.schedule, t.lr, steps, warmup, t.min_lr_ratio, t.decay_frac)
-
-    schedule = make_schedule(total_steps)
-    budget_min = getattr(t, "time_budget", None)
-    resolve_at = budget_resolve_at(warmup, max_steps) if budget_min else None
-    budget: dict | None = None  # resolve_budget's record, once the length is fixed
-    probe_times: dict[int, float] = {}  # {step: seconds} of the timed steps before the resolution
+    length = Length(t, total_steps)
+    saved: dict = {}  # what the checkpoint resumed from holds of the budget
 
     if main:
         remove_stale_temps(run_dir)
@@ -551,16 +542,9 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 except ValueError as e:
                     raise UserError(f"{resumed_from}: {e}; resume it with the strategy it was saved with, "
                                     f"or use another `out`") from None
-            if budget_min:
-                budget = state.get("budget")
-                probe_times = {int(k): float(v) for k, v in state.get("probe_times", [])}
-    if budget is not None:  # resolved before the checkpoint: keep that length, never re-measure
-        total_steps = budget["resolved_steps"]
-        schedule = make_schedule(total_steps)
-        print(f"{budget_line(budget)} (resolved before the checkpoint)", file=sys.stderr)
-    elif budget_min and start_step >= resolve_at:
-        raise UserError(f"{run_dir} has a checkpoint at step {start_step} without a resolved time budget (written "
-                        f"by a run without train.time_budget); use another `out` or resume=never")
+            saved = state
+    length.resumed(saved, start_step, run_dir)  # a budget resolved before the checkpoint keeps its length
+    total_steps = length.total
     if resumed_from is not None:
         print(f"resuming from {resumed_from} (step {start_step} of {total_steps})", file=sys.stderr)
     if start_step > total_steps:
@@ -583,10 +567,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                  "resume_config": resume_config, "world_size": world}
         if world > 1:
             state["rng_ranks"] = rngs
-        if budget is not None:
-            state["budget"] = budget
-        elif budget_min:
-            state["probe_times"] = sorted(probe_times.items())
+        state.update(length.meta())  # the time budget's record, or the steps timed so far
         return state
 
     shard = EvalShard(rank, world, active=strategy == "ddp", device=device)
@@ -632,13 +613,12 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
 
     done = start_step
     interval_t0, interval_tokens = time.perf_counter(), 0
-    process_times: dict[int, float] = {}  # every step this process took while probing (fallback)
     try:
         with _StopOnSignals() as stop:
             step = start_step
             while step < total_steps:  # total_steps may shrink once, at the budget's resolution
                 t0 = clock()
-                lr = schedule(step)
+                lr = length.schedule(step)
                 set_lr(optimizer, lr)
                 if before_step is not None:
                     model.eval()
@@ -690,7 +670,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model)
-                probing = budget_min is not None and budget is None
+                probing = length.budget.probing
                 if probing and device.type == "cuda":
                     torch.cuda.synchronize(device)  # time the step's work, not its launch
                 step_s = clock() - t0
@@ -700,21 +680,9 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
                 interval_tokens += step_tokens
                 train_time += step_s
                 bar.update(1)
-                if probing:
-                    process_times[done] = step_s
-                    if done > start_step + PROBE_SKIP:
-                        probe_times[done] = step_s
-                    if done >= resolve_at:
-                        # rank 0's measurement for every rank: each timed its own steps, and ranks
-                        # that resolved different lengths would wait for each other at the end
-                        budget = lmdist.broadcast_object(
-                            resolve_budget(budget_min, probe_times or process_times, max_steps, resolve_at))
-                        total_steps = budget["resolved_steps"]
-                        schedule = make_schedule(total_steps)
-                        bar.total = total_steps
-                        bar.refresh()
-                        note = (f"; it ends inside the {warmup}-step warmup" if total_steps < warmup else "")
-                        bar.write(budget_line(budget) + note, file=sys.stderr)
+                if probing:  # may fix the length (every rank taking rank 0's measurement)
+                    length.after_step(done, step_s, bar)
+                    total_steps = length.total
 
                 if done % cfg.log.every == 0 or done == total_steps:
                     check_finite(done)
@@ -777,8 +745,7 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         "final_train": {k: v for k, v in train_lines[-1].items() if k != "step"} if train_lines else {},
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
     }
-    if budget is not None:
-        summary["budget"] = budget
+    summary.update(length.stats())
     if ema is not None:
         summary["ema"] = ema.decay
     if world > 1:

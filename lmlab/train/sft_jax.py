@@ -20,9 +20,10 @@ trainer (lmlab.train.trm_jax, docs/jax.md): `parallel.mesh` with data and fsdp a
 process reading its slice of every micro-batch, process 0 writing. The final weights go back to
 the torch layout, so the run directory is what the torch trainer writes.
 
-`train.time_budget` times the first steps and fixes the length as the torch loop does
-(lmlab.train.jax_loop.Length). Not with backend=jax (each refused, or said): LoRA,
-train.micro_batch, and the sample generations during training (`lmlab generate` on the written model answers them).
+`train.time_budget` times the first steps and fixes the length as the torch loop does (with
+its lmlab.train.budget.Length). Not with backend=jax (each refused, or said): LoRA,
+train.micro_batch, and the sample generations during training (`lmlab generate` on the
+written model answers them).
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.jax_backend.mesh import local_rows, make_mesh, param_shardings, place, rows_sharding
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import Length, check_finite, clock, due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import (Length, check_finite, clock, due, open_log, probe, steps,
+                                      summary as run_summary)
     from lmlab.train.trm_jax import check_batch
 
     check_supported(cfg, torch_model)
@@ -251,7 +253,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             done = at.done = step = step + 1
             tokens_seen += positions
             interval_tokens += positions
-            step_s = length.probe(done, t0, bar, st["params"])  # a time budget being measured: may fix the length
+            step_s = probe(length, done, t0, bar, st["params"])  # a time budget being measured: may fix the length
             logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / max(int(acc["count"]), 1)

@@ -159,7 +159,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
     from lmlab.jax_backend.trm.model import initial_carry
     from lmlab.runtime import progress
     from lmlab.train.jax_checkpoint import Checkpoints
-    from lmlab.train.jax_loop import Length, check_finite, clock, due, open_log, steps, summary as run_summary
+    from lmlab.train.jax_loop import Length, check_finite, clock, due, open_log, probe, steps, summary as run_summary
 
     t = cfg.train
     if t.micro_batch:
@@ -247,7 +247,7 @@ def train(cfg, run_dir: Path, torch_model, objective, total_steps: int, resume_c
             tokens_seen += step_tokens
             interval_tokens += step_tokens
             rows_seen += n_rows
-            step_s = length.probe(done, t0, bar, st["params"])  # a time budget being measured: may fix the length
+            step_s = probe(length, done, t0, bar, st["params"])  # a time budget being measured: may fix the length
             logging_now = done % cfg.log.every == 0 or done == length.total
             if logging_now:
                 loss_value = float(acc["loss"]) / n_rows  # a sync: only at log steps
