@@ -8,8 +8,8 @@ on the same random weights, fp32:
   among the three most likely first tokens;
 - decoding a few steps per call gives the same tokens as one call;
 - `lmlab eval RUN backend=jax proofs=[...]` (Lean played by tests/lean_standin.py) writes the
-  same greedy proofs and verdicts as backend=torch; scoring sections and a transformer are
-  refused with backend=jax; `lmlab generate` and `lmlab chat` with backend=jax write torch's
+  same greedy proofs and verdicts as backend=torch, and scores packed data and texts as it does;
+  choice / long_context / lm_eval and a transformer are refused with backend=jax; `lmlab generate` and `lmlab chat` with backend=jax write torch's
   greedy text.
 """
 
@@ -180,6 +180,32 @@ def test_eval_backend_jax_proves_what_torch_proves(griffin_run, tmp_path):
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
+def test_eval_backend_jax_scores_packed_data_and_texts_as_torch_does(griffin_run, tmp_path, monkeypatch):
+    """Perplexity through the JAX model (lmlab.models.family.Scorer): the packed val split the
+    model was trained on and a text file in rolling windows, within 1e-5 of backend=torch."""
+    from lmlab.eval import evaluate
+
+    calls = []
+    scored = Decoder.summed_nll
+    monkeypatch.setattr(Decoder, "summed_nll", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
+
+    text = tmp_path / "doc.txt"
+    text.write_text((ROOT / "README.md").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    res = {}
+    for backend in ("torch", "jax"):
+        out = evaluate.run(evaluate.Config(model=str(griffin_run["model"]), out=str(tmp_path / backend),
+                                           backend=backend, texts=[str(text)], max_new_tokens=0, batch_size=3,
+                                           device="cpu"))
+        res[backend] = json.loads((out / "eval.json").read_text())
+    assert len(calls) > 2  # every batch of the jax run went through the JAX model
+    (pt,), (pj,) = res["torch"]["packed"], res["jax"]["packed"]
+    assert pj["tokens_scored"] == pt["tokens_scored"] > 0 and pj["loss"] == pytest.approx(pt["loss"], rel=1e-5)
+    (tt,), (tj,) = res["torch"]["texts"], res["jax"]["texts"]
+    assert tj["windows"] == tt["windows"] > 1
+    for k in ("nll", "byte_perplexity", "bits_per_byte"):
+        assert tj[k] == pytest.approx(tt[k], rel=1e-5), k
+
+
 def test_eval_backend_jax_refusals(griffin_run, tmp_path):
     import shutil
 
@@ -192,9 +218,8 @@ def test_eval_backend_jax_refusals(griffin_run, tmp_path):
             evaluate.run(evaluate.Config(**cfg))
         return str(e.value)
 
-    msg = run(texts=["README.md"], choice=["README.md"])
-    assert "backend=jax only generates" in msg and "texts, choice" in msg and "backend=torch" in msg
-    assert "packed_default=false" in run(packed_default=True)
+    msg = run(choice=["README.md"], long_context=[{"path": "README.md"}])
+    assert "scores packed data and texts" in msg and "choice, long_context" in msg and "backend=torch" in msg
     other = tmp_path / "transformer"  # a model.json naming another family
     shutil.copytree(griffin_run["model"], other)
     meta = json.loads((other / "model.json").read_text())

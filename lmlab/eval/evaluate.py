@@ -56,8 +56,8 @@ few-shot, multiple-choice and Herald files, and the Lean settings that change ve
 project, with the sha256 of its lean-toolchain and lake-manifest.json, command, limits; not
 its worker count), so re-running with nothing changed is a no-op.
 `backend=jax` (a Griffin, the jax extra): the generating sections (prompts, generative, proofs)
-decode with DeepMind's recurrentgemma.jax model (lmlab.jax_backend.griffin.decode, docs/jax.md);
-the scoring ones are refused, naming them.
+decode with DeepMind's recurrentgemma.jax model and packed data and texts are scored with it
+(lmlab.jax_backend.griffin.decode, docs/jax.md); choice, long_context and lm_eval are refused.
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
@@ -178,13 +178,15 @@ class Config(Strict):
                                           "(docs/lm_eval.md)")
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    backend: Literal["torch", "jax"] = Field("torch", description="what generates: torch, or jax (a Griffin: "
-                                             "sample prompts, generative problems and proofs decode with "
-                                             "recurrentgemma.jax; the scoring sections need torch)")
+    backend: Literal["torch", "jax"] = Field("torch", description="what runs the model: torch, or jax (a "
+                                             "Griffin: prompts, generative problems and proofs decode and packed "
+                                             "data and texts are scored with recurrentgemma.jax; choice, "
+                                             "long_context and lm_eval need torch)")
 
 
-# sections that score with the torch model; backend=jax refuses them (it only generates)
-SCORING = ("packed", "texts", "choice", "long_context", "lm_eval")
+# sections that score with the torch model's own passes; backend=jax refuses them (it generates,
+# and scores packed data and texts through the JAX model: lmlab.models.family.Scorer)
+SCORING = ("choice", "long_context", "lm_eval")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -268,11 +270,10 @@ def run(cfg: Config) -> Path:
     # device computes them), the model, the packed artifacts and the text files' contents.
     fp_config = cfg.model_dump(mode="json", exclude={"out", "device"})
     inputs = {"model": {"path": str(model_dir), "fingerprint": model_manifest.get("fingerprint")}}
-    packed_by_default = not cfg.packed and cfg.packed_default
-    if packed_by_default:  # default: the val splits of the model's own training data
+    if not cfg.packed and cfg.packed_default:  # default: the val splits of the model's own training data
         cfg = cfg.model_copy(update={"packed": training_data(model_manifest)})
     if cfg.backend == "jax":
-        _vet_jax(cfg, model_dir, packed_by_default)
+        _vet_jax(cfg, model_dir)
     for i, p in enumerate(cfg.packed):
         pm = check_packed_tokenizer(p, tokenizer)
         inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
@@ -492,17 +493,16 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
     return results
 
 
-def _vet_jax(cfg: Config, model_dir: Path, packed_by_default: bool) -> None:
+def _vet_jax(cfg: Config, model_dir: Path) -> None:
     """backend=jax, before the weights load: no scoring section, a Griffin the reference can run."""
     from lmlab.jax_backend.griffin.decode import check
     from lmlab.models.family import get_family, split_model_json
 
     scoring = [k for k in SCORING if getattr(cfg, k)]
     if scoring:
-        raise UserError(f"backend=jax only generates (prompts, generative, proofs); {', '.join(scoring)} "
-                        f"score with the torch model: evaluate them in another `lmlab eval` with backend=torch"
-                        + (" (the packed data the model was trained on is scored by default: pass "
-                           "packed_default=false)" if cfg.packed and packed_by_default else ""))
+        raise UserError(f"backend=jax generates (prompts, generative, proofs) and scores packed data and texts; "
+                        f"{', '.join(scoring)} score with the torch model: evaluate them in another `lmlab eval` "
+                        f"with backend=torch")
     family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
     check(family, get_family(family).config(fields) if family == "griffin" else None, model_dir)
 

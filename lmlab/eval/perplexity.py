@@ -111,7 +111,11 @@ def window_batch(windows: list[tuple[list[int], list[int]]], pad_id: int = 0) ->
 
 @torch.no_grad()
 def summed_nll(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Sum of -log p(y | x) in nats over targets != IGNORE, accumulated in float64."""
+    """Sum of -log p(y | x) in nats over targets != IGNORE, accumulated in float64 (a model's
+    `scorer`, lmlab.models.family.Scorer, computes it in its place: the JAX Griffin)."""
+    scorer = getattr(model, "scorer", None)
+    if scorer is not None:
+        return float(scorer.summed_nll(x.cpu().numpy(), y.cpu().numpy()))
     logits, _ = model(x)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
     return float(nll.double())

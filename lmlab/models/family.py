@@ -28,7 +28,8 @@ in place of the token embeddings at the masked positions, gradients flowing into
 
 Optional, a decoder elsewhere: a model may carry `model.decoder`, a `Decoder` that
 lmlab.infer.engine.generate_ids hands the decoding to (so `generate`, `complete`, the eval's
-generations, problems and proofs go through it); `lmlab eval backend=jax` sets the JAX Griffin's
+generations, problems and proofs go through it), and `model.scorer`, a `Scorer` that
+lmlab.eval.perplexity hands its forward passes to; backend=jax sets both to the JAX Griffin's
 (lmlab.jax_backend.griffin.decode). Everything else still reads the torch model.
 
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
@@ -104,6 +105,14 @@ class Decoder(Protocol):
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: int = 0,
                      pad_id: int = 0, should_stop: Optional[Callable[[int, list[int]], bool]] = None): ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores a language model's batches in its place, as lmlab.eval.perplexity.summed_nll does
+    (the perplexity of packed data and of text files)."""
+
+    def summed_nll(self, x, y) -> float: ...
 
 
 @runtime_checkable

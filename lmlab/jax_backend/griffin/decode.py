@@ -41,6 +41,7 @@ from lmlab.jax_backend.griffin.model import build, reference_config, require_rec
 from lmlab.models.griffin.config import GriffinConfig
 
 MIN_BUCKET = 8
+IGNORE = -100  # a target not scored (lmlab.eval.perplexity.IGNORE)
 
 
 def bucket(n: int, multiple: int = 1) -> int:
@@ -68,9 +69,10 @@ def check(family: str, cfg, where) -> None:
 
 
 def attach(model, where, chunk: int = 32):
-    """Hand a loaded torch Griffin's decoding to JAX (model.decoder, lmlab.models.family.Decoder)."""
+    """Hand a loaded torch Griffin's decoding and perplexity to JAX (model.decoder and model.scorer,
+    lmlab.models.family.Decoder and Scorer: the same object)."""
     check(model.family, model.cfg, where)
-    model.decoder = Decoder.of(model, chunk=chunk)
+    model.decoder = model.scorer = Decoder.of(model, chunk=chunk)
     return model
 
 
@@ -94,6 +96,7 @@ class Decoder:
         self.chunk = chunk
         self._prefill = self._prefill_program()
         self._programs: dict = {}  # (sampled, top-k on, top-p on) -> the chunk program
+        self._nll = None  # the scoring program (jit compiles one per bucket)
 
     @classmethod
     def of(cls, model, dtype="auto", chunk: int = 32) -> "Decoder":
@@ -138,7 +141,8 @@ class Decoder:
                     t = int(block[row, col])
                     out[row] = t
                     new_ids[row].append(t)
-                    if (eos_id is not None and t == eos_id) or (should_stop is not None and should_stop(row, new_ids[row])):
+                    if (eos_id is not None and t == eos_id) or (should_stop is not None
+                                                                and should_stop(row, new_ids[row])):
                         live.discard(row)
                 yield out
                 if not live:
@@ -158,7 +162,43 @@ class Decoder:
             out[:, :got.shape[1]] = got
         return out
 
+    def summed_nll(self, x: np.ndarray, y: np.ndarray) -> float:
+        """As lmlab.eval.perplexity.summed_nll: the sum of -log p(y | x) in nats over the targets
+        that are not IGNORE (-100), for (B, T) token ids. The batch is right-padded to a bucket
+        (padding comes after every real token, so the causal model never reads it) and scored in
+        one compiled program per bucket; the cross-entropy is float32, the sum returned a float."""
+        n, t = x.shape
+        rows, width = bucket(n, len(self.devices)), bucket(t)
+        xs = np.zeros((rows, width), np.int32)
+        ys = np.full((rows, width), IGNORE, np.int32)
+        xs[:n, :t], ys[:n, :t] = x, y
+        pos = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width))
+        if self._nll is None:
+            self._nll = self._nll_program()
+        return float(self._nll(self.params, self._put(xs), self._put(np.ascontiguousarray(pos)), self._put(ys)))
+
+    def _put(self, a: np.ndarray):
+        """A host array split by rows over the local devices."""
+        import jax
+
+        return jax.device_put(a, self.rows)
+
     # ------------------------------------------------------------------ the compiled programs
+
+    def _nll_program(self):
+        import jax
+        import jax.numpy as jnp
+
+        net = self.net
+
+        def nll(params, tokens, pos, targets):
+            logits, _ = net.apply(params, tokens, pos, return_cache=False)
+            logits = logits.astype(jnp.float32)
+            keep = targets != IGNORE
+            picked = jnp.take_along_axis(logits, jnp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+            return jnp.sum(jnp.where(keep, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+
+        return jax.jit(nll)
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, pad_id):
         """Prefill a batch; -> `run(ended_rows)`, which decodes the next chunk of steps and returns
@@ -178,7 +218,7 @@ class Decoder:
         if flags not in self._programs:
             self._programs[flags] = self._chunk_program(*flags)
         chunk = self._programs[flags]
-        put = lambda x: jax.device_put(x, self.rows)  # noqa: E731
+        put = self._put
         state = self._prefill(self.params, put(tokens), put(pos), put(np.arange(rows) >= n), jax.random.key(seed))
         knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p),
                  np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id))
