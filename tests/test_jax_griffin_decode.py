@@ -180,22 +180,26 @@ def test_eval_backend_jax_proves_what_torch_proves(griffin_run, tmp_path):
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
-def test_eval_backend_jax_scores_packed_data_and_texts_as_torch_does(griffin_run, tmp_path, monkeypatch):
-    """Perplexity through the JAX model (lmlab.models.family.Scorer): the packed val split the
-    model was trained on and a text file in rolling windows, within 1e-5 of backend=torch."""
+def test_eval_backend_jax_scores_packed_data_texts_and_choices_as_torch_does(griffin_run, tmp_path, monkeypatch):
+    """Scoring through the JAX model (lmlab.models.family.Scorer): the packed val split the model
+    was trained on, a text file in rolling windows and multiple choice, within 1e-5 of torch's."""
     from lmlab.eval import evaluate
 
     calls = []
-    scored = Decoder.summed_nll
-    monkeypatch.setattr(Decoder, "summed_nll", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
+    scored = Decoder.row_nll
+    monkeypatch.setattr(Decoder, "row_nll", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
 
     text = tmp_path / "doc.txt"
     text.write_text((ROOT / "README.md").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    arc = tmp_path / "arc.jsonl"  # ARC-format multiple choice
+    arc.write_text("".join(json.dumps({"question": f"What does def {w} return?", "answerKey": "B",
+                                       "choices": {"label": ["A", "B", "C"], "text": ["None", f"the {w}", "0"]}}) + "\n"
+                           for w in ("path", "name", "list", "value", "text")))
     res = {}
     for backend in ("torch", "jax"):
         out = evaluate.run(evaluate.Config(model=str(griffin_run["model"]), out=str(tmp_path / backend),
-                                           backend=backend, texts=[str(text)], max_new_tokens=0, batch_size=3,
-                                           device="cpu"))
+                                           backend=backend, texts=[str(text)], choice=[str(arc)], max_new_tokens=0,
+                                           batch_size=3, device="cpu"))
         res[backend] = json.loads((out / "eval.json").read_text())
     assert len(calls) > 2  # every batch of the jax run went through the JAX model
     (pt,), (pj,) = res["torch"]["packed"], res["jax"]["packed"]
@@ -204,6 +208,16 @@ def test_eval_backend_jax_scores_packed_data_and_texts_as_torch_does(griffin_run
     assert tj["windows"] == tt["windows"] > 1
     for k in ("nll", "byte_perplexity", "bits_per_byte"):
         assert tj[k] == pytest.approx(tt[k], rel=1e-5), k
+    (ct,), (cj,) = res["torch"]["choice"], res["jax"]["choice"]
+    assert cj["n"] == ct["n"] == 5 and (cj["acc"], cj["acc_norm"]) == (ct["acc"], ct["acc_norm"])
+    from lmlab.eval.choice import continuation_logprobs  # the scores themselves
+    from lmlab.infer.backend import load_for_decoding
+
+    pairs = [([1, 5, 9, 13], [7, 8]), ([2] * 40, [3]), ([4, 4], [11, 12, 13, 14, 15])]
+    torch_model = load_for_decoding(griffin_run["model"])[0]
+    jax_model = load_for_decoding(griffin_run["model"], "jax")[0]
+    want = continuation_logprobs(torch_model, pairs, batch_size=2)
+    assert continuation_logprobs(jax_model, pairs, batch_size=2) == pytest.approx(want, rel=1e-5)
 
 
 def test_eval_backend_jax_refusals(griffin_run, tmp_path):
@@ -218,8 +232,9 @@ def test_eval_backend_jax_refusals(griffin_run, tmp_path):
             evaluate.run(evaluate.Config(**cfg))
         return str(e.value)
 
-    msg = run(choice=["README.md"], long_context=[{"path": "README.md"}])
-    assert "scores packed data and texts" in msg and "choice, long_context" in msg and "backend=torch" in msg
+    msg = run(long_context=[{"path": "README.md"}], lm_eval={"tasks": ["arc_easy"]})
+    assert "scores packed data, texts and choices" in msg and "long_context, lm_eval" in msg
+    assert "backend=torch" in msg
     other = tmp_path / "transformer"  # a model.json naming another family
     shutil.copytree(griffin_run["model"], other)
     meta = json.loads((other / "model.json").read_text())

@@ -109,6 +109,10 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
         for i, s in enumerate(seqs):
             x[i, :len(s) - 1] = torch.tensor(s[:-1])
             y[i, len(s) - 1 - n_cont[i]:len(s) - 1] = torch.tensor(s[len(s) - n_cont[i]:])
+        scorer = getattr(model, "scorer", None)  # (lmlab.models.family.Scorer: the JAX Griffin)
+        if scorer is not None:
+            out.extend((-scorer.row_nll(x.numpy(), y.numpy())).tolist())
+            continue
         logits, _ = model(x.to(device))
         logp = torch.log_softmax(logits.float(), dim=-1)
         mask = y != -100

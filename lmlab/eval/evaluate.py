@@ -56,8 +56,8 @@ few-shot, multiple-choice and Herald files, and the Lean settings that change ve
 project, with the sha256 of its lean-toolchain and lake-manifest.json, command, limits; not
 its worker count), so re-running with nothing changed is a no-op.
 `backend=jax` (a Griffin, the jax extra): the generating sections (prompts, generative, proofs)
-decode with DeepMind's recurrentgemma.jax model and packed data and texts are scored with it
-(lmlab.jax_backend.griffin.decode, docs/jax.md); choice, long_context and lm_eval are refused.
+decode with DeepMind's recurrentgemma.jax model and packed data, texts and choices are scored
+with it (lmlab.jax_backend.griffin.decode, docs/jax.md); long_context and lm_eval are refused.
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
@@ -180,13 +180,13 @@ class Config(Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     backend: Literal["torch", "jax"] = Field("torch", description="what runs the model: torch, or jax (a "
                                              "Griffin: prompts, generative problems and proofs decode and packed "
-                                             "data and texts are scored with recurrentgemma.jax; choice, "
+                                             "data, texts and choices are scored with recurrentgemma.jax; "
                                              "long_context and lm_eval need torch)")
 
 
-# sections that score with the torch model's own passes; backend=jax refuses them (it generates,
-# and scores packed data and texts through the JAX model: lmlab.models.family.Scorer)
-SCORING = ("choice", "long_context", "lm_eval")
+# sections that score through the torch model's own passes (its cache, lm-eval's wrapper);
+# backend=jax refuses them (packed data, texts and choices score through lmlab.models.family.Scorer)
+SCORING = ("long_context", "lm_eval")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -500,9 +500,9 @@ def _vet_jax(cfg: Config, model_dir: Path) -> None:
 
     scoring = [k for k in SCORING if getattr(cfg, k)]
     if scoring:
-        raise UserError(f"backend=jax generates (prompts, generative, proofs) and scores packed data and texts; "
-                        f"{', '.join(scoring)} score with the torch model: evaluate them in another `lmlab eval` "
-                        f"with backend=torch")
+        raise UserError(f"backend=jax generates (prompts, generative, proofs) and scores packed data, texts and "
+                        f"choices; {', '.join(scoring)} score with the torch model: evaluate them in another "
+                        f"`lmlab eval` with backend=torch")
     family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
     check(family, get_family(family).config(fields) if family == "griffin" else None, model_dir)
 

@@ -29,7 +29,7 @@ in place of the token embeddings at the masked positions, gradients flowing into
 Optional, a decoder elsewhere: a model may carry `model.decoder`, a `Decoder` that
 lmlab.infer.engine.generate_ids hands the decoding to (so `generate`, `complete`, the eval's
 generations, problems and proofs go through it), and `model.scorer`, a `Scorer` that
-lmlab.eval.perplexity hands its forward passes to; backend=jax sets both to the JAX Griffin's
+lmlab.eval's perplexity and multiple choice hand their forward passes to; backend=jax sets both to the JAX Griffin's
 (lmlab.jax_backend.griffin.decode). Everything else still reads the torch model.
 
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
@@ -109,10 +109,11 @@ class Decoder(Protocol):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores a language model's batches in its place, as lmlab.eval.perplexity.summed_nll does
-    (the perplexity of packed data and of text files)."""
+    """Scores a language model's batches in its place: for (B, T) token ids x and targets y
+    (-100: not scored), each row's summed -log p(y | x), (B,) float64 numpy. lmlab.eval's
+    perplexity (packed data, texts) and multiple choice hand their forward passes to it."""
 
-    def summed_nll(self, x, y) -> float: ...
+    def row_nll(self, x, y): ...
 
 
 @runtime_checkable

@@ -96,7 +96,7 @@ class Decoder:
         self.chunk = chunk
         self._prefill = self._prefill_program()
         self._programs: dict = {}  # (sampled, top-k on, top-p on) -> the chunk program
-        self._nll = None  # the scoring program (jit compiles one per bucket)
+        self._nll = None  # the scoring program, per-row sums (jit compiles one per bucket)
 
     @classmethod
     def of(cls, model, dtype="auto", chunk: int = 32) -> "Decoder":
@@ -162,20 +162,21 @@ class Decoder:
             out[:, :got.shape[1]] = got
         return out
 
-    def summed_nll(self, x: np.ndarray, y: np.ndarray) -> float:
-        """As lmlab.eval.perplexity.summed_nll: the sum of -log p(y | x) in nats over the targets
-        that are not IGNORE (-100), for (B, T) token ids. The batch is right-padded to a bucket
-        (padding comes after every real token, so the causal model never reads it) and scored in
-        one compiled program per bucket; the cross-entropy is float32, the sum returned a float."""
+    def row_nll(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """lmlab.models.family.Scorer: each row's sum of -log p(y | x) in nats over the targets that
+        are not IGNORE (-100), for (B, T) token ids; (B,) float64. The batch is right-padded to a
+        bucket (padding comes after every real token, so the causal model never reads it) and
+        scored in one compiled program per bucket, the cross-entropy in float32."""
         n, t = x.shape
         rows, width = bucket(n, len(self.devices)), bucket(t)
         xs = np.zeros((rows, width), np.int32)
         ys = np.full((rows, width), IGNORE, np.int32)
         xs[:n, :t], ys[:n, :t] = x, y
-        pos = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width))
+        pos = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)))
         if self._nll is None:
             self._nll = self._nll_program()
-        return float(self._nll(self.params, self._put(xs), self._put(np.ascontiguousarray(pos)), self._put(ys)))
+        out = self._nll(self.params, self._put(xs), self._put(pos), self._put(ys))
+        return np.asarray(out, np.float64)[:n]
 
     def _put(self, a: np.ndarray):
         """A host array split by rows over the local devices."""
@@ -196,7 +197,7 @@ class Decoder:
             logits = logits.astype(jnp.float32)
             keep = targets != IGNORE
             picked = jnp.take_along_axis(logits, jnp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
-            return jnp.sum(jnp.where(keep, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+            return jnp.sum(jnp.where(keep, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), axis=-1)
 
         return jax.jit(nll)
 
