@@ -88,7 +88,8 @@ def bench_trm_jax(cfg, device) -> dict:
     compile_s = time.perf_counter() - t0
     times = interleaved({"jax": step_jax, "torch": step_torch}, cfg.warmup, cfg.repeats * cfg.steps, device)
     pps = {k: cfg.batch_size / median(v) for k, v in times.items()}
-    return {"what": "trm-jax", "dtype": cfg.trm_dtype, "params": ours.num_params(), "puzzles_per_s": pps, "ratio": pps["jax"] / pps["torch"],
+    return {"what": "trm-jax", "dtype": cfg.trm_dtype, "params": ours.num_params(), "puzzles_per_s": pps,
+            "ratio": pps["jax"] / pps["torch"],
             "times_s": times, "compile_s": compile_s, "jax_device": str(jax.devices()[0]), "jax": jax.__version__,
             "flops_per_example": ours.flops_per_example()}
 

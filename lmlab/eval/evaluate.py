@@ -494,7 +494,8 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
 
 
 def _vet_jax(cfg: Config, model_dir: Path) -> None:
-    """backend=jax, before the weights load: no scoring section, a Griffin the reference can run."""
+    """backend=jax, before the weights load: no section the JAX model cannot run (SCORING), a Griffin
+    the reference can run, recurrentgemma installed."""
     from lmlab.jax_backend.griffin.decode import check
     from lmlab.models.family import get_family, split_model_json
 

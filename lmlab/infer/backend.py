@@ -15,9 +15,6 @@ from pathlib import Path
 
 from lmlab.errors import UserError
 
-BACKENDS = ("torch", "jax")
-
-
 def load_for_decoding(run_dir: str | Path, backend: str = "torch", device: str = "auto", chunk: int = 32):
     """-> (model, tokenizer, manifest, the torch device the model is on)."""
     from lmlab.models import load_model
