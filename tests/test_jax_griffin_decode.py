@@ -7,10 +7,12 @@ on the same random weights, fp32:
 - sampling repeats with its seed; top-k 1 and a tiny top-p are greedy; top-k 3 draws only
   among the three most likely first tokens;
 - decoding a few steps per call gives the same tokens as one call;
+- the scorer's per-row sums and greedy flags, and a stream several windows long read through the
+  cache, equal the torch forward's;
 - `lmlab eval RUN backend=jax proofs=[...]` (Lean played by tests/lean_standin.py) writes the
-  same greedy proofs and verdicts as backend=torch, and scores packed data and texts as it does;
-  choice / long_context / lm_eval and a transformer are refused with backend=jax; `lmlab generate` and `lmlab chat` with backend=jax write torch's
-  greedy text.
+  same greedy proofs and verdicts as backend=torch, and scores packed data, texts, choices,
+  long_context and lm-eval tasks as it does; a transformer is refused with backend=jax;
+  `lmlab generate` and `lmlab chat` with backend=jax write torch's greedy text.
 """
 
 from __future__ import annotations
@@ -122,6 +124,36 @@ def test_chunks_decode_what_one_call_decodes(pair):
     assert (small.decode(PROMPTS, 7) == dec.decode(PROMPTS, 7)).all()
 
 
+def test_scores_and_a_long_stream_equal_the_torch_forward(pair):
+    """Scorer.row_scores: masked per-row sums and greedy flags as the torch forward gives them;
+    Scorer.stream_nll: a stream of 7 windows less 3 tokens (blocks of the window through the
+    cache, the last one padded) scores every token as one full forward does."""
+    import torch.nn.functional as F
+
+    model, dec = pair
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V, (1, 7 * WINDOW - 3), generator=g)
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1])
+    want = F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none").double().numpy()
+    got = dec.stream_nll(ids[0].tolist())
+    assert got.shape == want.shape and abs(got - want).max() < 1e-4
+
+    x = torch.randint(1, V, (3, 13), generator=g)
+    with torch.no_grad():
+        logits, _ = model(x)
+    best = logits.argmax(-1)
+    y = torch.full_like(x, -100)
+    y[0, 4:9] = best[0, 4:9]  # greedy targets
+    y[1, 2:] = torch.randint(1, V, (11,), generator=g)  # random targets: not greedy
+    y[2, 12] = best[2, 12]
+    y[1, 5] = best[1, 5]
+    nll, greedy = dec.row_scores(x.numpy(), y.numpy())
+    ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none").sum(-1)
+    assert nll.dtype.name == "float64" and abs(nll - ce.double().numpy()).max() < 1e-4
+    assert greedy.tolist() == [True, False, True]
+
+
 # ----------------------------------------------------------------------------- lmlab eval backend=jax
 
 @pytest.fixture(scope="module")
@@ -186,8 +218,8 @@ def test_eval_backend_jax_scores_packed_data_texts_and_choices_as_torch_does(gri
     from lmlab.eval import evaluate
 
     calls = []
-    scored = Decoder.row_nll
-    monkeypatch.setattr(Decoder, "row_nll", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
+    scored = Decoder.row_scores
+    monkeypatch.setattr(Decoder, "row_scores", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
 
     text = tmp_path / "doc.txt"
     text.write_text((ROOT / "README.md").read_text(encoding="utf-8")[:3000], encoding="utf-8")
@@ -220,6 +252,51 @@ def test_eval_backend_jax_scores_packed_data_texts_and_choices_as_torch_does(gri
     assert continuation_logprobs(jax_model, pairs, batch_size=2) == pytest.approx(want, rel=1e-5)
 
 
+def test_eval_backend_jax_long_context_and_lm_eval_as_torch(griffin_run, tmp_path, monkeypatch):
+    """long_context reads the val tokens in one stream through the JAX model's cache, and lm-eval's
+    three request types (choice, rolling perplexity, generation) run on it: the numbers are torch's;
+    lm-eval's own simple_evaluate takes the model arg backend=jax too."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lmlab[lm_eval]')")
+    from test_lm_harness import TASKS, offline_hub, write_tasks
+
+    from lmlab.eval import evaluate
+
+    offline_hub(monkeypatch)
+    calls = []
+    for name in ("row_scores", "stream_nll"):
+        real = getattr(Decoder, name)
+        monkeypatch.setattr(Decoder, name, lambda self, *a, f=real, n=name: calls.append(n) or f(self, *a))
+    write_tasks(tmp_path / "tasks", tmp_path / "hf_datasets")
+    lm = {"tasks": TASKS, "include_path": str(tmp_path / "tasks"), "batch_size": 4}
+    res = {}
+    for backend in ("torch", "jax"):
+        out = evaluate.run(evaluate.Config(model=str(griffin_run["model"]), out=str(tmp_path / backend),
+                                           backend=backend, max_new_tokens=0, device="cpu", lm_eval=lm,
+                                           long_context=[{"factor": 2, "buckets": 4}]))
+        res[backend] = json.loads((out / "eval.json").read_text())
+    assert calls.count("stream_nll") == 1 and calls.count("row_scores") > 1  # the jax run scored on JAX
+    (lt,), (lj,) = res["torch"]["long_context"], res["jax"]["long_context"]
+    assert lj["tokens"] == lt["tokens"] == 640 and set(lj["modes"]) == {"native"}
+    for k in ("loss", "loss_past_context"):
+        assert lj["modes"]["native"][k] == pytest.approx(lt["modes"]["native"][k], rel=1e-5), k
+    assert lj["modes"]["native"]["curve"] == pytest.approx(lt["modes"]["native"]["curve"], rel=1e-5)
+
+    def metrics(r):
+        return {(t["task"], m["metric"], m["filter"]): m["value"] for t in r["lm_eval"]["tasks"] for m in t["metrics"]}
+
+    want = metrics(res["torch"])
+    assert {t for t, _, _ in want} == set(TASKS) and metrics(res["jax"]) == pytest.approx(want, rel=1e-4)
+
+    import lmlab.eval.lm_harness  # noqa: F401  (registers "lmlab")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    direct = simple_evaluate(model="lmlab", model_args=f"path={griffin_run['model']},backend=jax", tasks=["lmlab_mc"],
+                             task_manager=TaskManager(include_path=lm["include_path"], include_defaults=False),
+                             batch_size=4, device="cpu")
+    assert direct["results"]["lmlab_mc"]["acc,none"] == pytest.approx(want[("lmlab_mc", "acc", "none")])
+
+
 def test_eval_backend_jax_refusals(griffin_run, tmp_path):
     import shutil
 
@@ -232,9 +309,6 @@ def test_eval_backend_jax_refusals(griffin_run, tmp_path):
             evaluate.run(evaluate.Config(**cfg))
         return str(e.value)
 
-    msg = run(long_context=[{"path": "README.md"}], lm_eval={"tasks": ["arc_easy"]})
-    assert "scores packed data, texts and choices" in msg and "long_context, lm_eval" in msg
-    assert "backend=torch" in msg
     other = tmp_path / "transformer"  # a model.json naming another family
     shutil.copytree(griffin_run["model"], other)
     meta = json.loads((other / "model.json").read_text())

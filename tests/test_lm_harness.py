@@ -98,19 +98,24 @@ def write_tasks(tasks_dir: Path, cache: Path) -> None:
         (tasks_dir / f"{name}.yaml").write_text(yaml + COMMON.format(data=data, cache=cache))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A micro run dir, its HF export, the task files; the hub switched off for datasets/transformers."""
+def offline_hub(mp: pytest.MonkeyPatch) -> None:
+    """Switch the hub off for datasets/transformers through `mp` (lm-eval's local tasks need no hub)."""
     import datasets.config
     import huggingface_hub.constants
 
-    mp = pytest.MonkeyPatch()
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         mp.setenv(var, "1")
     # the libraries read these once, at import: an earlier test may have imported them already
     for mod, attr in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
                       (huggingface_hub.constants, "HF_HUB_OFFLINE")):
         mp.setattr(mod, attr, True, raising=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A micro run dir, its HF export, the task files; the hub switched off for datasets/transformers."""
+    mp = pytest.MonkeyPatch()
+    offline_hub(mp)
     root = tmp_path_factory.mktemp("lm_harness")
     pipe = build_micro_pipeline(root)
     hf_dir = root / "hf"

@@ -111,7 +111,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
             y[i, len(s) - 1 - n_cont[i]:len(s) - 1] = torch.tensor(s[len(s) - n_cont[i]:])
         scorer = getattr(model, "scorer", None)  # (lmlab.models.family.Scorer: the JAX Griffin)
         if scorer is not None:
-            out.extend((-scorer.row_nll(x.numpy(), y.numpy())).tolist())
+            out.extend((-scorer.row_scores(x.numpy(), y.numpy())[0]).tolist())
             continue
         logits, _ = model(x.to(device))
         logp = torch.log_softmax(logits.float(), dim=-1)

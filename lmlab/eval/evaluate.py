@@ -55,9 +55,10 @@ fingerprint, the packed artifacts' fingerprints and the sha256 of the text, prob
 few-shot, multiple-choice and Herald files, and the Lean settings that change verdicts (its
 project, with the sha256 of its lean-toolchain and lake-manifest.json, command, limits; not
 its worker count), so re-running with nothing changed is a no-op.
-`backend=jax` (a Griffin, the jax extra): the generating sections (prompts, generative, proofs)
-decode with DeepMind's recurrentgemma.jax model and packed data, texts and choices are scored
-with it (lmlab.jax_backend.griffin.decode, docs/jax.md); long_context and lm_eval are refused.
+`backend=jax` (a Griffin, the jax extra): every section runs on DeepMind's recurrentgemma.jax
+model: the generating ones (prompts, generative, proofs, lm-eval's generations) decode with it
+and packed data, texts, choices, long_context and lm-eval's log-likelihoods are scored with it
+(lmlab.jax_backend.griffin.decode, docs/jax.md).
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """
@@ -179,14 +180,7 @@ class Config(Strict):
     choice_n: int = Field(0, ge=0, description="score the first n items of each choice file (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     backend: Literal["torch", "jax"] = Field("torch", description="what runs the model: torch, or jax (a "
-                                             "Griffin: prompts, generative problems and proofs decode and packed "
-                                             "data, texts and choices are scored with recurrentgemma.jax; "
-                                             "long_context and lm_eval need torch)")
-
-
-# sections that score through the torch model's own passes (its cache, lm-eval's wrapper);
-# backend=jax refuses them (packed data, texts and choices score through lmlab.models.family.Scorer)
-SCORING = ("long_context", "lm_eval")
+                                             "Griffin: every section decodes and scores with recurrentgemma.jax)")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -273,7 +267,7 @@ def run(cfg: Config) -> Path:
     if not cfg.packed and cfg.packed_default:  # default: the val splits of the model's own training data
         cfg = cfg.model_copy(update={"packed": training_data(model_manifest)})
     if cfg.backend == "jax":
-        _vet_jax(cfg, model_dir)
+        _vet_jax(model_dir)
     for i, p in enumerate(cfg.packed):
         pm = check_packed_tokenizer(p, tokenizer)
         inputs[f"packed_{i}"] = {"path": str(p), "fingerprint": pm.get("fingerprint")}
@@ -493,17 +487,11 @@ def _eval_generative(model, tokenizer, model_dir, gen_inputs: list[tuple], cfg: 
     return results
 
 
-def _vet_jax(cfg: Config, model_dir: Path) -> None:
-    """backend=jax, before the weights load: no section the JAX model cannot run (SCORING), a Griffin
-    the reference can run, recurrentgemma installed."""
+def _vet_jax(model_dir: Path) -> None:
+    """backend=jax, before the weights load: a Griffin the reference can run, recurrentgemma installed."""
     from lmlab.jax_backend.griffin.decode import check
     from lmlab.models.family import get_family, split_model_json
 
-    scoring = [k for k in SCORING if getattr(cfg, k)]
-    if scoring:
-        raise UserError(f"backend=jax generates (prompts, generative, proofs) and scores packed data, texts and "
-                        f"choices; {', '.join(scoring)} score with the torch model: evaluate them in another "
-                        f"`lmlab eval` with backend=torch")
     family, fields = split_model_json(json.loads((model_dir / "model.json").read_text()))
     check(family, get_family(family).config(fields) if family == "griffin" else None, model_dir)
 

@@ -31,7 +31,9 @@ multiple-choice eval (`choice=`) puts bos first, as documents start in training;
 Model arguments (`--model_args k=v,...`): path (or pretrained) = the run dir, device
 (auto | cpu | cuda[:N] | mps; an unavailable CUDA device falls back as lm-eval's hf does),
 batch_size (an int; "auto" = 16), max_length (default: the model's context, max_seq_len),
-max_gen_toks (default 256, as hf), add_bos_token, prefix_token_id, seed (sampling).
+max_gen_toks (default 256, as hf), add_bos_token, prefix_token_id, seed (sampling), backend
+(torch | jax: a Griffin whose log-likelihoods and generations run on recurrentgemma.jax, the
+model's `scorer` and `decoder`, lmlab.models.family; device then does not apply).
 
 Importing this module needs lm-eval (without it: a UserError naming INSTALL_HINT); only
 lmlab/eval/lm_harness.py imports it, and nothing in lmlab imports that at module level.
@@ -96,21 +98,28 @@ class LmlabLM(TemplateLM):
     def __init__(self, path: Optional[str] = None, pretrained: Optional[str] = None, *, model=None, tokenizer=None,
                  device=None, batch_size=DEFAULT_BATCH_SIZE, max_batch_size=None, max_length=None,
                  max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=False, prefix_token_id=None, seed=0,
-                 **unknown) -> None:
+                 backend="torch", **unknown) -> None:
         super().__init__()
         if unknown:
             raise UserError(f"unknown lmlab model_args {sorted(unknown)}; known: path (or pretrained), device, "
-                            f"batch_size, max_length, max_gen_toks, add_bos_token, prefix_token_id, seed")
+                            f"batch_size, max_length, max_gen_toks, add_bos_token, prefix_token_id, seed, backend")
+        if backend not in ("torch", "jax"):
+            raise UserError(f"backend must be torch or jax, got {backend!r}")
         path = path or pretrained
         if model is None:
             if not path:
                 raise UserError("the lmlab model needs a run dir: --model_args path=runs/x/model")
             if not Path(path).is_dir():
                 raise UserError(f"model directory not found: {path} (fix path=...)")
-            from lmlab.models import load_model
+            if backend == "jax":  # a Griffin scored and decoded by recurrentgemma.jax (lmlab.infer.backend)
+                from lmlab.infer.backend import load_for_decoding
 
-            self._device = _device(device)
-            model, tokenizer, manifest = load_model(path, device=self._device)
+                model, tokenizer, manifest, self._device = load_for_decoding(path, "jax", "cpu")
+            else:
+                from lmlab.models import load_model
+
+                self._device = _device(device)
+                model, tokenizer, manifest = load_model(path, device=self._device)
             self.manifest = manifest
         else:
             if tokenizer is None:
@@ -230,6 +239,12 @@ class LmlabLM(TemplateLM):
         for i, (s, cont) in enumerate(zip(inps, conts)):
             x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
             at[i, len(s) - len(cont):len(s)] = True  # the positions that predict the continuation
+        scorer = getattr(self.model, "scorer", None)  # lmlab.models.family.Scorer: the JAX Griffin
+        if scorer is not None:
+            y = torch.full_like(x, -100)
+            y[at] = torch.tensor([t for cont in conts for t in cont], dtype=torch.long)
+            nll, greedy = scorer.row_scores(x.numpy(), y.numpy())
+            return [(-float(v), bool(g)) for v, g in zip(nll, greedy)]
         x, at = x.to(self._device), at.to(self._device)
         logits, _ = self.model(x, logits_at=at)
         logp = F.log_softmax(logits.float(), dim=-1)  # (n, V) in row-major order of `at`

@@ -16,7 +16,8 @@ Three ways to read T = factor x context tokens one after the other (StreamingLLM
 
 The cached modes feed `chunk` tokens per forward (each token still sees every cached key
 before it), so a chunk of 8 costs an eighth of the steps. A family without a bounded context
-(Griffin: a recurrence and a local window) reads the text in one stream (`native`).
+(Griffin: a recurrence and a local window) reads the text in one stream (`native`); a model's
+`scorer` (lmlab.models.family.Scorer: the JAX Griffin) reads it in its place.
 Per-token losses are averaged over `buckets` position ranges: the report plots them against
 position (lmlab/report/long_context.py).
 """
@@ -107,7 +108,9 @@ def score_long_context(model, ids: np.ndarray, spec: LongContextSpec, device, ba
     ctx = getattr(model, "max_context", None)
     modes: dict[str, np.ndarray] = {}
     if ctx is None:  # a recurrent family: read the whole text in one stream, constant memory
-        modes["native"] = _cached_nll(model, x, model.new_cache(1, len(ids), device=device), spec.chunk)
+        scorer = getattr(model, "scorer", None)  # lmlab.models.family.Scorer: the JAX Griffin
+        modes["native"] = (scorer.stream_nll(ids) if scorer is not None else
+                           _cached_nll(model, x, model.new_cache(1, len(ids), device=device), spec.chunk))
         ctx = int(model.cfg.max_seq_len)
     else:
         if spec.sinks + spec.chunk > ctx:

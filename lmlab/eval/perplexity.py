@@ -115,7 +115,7 @@ def summed_nll(model, x: torch.Tensor, y: torch.Tensor) -> float:
     `scorer`, lmlab.models.family.Scorer, computes it in its place: the JAX Griffin)."""
     scorer = getattr(model, "scorer", None)
     if scorer is not None:
-        return float(scorer.row_nll(x.cpu().numpy(), y.cpu().numpy()).sum())
+        return float(scorer.row_scores(x.cpu().numpy(), y.cpu().numpy())[0].sum())
     logits, _ = model(x)
     nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
     return float(nll.double())

@@ -29,8 +29,9 @@ in place of the token embeddings at the masked positions, gradients flowing into
 Optional, a decoder elsewhere: a model may carry `model.decoder`, a `Decoder` that
 lmlab.infer.engine.generate_ids hands the decoding to (so `generate`, `complete`, the eval's
 generations, problems and proofs go through it), and `model.scorer`, a `Scorer` that
-lmlab.eval's perplexity and multiple choice hand their forward passes to; backend=jax sets both to the JAX Griffin's
-(lmlab.jax_backend.griffin.decode). Everything else still reads the torch model.
+lmlab.eval's perplexity, multiple choice, long context and lm-eval hand their forward passes
+to; backend=jax sets both to the JAX Griffin's (lmlab.jax_backend.griffin.decode). Everything
+else still reads the torch model.
 
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage
 that reads, generates or trains text takes them); "puzzle" families (TRM) are PuzzleModels,
@@ -109,11 +110,16 @@ class Decoder(Protocol):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores a language model's batches in its place: for (B, T) token ids x and targets y
-    (-100: not scored), each row's summed -log p(y | x), (B,) float64 numpy. lmlab.eval's
-    perplexity (packed data, texts) and multiple choice hand their forward passes to it."""
+    """Scores a language model's text in its place (lmlab.eval hands its forward passes to it)."""
 
-    def row_nll(self, x, y): ...
+    def row_scores(self, x, y):
+        """For (B, T) token ids x and targets y (-100: not scored), numpy: each row's summed
+        -log p(y | x) ((B,) float64) and whether every scored target is the greedy token ((B,)
+        bool). Perplexity of packed data and texts, multiple choice, lm-eval's log-likelihoods."""
+
+    def stream_nll(self, ids):
+        """-log p(ids[t+1] | ids[:t+1]) for every t of one stream of any length ((len - 1,)
+        float64), read with the model's cache: the eval's long_context."""
 
 
 @runtime_checkable
