@@ -3,6 +3,8 @@ run on 1 or 2 processes, DDP and FSDP2; sharded checkpoints reshard (2 -> 1 proc
 killed with SIGKILL under `torchrun --max-restarts 1` and a SIGTERM'd job both resume to the
 bitwise result of an uninterrupted run; two simulated nodes; the launch errors users hit."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -57,6 +59,25 @@ def ok(r: subprocess.CompletedProcess) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def solo(args: list[str]) -> str:
+    """`python -m lmlab ...` (args from "-m" on) run in this process, on one thread as the launched
+    ranks run (OMP_NUM_THREADS=1), so that runs compare to the bit; -> what it printed on stderr.
+    A process of its own would cost ~3.5 s more to start: importing torch, then torch._dynamo
+    (which the first optimizer imports)."""
+    from lmlab.cli import main
+
+    assert args[:2] == ["-m", "lmlab"], args
+    threads, err = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(args[2:])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err.getvalue()[-4000:]
+    return err.getvalue()
+
+
 def weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "model.safetensors"))
 
@@ -82,7 +103,7 @@ def runs(packed, tmp_path_factory) -> dict:
     activation checkpointing)."""
     root = tmp_path_factory.mktemp("dist_runs")
     out = {"one": root / "one", "ddp": root / "ddp", "fsdp": root / "fsdp"}
-    ok(run([sys.executable, *stage_args(packed, out["one"])]))
+    solo(stage_args(packed, out["one"]))
     ok(run(torchrun(2, *stage_args(packed, out["ddp"])[1:])))
     ok(run(torchrun(2, *stage_args(packed, out["fsdp"], "parallel.strategy=fsdp", "train.micro_batch=2",
                                    "parallel.activation_checkpointing=true")[1:])))
@@ -123,7 +144,7 @@ def test_fsdp2_with_two_row_passes_matches_one_process_within_float_tolerance(ru
 
 def test_activation_checkpointing_recomputes_to_the_same_bits(runs, packed, tmp_path):
     out = tmp_path / "ac"
-    ok(run([sys.executable, *stage_args(packed, out, "parallel.activation_checkpointing=true")]))
+    solo(stage_args(packed, out, "parallel.activation_checkpointing=true"))
     assert curve(out) == curve(runs["one"])
     assert max_diff(out, runs["one"]) == 0.0
 
@@ -134,9 +155,8 @@ def test_sharded_checkpoint_saved_on_two_processes_resumes_on_one(runs, packed, 
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:06d}")  # the run stopped after the one before
     (resumed / "manifest.json").unlink()
     (resumed / "model.safetensors").unlink()
-    r = run([sys.executable, *stage_args(packed, resumed)])
-    ok(r)
-    assert f"resuming from {resumed / 'checkpoints' / f'step_{STEPS - 10:06d}'}" in r.stderr
+    err = solo(stage_args(packed, resumed))
+    assert f"resuming from {resumed / 'checkpoints' / f'step_{STEPS - 10:06d}'}" in err
     assert curve(resumed)[-1][1] == pytest.approx(curve(runs["one"])[-1][1], abs=1e-5)
     assert max_diff(resumed, runs["one"]) < 1e-5
 
@@ -253,18 +273,18 @@ def test_sft_and_dpo_on_two_processes_match_one(chat_model, tmp_path):
               "checkpoint.every=3", "train.device=cpu", "train.dtype=float32"]
     sft = ["-m", "lmlab", "sft", f"init={chat_model['model']}", f"data={chat_model['tasks'] / 'sft_train.jsonl'}",
            *common]
-    ok(run([sys.executable, *sft, f"out={tmp_path / 'sft1'}"]))
+    solo([*sft, f"out={tmp_path / 'sft1'}"])
     ok(run(torchrun(2, *sft[1:], f"out={tmp_path / 'sft2'}")))
     assert curve(tmp_path / "sft2") == curve(tmp_path / "sft1")
     assert max_diff(tmp_path / "sft2", tmp_path / "sft1") == 0.0
     # LoRA under FSDP2: the adapters are rebuilt around the gathered weights for saving
-    ok(run([sys.executable, *sft, f"out={tmp_path / 'lora1'}", "lora.enabled=true"]))
+    solo([*sft, f"out={tmp_path / 'lora1'}", "lora.enabled=true"])
     ok(run(torchrun(2, *sft[1:], f"out={tmp_path / 'lora2'}", "lora.enabled=true", "parallel.strategy=fsdp")))
     a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("lora1", "lora2"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     dpo = ["-m", "lmlab", "dpo", f"init={tmp_path / 'sft1'}", f"data={chat_model['tasks'] / 'dpo_train.jsonl'}",
            *common]
-    ok(run([sys.executable, *dpo, f"out={tmp_path / 'dpo1'}"]))
+    solo([*dpo, f"out={tmp_path / 'dpo1'}"])
     ok(run(torchrun(2, *dpo[1:], f"out={tmp_path / 'dpo2'}", "parallel.strategy=fsdp", "train.micro_batch=1")))
     assert max_diff(tmp_path / "dpo2", tmp_path / "dpo1") < 1e-5
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text())["stats"] for d in ("dpo1", "dpo2"))
@@ -352,16 +372,15 @@ def test_ema_under_fsdp_is_sharded_checkpointed_and_resumes_on_one_process(packe
     read back on one process, and the saved model is the average, as on one process."""
     extra = ("train.steps=12", "checkpoint.every=4", "train.ema=0.9")
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    ok(run([sys.executable, *stage_args(packed, one, *extra)]))
+    solo(stage_args(packed, one, *extra))
     ok(run(torchrun(2, *stage_args(packed, two, *extra, "parallel.strategy=fsdp")[1:])))
     assert max_diff(two, one) < 1e-6
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_000012")
     (resumed / "manifest.json").unlink()
     assert not (resumed / "checkpoints" / "step_000008" / "ema.pt").exists()  # it is in dcp/
-    r = run([sys.executable, *stage_args(packed, resumed, *extra)])
-    ok(r)
-    assert "resuming from" in r.stderr and "step_000008" in r.stderr
+    err = solo(stage_args(packed, resumed, *extra))
+    assert "resuming from" in err and "step_000008" in err
     assert max_diff(resumed, one) < 1e-6
 
 
@@ -491,7 +510,7 @@ def test_trm_on_two_processes_matches_one_and_resumes_exactly(tmp_path):
 
     data = write_toy_set(tmp_path / "set")
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(run(trm_args(data, one, 12, "train.device=cpu")))
+    solo(trm_args(data, one, 12, "train.device=cpu")[1:])
     ok(run(torchrun(2, *trm_args(data, two, 12, "train.device=cpu")[1:]), timeout=240))
     assert json.loads((two / "manifest.json").read_text())["stats"]["parallel"] == {"strategy": "ddp", "world_size": 2}
     assert max_diff(one, two) < 1e-4
