@@ -161,6 +161,26 @@ def test_sharded_checkpoint_saved_on_two_processes_resumes_on_one(runs, packed, 
     assert max_diff(resumed, runs["one"]) < 1e-5
 
 
+def test_fsdp2_on_one_process_checkpoints_shards_and_resumes_in_a_plain_process(packed, tmp_path):
+    """`torchrun --nproc_per_node 1` with FSDP2 (one GPU, as a cluster config is tried first):
+    its parameters are DTensors, so its checkpoints are sharded (dcp/) like those of 2 processes;
+    the run equals the plain one within float tolerance, its manifest names the strategy, and its
+    checkpoint resumes in a plain process."""
+    extra = ("train.steps=12", "checkpoint.every=4", "eval.every=0")
+    one, fsdp, resumed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "resumed"
+    solo(stage_args(packed, one, *extra))
+    ok(run(torchrun(1, *stage_args(packed, fsdp, *extra, "parallel.strategy=fsdp")[1:])))
+    assert max_diff(fsdp, one) < 1e-5
+    assert json.loads((fsdp / "manifest.json").read_text())["stats"]["parallel"] == {"strategy": "fsdp",
+                                                                                     "world_size": 1}
+    assert (fsdp / "checkpoints" / "step_000008" / "dcp").is_dir()
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000012")
+    (resumed / "manifest.json").unlink()
+    assert "step_000008" in solo(stage_args(packed, resumed, *extra))
+    assert max_diff(resumed, one) < 1e-5
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]

@@ -13,7 +13,7 @@ Layout of `RUN/checkpoints/step_000123/`:
                         `ema.pt`: the EMA of the weights), torch.save
     meta.json           {"step", "files": {name: sha256}} -- written last
 
-A run on several processes (`torchrun`, DDP or FSDP2) writes `dcp/` instead of
+A run on several processes (`torchrun`, DDP or FSDP2), or FSDP2 on one, writes `dcp/` instead of
 `model.safetensors` + `optimizer.pt`: a torch.distributed.checkpoint of the model and
 optimizer state, each rank writing its own shards (a sharded 2B model never gathers on one
 rank); replicated DDP state is written once; extra states holding sharded tensors (FSDP's
@@ -104,7 +104,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     the objective's state and the EMA weights, verified and loaded with the rest. In a
     process group every rank must call it (the sharded `dcp/` format, see the module doc).
     """
-    if lmdist.world() > 1:
+    # FSDP on one process (torchrun --nproc_per_node 1) holds DTensors too: sharded, like 2 or more
+    if lmdist.world() > 1 or any(lmdist.is_dtensor(p) for p in model.parameters()):
         return _save_sharded(run_dir, step, model, optimizer, trainer_state, keep, extra)
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)

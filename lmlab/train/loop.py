@@ -746,9 +746,11 @@ def train(model: torch.nn.Module, objective, cfg, run_dir: str | Path, *, total_
         "final_eval": {k: v for k, v in eval_lines[-1].items() if k != "step"} if eval_lines else {},
     }
     summary.update(length.stats())
+    if device.type == "cuda":  # what this process's tensors took at most (the CUDA context aside)
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if ema is not None:
         summary["ema"] = ema.decay
-    if world > 1:
+    if strategy != "none":  # ddp or fsdp, also on one process (torchrun --nproc_per_node 1)
         summary["parallel"] = {"strategy": strategy, "world_size": world}
     summary["model"] = _model_to_save(model, strategy, main)
     return summary
