@@ -140,8 +140,8 @@ def pretrain_checks(run: Runner, work: Path, packed: Path, smoke: bool) -> None:
         name = f"pretrain-{launch[0] if launch else 'none'}"
         out = work / name
         args = ["pretrain", *common, f"out={out}", f"parallel.strategy={strategy}"]
-        cmd = lmlab(*args) if strategy == "none" else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "lmlab", *args]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        cmd = lmlab(*args) if strategy == "none" else [*torchrun, "-m", "lmlab", *args]
         if run.sh(name, cmd, 90 if smoke else 300) is None:
             continue
         stats = json.loads((out / "manifest.json").read_text())["stats"]
