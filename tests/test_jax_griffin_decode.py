@@ -33,6 +33,7 @@ except ImportError as e:
 from conftest import ROOT
 from lmlab.infer import engine
 from lmlab.jax_backend.griffin.decode import Decoder, bucket
+from lmlab.jax_backend.griffin.score import Scorer
 from lmlab.models.griffin.config import resolve_griffin_config
 from lmlab.models.griffin.model import Griffin
 
@@ -131,12 +132,13 @@ def test_scores_and_a_long_stream_equal_the_torch_forward(pair):
     import torch.nn.functional as F
 
     model, dec = pair
+    scorer = Scorer(dec)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, V, (1, 7 * WINDOW - 3), generator=g)
     with torch.no_grad():
         logits, _ = model(ids[:, :-1])
     want = F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none").double().numpy()
-    got = dec.stream_nll(ids[0].tolist())
+    got = scorer.stream_nll(ids[0].tolist())
     assert got.shape == want.shape and abs(got - want).max() < 1e-4
 
     x = torch.randint(1, V, (3, 13), generator=g)
@@ -148,7 +150,7 @@ def test_scores_and_a_long_stream_equal_the_torch_forward(pair):
     y[1, 2:] = torch.randint(1, V, (11,), generator=g)  # random targets: not greedy
     y[2, 12] = best[2, 12]
     y[1, 5] = best[1, 5]
-    nll, greedy = dec.row_scores(x.numpy(), y.numpy())
+    nll, greedy = scorer.row_scores(x.numpy(), y.numpy())
     ce = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none").sum(-1)
     assert nll.dtype.name == "float64" and abs(nll - ce.double().numpy()).max() < 1e-4
     assert greedy.tolist() == [True, False, True]
@@ -218,8 +220,8 @@ def test_eval_backend_jax_scores_packed_data_texts_and_choices_as_torch_does(gri
     from lmlab.eval import evaluate
 
     calls = []
-    scored = Decoder.row_scores
-    monkeypatch.setattr(Decoder, "row_scores", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
+    scored = Scorer.row_scores
+    monkeypatch.setattr(Scorer, "row_scores", lambda self, x, y: calls.append(x.shape) or scored(self, x, y))
 
     text = tmp_path / "doc.txt"
     text.write_text((ROOT / "README.md").read_text(encoding="utf-8")[:3000], encoding="utf-8")
@@ -264,8 +266,8 @@ def test_eval_backend_jax_long_context_and_lm_eval_as_torch(griffin_run, tmp_pat
     offline_hub(monkeypatch)
     calls = []
     for name in ("row_scores", "stream_nll"):
-        real = getattr(Decoder, name)
-        monkeypatch.setattr(Decoder, name, lambda self, *a, f=real, n=name: calls.append(n) or f(self, *a))
+        real = getattr(Scorer, name)
+        monkeypatch.setattr(Scorer, name, lambda self, *a, f=real, n=name: calls.append(n) or f(self, *a))
     write_tasks(tmp_path / "tasks", tmp_path / "hf_datasets")
     lm = {"tasks": TASKS, "include_path": str(tmp_path / "tasks"), "batch_size": 4}
     res = {}

@@ -58,7 +58,7 @@ its worker count), so re-running with nothing changed is a no-op.
 `backend=jax` (a Griffin, the jax extra): every section runs on DeepMind's recurrentgemma.jax
 model: the generating ones (prompts, generative, proofs, lm-eval's generations) decode with it
 and packed data, texts, choices, long_context and lm-eval's log-likelihoods are scored with it
-(lmlab.jax_backend.griffin.decode, docs/jax.md).
+(lmlab.jax_backend.griffin.decode and .score, docs/jax.md).
 Packed and text evaluation are optional: `packed_default=false` with `packed` empty skips
 packed data (an SFT model's training data is not packed; it is skipped anyway).
 """

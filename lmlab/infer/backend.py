@@ -1,10 +1,11 @@
-"""Load a model for the verbs that generate (`generate`, `chat`, `eval`), on the backend asked for.
+"""Load a model for the verbs that generate or score (`generate`, `chat`, `eval`, the lm-eval
+model), on the backend asked for.
 
     model, tokenizer, manifest, device = load_for_decoding(run_dir, backend="jax", device="auto")
 
 backend=torch is lmlab.models.load_model on the device. backend=jax (a Griffin, the jax extra)
 loads the torch weights on the CPU, where they stay for whatever else reads the model, and
-hands decoding to the JAX Griffin on JAX's devices (lmlab.jax_backend.griffin.decode.attach),
+hands decoding and scoring to the JAX Griffin on JAX's devices (lmlab.jax_backend.griffin.decode.attach),
 so torch takes no accelerator memory from JAX. `chunk` is how many tokens JAX decodes per call:
 what a stream shows at a time.
 """

@@ -30,7 +30,7 @@ Optional, a decoder elsewhere: a model may carry `model.decoder`, a `Decoder` th
 lmlab.infer.engine.generate_ids hands the decoding to (so `generate`, `complete`, the eval's
 generations, problems and proofs go through it), and `model.scorer`, a `Scorer` that
 lmlab.eval's perplexity, multiple choice, long context and lm-eval hand their forward passes
-to; backend=jax sets both to the JAX Griffin's (lmlab.jax_backend.griffin.decode). Everything
+to; backend=jax sets them to the JAX Griffin's (lmlab.jax_backend.griffin.decode, .score). Everything
 else still reads the torch model.
 
 A family's `kind` says which contract it meets: "lm" families are LanguageModels (every stage

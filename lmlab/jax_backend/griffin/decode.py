@@ -29,10 +29,7 @@ then top-k, then top-p (the first token always stays), drawn with JAX's PRNG fro
 Greedy decoding gives the torch engine's tokens (tests/test_jax_griffin_decode.py); sampled
 tokens follow the same distribution, not the same draws.
 
-Scoring (the model's `scorer`, lmlab.models.family.Scorer) has two programs: `row_scores`, each
-row's summed loss and greedy flag in one forward pass (perplexity, multiple choice, lm-eval's
-log-likelihoods), and `stream_nll`, one long text read through the cache token by token, a
-window of steps per call (the eval's long_context, in constant memory).
+Scoring (the model's `scorer`) is lmlab.jax_backend.griffin.score, on this decoder's parameters.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ from lmlab.jax_backend.griffin.model import build, reference_config, require_rec
 from lmlab.models.griffin.config import GriffinConfig
 
 MIN_BUCKET = 8
-IGNORE = -100  # a target not scored (lmlab.eval.perplexity.IGNORE)
 
 
 def bucket(n: int, multiple: int = 1) -> int:
@@ -75,9 +71,12 @@ def check(family: str, cfg, where) -> None:
 
 def attach(model, where, chunk: int = 32):
     """Hand a loaded torch Griffin's decoding and scoring to JAX (model.decoder and model.scorer,
-    lmlab.models.family.Decoder and Scorer: the same object)."""
+    lmlab.models.family.Decoder and Scorer, sharing one copy of the parameters on the devices)."""
+    from lmlab.jax_backend.griffin.score import Scorer
+
     check(model.family, model.cfg, where)
-    model.decoder = model.scorer = Decoder.of(model, chunk=chunk)
+    model.decoder = Decoder.of(model, chunk=chunk)
+    model.scorer = Scorer(model.decoder)
     return model
 
 
@@ -101,8 +100,6 @@ class Decoder:
         self.chunk = chunk
         self._prefill = self._prefill_program()
         self._programs: dict = {}  # (sampled, top-k on, top-p on) -> the chunk program
-        self._rows = None  # the scoring program: per-row sums and greedy flags (one per bucket)
-        self._stream = None  # the two programs of stream_nll
 
     @classmethod
     def of(cls, model, dtype="auto", chunk: int = 32) -> "Decoder":
@@ -168,95 +165,13 @@ class Decoder:
             out[:, :got.shape[1]] = got
         return out
 
-    def row_scores(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """lmlab.models.family.Scorer: for (B, T) token ids x and targets y (IGNORE, -100: not
-        scored), each row's sum of -log p(y | x) in nats ((B,) float64) and whether every scored
-        target is the greedy token ((B,) bool). The batch is right-padded to a bucket (padding
-        comes after every real token, so the causal model never reads it) and scored in one
-        compiled program per bucket, the cross-entropy in float32."""
-        n, t = x.shape
-        rows, width = bucket(n, len(self.devices)), bucket(t)
-        xs = np.zeros((rows, width), np.int32)
-        ys = np.full((rows, width), IGNORE, np.int32)
-        xs[:n, :t], ys[:n, :t] = x, y
-        pos = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)))
-        if self._rows is None:
-            self._rows = self._rows_program()
-        nll, greedy = self._rows(self.params, self._put(xs), self._put(pos), self._put(ys))
-        return np.asarray(nll, np.float64)[:n], np.asarray(greedy, bool)[:n]
-
-    def stream_nll(self, ids: Sequence[int]) -> np.ndarray:
-        """lmlab.models.family.Scorer: -log p(ids[t+1] | ids[:t+1]) for every t, one stream of any
-        length in constant memory (float64, len(ids) - 1).
-
-        The first attention window goes through the forward pass, keeping the cache; the rest is
-        fed one token per step through the cache, as decoding does (the reference's convolution
-        takes a single token when it has a cache), a window of steps per call in one `lax.scan`,
-        the last call padded at the end. Two compiled programs, whatever the length."""
-        ids = np.asarray(ids, np.int32)
-        if len(ids) < 2:
-            return np.zeros(0, np.float64)
-        if self._stream is None:
-            self._stream = self._stream_programs()
-        first, rest = self._stream
-        size = int(self.cfg.attention_window_size)
-        out, cache = [], None
-        for s in range(0, len(ids) - 1, size):
-            x = np.zeros((1, size), np.int32)
-            y = np.full((1, size), IGNORE, np.int32)
-            k = min(size, len(ids) - 1 - s)
-            x[0, :k], y[0, :k] = ids[s:s + k], ids[s + 1:s + 1 + k]
-            pos = np.arange(s, s + size, dtype=np.int32)[None]
-            nll, cache = first(self.params, x, pos, y) if cache is None else rest(self.params, x, pos, y, cache)
-            out.append(np.asarray(nll, np.float64)[0, :k])
-        return np.concatenate(out)
-
-    def _put(self, a: np.ndarray):
+    def put(self, a: np.ndarray):
         """A host array split by rows over the local devices."""
         import jax
 
         return jax.device_put(a, self.rows)
 
     # ------------------------------------------------------------------ the compiled programs
-
-    def _rows_program(self):
-        import jax
-        import jax.numpy as jnp
-
-        net = self.net
-
-        def scores(params, tokens, pos, targets):
-            logits, _ = net.apply(params, tokens, pos, return_cache=False)
-            keep = targets != IGNORE
-            nll = jnp.where(keep, _token_nll(logits, targets), 0.0)
-            hit = (jnp.argmax(logits, axis=-1) == targets) | ~keep
-            return jnp.sum(nll, axis=-1), jnp.all(hit, axis=-1)
-
-        return jax.jit(scores)
-
-    def _stream_programs(self):
-        """(first, rest): a window of a stream through the forward pass (no cache yet), and a window
-        fed a token at a time through the cache; one row, replicated on the devices."""
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        net = self.net
-        same = NamedSharding(self.mesh, P())
-
-        def first(params, tokens, pos, targets):
-            logits, cache = net.apply(params, tokens, pos, return_cache=True)
-            return _token_nll(logits, targets), cache
-
-        def rest(params, tokens, pos, targets, cache):
-            def step(cache, col):
-                tok, at, target = col
-                logits, cache = net.apply(params, tok[:, None], at[:, None], cache=cache, return_cache=True)
-                return cache, _token_nll(logits[:, 0], target)
-
-            cache, nll = jax.lax.scan(step, cache, (tokens.T, pos.T, targets.T))
-            return nll.T, cache
-
-        return jax.jit(first, out_shardings=same), jax.jit(rest, out_shardings=same)
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, pad_id):
         """Prefill a batch; -> `run(ended_rows)`, which decodes the next chunk of steps and returns
@@ -276,7 +191,7 @@ class Decoder:
         if flags not in self._programs:
             self._programs[flags] = self._chunk_program(*flags)
         chunk = self._programs[flags]
-        put = self._put
+        put = self.put
         state = self._prefill(self.params, put(tokens), put(pos), put(np.arange(rows) >= n), jax.random.key(seed))
         knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p),
                  np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id))
@@ -356,17 +271,6 @@ class Decoder:
             return (last, at, cache, done, key), buf, steps
 
         return jax.jit(run)
-
-
-def _token_nll(logits, targets):
-    """-log softmax(logits)[target] per position in float32 (a target of IGNORE scores token 0:
-    the callers mask it)."""
-    import jax
-    import jax.numpy as jnp
-
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def _zero_padded_conv_states(cache: dict, pos):
