@@ -89,88 +89,67 @@ def config_from_deepmind(sd: dict[str, torch.Tensor], source: str = "checkpoint"
     return resolve_griffin_config({**fields, **overrides})
 
 
-def deepmind_names(cfg: GriffinConfig) -> set[str]:
-    names = {"embedder.input_embedding", "final_norm.scale"}
+def _deepmind_renames(cfg: GriffinConfig) -> list[tuple[str, str]]:
+    """(ours, DeepMind's) for every tensor that only changes its name; the MLP's up projection
+    (two stacked matrices there) and the convolution (transposed) change shape too, and are
+    handled by from/to_deepmind_state_dict themselves."""
+    pairs = [("embed_tokens.weight", "embedder.input_embedding"), ("final_norm.weight", "final_norm.scale")]
     for i, kind in enumerate(cfg.block_types):
         b = f"blocks.{i}."
-        names |= {b + "temporal_pre_norm.scale", b + "channel_pre_norm.scale", b + "mlp_block.ffw_up.w",
-                  b + "mlp_block.ffw_up.b", b + "mlp_block.ffw_down.weight", b + "mlp_block.ffw_down.bias"}
+        t = b + "temporal_block."
+        pairs += [(b + f"{n}_pre_norm.weight", b + f"{n}_pre_norm.scale") for n in ("temporal", "channel")]
+        pairs += [(b + f"mlp_block.down_proj.{p}", b + f"mlp_block.ffw_down.{p}") for p in ("weight", "bias")]
         if kind == "recurrent":
             r = b + "recurrent_block."
-            names |= {r + f"{lin}.{p}" for lin in ("linear_y", "linear_x", "linear_out") for p in ("weight", "bias")}
-            names |= {r + "conv_1d.w", r + "conv_1d.b", r + "rg_lru.a_param"}
-            names |= {r + f"rg_lru.{g}.{p}" for g in ("input_gate", "a_gate") for p in ("w", "b")}
+            pairs += [(t + f"{lin}.{p}", r + f"{lin}.{p}") for lin in ("linear_y", "linear_x", "linear_out")
+                      for p in ("weight", "bias")]
+            pairs += [(t + "conv_1d.bias", r + "conv_1d.b"), (t + "rg_lru.recurrent_param", r + "rg_lru.a_param")]
+            pairs += [(t + f"rg_lru.{ours}_{p}", r + f"rg_lru.{theirs}.{q}")
+                      for ours, theirs in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate"))
+                      for p, q in (("weight", "w"), ("bias", "b"))]
         else:
             a = b + "attention_block."
-            names |= {a + "proj_q.weight", a + "proj_k.weight", a + "proj_v.weight",
-                      a + "proj_final.weight", a + "proj_final.bias"}
+            pairs += [(t + f"{ours}.weight", a + f"{theirs}.weight")
+                      for ours, theirs in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v"),
+                                           ("o_proj", "proj_final"))]
+            pairs.append((t + "o_proj.bias", a + "proj_final.bias"))
+    return pairs
+
+
+def deepmind_names(cfg: GriffinConfig) -> set[str]:
+    names = {theirs for _, theirs in _deepmind_renames(cfg)}
+    for i, kind in enumerate(cfg.block_types):
+        names |= {f"blocks.{i}.mlp_block.ffw_up.w", f"blocks.{i}.mlp_block.ffw_up.b"}
+        if kind == "recurrent":
+            names.add(f"blocks.{i}.recurrent_block.conv_1d.w")
     return names
 
 
 def from_deepmind_state_dict(sd: dict[str, torch.Tensor], cfg: GriffinConfig,
                              source: str = "checkpoint") -> dict[str, torch.Tensor]:
     check_keys(sd, deepmind_names(cfg), source, "DeepMind recurrentgemma")
-    out = {"embed_tokens.weight": sd["embedder.input_embedding"], "final_norm.weight": sd["final_norm.scale"]}
+    out = {ours: sd[theirs] for ours, theirs in _deepmind_renames(cfg)}
     for i, kind in enumerate(cfg.block_types):
-        b = o = f"blocks.{i}."
-        up_w, up_b = sd[b + "mlp_block.ffw_up.w"], sd[b + "mlp_block.ffw_up.b"]
-        out.update({
-            o + "temporal_pre_norm.weight": sd[b + "temporal_pre_norm.scale"],
-            o + "channel_pre_norm.weight": sd[b + "channel_pre_norm.scale"],
-            o + "mlp_block.gate_proj.weight": up_w[0].t(), o + "mlp_block.up_proj.weight": up_w[1].t(),
-            o + "mlp_block.gate_proj.bias": up_b[0].reshape(-1), o + "mlp_block.up_proj.bias": up_b[1].reshape(-1),
-            o + "mlp_block.down_proj.weight": sd[b + "mlp_block.ffw_down.weight"],
-            o + "mlp_block.down_proj.bias": sd[b + "mlp_block.ffw_down.bias"],
-        })
-        t = o + "temporal_block."
-        if kind == "recurrent":
-            r = b + "recurrent_block."
-            for lin in ("linear_y", "linear_x", "linear_out"):
-                out[t + f"{lin}.weight"], out[t + f"{lin}.bias"] = sd[r + f"{lin}.weight"], sd[r + f"{lin}.bias"]
-            out[t + "conv_1d.weight"] = sd[r + "conv_1d.w"].t()[:, None, :]
-            out[t + "conv_1d.bias"] = sd[r + "conv_1d.b"]
-            out[t + "rg_lru.recurrent_param"] = sd[r + "rg_lru.a_param"]
-            for ours, theirs in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
-                out[t + f"rg_lru.{ours}_weight"] = sd[r + f"rg_lru.{theirs}.w"]
-                out[t + f"rg_lru.{ours}_bias"] = sd[r + f"rg_lru.{theirs}.b"]
-        else:
-            a = b + "attention_block."
-            for ours, theirs in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v")):
-                out[t + f"{ours}.weight"] = sd[a + f"{theirs}.weight"]
-            out[t + "o_proj.weight"], out[t + "o_proj.bias"] = sd[a + "proj_final.weight"], sd[a + "proj_final.bias"]
+        b = f"blocks.{i}."
+        up_w, up_b = sd[b + "mlp_block.ffw_up.w"], sd[b + "mlp_block.ffw_up.b"]  # (2, D, E), (2, 1, 1, E)
+        out[b + "mlp_block.gate_proj.weight"], out[b + "mlp_block.up_proj.weight"] = up_w[0].t(), up_w[1].t()
+        out[b + "mlp_block.gate_proj.bias"] = up_b[0].reshape(-1)
+        out[b + "mlp_block.up_proj.bias"] = up_b[1].reshape(-1)
+        if kind == "recurrent":  # (W, L) -> a depthwise Conv1d's (L, 1, W)
+            out[b + "temporal_block.conv_1d.weight"] = sd[b + "recurrent_block.conv_1d.w"].t()[:, None, :]
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def to_deepmind_state_dict(sd: dict[str, torch.Tensor], cfg: GriffinConfig) -> dict[str, torch.Tensor]:
     """Our parameters in DeepMind's layout (the inverse of from_deepmind_state_dict)."""
-    out = {"embedder.input_embedding": sd["embed_tokens.weight"], "final_norm.scale": sd["final_norm.weight"]}
+    out = {theirs: sd[ours] for ours, theirs in _deepmind_renames(cfg)}
     for i, kind in enumerate(cfg.block_types):
-        b = o = f"blocks.{i}."
-        m = o + "mlp_block."
-        out.update({
-            b + "temporal_pre_norm.scale": sd[o + "temporal_pre_norm.weight"],
-            b + "channel_pre_norm.scale": sd[o + "channel_pre_norm.weight"],
-            b + "mlp_block.ffw_up.w": torch.stack([sd[m + "gate_proj.weight"].t(), sd[m + "up_proj.weight"].t()]),
-            b + "mlp_block.ffw_up.b": torch.stack([sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]])[:, None, None],
-            b + "mlp_block.ffw_down.weight": sd[m + "down_proj.weight"],
-            b + "mlp_block.ffw_down.bias": sd[m + "down_proj.bias"],
-        })
-        t = o + "temporal_block."
+        b = f"blocks.{i}."
+        m = b + "mlp_block."
+        out[m + "ffw_up.w"] = torch.stack([sd[m + "gate_proj.weight"].t(), sd[m + "up_proj.weight"].t()])
+        out[m + "ffw_up.b"] = torch.stack([sd[m + "gate_proj.bias"], sd[m + "up_proj.bias"]])[:, None, None]
         if kind == "recurrent":
-            r = b + "recurrent_block."
-            for lin in ("linear_y", "linear_x", "linear_out"):
-                out[r + f"{lin}.weight"], out[r + f"{lin}.bias"] = sd[t + f"{lin}.weight"], sd[t + f"{lin}.bias"]
-            out[r + "conv_1d.w"] = sd[t + "conv_1d.weight"][:, 0, :].t()
-            out[r + "conv_1d.b"] = sd[t + "conv_1d.bias"]
-            out[r + "rg_lru.a_param"] = sd[t + "rg_lru.recurrent_param"]
-            for ours, theirs in (("input_gate", "input_gate"), ("recurrent_gate", "a_gate")):
-                out[r + f"rg_lru.{theirs}.w"] = sd[t + f"rg_lru.{ours}_weight"]
-                out[r + f"rg_lru.{theirs}.b"] = sd[t + f"rg_lru.{ours}_bias"]
-        else:
-            a = b + "attention_block."
-            for ours, theirs in (("q_proj", "proj_q"), ("k_proj", "proj_k"), ("v_proj", "proj_v")):
-                out[a + f"{theirs}.weight"] = sd[t + f"{ours}.weight"]
-            out[a + "proj_final.weight"], out[a + "proj_final.bias"] = sd[t + "o_proj.weight"], sd[t + "o_proj.bias"]
+            out[b + "recurrent_block.conv_1d.w"] = sd[b + "temporal_block.conv_1d.weight"][:, 0, :].t()
     return {k: v.contiguous() for k, v in out.items()}
 
 
