@@ -17,6 +17,7 @@ itself and what is left still runs:
   plan-check                     issue 8: `lmlab plan` against measured CUDA peaks (scripts/plan_check.py)
   bench-decode                   issue 11: decode tokens/s and state size against the context
   bench-train                    our training step against transformers' Llama, same weights
+  bench-griffin-2b               issue 11: the same at RecurrentGemma-2B's shape (random weights)
   bench-serve                    issue 12: `lmlab serve` throughput and time to first token
 
 The machine reaches no package registry: its image has torch, JAX, transformers and most of
@@ -194,6 +195,8 @@ def benches(run: Runner, smoke: bool) -> None:
     bench(run, "bench-train", "train", ["preset=micro" if smoke else "preset=base", "vocab_size=512" if smoke else
                                         "vocab_size=32768", f"seq_len={32 if smoke else 1024}",
                                         f"batch_size={2 if smoke else 8}", dev, *small], 240)
+    if not smoke:  # the users' model: RecurrentGemma-2B's shape, one sequence of 2048, forward + backward
+        bench(run, "bench-griffin-2b", "griffin", ["preset=2b", "seq_len=2048", "batch_size=1", dev, "repeats=2"], 240)
     bench(run, "bench-serve", "serve", ["preset=micro" if smoke else "preset=tiny", dev, "concurrency=[1, 4]" if smoke
                                         else "concurrency=[1, 16, 64]", f"requests={4 if smoke else 64}",
                                         f"max_new_tokens={4 if smoke else 64}"], 240)
