@@ -5,7 +5,7 @@ model), on the backend asked for.
 
 backend=torch is lmlab.models.load_model on the device. backend=jax (a Griffin, the jax extra)
 loads the torch weights on the CPU, where they stay for whatever else reads the model, and
-hands decoding and scoring to the JAX Griffin on JAX's devices (lmlab.jax_backend.griffin.decode.attach),
+hands decoding and scoring to the JAX Griffin on JAX's devices (attach_jax),
 so torch takes no accelerator memory from JAX. `chunk` is how many tokens JAX decodes per call:
 what a stream shows at a time.
 """
@@ -16,14 +16,25 @@ from pathlib import Path
 
 from lmlab.errors import UserError
 
+
+def attach_jax(model, where, chunk: int = 32):
+    """Hand a loaded torch Griffin's decoding and scoring to JAX: model.decoder and model.scorer
+    (lmlab.models.family.Decoder and Scorer), sharing one copy of the parameters on the devices."""
+    from lmlab.jax_backend.griffin.decode import Decoder, check
+    from lmlab.jax_backend.griffin.score import Scorer
+
+    check(model.family, model.cfg, where)
+    model.decoder = Decoder.of(model, chunk=chunk)
+    model.scorer = Scorer(model.decoder)
+    return model
+
+
 def load_for_decoding(run_dir: str | Path, backend: str = "torch", device: str = "auto", chunk: int = 32):
     """-> (model, tokenizer, manifest, the torch device the model is on)."""
     from lmlab.models import load_model
     from lmlab.runtime import pick_device
 
     if backend == "jax":
-        from lmlab.jax_backend.griffin.decode import attach
-
         if device not in ("auto", "cpu"):
             raise UserError(f"device={device} places torch's model; backend=jax decodes on JAX's devices (every "
                             f"accelerator JAX sees): drop device, or use backend=torch")
@@ -33,5 +44,5 @@ def load_for_decoding(run_dir: str | Path, backend: str = "torch", device: str =
     model, tokenizer, manifest = load_model(run_dir, device=dev)
     model.eval()
     if backend == "jax":
-        attach(model, run_dir, chunk=chunk)
+        attach_jax(model, run_dir, chunk=chunk)
     return model, tokenizer, manifest, dev

@@ -1,9 +1,10 @@
 """Generation with the JAX Griffin: lmlab's decoding contract (lmlab.infer.engine.generate_ids)
 run by Google DeepMind's `recurrentgemma.jax` model, one compiled program per batch shape.
 
-    from lmlab.jax_backend.griffin.decode import attach
-    attach(model, "runs/sft")             # a torch Griffin: lmlab.infer.engine now decodes it in JAX
+    model.decoder = Decoder.of(model)     # a torch Griffin: lmlab.infer.engine now decodes it in JAX
     engine.complete_ids(model, tokenizer, prompts, Sampling(max_new_tokens=256))
+
+lmlab.infer.backend.load_for_decoding(run, "jax") loads a run that way (its scorer too).
 
 `lmlab eval RUN backend=jax` does this, so sample prompts, generative problems and the Lean
 proof evaluation generate with the JAX model; so do `lmlab generate` and `lmlab chat` with
@@ -67,17 +68,6 @@ def check(family: str, cfg, where) -> None:
         raise UserError(f"backend=jax decodes with the JAX Griffin; {where} is a {family} model: use backend=torch")
     require_recurrentgemma()
     reference_config(cfg)
-
-
-def attach(model, where, chunk: int = 32):
-    """Hand a loaded torch Griffin's decoding and scoring to JAX (model.decoder and model.scorer,
-    lmlab.models.family.Decoder and Scorer, sharing one copy of the parameters on the devices)."""
-    from lmlab.jax_backend.griffin.score import Scorer
-
-    check(model.family, model.cfg, where)
-    model.decoder = Decoder.of(model, chunk=chunk)
-    model.scorer = Scorer(model.decoder)
-    return model
 
 
 class Decoder:
@@ -286,4 +276,4 @@ def _zero_padded_conv_states(cache: dict, pos):
     return out
 
 
-__all__ = ["Decoder", "attach", "bucket", "check", "decode_dtype"]
+__all__ = ["Decoder", "bucket", "check", "decode_dtype"]

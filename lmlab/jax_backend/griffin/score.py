@@ -1,8 +1,9 @@
 """Scoring with the JAX Griffin: lmlab.models.family.Scorer run by Google DeepMind's
 `recurrentgemma.jax` model, on the parameters a decoder (lmlab.jax_backend.griffin.decode) placed.
 
-    from lmlab.jax_backend.griffin.decode import attach
-    attach(model, "runs/sft")      # model.scorer: this Scorer; lmlab.eval scores through it
+    model.scorer = Scorer(Decoder.of(model))    # lmlab.eval now scores a torch Griffin in JAX
+
+lmlab.infer.backend.load_for_decoding(run, "jax") loads a run that way (its decoder too).
 
 Two kinds of program:
 - `row_scores`: each row's summed loss and whether every target is the greedy token, one
