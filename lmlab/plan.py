@@ -302,7 +302,8 @@ def _transformer_only(model_cfg) -> None:
     family = getattr(model_cfg, "family", "transformer")
     if family != "transformer":
         raise UserError(f"lmlab plan estimates transformer models only; a '{family}' model is not covered "
-                        f"(measure its peak memory with a short run: the metrics log it)")
+                        f"(measure its peak memory with a short run on the GPU: the run's manifest records "
+                        f"peak_memory_gib)")
 
 
 def resolve_model(verb: str, cfg, vocab_size: int | None) -> tuple[object, int, str]:
