@@ -18,8 +18,6 @@ on the same random weights, fp32:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -180,20 +178,29 @@ def griffin_run(tmp_path_factory):
 
 
 def _eval(griffin_run, out, *extra):
+    """`lmlab eval ...` through the CLI's main in this process (a process of its own would add the
+    ~5 s of importing torch and JAX again) -> (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
     from test_proof_eval import lean_cfg
+
+    from lmlab.cli import main
 
     spec = {"path": str(griffin_run["herald"]), "name": "herald", "split": "all", "n_samples": 1, "k": [1],
             "temperature": 0.0, "max_new_tokens": 10, "batch_size": 8, "lean": lean_cfg(griffin_run["root"])}
-    return subprocess.run([sys.executable, "-m", "lmlab", "eval", str(griffin_run["model"]), f"out={out}",
-                           "packed_default=false", "max_new_tokens=6", "prompts=[def , Return the]", "device=cpu",
-                           f"proofs={json.dumps([spec])}", *extra], capture_output=True, text=True, cwd=ROOT)
+    out_, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out_), contextlib.redirect_stderr(err):
+        code = main(["eval", str(griffin_run["model"]), f"out={out}", "packed_default=false", "max_new_tokens=6",
+                     "prompts=[def , Return the]", "device=cpu", f"proofs={json.dumps([spec])}", *extra])
+    return code, out_.getvalue(), err.getvalue()
 
 
 def test_eval_backend_jax_proves_what_torch_proves(griffin_run, tmp_path):
     runs = {}
     for backend in ("torch", "jax"):
-        r = _eval(griffin_run, tmp_path / backend, f"backend={backend}")
-        assert r.returncode == 0, r.stderr[-3000:]
+        code, _, err = _eval(griffin_run, tmp_path / backend, f"backend={backend}")
+        assert code == 0, err[-3000:]
         runs[backend] = tmp_path / backend
     problems = {b: [p for p in map(json.loads, (d / "problems.jsonl").read_text().splitlines())]
                 for b, d in runs.items()}
@@ -210,8 +217,8 @@ def test_eval_backend_jax_proves_what_torch_proves(griffin_run, tmp_path):
     assert res["jax"]["proofs"][0]["valid"] == res["torch"]["proofs"][0]["valid"]
     m = {b: json.loads((d / "manifest.json").read_text()) for b, d in runs.items()}
     assert m["jax"]["fingerprint"] != m["torch"]["fingerprint"]  # sampled text differs across backends
-    again = _eval(griffin_run, runs["jax"], "backend=jax")
-    assert again.returncode == 0 and "up to date" in again.stdout
+    code, printed, _ = _eval(griffin_run, runs["jax"], "backend=jax")
+    assert code == 0 and "up to date" in printed
 
 
 def test_eval_backend_jax_scores_packed_data_texts_and_choices_as_torch_does(griffin_run, tmp_path, monkeypatch):
