@@ -108,14 +108,19 @@ def test_cli_generate(model, tok, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing" in r.stderr
 
 
-def test_bench_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    for what in ("train", "generate"):
-        r = subprocess.run([sys.executable, "-m", "lmlab", "bench", what, "preset=micro", "vocab_size=512",
-                            "batch_size=2", "seq_len=32", "steps=1", "warmup=0", "repeats=1",
-                            "max_new_tokens=4", "threads=1", f"out={out}"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        assert "ratio" in r.stdout
-        res = json.loads(out.read_text())
-        assert res["what"] == what and res["ratio"] > 0
+def test_bench_smoke(tmp_path, capsys):
+    """`lmlab bench train|generate` through the CLI's main here (threads=1 is set for this process,
+    and put back after)."""
+    from lmlab.cli import main
+
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        for what in ("train", "generate"):
+            assert main(["bench", what, "preset=micro", "vocab_size=512", "batch_size=2", "seq_len=32", "steps=1",
+                         "warmup=0", "repeats=1", "max_new_tokens=4", "threads=1", f"out={out}"]) == 0
+            assert "ratio" in capsys.readouterr().out
+            res = json.loads(out.read_text())
+            assert res["what"] == what and res["ratio"] > 0 and res["threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
     assert res["greedy_identical"] is True
