@@ -125,8 +125,9 @@ def test_chunks_decode_what_one_call_decodes(pair):
 
 def test_scores_and_a_long_stream_equal_the_torch_forward(pair):
     """Scorer.row_scores: masked per-row sums and greedy flags as the torch forward gives them;
-    Scorer.stream_nll: a stream of 7 windows less 3 tokens (blocks of the window through the
-    cache, the last one padded) scores every token as one full forward does."""
+    Scorer.stream_nll: a stream of 7 windows less 3 tokens (the first window through the forward
+    pass, the rest a token per step through the cache, the last call padded) scores every token
+    as one full forward does."""
     import torch.nn.functional as F
 
     model, dec = pair
