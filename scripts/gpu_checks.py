@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,10 +58,10 @@ class Runner:
 
     def sh(self, name: str, cmd: list[str], limit: float) -> subprocess.CompletedProcess | None:
         """Run `cmd` for at most `limit` s (less if the budget is nearly spent); None if skipped."""
-        limit = min(limit, self.left())
-        if limit < 20:
+        if self.left() < 20:  # too little left to start one more command
             self.results.setdefault(name, {})["status"] = "skipped: the budget is spent"
             return None
+        limit = min(limit, self.left())
         self.log.write(f"\n=== {name} ({limit:.0f} s at most): {' '.join(cmd)}\n")
         t0 = time.monotonic()
         try:
@@ -234,8 +236,7 @@ def main() -> int:
     note = install_wheels(env) if not args.smoke else "smoke: this interpreter's packages"
     run = Runner(out, args.budget, env)
     run.log.write(f"{note}\n")
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / "lmlab-gpu-checks"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lmlab-gpu-checks-"))  # fresh: an earlier run's dirs would be "up to date"
     groups = set(filter(None, args.only.split(","))) or {"pretrain", "benches"}
     try:
         probe(run)
@@ -246,6 +247,7 @@ def main() -> int:
     finally:
         run.save()
         (out / "summary.md").write_text(summary(run.results))
+        shutil.rmtree(work, ignore_errors=True)  # the runs and data: what matters is in --out
     print((out / "summary.md").read_text())
     return 0 if all(r.get("status") == "ok" for r in run.results.values()) else 1
 
