@@ -161,8 +161,7 @@ def pretrain_checks(run: Runner, work: Path, packed: Path, smoke: bool) -> None:
 
 
 def _vocab(packed: Path) -> int:
-    m = json.loads((packed / "manifest.json").read_text())
-    return int(m.get("stats", {}).get("vocab_size") or m.get("vocab_size") or 8192)
+    return int(json.loads((packed / "manifest.json").read_text())["stats"]["vocab_size"])
 
 
 def bench(run: Runner, name: str, what: str, args: list[str], limit: float) -> None:

@@ -525,7 +525,7 @@ def model_section(model_dir: Path, m: dict, train, val) -> list[str]:
         if stats.get("precision"):
             rows.append(["precision", stats["precision"]])
         par = stats.get("parallel") or {}
-        if par.get("world_size", 1) > 1 or par.get("strategy", "none") != "none":
+        if par.get("strategy", "none") != "none":  # ddp or fsdp, on any number of processes
             rows.append(["processes", f"{par['world_size']} ({par['strategy']})"])
         preset = stats.get("hardware_preset") or {}
         if preset.get("preset"):

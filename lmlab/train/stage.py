@@ -113,7 +113,7 @@ class TrainingRun:
                      "train_time_s": summary["train_time_s"], "tokens_per_s": summary["tokens_per_s"],
                      "precision": summary["precision"], **summary.get("budget", {}),
                      "parallel": summary.get("parallel", {"strategy": "none", "world_size": 1}),
-                     **{k: summary[k] for k in ("peak_memory_gib",) if k in summary},
+                     **({"peak_memory_gib": summary["peak_memory_gib"]} if "peak_memory_gib" in summary else {}),
                      "hardware": hardware_summary()}
             if self.hardware:
                 stats["hardware_preset"] = self.hardware
