@@ -4,6 +4,7 @@
     lmlab plan pretrain --config configs/stages/pretrain_tiny.yaml hardware=auto
     lmlab plan sft init=runs/cpu/model seq_len=512 --world-size 8 parallel.strategy=fsdp --gpu a100-40gb
     lmlab plan dpo init=runs/cpu/sft train.batch_size=4 --memory-gib 16 --json
+    lmlab plan sft init=runs/griffin-2b seq_len=2048 parallel.activation_checkpointing=true --gpu rtx4090-24gb
 
 The same config as the stage (file, then key=value overrides, then the `hardware:` preset for
 the keys left unset) becomes a table of what one process holds at its peak: fp32 weights,
@@ -16,9 +17,12 @@ when it does not, by how much and what would fit instead; it exits 2 then.
 
 Model sizes are exact: the model is built on the `meta` device (no memory, no weights) from
 the stage's model config (pretrain: `model` + the vocabulary of the packed data's tokenizer;
-sft/dpo: the `init` model's model.json). The activation bytes follow the transformer's
-forward (lmlab/models/transformer.py) tensor by tensor; see `block_activation_bytes`.
-scripts/plan_check.py compares the estimate with measured peaks (docs/hardware.md).
+sft/dpo: the `init` model's model.json). Two ways to the bytes (`--method`): for the
+transformer, an analytic model that follows its forward (lmlab/models/transformer.py) tensor by
+tensor and knows CUDA's kernels (see `block_activation_bytes`); for every other family (Griffin),
+or on request, a trace of one training step on fake tensors (lmlab.plan_trace), which needs no
+description of the model. scripts/plan_check.py compares both with measured peaks
+(docs/hardware.md).
 """
 
 from __future__ import annotations
@@ -262,7 +266,7 @@ def build_meta(model_cfg):
 
     from lmlab.models.family import get_family
     with torch.device("meta"):
-        return get_family("transformer").build(model_cfg)
+        return get_family(getattr(model_cfg, "family", "transformer")).build(model_cfg)
 
 
 def _packed_info(cfg) -> tuple[int | None, int | None]:
@@ -288,6 +292,9 @@ def _init_model_config(init: str):
     d = Path(init)
     if (d / "model.json").is_file():
         family, fields = split_model_json(json.loads((d / "model.json").read_text()))
+        if get_family(family).kind != "lm":
+            raise UserError(f"lmlab plan covers language models (pretrain, sft, dpo); init {init} is a "
+                            f"'{family}' model")
         return get_family(family).config(fields)
     base = d / "base.json"  # an unmerged LoRA run: the base model it adapts
     if base.is_file():
@@ -298,31 +305,20 @@ def _init_model_config(init: str):
     raise UserError(f"init {d} holds no model.json (lmlab model) or config.json (HF model); set init=RUN_DIR")
 
 
-def _transformer_only(model_cfg) -> None:
-    family = getattr(model_cfg, "family", "transformer")
-    if family != "transformer":
-        raise UserError(f"lmlab plan estimates transformer models only; a '{family}' model is not covered "
-                        f"(measure its peak memory with a short run on the GPU: the run's manifest records "
-                        f"peak_memory_gib)")
-
-
 def resolve_model(verb: str, cfg, vocab_size: int | None) -> tuple[object, int, str]:
-    """-> (meta model, positions per sequence, where the vocabulary came from)."""
-    from lmlab.models.transformer import resolve_model_config
-    if verb == "pretrain":
-        _transformer_only(cfg.model)
-        data_vocab, packed_seq = _packed_info(cfg)
-        vocab = data_vocab or vocab_size
-        source = ("the packed data's tokenizer" if data_vocab else "--vocab-size" if vocab_size
-                  else "model.vocab_size" if cfg.model.vocab_size else "the tokenizer default (no packed data to read)")
-        mc = resolve_model_config(cfg.model, vocab_size=vocab or (None if cfg.model.vocab_size else DEFAULT_VOCAB))
-        seq = (cfg.train.seq_len or packed_seq or mc.max_seq_len) - 1  # the model sees x = row[:-1]
-    else:
+    """-> (the model's resolved config, positions per sequence, where the vocabulary came from)."""
+    from lmlab.models.family import get_family
+    if verb != "pretrain":
         mc = _init_model_config(cfg.init)
-        _transformer_only(mc)
-        source = f"init {cfg.init}"
-        seq = (cfg.seq_len if verb == "sft" else cfg.max_len) or mc.max_seq_len
-    return build_meta(mc), seq, source
+        return mc, (cfg.seq_len if verb == "sft" else cfg.max_len) or mc.max_seq_len, f"init {cfg.init}"
+    data_vocab, packed_seq = _packed_info(cfg)
+    vocab = data_vocab or vocab_size
+    source = ("the packed data's tokenizer" if data_vocab else "--vocab-size" if vocab_size
+              else "model.vocab_size" if cfg.model.vocab_size else "the tokenizer default (no packed data to read)")
+    family = get_family(getattr(cfg.model, "family", "transformer"))
+    mc = family.config(cfg.model, vocab_size=vocab or (None if cfg.model.vocab_size else DEFAULT_VOCAB))
+    seq = (cfg.train.seq_len or packed_seq or mc.max_seq_len) - 1  # the model sees x = row[:-1]
+    return mc, seq, source
 
 
 # ----------------------------------------------------------------------------- the device
@@ -393,7 +389,7 @@ def run_shape(verb: str, cfg, seq: int, world: int, target: Target, micro_batch:
                     reshard_after_forward=p.reshard_after_forward)
 
 
-def throughput(model, m: ModelDims, r: RunShape, target: Target, cfg, verb: str) -> dict | None:
+def throughput(model, r: RunShape, target: Target, cfg, verb: str) -> dict | None:
     """Tokens/s and step time at MFU of the device's dense bf16 peak (TF32, half of it, in fp32)."""
     if not target.peak_flops:
         return None
@@ -406,71 +402,133 @@ def throughput(model, m: ModelDims, r: RunShape, target: Target, cfg, verb: str)
             "step_s": step_tokens / (per_gpu * r.world), "mfu": MFU, "peak_flops": peak, "flops_per_token": flops}
 
 
-def suggestions(verb, cfg, seq, world, target, m: ModelDims, r: RunShape) -> list[dict]:
-    """Changes that make a run that does not fit fit, each with its estimate."""
+def suggestions(verb, cfg, seq, world, target, measure, r: RunShape) -> list[dict]:
+    """Changes that make a run that does not fit fit, each with its estimate.
+
+    `measure(shape)` is a run shape's bytes per process (the analytic model or a trace); the
+    largest micro-batch that fits is found by bisection (the peak grows with the rows), so a
+    traced plan takes a few traces, not one per candidate."""
     from lmlab.train.hardware import list_presets, load_preset
     out = []
 
     def fits(shape):
-        return total_bytes(m, shape) <= target.memory
+        return measure(shape) <= target.memory
 
     def largest_rows(**kw) -> int | None:
         share = cfg.train.batch_size // (world // math.gcd(world, cfg.train.grad_accum))  # rows per piece
-        for rows in range(share, 0, -1):
-            if fits(run_shape(verb, cfg, seq, world, target, micro_batch=rows, **kw)):
-                return rows
-        return None
+        lo, hi = 0, share  # rows lo fit (0: none known), rows hi + 1 do not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(run_shape(verb, cfg, seq, world, target, micro_batch=mid, **kw)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo or None
 
+    checkpointing_fits = False
     if not r.checkpointing:
         ac = run_shape(verb, cfg, seq, world, target, checkpointing=True)
-        out.append({"change": "parallel.activation_checkpointing=true", "bytes": total_bytes(m, ac), "fits": fits(ac)})
+        checkpointing_fits = fits(ac)
+        out.append({"change": "parallel.activation_checkpointing=true", "bytes": measure(ac),
+                    "fits": checkpointing_fits})
     rows = largest_rows()
     if rows is not None:
         shape = run_shape(verb, cfg, seq, world, target, micro_batch=rows)
-        out.append({"change": f"train.micro_batch={rows}", "bytes": total_bytes(m, shape), "fits": True})
-    elif not r.checkpointing and (rows := largest_rows(checkpointing=True)) is not None:
+        out.append({"change": f"train.micro_batch={rows}", "bytes": measure(shape), "fits": True})
+    elif not r.checkpointing and not checkpointing_fits and (rows := largest_rows(checkpointing=True)) is not None:
         shape = run_shape(verb, cfg, seq, world, target, micro_batch=rows, checkpointing=True)
         out.append({"change": f"parallel.activation_checkpointing=true train.micro_batch={rows}",
-                    "bytes": total_bytes(m, shape), "fits": True})
+                    "bytes": measure(shape), "fits": True})
     if r.strategy != "fsdp" and world > 1:
         shape = run_shape(verb, cfg, seq, world, target, strategy="fsdp")
-        out.append({"change": f"parallel.strategy=fsdp (at --world-size {world})", "bytes": total_bytes(m, shape),
+        out.append({"change": f"parallel.strategy=fsdp (at --world-size {world})", "bytes": measure(shape),
                     "fits": fits(shape)})
     bigger = []
     for name in list_presets():
         match = load_preset(name).get("match", {})
         if match.get("device") == "cuda" and match.get("total_gib", 0) * GIB > target.memory:
             bigger.append((match["total_gib"], name))
-    need = total_bytes(m, replace(r, device="cuda"))
+    need = measure(replace(r, device="cuda"))
     fitting = [name for gib, name in sorted(bigger) if gib * GIB >= need]
     if fitting:
         out.append({"change": f"a bigger device (--gpu {fitting[0]})", "bytes": need, "fits": True})
     return out
 
 
+METHODS = ("auto", "analytic", "trace")
+
+
+def _method(method: str, family: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "auto":
+        return "analytic" if family == "transformer" else "trace"
+    if method == "analytic" and family != "transformer":
+        raise UserError(f"--method analytic models the transformer's tensors; a '{family}' model is planned by "
+                        f"tracing its step (--method trace, the default for it)")
+    return method
+
+
+def _analytic(model, cfg, r: RunShape) -> tuple[dict, object]:
+    """The analytic plan's parts, and its measure for the suggestions."""
+    m = model_dims(model, getattr(cfg, "lora", None))
+    est = estimate(m, r)
+    extra = allowance(r, est["peak"])
+    return {"method": "analytic", "model": asdict(m), "components": {**est["components"], "allowance": extra},
+            "per_token_block_bytes": est["per_token_block_bytes"], "peak_backward": est["peak_backward"],
+            "peak_step": est["peak_step"], "peak_tensors": est["peak"], "total": est["peak"] + extra}, \
+        lambda shape: total_bytes(m, shape)
+
+
+def _traced(verb, model, model_cfg, cfg, r: RunShape) -> tuple[dict, object]:
+    """The traced plan's parts (lmlab.plan_trace), and its measure (traces are kept per shape)."""
+    from lmlab.plan_trace import trace_step
+    traces: dict = {}
+
+    def trace(shape):
+        if shape not in traces:
+            traces[shape] = t = trace_step(verb, model_cfg, cfg, shape, shape.device)
+            # progress on stderr (a plan that does not fit traces its suggestions too)
+            print(f"plan: traced a step of {shape.rows} x {shape.seq} positions (strategy {shape.strategy}, "
+                  f"checkpointing {'on' if shape.checkpointing else 'off'}, {shape.device}) in {t.seconds:.1f} s",
+                  file=sys.stderr, flush=True)
+        return traces[shape]
+
+    def measure(shape) -> float:
+        peak = trace(shape).peak
+        return peak + allowance(shape, peak)
+
+    t = trace(r)
+    c = model_cfg
+    extra = allowance(r, t.peak)
+    dims = {"family": c.family if hasattr(c, "family") else "transformer", "name": c.preset, "params": t.params,
+            "trainable": t.trainable, "n_layer": len(model.blocks), "d_model": getattr(c, "width", None)
+            or getattr(c, "d_model", None), "vocab": c.vocab_size}
+    parts = {"weights": t.weights, "gradients": t.gradients, "optimizer": t.optimizer, "ddp_buckets": t.ddp_buckets,
+             "working": t.working, "allowance": extra}
+    return {"method": "trace", "model": dims, "components": parts, "peak_phase": t.peak_phase,
+            "peak_tensors": t.peak, "total": t.peak + extra, "trace_seconds": t.seconds}, measure
+
+
 def plan(verb: str, cfg, *, world: int = 1, gpu: str | None = None, memory_gib: float | None = None,
-         vocab_size: int | None = None) -> dict:
+         vocab_size: int | None = None, method: str = "auto") -> dict:
     """The whole plan as a dict (what --json prints): model, run, target, components, verdict."""
     from lmlab.train.hardware import apply_hardware
     if world < 1:
         raise UserError(f"--world-size must be at least 1, got {world}")
     cfg, record = apply_hardware(cfg)
-    model, seq, vocab_source = resolve_model(verb, cfg, vocab_size)
-    m = model_dims(model, getattr(cfg, "lora", None))
+    model_cfg, seq, vocab_source = resolve_model(verb, cfg, vocab_size)
+    method = _method(method, getattr(model_cfg, "family", "transformer"))
+    model = build_meta(model_cfg)
     target = resolve_target(gpu, memory_gib, record, cfg.train.device)
     r = run_shape(verb, cfg, seq, world, target)
-    est = estimate(m, r)
-    extra = allowance(r, est["peak"])
-    total = est["peak"] + extra
-    fits = total <= target.memory
+    parts, measure = _analytic(model, cfg, r) if method == "analytic" else _traced(verb, model, model_cfg, cfg, r)
+    fits = parts["total"] <= target.memory
     return {
-        "verb": verb, "model": asdict(m), "vocab_from": vocab_source, "run": asdict(r), "target": asdict(target),
-        "hardware": record, "components": {**est["components"], "allowance": extra},
-        "per_token_block_bytes": est["per_token_block_bytes"], "peak_backward": est["peak_backward"],
-        "peak_step": est["peak_step"], "peak_tensors": est["peak"], "total": total, "fits": fits,
-        "margin": target.memory - total,
-        "suggestions": [] if fits else suggestions(verb, cfg, seq, world, target, m, r),
-        "throughput": throughput(model, m, r, target, cfg, verb),
+        "verb": verb, **parts, "vocab_from": vocab_source, "run": asdict(r), "target": asdict(target),
+        "hardware": record, "fits": fits, "margin": target.memory - parts["total"],
+        "suggestions": [] if fits else suggestions(verb, cfg, seq, world, target, measure, r),
+        "throughput": throughput(model, r, target, cfg, verb),
         "batch": {"batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
                   "micro_batch": cfg.train.micro_batch},
         "assumptions": {"mfu": MFU, "cuda_context_gib": CUDA_CONTEXT_GIB, "nccl_gib": NCCL_GIB,
@@ -512,9 +570,11 @@ def format_plan(p: dict) -> str:
     tokens = r["rows"] * r["seq"]
     precision = "bf16 autocast" if r["bf16"] else "float32"
     trainable = "" if m["trainable"] == m["params"] else f", {_count(m['trainable'])} trainable (LoRA)"
+    family = m.get("family")  # a traced plan names its family (the analytic one is the transformer's)
+    name, width = (f"{family} {m['name']}", "width") if family else (m["name"], "d_model")
     lines = [
-        f"lmlab plan {p['verb']}: {m['name']} ({_count(m['params'])} parameters{trainable}, {m['n_layer']} blocks, "
-        f"d_model {m['d_model']}, vocab {m['vocab']} from {p['vocab_from']}), {r['seq']} positions, {precision}",
+        f"lmlab plan {p['verb']}: {name} ({_count(m['params'])} parameters{trainable}, {m['n_layer']} blocks, "
+        f"{width} {m['d_model']}, vocab {m['vocab']} from {p['vocab_from']}), {r['seq']} positions, {precision}",
         f"  on {p['target']['name']} ({_gib(p['target']['memory'])} GiB, {p['target']['device']})",
         f"  {r['world']} process{'es' if r['world'] > 1 else ''}, strategy {r['strategy']}, activation checkpointing "
         f"{'on' if r['checkpointing'] else 'off'}; per process {r['rows']} sequences per forward pass, "
@@ -524,6 +584,8 @@ def format_plan(p: dict) -> str:
     ]
     if p["hardware"]:
         lines.append("  " + describe_record(p["hardware"]))
+    if p["method"] == "trace":
+        return "\n".join(lines + _traced_rows(p))
     rows = [
         ("weights (fp32 master)", c["weights"], f"{_count(m['params'])} x 4 B{shard}"),
         ("gradients (fp32)", c["gradients"], f"{_count(m['trainable'])} x 4 B{shard}"),
@@ -553,7 +615,36 @@ def format_plan(p: dict) -> str:
                  f"copies, activations, loss or last block (gradients grow as activations are freed)")
     lines.append(f"  {'peak: optimizer step':<{width}}  {_in(p['peak_step'], unit):>8}  weights, gradients, AdamW")
     lines.append(f"  {'estimated peak per process':<{width}}  {_in(p['total'], unit):>8}  the larger peak + allowance")
-    lines.append("")
+    return "\n".join(lines + _closing(p))
+
+
+def _traced_rows(p: dict) -> list[str]:
+    """The component table of a traced plan (lmlab.plan_trace), then the closing lines."""
+    m, r, c = p["model"], p["run"], p["components"]
+    shard = f" / {r['world']} (FSDP shards)" if r["strategy"] == "fsdp" else ""
+    rows = [
+        ("weights", c["weights"], f"{_count(m['params'])} parameters as the model holds them{shard}"),
+        ("gradients", c["gradients"], f"{_count(m['trainable'])} trainable{shard}"),
+        ("optimizer state", c["optimizer"], "AdamW's two moments" + shard),
+        ("DDP gradient buckets", c["ddp_buckets"], "a flat copy of the gradients"),
+        ("the rest at the peak", c["working"], f"during the {p['peak_phase']}: activations saved for backward, "
+         f"gradients so far, temporaries" + (", gathered blocks" if r["strategy"] == "fsdp" else "")),
+        ("framework allowance", c["allowance"], "CUDA context + workspaces, 5% fragmentation" if r["device"] == "cuda"
+         else "the Python process (torch, libraries) + 40% for malloc's free lists"),
+    ]
+    unit, label = (GIB, "GiB") if p["total"] >= 2 * GIB else (2 ** 20, "MiB")
+    width = len("estimated peak per process")
+    lines = ["", f"  {'component':<{width}}  {label:>8}  note"]
+    lines += [f"  {name:<{width}}  {_in(b, unit):>8}  {note}" for name, b, note in rows if b]
+    lines.append(f"  {'traced peak of the step':<{width}}  {_in(p['peak_tensors'], unit):>8}  live tensor bytes, "
+                 f"one training step on fake tensors ({p['trace_seconds']:.1f} s; CPU kernels, eager)")
+    lines.append(f"  {'estimated peak per process':<{width}}  {_in(p['total'], unit):>8}  the peak + allowance")
+    return lines + _closing(p)
+
+
+def _closing(p: dict) -> list[str]:
+    """Throughput and, for a run that fits, the verdict (one that does not ends with the error line)."""
+    lines = [""]
     tp = p["throughput"]
     if tp:
         lines.append(f"  throughput: ~{tp['tokens_per_s']:,.0f} tokens/s ({tp['tokens_per_s_per_process']:,.0f} per "
@@ -566,7 +657,7 @@ def format_plan(p: dict) -> str:
                      f"lmlab.train.loop.PEAK_BF16_FLOPS)")
     if p["fits"]:  # a run that does not fit ends with the error line instead (see main)
         lines.append("  " + verdict_line(p))
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------- the command
@@ -581,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--gpu", metavar="PRESET", help="plan for this hardware preset's device (configs/hardware)")
     dev.add_argument("--memory-gib", type=float, metavar="X", help="plan for a device with X GiB")
     ap.add_argument("--vocab-size", type=int, metavar="V", help="pretrain without readable data: the vocabulary")
+    ap.add_argument("--method", choices=METHODS, default="auto",
+                    help="analytic: the transformer's memory model; trace: one step on fake tensors (any family); "
+                         "auto: analytic for transformers, trace for the others")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for the stage")
     return ap
@@ -596,7 +690,7 @@ def main(argv: list[str]) -> dict:
     module = importlib.import_module(STAGES[args.verb][0])
     cfg = load_config(module.Config, args.config, list(args.overrides))
     p = plan(args.verb, cfg, world=args.world_size, gpu=args.gpu, memory_gib=args.memory_gib,
-             vocab_size=args.vocab_size)
+             vocab_size=args.vocab_size, method=args.method)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     sys.stdout.flush()
     if not p["fits"]:

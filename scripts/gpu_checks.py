@@ -14,7 +14,8 @@ itself and what is left still runs:
   bench-griffin                  issue 11: the RG-LRU scan and the whole Griffin, forward +
                                  backward at 2048, against recurrentgemma's loop
   bench-trm-jax-f32, -bf16       issue 14: the JAX TRM step (JAX CUDA) against the torch one
-  plan-check                     issue 8: `lmlab plan` against measured CUDA peaks (scripts/plan_check.py)
+  plan-check                     issue 8: `lmlab plan` against measured CUDA peaks (scripts/plan_check.py;
+                                 a Griffin case: the traced plan)
   bench-decode                   issue 11: decode tokens/s and state size against the context
   bench-train                    our training step against transformers' Llama, same weights
   bench-griffin-2b               issue 11: the same at RecurrentGemma-2B's shape (random weights)
@@ -184,7 +185,8 @@ def benches(run: Runner, smoke: bool) -> None:
         bench(run, f"bench-trm-jax-{short}", "trm-jax", [dev, f"trm_dtype={dtype}", *small,
               *(["batch_size=4", "trm_hidden=32", "trm_h_cycles=1", "trm_l_cycles=1"] if smoke else
                 ["batch_size=256"])], 240)
-    cases = ["micro,64,4"] if smoke else ["base,1023,8,bf16", "base,1023,8,bf16,ckpt", "small,1023,8,bf16,dpo"]
+    cases = ["micro,64,4", "micro,64,4,griffin"] if smoke else ["base,1023,8,bf16", "base,1023,8,bf16,ckpt",
+                                                                "small,1023,8,bf16,dpo", "small,1023,8,bf16,griffin"]
     r = run.sh("plan-check", [sys.executable, "scripts/plan_check.py", "--device", "cpu" if smoke else "cuda",
                               *[f"--case={c}" for c in cases]], 180)
     if r is not None:

@@ -139,10 +139,10 @@ def test_world_sizes_the_loop_refuses_are_refused():
     with pytest.raises(UserError, match="equal parts"):
         P.plan("pretrain", pretrain.Config(train={"batch_size": 6}, model={"preset": "micro"}), world=4,
                vocab_size=300, memory_gib=1)
-    # another family: refused, naming where its measured peak is (no guess for a model it does not model)
-    with pytest.raises(UserError, match=r"transformer models only; a 'griffin'.*peak_memory_gib"):
+    # the analytic model is the transformer's: another family is traced (tests/test_plan_trace.py)
+    with pytest.raises(UserError, match=r"analytic models the transformer's tensors; a 'griffin'"):
         P.plan("pretrain", pretrain.Config(model={"family": "griffin", "preset": "micro"}), world=1,
-               vocab_size=300, memory_gib=1)
+               vocab_size=300, memory_gib=1, method="analytic")
 
 
 def test_the_estimate_matches_a_measured_cpu_peak():

@@ -87,8 +87,11 @@ def _blocks(model: torch.nn.Module, what: str) -> torch.nn.ModuleList:
 
 
 def parallelize(model: torch.nn.Module, strategy: str, p: ParallelConfig, device: torch.device,
-                amp: torch.dtype | None, compile: bool) -> torch.nn.Module:
-    """The module the loop calls forward on (`model` itself is wrapped in place for fsdp)."""
+                amp: torch.dtype | None, compile: bool, mesh=None) -> torch.nn.Module:
+    """The module the loop calls forward on (`model` itself is wrapped in place for fsdp).
+
+    `mesh`: FSDP's device mesh (default: the process group's, on the device torch finds); the
+    memory planner passes a CPU mesh over a fake process group (lmlab.plan_trace)."""
     if p.activation_checkpointing:
         apply_activation_checkpointing(model)
     if strategy == "fsdp":
@@ -97,8 +100,8 @@ def parallelize(model: torch.nn.Module, strategy: str, p: ParallelConfig, device
         param_dtype = {"auto": amp, "float32": None, "bfloat16": torch.bfloat16}[p.fsdp_param_dtype]
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in _blocks(model, "parallel.strategy=fsdp"):
-            fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
         if _base(model) is model:  # (a LoRA model is called through PEFT's forward only)
             for name in FORWARD_METHODS:
                 if hasattr(model, name):
