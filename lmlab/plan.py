@@ -186,10 +186,11 @@ def estimate(m: ModelDims, r: RunShape) -> dict:
     if r.loss == "fused":
         # LinearCrossEntropy: grad_h (tokens x d) and the head's fp32 gradient are computed in the
         # forward and saved; a chunk of 256 rows of logits is live then (with the previous chunk
-        # and logsumexp's temporary: 12 bytes per logit), next to the norm's output (and its
-        # bf16 cast). Backward scales both saved gradients into new tensors.
+        # and logsumexp's temporary: 12 bytes per logit; 8 when the batch is one chunk), next to
+        # the norm's output (and its bf16 cast). Backward scales both saved gradients into new
+        # tensors.
         grad_h = tokens * a * d
-        chunk = min(CE_CHUNK, tokens) * V * 12
+        chunk = min(CE_CHUNK, tokens) * V * (12 if tokens > CE_CHUNK else 8)
         loss_fwd = final_norm + tokens * (4 * d + (2 * d if r.bf16 else 0)) + grad_h + head_grad + chunk
         loss_bwd = final_norm + 2 * (grad_h + head_grad)
     else:

@@ -131,3 +131,19 @@ def test_a_puzzle_model_is_not_planned(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "covers language models" in out.stderr and not out.stdout
     assert json.loads((init / "model.json").read_text())["family"] == "trm"
+
+
+@pytest.mark.parametrize("over,shape,verb", [
+    ({}, {}, "pretrain"), ({"preset": "tiny", "n_layer": 2}, {}, "pretrain"), ({}, {"bf16": True}, "pretrain"),
+    ({}, {"checkpointing": True}, "pretrain"), ({}, {"packed_mask": True}, "sft"), ({}, {"loss": "logits"}, "dpo"),
+    ({}, {"forwards": 2}, "pretrain"), ({"qk_norm": True, "tie_embeddings": False}, {}, "pretrain"),
+    ({}, {"strategy": "ddp", "world": 2}, "pretrain"), ({}, {"rows": 2, "seq": 64}, "pretrain")])
+def test_the_analytic_transformer_model_agrees_with_the_trace(over, shape, verb):
+    """The analytic model is the transformer's forward written out by hand: a change to the model
+    that it does not follow shows here, against a trace of the model's own code (CPU kernels,
+    so its CPU terms: the composite RMSNorm, foreach AdamW)."""
+    from lmlab.models.transformer import resolve_model_config
+    mc = resolve_model_config({"preset": "micro", **over}, vocab_size=4096)
+    s = replace(SHAPE, **{"rows": 8, "seq": 256, **shape})
+    analytic = P.estimate(P.model_dims(P.build_meta(mc)), s)["peak"]
+    assert analytic == pytest.approx(trace_step(verb, mc, pretrain.Config(), s, "cpu").peak, rel=0.03)
