@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 
@@ -66,9 +66,9 @@ class LiveBytes(TorchDispatchMode):
 
     def hold(self, t: torch.Tensor) -> None:
         """Count a tensor made outside any op (a parameter converted to a fake tensor)."""
-        storage = t.untyped_storage()
-        if id(storage) not in self._size:
-            self._set(storage, storage.nbytes())
+        for storage in _storages(t):
+            if id(storage) not in self._size:
+                self._set(storage, storage.nbytes())
 
     def _free(self, key: int) -> None:
         self.live -= self._size.pop(key, 0)
@@ -80,13 +80,14 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = None
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
+            if not isinstance(t, torch.Tensor):
+                continue
+            for storage in _storages(t):
                 if id(storage) in self._size:
                     continue
                 if inputs is None:  # a view of an input made outside the counter is no allocation
-                    inputs = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs))
-                              if isinstance(a, torch.Tensor)}
+                    inputs = {s._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+                              for s in _storages(a)}
                 if storage._cdata not in inputs:
                     self._set(storage, storage.nbytes())
         return out
@@ -105,6 +106,16 @@ class LiveBytes(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._resize
         return super().__exit__(*exc)
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages holding a tensor's data: its own, or for a wrapper subclass (FSDP2's DTensor
+    parameters and gradients) its inner tensors' — the wrapper's own storage is a stand-in of the
+    global shape that holds no memory."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [s for name in names if isinstance(inner := getattr(t, name), torch.Tensor) for s in _storages(inner)]
+    return [t.untyped_storage()]
 
 
 # Buffers a kernel allocates inside itself, which no dispatch mode sees: op -> bytes from its

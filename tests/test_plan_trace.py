@@ -56,6 +56,24 @@ def test_the_counter_follows_views_in_place_ops_frees_resizes_and_kernel_tempora
         assert (c.live, c.peak) == (4000, 8000)
 
 
+def test_the_counter_counts_a_dtensor_by_its_local_shard():
+    """FSDP2's parameters and gradients are DTensors: a wrapper of the global shape around this
+    rank's shard; only the shard holds memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lmlab.plan_trace import fake_process_group
+    with fake_process_group(4):
+        mesh = init_device_mesh("cpu", (4,))
+        with FakeTensorMode(), LiveBytes() as c:
+            layer = torch.nn.Linear(1000, 1000, bias=False)    # 4,000,000 bytes
+            fully_shard(layer, mesh=mesh)                      # a quarter of them stays on rank 0
+            assert c.live == 1_000_000
+            grad = torch.zeros_like(layer.weight)              # a DTensor too: a quarter
+            assert c.live == 2_000_000 and grad.shape == (1000, 1000)
+
+
 @pytest.mark.parametrize("case", ["micro,256,8,vocab=2048,griffin", "micro,256,8,vocab=2048,griffin,ckpt",
                                   "micro,128,8,vocab=2048,griffin,packed", "micro,256,8,vocab=2048,trace"])
 def test_a_traced_step_is_the_measured_peak_of_the_real_step(case):
@@ -80,7 +98,11 @@ def test_fsdp_shards_the_persistent_state_and_ddp_adds_its_buckets():
     # each parameter to a multiple of the world size, so a quarter, give or take the padding
     for key in ("weights", "gradients", "optimizer"):
         assert getattr(fsdp, key) == pytest.approx(getattr(one, key) / 4, rel=0.02)
-    assert fsdp.params == one.params == ddp.params and fsdp.peak < one.peak
+    assert fsdp.params == one.params == ddp.params
+    # what sharding saves at the peak is at least most of the persistent state it shards (a
+    # DTensor counted at its global shape instead of its local shard's bytes saved a third)
+    sharded_away = one.weights + one.optimizer - fsdp.weights - fsdp.optimizer
+    assert one.peak - fsdp.peak > 0.8 * sharded_away
     assert ddp.ddp_buckets == one.gradients and ddp.peak == one.peak + one.gradients
     # activation checkpointing keeps less for backward
     ckpt = trace_step("pretrain", griffin(), cfg, replace(SHAPE, checkpointing=True), "cpu")
@@ -137,7 +159,9 @@ def test_a_puzzle_model_is_not_planned(tmp_path):
     ({}, {}, "pretrain"), ({"preset": "tiny", "n_layer": 2}, {}, "pretrain"), ({}, {"bf16": True}, "pretrain"),
     ({}, {"checkpointing": True}, "pretrain"), ({}, {"packed_mask": True}, "sft"), ({}, {"loss": "logits"}, "dpo"),
     ({}, {"forwards": 2}, "pretrain"), ({"qk_norm": True, "tie_embeddings": False}, {}, "pretrain"),
-    ({}, {"strategy": "ddp", "world": 2}, "pretrain"), ({}, {"rows": 2, "seq": 64}, "pretrain")])
+    ({}, {"strategy": "ddp", "world": 2}, "pretrain"), ({}, {"rows": 2, "seq": 64}, "pretrain"),
+    ({}, {"strategy": "fsdp", "world": 4, "fsdp_param_bf16": False}, "pretrain"),
+    ({}, {"strategy": "fsdp", "world": 4, "bf16": True}, "pretrain")])
 def test_the_analytic_transformer_model_agrees_with_the_trace(over, shape, verb):
     """The analytic model is the transformer's forward written out by hand: a change to the model
     that it does not follow shows here, against a trace of the model's own code (CPU kernels,
