@@ -201,6 +201,24 @@ def trace_step(verb: str, model_cfg, cfg, shape, target_device: str) -> Traced:
 
     `model_cfg` is the resolved config of the model's family, `cfg` the stage config (train,
     parallel and lora sections), `target_device` the device planned for ("cuda" | "cpu").
+    A model whose step needs real values (a data-dependent shape, `.item()`) cannot be traced:
+    a UserError says so and how to measure it instead.
+    """
+    from torch._subclasses import fake_tensor as ft
+
+    from lmlab.errors import UserError
+    try:
+        return _trace_step(verb, model_cfg, cfg, shape, target_device)
+    except (ft.DataDependentOutputException, ft.DynamicOutputShapeException, ft.UnsupportedOperatorException,
+            ft.UnsupportedFakeTensorException) as e:
+        family = getattr(model_cfg, "family", "transformer")
+        raise UserError(f"lmlab plan cannot trace a training step of this '{family}' model on fake tensors: "
+                        f"{type(e).__name__} ({e}) needs real values; measure its peak with a short run instead "
+                        f"(the run's manifest records peak_memory_gib)") from None
+
+
+def _trace_step(verb: str, model_cfg, cfg, shape, target_device: str) -> Traced:
+    """trace_step's work.
 
     DDP's reducer reads its buckets' data, which fake tensors do not have, so a DDP process is
     traced as one plain process plus the buckets: a flat copy of the trainable parameters'

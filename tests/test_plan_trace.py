@@ -171,3 +171,18 @@ def test_the_analytic_transformer_model_agrees_with_the_trace(over, shape, verb)
     s = replace(SHAPE, **{"rows": 8, "seq": 256, **shape})
     analytic = P.estimate(P.model_dims(P.build_meta(mc)), s)["peak"]
     assert analytic == pytest.approx(trace_step(verb, mc, pretrain.Config(), s, "cpu").peak, rel=0.03)
+
+
+def test_a_model_that_needs_real_values_is_a_clear_error(monkeypatch):
+    """A step that asks for a value (here `.item()` in the forward) cannot run on fake tensors."""
+    from lmlab.models.griffin import Griffin
+    forward = Griffin.forward
+
+    def asks_for_a_value(self, idx, *args, **kwargs):
+        if idx.float().mean().item() < 0:   # data-dependent: a fake tensor has no value
+            raise AssertionError
+        return forward(self, idx, *args, **kwargs)
+    monkeypatch.setattr(Griffin, "forward", asks_for_a_value)
+    with pytest.raises(UserError, match=r"cannot trace a training step of this 'griffin' model.*peak_memory_gib"):
+        P.main(["pretrain", "model.family=griffin", "model.preset=micro", "--vocab-size", "512",
+                "--memory-gib", "4"])
