@@ -6,8 +6,8 @@ then it must pass every test here: the Protocols, shapes, hidden -> logits, caus
 documents kept apart, incremental decoding equal to the full forward, left-padded batches
 equal to one-by-one, dropping rows from a cache, rows merged into a decoding batch
 and dropped from it (continuous batching), greedy generation batched vs alone, the
-save/load round trip through model.json's family, and the Hugging Face export where the
-family exports.
+save/load round trip through model.json's family, a training step that `lmlab plan` can
+trace, and the Hugging Face export where the family exports.
 """
 
 from __future__ import annotations
@@ -220,6 +220,17 @@ def test_save_load_round_trip_keeps_family_and_logits(model, tmp_path):
     assert type(again) is type(model)
     x = ids(2, 10)
     torch.testing.assert_close(again(x)[0], model(x)[0], atol=0, rtol=0)
+
+
+def test_lmlab_plan_traces_a_training_step_of_the_family(model, tmp_path):
+    """`lmlab plan` traces one step on fake tensors (lmlab.plan_trace): the family's build must
+    run on the meta device and its training forward must ask for no tensor's value."""
+    from lmlab import plan
+    from lmlab.train import sft
+    save_model(model, tmp_path)
+    p = plan.plan("sft", sft.Config(init=str(tmp_path), seq_len=32, train={"batch_size": 2}), memory_gib=4,
+                  method="trace")
+    assert p["model"]["params"] == model.num_params() and p["peak_tensors"] > p["components"]["weights"] > 0
 
 
 @torch.no_grad()
